@@ -1,0 +1,951 @@
+"""app_support: the Datasette plugin behind Datasette Desktop.
+
+The Electron app starts `datasette` with DATASETTE_API_TOKEN and
+DATASETTE_SECRET set, then drives it through the JSON endpoints below: it
+attaches SQLite files, imports CSV files and URLs, signs the desktop user in
+as root, and carries the in-memory `temporary` database across restarts.
+
+Every endpoint is a POST that needs `Authorization: Bearer <token>`, reads a
+JSON object from the raw body and answers `{"ok": true, ...}` or
+`{"ok": false, "error": "<a sentence for a dialog>"}`.
+
+This file imports only the standard library and datasette, so it works when
+copied alone into a --plugins-dir, vendored, or installed with pip.
+"""
+
+import asyncio
+import codecs
+import contextlib
+import csv
+import gzip
+import hmac
+import io
+import itertools
+import json
+import os
+import re
+import shutil
+import sqlite3
+import sys
+import tempfile
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasette import hookimpl
+from datasette.database import Database
+from datasette.utils.asgi import Response
+
+TEMPORARY = "temporary"
+PLUGIN_NAME = "app_support"
+SQLITE_HEADER = b"SQLite format 3\x00"
+# Characters that SQLite reads as URI syntax in a file: URI. Datasette builds
+# file: URIs from database paths without escaping them.
+URI_SPECIAL_CHARACTERS = "?#%"
+LOCKED_TIMEOUT_SECONDS = 2
+# Small batches stay in the CPU cache: 500 rows ran faster than 5,000 or 20,000.
+BATCH_ROWS = 500
+# Column types are guessed from the first batch, so it is larger.
+FIRST_BATCH_ROWS = 5000
+SNIFF_CHARACTERS = 64 * 1024
+BINARY_SNIFF_BYTES = 8192
+DELIMITERS = ",\t;|"
+URL_TIMEOUT_SECONDS = 30
+MAX_REDIRECTS = 5
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+# Longer digit strings overflow SQLite's 64-bit integers.
+MAX_INTEGER_DIGITS = 18
+LATIN1_FALLBACK = "app_support_latin1_fallback"
+
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+class APIError(Exception):
+    """A failure to report to the desktop app as {"ok": false, "error": ...}."""
+
+    def __init__(self, message, status=400):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+# Request helpers
+
+
+def _check_token(request):
+    expected = os.environ.get("DATASETTE_API_TOKEN") or ""
+    if not expected:
+        raise APIError(
+            "This server has no DATASETTE_API_TOKEN set, so it refuses all app requests.",
+            status=401,
+        )
+    scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        supplied.strip().encode("utf-8"), expected.encode("utf-8")
+    ):
+        raise APIError("Missing or invalid API token.", status=401)
+
+
+async def _read_json_object(request):
+    body = await request.post_body()
+    if not body.strip():
+        raise APIError("The request body is empty: send a JSON object.")
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise APIError("The request body is not valid JSON.")
+    if not isinstance(data, dict):
+        raise APIError("The request body must be a JSON object.")
+    return data
+
+
+def _keys(data, required, optional):
+    """Check the body's keys and types; return {key: value}, None for absent or null."""
+    allowed = {**required, **optional}
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise APIError(f"Unknown key: {unknown[0]}")
+    values = {}
+    for key, kind in allowed.items():
+        value = data.get(key)
+        if value is None and key in required:
+            raise APIError(f"Missing required key: {key}")
+        if value is not None and not isinstance(value, kind):
+            raise APIError(f"{key} must be a {_TYPE_NAMES[kind]}.")
+        values[key] = value
+    return values
+
+
+_TYPE_NAMES = {str: "string", bool: "boolean (true or false)"}
+
+
+def _resolve_path(raw):
+    if not raw.strip():
+        raise APIError("path must not be empty.")
+    if "\x00" in raw:
+        raise APIError("path must not contain a NUL character.")
+    return os.path.abspath(os.path.expanduser(raw))
+
+
+def _existing_file(raw):
+    path = _resolve_path(raw)
+    if not os.path.exists(path):
+        raise APIError(f"File not found: {path}")
+    if os.path.isdir(path):
+        raise APIError(f"That is a folder, not a file: {path}")
+    if os.path.getsize(path) == 0:
+        raise APIError(f"File is empty: {path}")
+    return path
+
+
+def _new_file(raw):
+    path = _resolve_path(raw)
+    if os.path.isdir(path):
+        raise APIError(f"That is a folder, not a file: {path}")
+    if os.path.lexists(path):
+        raise APIError(f"File already exists: {path}")
+    folder = os.path.dirname(path)
+    if not os.path.isdir(folder):
+        raise APIError(f"Folder not found: {folder}")
+    return path
+
+
+def _refuse_uri_characters(path):
+    found = [c for c in URI_SPECIAL_CHARACTERS if c in path]
+    if found:
+        raise APIError(
+            f"Datasette cannot open a database file whose path contains {' or '.join(found)}: "
+            f"{path}. Rename the file or its folder and try again."
+        )
+
+
+def _refuse_already_open(datasette, path):
+    real = os.path.realpath(path)
+    for db in datasette.databases.values():
+        if db.path and os.path.realpath(db.path) == real:
+            raise APIError(f"That file is already open as the database {db.name}: {path}")
+
+
+def _writable_database(datasette, name):
+    if name not in datasette.databases:
+        raise APIError(f"Database not found: {name}")
+    db = datasette.databases[name]
+    if not db.is_mutable:
+        raise APIError(f"Database {name} is read-only, so nothing can be imported into it.")
+    return db
+
+
+def _quote(identifier):
+    """Quote an SQL identifier: the only way a name enters SQL text."""
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _free_table_name(conn, wanted):
+    wanted = wanted.strip() or "data"
+    if wanted.lower().startswith("sqlite_"):
+        wanted = "_" + wanted  # SQLite reserves sqlite_* names
+    taken = {
+        row[0].lower()
+        for row in conn.execute("select name from sqlite_master where name is not null")
+    }
+    name, suffix = wanted, 2
+    while name.lower() in taken:
+        name = f"{wanted}_{suffix}"
+        suffix += 1
+    return name
+
+
+def _connect_readonly(path):
+    uri = "file:" + urllib.parse.quote(path) + "?mode=ro"
+    return sqlite3.connect(uri, uri=True, timeout=LOCKED_TIMEOUT_SECONDS)
+
+
+def _table_names(conn):
+    return [
+        row[0]
+        for row in conn.execute(
+            "select name from sqlite_master where type = 'table' order by name"
+        )
+    ]
+
+
+def _check_sqlite_file(path):
+    """Raise APIError unless path is a readable SQLite database file."""
+    with open(path, "rb") as f:
+        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+            raise APIError(f"Not a SQLite database: {path}")
+    try:
+        conn = _connect_readonly(path)
+        try:
+            conn.execute("select count(*) from sqlite_master").fetchone()
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e):
+            raise APIError(
+                f"Database is locked by another program: {path}. Close it there and try again."
+            )
+        raise APIError(f"Could not read the SQLite database {path}: {e}")
+    except sqlite3.DatabaseError as e:
+        raise APIError(f"Not a valid SQLite database ({e}): {path}")
+
+
+def _create_empty_database(path):
+    # O_EXCL: never touch a file that appeared since the request was checked.
+    try:
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except FileExistsError:
+        raise APIError(f"File already exists: {path}")
+    except OSError as e:
+        raise APIError(f"Could not create {path}: {e.strerror}")
+    try:
+        conn = sqlite3.connect(path)
+        try:
+            # VACUUM writes a header, so the file is a valid database, not 0 bytes.
+            conn.execute("vacuum")
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        os.remove(path)
+        raise APIError(f"Could not create a SQLite database at {path}: {e}")
+
+
+# Differences between Datasette 0.65 and 1.0
+
+
+async def _write_outside_transaction(db, fn):
+    """Run fn(conn) in db's write thread with no transaction opened around it.
+
+    Datasette 1.0 wraps writes in BEGIN IMMEDIATE unless told otherwise; 0.65
+    never does. Callers here manage their own transactions (VACUUM, ATTACH
+    and the backup API cannot run inside one).
+    """
+    try:
+        return await db.execute_write_fn(fn, block=True, transaction=False)
+    except TypeError as e:
+        if "transaction" not in str(e):
+            raise
+        return await db.execute_write_fn(fn, block=True)
+
+
+def _file_database(datasette, path):
+    return Database(datasette, path=path, is_mutable=True)
+
+
+def _memory_database(datasette, memory_name):
+    return Database(datasette, memory_name=memory_name)
+
+
+# The CSV engine
+
+
+def _latin1_fallback(error):
+    # cp1252 leaves five bytes undefined; read those as Latin-1.
+    return error.object[error.start : error.end].decode("latin-1"), error.end
+
+
+codecs.register_error(LATIN1_FALLBACK, _latin1_fallback)
+
+
+class CSVError(APIError):
+    """A CSV file that cannot be imported; the message names the file and line."""
+
+
+class _Replan(Exception):
+    """The file does not fit the plan made from its start; try again with a better one."""
+
+    def __init__(self, plan):
+        self.plan = plan
+
+
+@dataclass
+class CSVPlan:
+    """What is known about a CSV file's shape before rows are written."""
+
+    encoding: str = "utf-8-sig"
+    delimiter: str = ","
+    width: int = 0
+    types: list = field(default_factory=list)
+
+
+@dataclass
+class ImportResult:
+    table: str
+    rows: int
+    columns: list
+    types: list
+
+    @property
+    def schema(self):
+        return _create_table_sql(self.table, self.columns, self.types)
+
+
+def _create_table_sql(table, columns, types):
+    return "CREATE TABLE {} (\n{}\n)".format(
+        _quote(table), ",\n".join(f"   {_quote(c)} {kind}" for c, kind in zip(columns, types))
+    )
+
+
+def sniff_encoding(head):
+    """Pick the encoding from the file's first bytes; UTF-8 is confirmed while reading."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    try:
+        # A multi-byte character may be cut at the end of the sample.
+        head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:
+            return "cp1252"
+    return "utf-8-sig"
+
+
+def _decode_errors(encoding):
+    return LATIN1_FALLBACK if encoding == "cp1252" else "strict"
+
+
+def detect_delimiter(sample):
+    """Choose the delimiter that splits the sample's lines most consistently.
+
+    csv.Sniffer picks letters as delimiters for one-column files; this only
+    considers , tab ; and |, and needs at least two columns in the header.
+    """
+    lines = sample.splitlines(keepends=True)
+    if len(lines) > 1 and not sample.endswith(("\n", "\r")):
+        lines = lines[:-1]  # the sample may end mid-line
+    text = "".join(lines[:100])
+    best, best_score = ",", None
+    for delimiter in DELIMITERS:
+        try:
+            widths = [len(row) for row in csv.reader(io.StringIO(text), delimiter=delimiter) if row]
+        except csv.Error:
+            continue
+        if not widths or widths[0] < 2:
+            continue
+        score = (sum(w == widths[0] for w in widths) / len(widths), widths[0])
+        if best_score is None or score > best_score:
+            best, best_score = delimiter, score
+    return best
+
+
+def clean_headers(names, width):
+    """Unique, non-empty column names: blanks become column_N, repeats a_2, a_3."""
+    names = list(names) + [""] * (width - len(names))
+    result, seen = [], set()
+    for position, name in enumerate(names, 1):
+        base = (name or "").strip() or f"column_{position}"
+        candidate, suffix = base, 2
+        while candidate.lower() in seen:
+            candidate = f"{base}_{suffix}"
+            suffix += 1
+        seen.add(candidate.lower())
+        result.append(candidate)
+    return result
+
+
+_INTEGER, _REAL, _TEXT = "INTEGER", "REAL", "TEXT"
+_RANK = {None: 0, _INTEGER: 1, _REAL: 2, _TEXT: 3}
+_REPEATED_DOT = re.compile(rb"\.[0-9]*\.")
+_DIGITS_AS_NINES = bytes.maketrans(b"012345678", b"999999999")
+_LONG_NUMBER = b"9" * (MAX_INTEGER_DIGITS + 1)
+
+
+def column_type(values):
+    """The narrowest of INTEGER, REAL, TEXT that holds every value exactly.
+
+    Returns None when every value is empty. Works on the whole batch at once
+    with C-speed string operations, because a check per value would cost more
+    than the insert. Leading zeros, a sign or exponent SQLite would rewrite,
+    and integers too long for 64 bits all make the column TEXT.
+    """
+    values = [v for v in values if v is not None] if None in values else values
+    if not values:
+        return None
+    joined = "\n" + "\n".join(values) + "\n"
+    if len(joined) == len(values) + 1:
+        return None
+    try:
+        b = joined.encode("ascii")
+    except UnicodeEncodeError:
+        return _TEXT
+    if b.translate(None, b"0123456789-.\n") or b.count(b"\n") != len(values) + 1:
+        return _TEXT
+    # A sign only at the start of a value, and never alone or before a zero.
+    if b"-" in b and (
+        b.count(b"-") != b.count(b"\n-") or b"\n-\n" in b or b.count(b"\n-0") != b.count(b"\n-0.")
+    ):
+        return _TEXT
+    if b"." not in b:
+        if b"\n0" in b and b.count(b"\n0") != b.count(b"\n0\n"):
+            return _TEXT
+        if _LONG_NUMBER in b.translate(_DIGITS_AS_NINES):
+            return _TEXT
+        return _INTEGER
+    if _REPEATED_DOT.search(b) or b"\n.\n" in b or b"\n-.\n" in b:
+        return _TEXT
+    if b"\n0" in b and b.count(b"\n0") != b.count(b"\n0\n") + b.count(b"\n0."):
+        return _TEXT
+    return _REAL
+
+
+def _wider(a, b):
+    return a if _RANK[a] >= _RANK[b] else b
+
+
+class _CSVReader:
+    """Streams a CSV file as batches of rows padded to the plan's width."""
+
+    def __init__(self, path, plan):
+        self.path = path
+        self.plan = plan
+        self.file = open(
+            path, encoding=plan.encoding, errors=_decode_errors(plan.encoding), newline=""
+        )
+        self.reader = csv.reader(self.file, delimiter=plan.delimiter)
+
+    def close(self):
+        self.file.close()
+
+    @property
+    def bytes_read(self):
+        return self.file.buffer.tell()
+
+    def header(self):
+        with self._reading():
+            for row in self.reader:
+                if any(cell.strip() for cell in row):
+                    return row
+        raise CSVError(f"No header row found in {self.path}: the file has no columns.")
+
+    def batches(self):
+        size = FIRST_BATCH_ROWS
+        while True:
+            # islice straight over the csv reader: a generator around it
+            # would cost a Python frame per row.
+            with self._reading():
+                batch = list(itertools.islice(self.reader, size))
+            size = BATCH_ROWS
+            if not batch:
+                return
+            if not all(batch):
+                batch = [row for row in batch if row]  # blank lines
+                if not batch:
+                    continue
+            yield batch
+
+    @contextlib.contextmanager
+    def _reading(self):
+        try:
+            yield
+        except csv.Error as e:
+            raise CSVError(
+                f"Could not read {self.path} as CSV at line {self.reader.line_num}: {e}."
+            )
+        except UnicodeDecodeError:
+            if self.plan.encoding == "cp1252":
+                raise
+            self.plan.encoding = "cp1252"
+            raise _Replan(self.plan)
+
+
+def _pad(batch, width):
+    """Pad short rows with None (NULL); return the widest row's length."""
+    lengths = set(map(len, batch))
+    if not lengths or lengths == {width}:
+        return width
+    for row in batch:
+        if len(row) < width:
+            row.extend([None] * (width - len(row)))
+    return max(lengths)
+
+
+def _batch_types(batch, types, detect_types):
+    """Widen types to fit the batch; return them and the columns with empty cells.
+
+    Only columns that may still be numeric are looked at.
+    """
+    widened, with_empty = list(types), []
+    if not detect_types:
+        return widened, with_empty
+    for i, current in enumerate(types):
+        if current != _TEXT:
+            values = [row[i] for row in batch]
+            widened[i] = _wider(current, column_type(values))
+            if "" in values:
+                with_empty.append(i)
+    return widened, with_empty
+
+
+def _nulls_for_empty_numbers(batch, types, with_empty):
+    for i in with_empty:
+        if types[i] != _TEXT:
+            for row in batch:
+                if row[i] == "":
+                    row[i] = None
+
+
+def plan_csv(path):
+    """Make a first plan from the file's start: encoding and delimiter."""
+    with open(path, "rb") as f:
+        head = f.read(BINARY_SNIFF_BYTES)
+    if not head.strip():
+        raise CSVError(f"File is empty: {path}")
+    encoding = sniff_encoding(head)
+    if b"\x00" in head and encoding != "utf-16":
+        raise CSVError(f"This looks like a binary file, not CSV or TSV text: {path}")
+    plan = CSVPlan(encoding=encoding)
+    try:
+        with open(path, encoding=encoding, errors=_decode_errors(encoding), newline="") as f:
+            sample = f.read(SNIFF_CHARACTERS)
+    except UnicodeDecodeError:
+        plan.encoding = "cp1252"
+        with open(path, encoding="cp1252", errors=LATIN1_FALLBACK, newline="") as f:
+            sample = f.read(SNIFF_CHARACTERS)
+    plan.delimiter = detect_delimiter(sample)
+    return plan
+
+
+def import_csv(conn, path, wanted_table, detect_types=True, on_progress=None):
+    """Create a new table in conn from the CSV file at path, all or nothing.
+
+    Column types are chosen from the first batch of rows. Should a later row
+    not fit them (a word in a number column, an extra field) the whole file
+    is scanned for its real shape, the transaction is rolled back and the
+    import runs once more: messy files pay twice, tidy ones once.
+    """
+    plan = plan_csv(path)
+    while True:
+        conn.execute("begin immediate")
+        try:
+            result = _load(conn, path, wanted_table, plan, detect_types, on_progress)
+        except _Replan as replan:
+            conn.execute("rollback")
+            plan = replan.plan
+            continue
+        except BaseException:
+            conn.execute("rollback")
+            raise
+        conn.execute("commit")
+        return result
+
+
+def _load(conn, path, wanted_table, plan, detect_types, on_progress):
+    reader = _CSVReader(path, plan)
+    try:
+        header = reader.header()
+        batches = reader.batches()
+        first = next(batches, [])
+        width = max([len(header), plan.width, *map(len, first)])
+        _pad(first, width)
+        if not plan.types:
+            unknown = [None if detect_types else _TEXT] * width
+            plan.types = [kind or _TEXT for kind in _batch_types(first, unknown, detect_types)[0]]
+        plan.types += [_TEXT] * (width - len(plan.types))
+        plan.width = width
+        columns = clean_headers(header, width)
+        table = _free_table_name(conn, wanted_table)
+        conn.execute(_create_table_sql(table, columns, plan.types))
+        insert = "INSERT INTO {} VALUES ({})".format(_quote(table), ", ".join("?" * width))
+        rows = 0
+        for batch in itertools.chain([first] if first else [], batches):
+            batch_width = _pad(batch, width)
+            types, with_empty = _batch_types(batch, plan.types, detect_types)
+            if batch_width > width or types != plan.types:
+                _scan_rest(batches, plan, batch_width, types, detect_types)
+            _nulls_for_empty_numbers(batch, plan.types, with_empty)
+            conn.executemany(insert, batch)
+            rows += len(batch)
+            if on_progress:
+                on_progress(rows, reader.bytes_read)
+        return ImportResult(table, rows, columns, plan.types)
+    finally:
+        reader.close()
+
+
+def _scan_rest(batches, plan, width, types, detect_types):
+    """Read the rest of the file for its true width and types, then replan."""
+    for batch in batches:
+        width = max(width, max(map(len, batch)))
+        types += [_TEXT] * (width - len(types))
+        _pad(batch, width)
+        types = _batch_types(batch, types, detect_types)[0]
+    plan.width = width
+    plan.types = [kind or _TEXT for kind in types]
+    raise _Replan(plan)
+
+
+def _copy_table(conn, staging_path, staged, wanted_table):
+    """Copy a staged table into conn's database under a free name.
+
+    Used for the shared-cache `temporary` database, where an uncommitted
+    CREATE TABLE would lock the schema for every reader: the table is
+    created and committed first, then filled in one short transaction.
+    """
+    conn.execute("attach database ? as staging", [staging_path])
+    try:
+        result = ImportResult(
+            _free_table_name(conn, wanted_table), staged.rows, staged.columns, staged.types
+        )
+        table = result.table
+        conn.execute("begin immediate")
+        conn.execute(result.schema)
+        conn.execute("commit")
+        try:
+            conn.execute("begin immediate")
+            conn.execute(
+                "INSERT INTO main.{} SELECT * FROM staging.{}".format(
+                    _quote(table), _quote(staged.table)
+                )
+            )
+            conn.execute("commit")
+        except BaseException:
+            conn.execute("rollback")
+            conn.execute("DROP TABLE main.{}".format(_quote(table)))
+            raise
+    finally:
+        conn.execute("detach database staging")
+    return result
+
+
+async def _import_csv(db, path, wanted_table, detect_types=True):
+    """Import the CSV at path into db: straight in for files, staged for memory."""
+    if not db.is_memory:
+        return await _write_outside_transaction(
+            db, lambda conn: import_csv(conn, path, wanted_table, detect_types)
+        )
+    with tempfile.TemporaryDirectory(prefix="app_support_") as folder:
+        staging_path = os.path.join(folder, "staging.db")
+
+        def stage():
+            conn = sqlite3.connect(staging_path, isolation_level=None)
+            try:
+                conn.execute("pragma journal_mode = off")
+                conn.execute("pragma synchronous = off")
+                return import_csv(conn, path, wanted_table, detect_types)
+            finally:
+                conn.close()
+
+        staged = await asyncio.to_thread(stage)
+        return await _write_outside_transaction(
+            db, lambda conn: _copy_table(conn, staging_path, staged, wanted_table)
+        )
+
+
+# Downloads
+
+
+class _LimitedRedirects(urllib.request.HTTPRedirectHandler):
+    max_redirections = MAX_REDIRECTS
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
+        if scheme not in ("http", "https"):
+            raise APIError(f"{req.full_url} redirected to {newurl}, which is not an http or https URL.")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _check_url(url):
+    parts = urllib.parse.urlsplit(url.strip())
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise APIError(f"Only http:// and https:// URLs can be opened, not: {url or '(empty)'}")
+    return url.strip()
+
+
+def _table_name_from_url(url):
+    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
+    for suffix in (".gz", ".zip", ".csv", ".tsv", ".txt"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+    return name.strip() or "data"
+
+
+def download_csv(url, folder, timeout=URL_TIMEOUT_SECONDS):
+    """Stream url into a file in folder, uncompressed; return (path, final_url)."""
+    opener = urllib.request.build_opener(_LimitedRedirects)
+    request = urllib.request.Request(
+        url, headers={"User-Agent": "app_support (Datasette Desktop)", "Accept-Encoding": "gzip"}
+    )
+    target = os.path.join(folder, "download")
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            final_url = response.geturl()
+            body = response
+            if response.headers.get("Content-Encoding", "").lower() == "gzip":
+                body = gzip.GzipFile(fileobj=response)
+            with open(target, "wb") as out:
+                shutil.copyfileobj(body, out, DOWNLOAD_CHUNK_BYTES)
+    except urllib.error.HTTPError as e:
+        raise APIError(f"{url} returned HTTP {e.code} {e.reason}")
+    except urllib.error.URLError as e:
+        raise APIError(f"Could not download {url}: {e.reason}")
+    except (TimeoutError, OSError, EOFError, gzip.BadGzipFile) as e:
+        raise APIError(f"Could not download {url}: {e}")
+    return _unpack(target, urllib.parse.urlsplit(final_url).path.lower(), url), final_url
+
+
+def _unpack(path, url_path, url):
+    """Gunzip a .gz, extract the single CSV from a .zip, or return path as it is."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic.startswith(b"\x1f\x8b"):
+        unpacked = path + ".csv"
+        try:
+            with gzip.open(path, "rb") as src, open(unpacked, "wb") as out:
+                shutil.copyfileobj(src, out, DOWNLOAD_CHUNK_BYTES)
+        except (OSError, EOFError) as e:
+            raise APIError(f"Could not gunzip {url}: {e}")
+        return unpacked
+    if url_path.endswith(".zip") or magic == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = [
+                    m for m in archive.infolist()
+                    if not m.is_dir() and m.filename.lower().endswith((".csv", ".tsv", ".txt"))
+                ]
+                if len(members) != 1:
+                    raise APIError(
+                        f"{url} is a zip file holding {len(members)} CSV or TSV files; "
+                        "it must hold exactly one."
+                    )
+                unpacked = path + ".csv"
+                with archive.open(members[0]) as src, open(unpacked, "wb") as out:
+                    shutil.copyfileobj(src, out, DOWNLOAD_CHUNK_BYTES)
+        except zipfile.BadZipFile as e:
+            raise APIError(f"Could not open the zip file from {url}: {e}")
+        return unpacked
+    return path
+
+
+def _url_timeout(datasette):
+    config = datasette.plugin_config(PLUGIN_NAME) or {}
+    return float(config.get("url_timeout", URL_TIMEOUT_SECONDS))
+
+
+# Endpoints
+
+
+async def auth_app_user(datasette, data):
+    values = _keys(data, required={}, optional={"redirect": str})
+    redirect = values["redirect"] or "/"
+    if not redirect.startswith("/") or redirect.startswith(("//", "/\\")) or any(
+        c < " " or c == "\\" for c in redirect
+    ):
+        redirect = "/"
+    response = Response.redirect(redirect)
+    response.set_cookie(
+        "ds_actor", datasette.sign({"a": {"id": "root"}}, "actor"), httponly=True, samesite="lax"
+    )
+    return response
+
+
+async def open_database_file(datasette, data):
+    path = _existing_file(_keys(data, required={"path": str}, optional={})["path"])
+    _refuse_uri_characters(path)
+    _refuse_already_open(datasette, path)
+    await asyncio.to_thread(_check_sqlite_file, path)
+    _refuse_already_open(datasette, path)  # a second request may have won the race
+    db = datasette.add_database(_file_database(datasette, path))
+    return {"ok": True, "path": datasette.urls.database(db.name)}
+
+
+async def new_empty_database_file(datasette, data):
+    path = _new_file(_keys(data, required={"path": str}, optional={})["path"])
+    _refuse_uri_characters(path)
+    await asyncio.to_thread(_create_empty_database, path)
+    db = datasette.add_database(_file_database(datasette, path))
+    return {"ok": True, "path": datasette.urls.database(db.name)}
+
+
+async def open_csv_file(datasette, data):
+    values = _keys(data, required={"path": str}, optional={"detect_types": bool})
+    return await _import_csv_file(datasette, values, TEMPORARY)
+
+
+async def import_csv_file(datasette, data):
+    values = _keys(
+        data, required={"path": str, "database": str}, optional={"detect_types": bool}
+    )
+    return await _import_csv_file(datasette, values, values["database"])
+
+
+async def _import_csv_file(datasette, values, database):
+    path = _existing_file(values["path"])
+    db = _writable_database(datasette, database)
+    result = await _import_csv(db, path, Path(path).stem, values["detect_types"] is not False)
+    return {"ok": True, "path": datasette.urls.table(db.name, result.table), "rows": result.rows}
+
+
+async def open_csv_from_url(datasette, data):
+    values = _keys(
+        data,
+        required={"url": str},
+        optional={"table_name": str, "database": str, "detect_types": bool},
+    )
+    url = _check_url(values["url"])
+    db = _writable_database(datasette, values["database"] or TEMPORARY)
+    timeout = _url_timeout(datasette)
+    with tempfile.TemporaryDirectory(prefix="app_support_") as folder:
+        path, final_url = await asyncio.to_thread(download_csv, url, folder, timeout)
+        wanted = values["table_name"] or _table_name_from_url(final_url)
+        result = await _import_csv(db, path, wanted, values["detect_types"] is not False)
+    return {"ok": True, "path": datasette.urls.table(db.name, result.table), "rows": result.rows}
+
+
+async def dump_temporary_to_file(datasette, data):
+    path = _new_file(_keys(data, required={"path": str}, optional={})["path"])
+    db = datasette.get_database(TEMPORARY)
+
+    def vacuum_into(conn):
+        conn.execute("vacuum into ?", [path])
+
+    try:
+        await _write_outside_transaction(db, vacuum_into)
+    except sqlite3.Error as e:
+        raise APIError(f"Could not save the temporary database to {path}: {e}")
+    return {"ok": True, "path": path}
+
+
+async def restore_temporary_from_file(datasette, data):
+    path = _existing_file(_keys(data, required={"path": str}, optional={})["path"])
+    await asyncio.to_thread(_check_sqlite_file, path)
+    db = datasette.get_database(TEMPORARY)
+
+    def restore(conn):
+        source = _connect_readonly(path)
+        try:
+            backup_tables = _table_names(source)
+            source.backup(conn)
+        finally:
+            source.close()
+        return backup_tables, _table_names(conn)
+
+    try:
+        backup_tables, restored_tables = await _write_outside_transaction(db, restore)
+    except sqlite3.Error as e:
+        raise APIError(f"Could not restore the temporary database from {path}: {e}")
+    return {
+        "ok": True,
+        "path": path,
+        "restored_tables": restored_tables,
+        "backup_tables": backup_tables,
+    }
+
+
+ENDPOINTS = {
+    "/-/auth-app-user": auth_app_user,
+    "/-/open-database-file": open_database_file,
+    "/-/new-empty-database-file": new_empty_database_file,
+    "/-/open-csv-file": open_csv_file,
+    "/-/import-csv-file": import_csv_file,
+    "/-/open-csv-from-url": open_csv_from_url,
+    "/-/dump-temporary-to-file": dump_temporary_to_file,
+    "/-/restore-temporary-from-file": restore_temporary_from_file,
+}
+
+
+def _error_response(message, status):
+    return Response.json({"ok": False, "error": message}, status=status)
+
+
+def _json_endpoint(handler):
+    """Wrap a handler: POST only, token first, JSON body, every failure as JSON."""
+
+    async def view(request, datasette):
+        if request.method != "POST":
+            response = _error_response(f"Use POST for {request.path}.", 405)
+            response.headers["Allow"] = "POST"
+            return response
+        try:
+            _check_token(request)
+            result = await handler(datasette, await _read_json_object(request))
+        except APIError as e:
+            return _error_response(e.message, e.status)
+        except Exception as e:
+            traceback.print_exc()
+            return _error_response(
+                f"Unexpected server error in {request.path}: {type(e).__name__}: {e}", 500
+            )
+        return result if isinstance(result, Response) else Response.json(result)
+
+    return view
+
+
+# Hooks
+
+
+@hookimpl
+def startup(datasette):
+    if TEMPORARY not in datasette.databases:
+        # A memory name of its own, so two Datasette instances in one process
+        # never share their temporary tables.
+        memory_name = f"{TEMPORARY}_{id(datasette):x}"
+        datasette.add_database(_memory_database(datasette, memory_name), name=TEMPORARY)
+    if "_memory" in datasette.databases:
+        datasette.remove_database("_memory")
+
+
+@hookimpl
+def register_routes():
+    return [
+        ("^" + re.escape(path) + "$", _json_endpoint(handler))
+        for path, handler in ENDPOINTS.items()
+    ]
+
+
+@hookimpl
+def skip_csrf(scope):
+    # Datasette 0.65's CSRF check would answer a request that carries a cookie
+    # but no Bearer token with an HTML page; these routes need the token
+    # anyway, and answer its absence with JSON.
+    return scope.get("path") in ENDPOINTS
+
+
+@hookimpl
+def permission_allowed(action, resource):
+    # Datasette 0.65 shows _internal to root; the desktop user is root.
+    if action == "view-database" and resource == "_internal":
+        return False
+    return None
