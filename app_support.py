@@ -52,8 +52,11 @@ BATCH_ROWS = 500
 # Column types are guessed from the first batch, so it is larger.
 FIRST_BATCH_ROWS = 5000
 SNIFF_CHARACTERS = 64 * 1024
+READ_BUFFER_BYTES = 256 * 1024
 BINARY_SNIFF_BYTES = 8192
 DELIMITERS = ",\t;|"
+# For one-column files: a control character that never splits a value.
+NO_DELIMITER = "\x1f"
 URL_TIMEOUT_SECONDS = 30
 MAX_REDIRECTS = 5
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
@@ -185,7 +188,10 @@ def _quote(identifier):
 
 
 def _free_table_name(conn, wanted):
-    wanted = wanted.strip() or "data"
+    """A table name close to wanted that no table, view or index in conn uses."""
+    # Datasette 0.65 puts table names in [brackets] when it reads a schema, so
+    # one "]" would break every page; the same name is used on 1.0 too.
+    wanted = wanted.replace("]", "_").strip() or "data"
     if wanted.lower().startswith("sqlite_"):
         wanted = "_" + wanted  # SQLite reserves sqlite_* names
     taken = {
@@ -352,12 +358,14 @@ def detect_delimiter(sample):
 
     csv.Sniffer picks letters as delimiters for one-column files; this only
     considers , tab ; and |, and needs at least two columns in the header.
+    A file whose header has one column is read one value per line, so an
+    unquoted comma in a value does not split it.
     """
     lines = sample.splitlines(keepends=True)
     if len(lines) > 1 and not sample.endswith(("\n", "\r")):
         lines = lines[:-1]  # the sample may end mid-line
     text = "".join(lines[:100])
-    best, best_score = ",", None
+    best, best_score = NO_DELIMITER, None
     for delimiter in DELIMITERS:
         try:
             widths = [len(row) for row in csv.reader(io.StringIO(text), delimiter=delimiter) if row]
@@ -435,14 +443,49 @@ def _wider(a, b):
     return a if _RANK[a] >= _RANK[b] else b
 
 
+class _NulGuard(io.RawIOBase):
+    """A raw file that refuses NUL bytes: Python 3.11's csv module accepts them."""
+
+    def __init__(self, path):
+        self.path = path
+        self.raw = open(path, "rb", buffering=0)
+        self.lines = 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        n = self.raw.readinto(buffer)
+        chunk = memoryview(buffer)[:n].tobytes() if n else b""
+        nul = chunk.find(b"\x00")
+        if nul != -1:
+            line = self.lines + chunk.count(b"\n", 0, nul) + 1
+            raise CSVError(
+                f"{self.path} contains a NUL byte on line {line}, so it is not CSV text."
+            )
+        self.lines += chunk.count(b"\n")
+        return n
+
+    def tell(self):
+        return self.raw.tell()
+
+    def close(self):
+        self.raw.close()
+        super().close()
+
+
 class _CSVReader:
     """Streams a CSV file as batches of rows padded to the plan's width."""
 
     def __init__(self, path, plan):
         self.path = path
         self.plan = plan
-        self.file = open(
-            path, encoding=plan.encoding, errors=_decode_errors(plan.encoding), newline=""
+        self.guard = _NulGuard(path) if plan.encoding != "utf-16" else open(path, "rb", buffering=0)
+        self.file = io.TextIOWrapper(
+            io.BufferedReader(self.guard, READ_BUFFER_BYTES),
+            encoding=plan.encoding,
+            errors=_decode_errors(plan.encoding),
+            newline="",
         )
         self.reader = csv.reader(self.file, delimiter=plan.delimiter)
 
@@ -451,7 +494,7 @@ class _CSVReader:
 
     @property
     def bytes_read(self):
-        return self.file.buffer.tell()
+        return self.guard.tell()
 
     def header(self):
         with self._reading():
@@ -677,13 +720,19 @@ async def _import_csv(db, path, wanted_table, detect_types=True):
 # Downloads
 
 
+def _redirect_error(url, location):
+    if urllib.parse.urlsplit(location).scheme.lower() not in ("http", "https", ""):
+        return f"{url} redirected to {location}, which is not an http or https URL."
+    return f"{url} redirected more than {MAX_REDIRECTS} times."
+
+
 class _LimitedRedirects(urllib.request.HTTPRedirectHandler):
     max_redirections = MAX_REDIRECTS
 
     def redirect_request(self, req, fp, code, msg, headers, newurl):
-        scheme = urllib.parse.urlsplit(newurl).scheme.lower()
-        if scheme not in ("http", "https"):
-            raise APIError(f"{req.full_url} redirected to {newurl}, which is not an http or https URL.")
+        # urllib itself would follow ftp: redirects.
+        if urllib.parse.urlsplit(newurl).scheme.lower() not in ("http", "https"):
+            raise APIError(_redirect_error(req.full_url, newurl))
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -718,6 +767,8 @@ def download_csv(url, folder, timeout=URL_TIMEOUT_SECONDS):
             with open(target, "wb") as out:
                 shutil.copyfileobj(body, out, DOWNLOAD_CHUNK_BYTES)
     except urllib.error.HTTPError as e:
+        if 300 <= e.code < 400:
+            raise APIError(_redirect_error(url, e.headers.get("Location") or ""))
         raise APIError(f"{url} returned HTTP {e.code} {e.reason}")
     except urllib.error.URLError as e:
         raise APIError(f"Could not download {url}: {e.reason}")

@@ -1,0 +1,1020 @@
+import asyncio
+import gzip
+import http.server
+import io
+import json
+import os
+import shutil
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import pytest
+from datasette.app import Datasette
+from datasette.plugins import pm
+
+import app_support
+
+if not pm.is_registered(app_support):
+    pm.register(app_support, name="app_support")
+
+TOKEN = "5f1e0c9a7b3d2e4f6a8b0c1d2e3f4a5b"
+IS_DATASETTE_1 = not __import__("datasette.version").version.__version__.startswith("0.")
+
+
+@pytest.fixture(autouse=True)
+def api_token(monkeypatch):
+    monkeypatch.setenv("DATASETTE_API_TOKEN", TOKEN)
+
+
+@pytest.fixture
+async def ds():
+    datasette = Datasette(memory=True)
+    await datasette.invoke_startup()
+    yield datasette
+
+
+async def post(ds, path, body, token=TOKEN, headers=None):
+    """POST the way the desktop app does: raw JSON, no Content-Type, a Bearer token."""
+    all_headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    all_headers.update(headers or {})
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return await ds.client.post(path, content=content, headers=all_headers)
+
+
+def user_databases(ds):
+    """Attached databases, leaving out _internal (listed there on Datasette 0.65)."""
+    return set(ds.databases) - {"_internal"}
+
+
+async def rows(ds, database, sql, params=None):
+    return [tuple(r) for r in (await ds.get_database(database).execute(sql, params or [])).rows]
+
+
+async def tables(ds, database="temporary"):
+    return await ds.get_database(database).table_names()
+
+
+def column_types(conn_or_path, table):
+    conn = sqlite3.connect(conn_or_path) if isinstance(conn_or_path, (str, Path)) else conn_or_path
+    return {r[1]: r[2] for r in conn.execute(f'pragma table_info("{table}")')}
+
+
+def make_db(path, table="t", values=(1, 2, 3)):
+    conn = sqlite3.connect(path)
+    conn.execute(f'create table "{table}" (id integer)')
+    conn.executemany(f'insert into "{table}" values (?)', [(v,) for v in values])
+    conn.commit()
+    conn.close()
+    return path
+
+
+def write(path, content):
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    path.write_bytes(content)
+    return path
+
+
+async def fetch_rows(ds, path):
+    """A table's rows as dicts, without the rowid that Datasette 1.0 adds."""
+    response = await ds.client.get(path + ".json?_shape=array")
+    assert response.status_code == 200, response.text
+    return [{k: v for k, v in row.items() if k != "rowid"} for row in response.json()]
+
+
+def snapshot(folder):
+    """Every file below folder with its bytes, to prove nothing changed."""
+    return {
+        str(p): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()
+    }
+
+
+def assert_error(response, status, text):
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    data = response.json()
+    assert data["ok"] is False
+    assert text in data["error"], data["error"]
+
+
+# Startup
+
+
+async def test_startup_adds_temporary_removes_memory_and_is_idempotent(ds):
+    await ds.invoke_startup()
+    app_support.startup(ds)
+    assert "temporary" in ds.databases
+    assert "_memory" not in ds.databases
+    assert ds.databases["temporary"].is_mutable
+    assert ds.databases["temporary"].is_memory
+
+
+async def test_internal_database_hidden_even_from_root(ds):
+    cookies = {"ds_actor": ds.sign({"a": {"id": "root"}}, "actor")}
+    index = await ds.client.get("/.json", cookies=cookies)
+    assert "_internal" not in json.dumps(index.json())
+    internal = await ds.client.get("/_internal", cookies=cookies)
+    assert internal.status_code in (403, 404)
+
+
+async def test_two_instances_do_not_share_temporary(tmp_path):
+    csv_path = tmp_path / "demo.csv"
+    csv_path.write_text("a\n1\n")
+    first, second = Datasette(memory=True), Datasette(memory=True)
+    await first.invoke_startup()
+    await second.invoke_startup()
+    assert (await post(first, "/-/open-csv-file", {"path": str(csv_path)})).json()["ok"]
+    assert await tables(second) == []
+
+
+# Authentication, methods and bodies, for every endpoint
+
+
+def good_bodies(tmp_path):
+    csv_path = tmp_path / "auth.csv"
+    csv_path.write_text("a,b\n1,2\n")
+    db_path = make_db(tmp_path / "auth.db")
+    return {
+        "/-/auth-app-user": {"redirect": "/"},
+        "/-/open-database-file": {"path": str(db_path)},
+        "/-/new-empty-database-file": {"path": str(tmp_path / "new.db")},
+        "/-/open-csv-file": {"path": str(csv_path)},
+        "/-/import-csv-file": {"path": str(csv_path), "database": "temporary"},
+        "/-/open-csv-from-url": {"url": "http://127.0.0.1:9/x.csv"},
+        "/-/dump-temporary-to-file": {"path": str(tmp_path / "dump.db")},
+        "/-/restore-temporary-from-file": {"path": str(db_path)},
+    }
+
+
+BAD_AUTH = {
+    "no header": None,
+    "wrong token": {"Authorization": "Bearer " + "0" * len(TOKEN)},
+    "prefix of token": {"Authorization": "Bearer " + TOKEN[:-1]},
+    "extension of token": {"Authorization": "Bearer " + TOKEN + "0"},
+    "no scheme": {"Authorization": TOKEN},
+    "basic scheme": {"Authorization": "Basic " + TOKEN},
+    "empty bearer": {"Authorization": "Bearer "},
+}
+
+
+@pytest.mark.parametrize("endpoint", list(app_support.ENDPOINTS))
+@pytest.mark.parametrize("case", list(BAD_AUTH))
+async def test_bad_token_refused_without_side_effects(ds, tmp_path, endpoint, case):
+    body = good_bodies(tmp_path)[endpoint]
+    before_files, before_dbs = snapshot(tmp_path), user_databases(ds)
+    response = await post(ds, endpoint, body, token=None, headers=BAD_AUTH[case])
+    assert_error(response, 401, "API token")
+    assert "set-cookie" not in response.headers
+    assert snapshot(tmp_path) == before_files
+    assert user_databases(ds) == before_dbs
+    assert await tables(ds) == []
+
+
+@pytest.mark.parametrize("endpoint", list(app_support.ENDPOINTS))
+@pytest.mark.parametrize("configured", ["", None])
+async def test_no_token_configured_refuses_everything(ds, tmp_path, monkeypatch, endpoint, configured):
+    if configured is None:
+        monkeypatch.delenv("DATASETTE_API_TOKEN")
+    else:
+        monkeypatch.setenv("DATASETTE_API_TOKEN", configured)
+    body = good_bodies(tmp_path)[endpoint]
+    before_files = snapshot(tmp_path)
+    for token in ("", TOKEN):
+        response = await post(ds, endpoint, body, token=token)
+        assert_error(response, 401, "DATASETTE_API_TOKEN")
+        assert "set-cookie" not in response.headers
+    assert snapshot(tmp_path) == before_files
+    assert user_databases(ds) == {"temporary"}
+    assert await tables(ds) == []
+
+
+@pytest.mark.parametrize("endpoint", list(app_support.ENDPOINTS))
+async def test_get_is_405_json(ds, endpoint):
+    response = await ds.client.get(endpoint, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert_error(response, 405, "POST")
+
+
+BAD_BODIES = [
+    (b"", "empty"),
+    (b"   ", "empty"),
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b'"path"', "must be a JSON object"),
+    (b'{"path": 5}', "path must be a string"),
+    (b'{"path": ["a"]}', "path must be a string"),
+    (b'{"path": "/x", "nope": 1}', "Unknown key: nope"),
+]
+
+
+@pytest.mark.parametrize("endpoint", [e for e in app_support.ENDPOINTS if e != "/-/auth-app-user" and e != "/-/open-csv-from-url"])
+@pytest.mark.parametrize("body,error", BAD_BODIES)
+async def test_bad_bodies_are_400(ds, tmp_path, endpoint, body, error):
+    before = snapshot(tmp_path)
+    response = await post(ds, endpoint, body)
+    assert_error(response, 400, error)
+    assert snapshot(tmp_path) == before
+    assert user_databases(ds) == {"temporary"}
+
+
+async def test_content_type_is_ignored(ds, tmp_path):
+    csv_path = tmp_path / "ct.csv"
+    csv_path.write_text("a\n1\n")
+    response = await post(
+        ds, "/-/open-csv-file", {"path": str(csv_path)},
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.json()["ok"] is True
+
+
+async def test_csrf_does_not_turn_cookie_requests_into_html(ds):
+    # A browser with a ds_actor cookie and no Bearer token still gets JSON.
+    response = await ds.client.post(
+        "/-/open-csv-file", content=b"{}", cookies={"ds_actor": "x", "ds_csrftoken": "y"}
+    )
+    assert_error(response, 401, "API token")
+
+
+# /-/auth-app-user
+
+
+async def test_auth_app_user_sets_root_cookie_and_redirects(ds):
+    response = await post(ds, "/-/auth-app-user", {"redirect": "/temporary?sql=select+1"})
+    assert response.status_code == 302
+    assert response.headers["location"] == "/temporary?sql=select+1"
+    cookie = response.headers["set-cookie"]
+    assert "httponly" in cookie.lower() and "samesite=lax" in cookie.lower()
+    value = response.cookies["ds_actor"]
+    assert ds.unsign(value, "actor") == {"a": {"id": "root"}}
+    actor = await ds.client.get("/-/actor.json", cookies={"ds_actor": value})
+    assert actor.json()["actor"] == {"id": "root"}
+
+
+@pytest.mark.parametrize(
+    "redirect",
+    ["//evil.example", "/\\evil.example", "https://evil.example/", "javascript:alert(1)",
+     "", None, "evil", "/\t/evil.example", "/ok\r\nSet-Cookie: x=1"],
+)
+async def test_auth_app_user_only_follows_same_site_paths(ds, redirect):
+    response = await post(ds, "/-/auth-app-user", {"redirect": redirect})
+    assert response.status_code == 302
+    assert response.headers["location"] == "/"
+
+
+async def test_auth_app_user_without_redirect_key(ds):
+    response = await post(ds, "/-/auth-app-user", {})
+    assert response.status_code == 302 and response.headers["location"] == "/"
+
+
+@pytest.mark.parametrize("body,error", [(b"", "empty"), (b"[]", "JSON object"), (b'{"redirect": 3}', "redirect must be a string")])
+async def test_auth_app_user_bad_bodies(ds, body, error):
+    response = await post(ds, "/-/auth-app-user", body)
+    assert_error(response, 400, error)
+    assert "set-cookie" not in response.headers
+
+
+# /-/open-database-file
+
+
+async def test_open_database_file(ds, tmp_path):
+    path = make_db(tmp_path / "my data.db")
+    response = await post(ds, "/-/open-database-file", {"path": str(path)})
+    assert response.json() == {"ok": True, "path": ds.urls.database("my data")}
+    assert await fetch_rows(ds, response.json()["path"] + "/t") == [{"id": 1}, {"id": 2}, {"id": 3}]
+
+
+async def test_open_database_file_same_name_different_folders(ds, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = make_db(tmp_path / "a" / "data.db", values=[1])
+    second = make_db(tmp_path / "b" / "data.db", values=[2])
+    r1 = (await post(ds, "/-/open-database-file", {"path": str(first)})).json()
+    r2 = (await post(ds, "/-/open-database-file", {"path": str(second)})).json()
+    assert r1["path"] != r2["path"]
+    for result, value in ((r1, 1), (r2, 2)):
+        assert await fetch_rows(ds, result["path"] + "/t") == [{"id": value}]
+
+
+@pytest.mark.parametrize("name", ["it's.db", 'say "hi".db', "sp ace.db", "semi;colon.db"])
+async def test_open_database_file_awkward_names(ds, tmp_path, name):
+    path = make_db(tmp_path / name, values=[42])
+    response = await post(ds, "/-/open-database-file", {"path": str(path)})
+    assert response.json()["ok"] is True
+    assert await fetch_rows(ds, response.json()["path"] + "/t") == [{"id": 42}]
+
+
+def _locked(tmp_path):
+    path = make_db(tmp_path / "locked.db")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("pragma locking_mode = exclusive")
+    holder.execute("begin exclusive")
+    holder.execute("insert into t values (9)")
+    return path, holder
+
+
+@pytest.mark.parametrize(
+    "setup,error",
+    [
+        (lambda p: p / "missing.db", "File not found"),
+        (lambda p: p, "folder, not a file"),
+        (lambda p: write(p / "zero.db", b""), "File is empty"),
+        (lambda p: write(p / "text.db", "hello, world\n" * 10), "Not a SQLite database"),
+        (lambda p: write(p / "fake.db", b"SQLite format 3\x00" + b"\x01" * 200), "Not a valid SQLite database"),
+        (lambda p: make_db(p / "a?b.db"), "contains ?"),
+        (lambda p: make_db(p / "a#b.db"), "contains #"),
+        (lambda p: make_db(p / "100%.db"), "contains %"),
+        (lambda p: p / "a?b.db", "File not found"),
+    ],
+)
+async def test_open_database_file_errors(ds, tmp_path, setup, error):
+    path = setup(tmp_path)
+    before = snapshot(tmp_path)
+    response = await post(ds, "/-/open-database-file", {"path": str(path)})
+    assert_error(response, 400, error)
+    assert snapshot(tmp_path) == before  # never creates "a" for "a?b.db"
+    assert user_databases(ds) == {"temporary"}
+
+
+async def test_open_database_file_locked(ds, tmp_path):
+    path, holder = _locked(tmp_path)
+    try:
+        response = await post(ds, "/-/open-database-file", {"path": str(path)})
+        assert_error(response, 400, "locked")
+    finally:
+        holder.close()
+    assert user_databases(ds) == {"temporary"}
+
+
+async def test_open_database_file_already_open_even_through_symlink(ds, tmp_path):
+    path = make_db(tmp_path / "real.db")
+    link = tmp_path / "link.db"
+    link.symlink_to(path)
+    assert (await post(ds, "/-/open-database-file", {"path": str(path)})).json()["ok"]
+    for again in (path, link):
+        response = await post(ds, "/-/open-database-file", {"path": str(again)})
+        assert_error(response, 400, "already open")
+    assert user_databases(ds) == {"temporary", "real"}
+
+
+# /-/new-empty-database-file
+
+
+async def test_new_empty_database_file(ds, tmp_path):
+    path = tmp_path / "fresh.db"
+    response = await post(ds, "/-/new-empty-database-file", {"path": str(path)})
+    assert response.json() == {"ok": True, "path": "/fresh"}
+    assert path.read_bytes().startswith(b"SQLite format 3\x00")
+    assert (await ds.client.get("/fresh")).status_code == 200
+    # Reopening the file after a restart must pass open-database-file's checks.
+    app_support._check_sqlite_file(str(path))
+
+
+@pytest.mark.parametrize(
+    "setup,error",
+    [
+        (lambda p: make_db(p / "exists.db"), "File already exists"),
+        (lambda p: write(p / "notes.txt", "keep me"), "File already exists"),
+        (lambda p: p / "no-such-folder" / "x.db", "Folder not found"),
+        (lambda p: p, "folder, not a file"),
+        (lambda p: p / "a?b.db", "contains ?"),
+    ],
+)
+async def test_new_empty_database_file_errors(ds, tmp_path, setup, error):
+    path = setup(tmp_path)
+    before = snapshot(tmp_path)
+    response = await post(ds, "/-/new-empty-database-file", {"path": str(path)})
+    assert_error(response, 400, error)
+    assert snapshot(tmp_path) == before
+    assert user_databases(ds) == {"temporary"}
+
+
+# /-/open-csv-file and /-/import-csv-file
+
+
+async def test_open_csv_file(ds, tmp_path):
+    path = tmp_path / "demo.csv"
+    path.write_text("name,age\nCleo,5\nPancakes,4\n")
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert response.json() == {"ok": True, "path": "/temporary/demo", "rows": 2}
+    assert await fetch_rows(ds, "/temporary/demo") == [
+        {"name": "Cleo", "age": 5},
+        {"name": "Pancakes", "age": 4},
+    ]
+
+
+async def test_open_csv_file_never_writes_into_existing_table(ds, tmp_path):
+    path = tmp_path / "demo.csv"
+    path.write_text("a\n1\n")
+    paths = [(await post(ds, "/-/open-csv-file", {"path": str(path)})).json()["path"] for _ in range(3)]
+    assert paths == ["/temporary/demo", "/temporary/demo_2", "/temporary/demo_3"]
+    for table in ("demo", "demo_2", "demo_3"):
+        assert await rows(ds, "temporary", f"select a from {table}") == [(1,)]
+
+
+async def test_import_csv_file_into_named_database(ds, tmp_path):
+    db_path = make_db(tmp_path / "target.db", table="people")
+    await post(ds, "/-/open-database-file", {"path": str(db_path)})
+    csv_path = tmp_path / "people.csv"
+    csv_path.write_text("name\nAlex\n")
+    response = await post(ds, "/-/import-csv-file", {"path": str(csv_path), "database": "target"})
+    assert response.json() == {"ok": True, "path": "/target/people_2", "rows": 1}
+    assert (await ds.client.get("/target/people_2")).status_code == 200
+    assert sqlite3.connect(db_path).execute("select name from people_2").fetchall() == [("Alex",)]
+    assert sqlite3.connect(db_path).execute("select count(*) from people").fetchone() == (3,)
+
+
+async def test_import_csv_file_null_optional_key(ds, tmp_path):
+    csv_path = tmp_path / "n.csv"
+    csv_path.write_text("a\n01\n")
+    response = await post(ds, "/-/open-csv-file", {"path": str(csv_path), "detect_types": None})
+    assert response.json()["ok"] is True
+
+
+@pytest.mark.parametrize(
+    "body,error",
+    [
+        ({"database": "nope"}, "Database not found: nope"),
+        ({"database": None}, "Missing required key: database"),
+        ({}, "Missing required key: database"),
+        ({"database": "immutable"}, "read-only"),
+        ({"database": "temporary", "path": "/no/such/file.csv"}, "File not found"),
+        ({"database": "temporary", "detect_types": "yes"}, "detect_types must be a boolean"),
+    ],
+)
+async def test_import_csv_file_errors(tmp_path, body, error):
+    immutable = make_db(tmp_path / "immutable.db")
+    ds = Datasette([], immutables=[str(immutable)])
+    await ds.invoke_startup()
+    csv_path = tmp_path / "x.csv"
+    csv_path.write_text("a\n1\n")
+    before = snapshot(tmp_path)
+    response = await post(ds, "/-/import-csv-file", {"path": str(csv_path), **body})
+    assert_error(response, 400, error)
+    assert snapshot(tmp_path) == before
+    assert await tables(ds) == []
+
+
+@pytest.mark.parametrize(
+    "content,error",
+    [
+        (b"", "File is empty"),
+        (b"\n\n  \n", "File is empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4, "binary file"),
+        (b"a,b\n1,2\n" + b"x" * 9000 + b"\n3,\x004\n", "NUL byte on line 4"),
+    ],
+)
+async def test_open_csv_file_unreadable(ds, tmp_path, content, error):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert_error(response, 400, error)
+    assert await tables(ds) == []
+
+
+async def test_open_csv_file_is_a_folder(ds, tmp_path):
+    assert_error(await post(ds, "/-/open-csv-file", {"path": str(tmp_path)}), 400, "folder")
+
+
+# The CSV engine: what gets stored, and how it is typed
+
+
+async def import_bytes(ds, tmp_path, content, name="data.csv", **options):
+    path = tmp_path / name
+    path.write_bytes(content)
+    response = await post(ds, "/-/open-csv-file", {"path": str(path), **options})
+    assert response.status_code == 200, response.text
+    table = response.json()["path"].split("/")[-1]
+    db = ds.get_database("temporary")
+    types = await db.execute_fn(lambda conn: column_types(conn, table))
+    stored = await rows(ds, "temporary", f'select * from "{table}"')
+    return response.json(), types, stored
+
+
+ENCODINGS = [
+    ("utf-8", "São Paulo,Zürich\n".encode("utf-8"), "São Paulo"),
+    ("utf-8 with BOM", b"\xef\xbb\xbf" + "city\nSão Paulo\n".encode("utf-8"), "city"),
+    ("latin-1", b"city\nS\xe3o Paulo\n", "São Paulo"),
+    ("cp1252 quotes", b"q\n\x93hi\x94 \x80\n", "\u201chi\u201d \u20ac"),
+    ("cp1252 undefined byte", b"q\nA\x81B\n", "A\x81B"),
+    ("utf-16", "city\nSão Paulo\n".encode("utf-16"), "São Paulo"),
+    ("utf-8 then latin-1 late", b"city\n" + b"plain\n" * 20000 + b"S\xe3o\n", "São"),
+]
+
+
+@pytest.mark.parametrize("name,content,expected", ENCODINGS, ids=[e[0] for e in ENCODINGS])
+async def test_csv_encodings(ds, tmp_path, name, content, expected):
+    result, types, stored = await import_bytes(ds, tmp_path, content)
+    flat = [c for row in stored for c in row] + list(types)
+    assert expected in flat
+
+
+async def test_csv_bom_is_stripped_from_first_column(ds, tmp_path):
+    _, types, _ = await import_bytes(ds, tmp_path, b"\xef\xbb\xbfid,name\n1,a\n")
+    assert list(types) == ["id", "name"]
+
+
+DELIMITERS = [
+    ("comma", b"a,b\n1,2\n", ["a", "b"]),
+    ("tab in a .csv", b"a\tb\n1\t2\n", ["a", "b"]),
+    ("semicolon with decimal commas", b"a;b\n1,5;2\n", ["a", "b"]),
+    ("pipe", b"a|b|c\n1|2|3\n", ["a", "b", "c"]),
+    ("single column", b"name\nalice\nbob\n", ["name"]),
+    ("single column with commas in values", b"name\nSmith, John\nDoe, Jane\n", ["name"]),
+    ("single column of letters", b"word\nthe\nstreet\n", ["word"]),
+]
+
+
+@pytest.mark.parametrize("name,content,columns", DELIMITERS, ids=[d[0] for d in DELIMITERS])
+async def test_csv_delimiters(ds, tmp_path, name, content, columns):
+    _, types, stored = await import_bytes(ds, tmp_path, content)
+    assert list(types) == columns
+    assert all(len(row) == len(columns) for row in stored)
+
+
+async def test_csv_quoted_newlines_doubled_quotes_and_huge_fields(ds, tmp_path):
+    big = "x" * 300_000
+    content = f'a,b\n"line one\nline two","say ""hi"""\n"{big}",2\n'.encode()
+    _, _, stored = await import_bytes(ds, tmp_path, content)
+    assert stored == [("line one\nline two", 'say "hi"'), (big, "2")]
+
+
+HEADERS = [
+    ("duplicates and blanks", b"a,a,,b, a \n1,2,3,4,5\n", ["a", "a_2", "column_3", "b", "a_3"]),
+    ("case-insensitive duplicates", b"Name,name\n1,2\n", ["Name", "name_2"]),
+    ("whitespace stripped", b"  x  ,\ty\t\n1,2\n", ["x", "y"]),
+    ("suffix already taken", b"a,a_2,a\n1,2,3\n", ["a", "a_2", "a_3"]),
+    ("SQL in names", b'"x""];drop table t;--",\'q\'\n1,2\n', ['x"];drop table t;--', "'q'"]),
+]
+
+
+@pytest.mark.parametrize("name,content,columns", HEADERS, ids=[h[0] for h in HEADERS])
+async def test_csv_headers(ds, tmp_path, name, content, columns):
+    _, types, _ = await import_bytes(ds, tmp_path, content)
+    assert list(types) == columns
+
+
+async def test_csv_header_only_gives_empty_table(ds, tmp_path):
+    result, types, stored = await import_bytes(ds, tmp_path, b"a,b\n")
+    assert result["rows"] == 0 and stored == [] and list(types) == ["a", "b"]
+    assert (await ds.client.get(result["path"])).status_code == 200
+
+
+RAGGED = [
+    ("short rows padded with NULL", b"a,b,c\n1,2\n3\n", ["a", "b", "c"], [(1, 2, None), (3, None, None)]),
+    ("long row keeps extras", b"a,b\n1,2\n3,4,5,6\n", ["a", "b", "column_3", "column_4"], [(1, 2, None, None), (3, 4, 5, 6)]),
+    ("long row after the first batch", b"a,b\n" + b"1,2\n" * 6000 + b"3,4,x\n", ["a", "b", "column_3"], None),
+    ("blank lines skipped", b"a,b\n1,2\n\n3,4\n", ["a", "b"], [(1, 2), (3, 4)]),
+]
+
+
+@pytest.mark.parametrize("name,content,columns,expected", RAGGED, ids=[r[0] for r in RAGGED])
+async def test_csv_ragged_rows(ds, tmp_path, name, content, columns, expected):
+    result, types, stored = await import_bytes(ds, tmp_path, content)
+    assert list(types) == columns
+    if expected is not None:
+        assert stored == expected
+    else:
+        assert result["rows"] == 6001
+        assert stored[-1] == (3, 4, "x")
+        assert stored[0] == (1, 2, None)
+
+
+TYPES = [
+    ("integers", b"n\n1\n-20\n300\n", "INTEGER", [1, -20, 300]),
+    ("reals", b"n\n1.5\n-2\n.25\n", "REAL", [1.5, -2.0, 0.25]),
+    ("empty cells are NULL in numbers", b"n,m\n1,1.5\n,\n3,\n", "INTEGER", [1, None, 3]),
+    ("leading zeros stay text", b"zip\n02134\n10001\n", "TEXT", ["02134", "10001"]),
+    ("zero alone is a number", b"n\n0\n10\n", "INTEGER", [0, 10]),
+    ("leading zero before a decimal point", b"n\n0.5\n10.25\n", "REAL", [0.5, 10.25]),
+    ("words and numbers mixed", b"n\n1\nN/A\n", "TEXT", ["1", "N/A"]),
+    ("minus zero is text", b"n\n-0\n5\n", "TEXT", ["-0", "5"]),
+    ("explicit plus sign is text", b"n\n+5\n6\n", "TEXT", ["+5", "6"]),
+    ("surrounding spaces are text", b"n\n 5\n6\n", "TEXT", [" 5", "6"]),
+    ("exponent is text", b"n\n1e5\n6\n", "TEXT", ["1e5", "6"]),
+    ("two dots is text", b"n\n1.2.3\n6\n", "TEXT", ["1.2.3", "6"]),
+    ("hyphenated is text", b"n\n1-2\n6\n", "TEXT", ["1-2", "6"]),
+    ("lone minus is text", b"n\n-\n6\n", "TEXT", ["-", "6"]),
+    ("too big for 64 bits is text", b"n\n12345678901234567890\n1\n", "TEXT", ["12345678901234567890", "1"]),
+    ("eighteen digits is an integer", b"n\n123456789012345678\n", "INTEGER", [123456789012345678]),
+    ("quoted newline between digits is text", b'n\n"1\n2"\n3\n', "TEXT", ["1\n2", "3"]),
+    ("all empty is text", b"n,m\n,1\n,2\n", "TEXT", ["", ""]),
+    ("ints then reals after the first batch", b"n\n" + b"7\n" * 6000 + b"7.5\n", "REAL", None),
+    ("numbers then a word after the first batch", b"n\n" + b"7\n" * 6000 + b"oops\n", "TEXT", None),
+    ("numbers then leading zero after the first batch", b"n\n" + b"7\n" * 6000 + b"007\n", "TEXT", None),
+]
+
+
+@pytest.mark.parametrize("name,content,declared,values", TYPES, ids=[t[0] for t in TYPES])
+async def test_csv_types(ds, tmp_path, name, content, declared, values):
+    _, types, stored = await import_bytes(ds, tmp_path, content)
+    assert list(types.values())[0] == declared
+    column = [row[0] for row in stored]
+    if values is not None:
+        assert column == values
+    else:
+        assert len(column) == 6001
+        last = content.rsplit(b"\n", 2)[-2].decode()
+        assert str(column[-1]) == last
+        assert column[0] == (7.0 if declared == "REAL" else "7")
+
+
+async def test_csv_detect_types_false_keeps_text(ds, tmp_path):
+    _, types, stored = await import_bytes(ds, tmp_path, b"n,x\n1,2.5\n", detect_types=False)
+    assert types == {"n": "TEXT", "x": "TEXT"}
+    assert stored == [("1", "2.5")]
+
+
+@pytest.mark.parametrize(
+    "wanted",
+    ["demo]", 'de"mo', "de'mo", "x; drop table y", "sqlite_master", "[weird]", "名前"],
+)
+async def test_csv_table_names_are_safe(ds, tmp_path, wanted):
+    path = tmp_path / f"{wanted}.csv"
+    path.write_text("a\n1\n")
+    response = (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()
+    assert response["ok"] is True
+    assert await fetch_rows(ds, response["path"]) == [{"a": 1}]
+    names = await tables(ds)
+    assert len(names) == 1 and names[0].lstrip("_") == wanted.replace("]", "_")
+    assert (await ds.client.get("/temporary")).status_code == 200
+
+
+FAILURES = [
+    ("NUL byte late in the file", b"a,b\n" + b"1,2\n" * 7000 + b"3,\x004\n", "line 7002"),
+    ("NUL byte in the first batch", b"a,b\n1,2\n" + b"x" * 9000 + b"\n\x00\n", "NUL byte on line 4"),
+]
+
+
+@pytest.mark.parametrize("name,content,error", FAILURES, ids=[f[0] for f in FAILURES])
+async def test_csv_failure_leaves_nothing_behind(ds, tmp_path, name, content, error):
+    db_path = make_db(tmp_path / "target.db", table="keep")
+    await post(ds, "/-/open-database-file", {"path": str(db_path)})
+    csv_path = tmp_path / "bad.csv"
+    csv_path.write_bytes(content)
+    for endpoint, body, database in [
+        ("/-/open-csv-file", {"path": str(csv_path)}, "temporary"),
+        ("/-/import-csv-file", {"path": str(csv_path), "database": "target"}, "target"),
+    ]:
+        before = await tables(ds, database)
+        response = await post(ds, endpoint, body)
+        assert_error(response, 400, error)
+        assert await tables(ds, database) == before
+    assert sqlite3.connect(db_path).execute("select count(*) from keep").fetchone() == (3,)
+
+
+async def test_csv_import_stays_responsive_and_never_locks_the_schema(ds, tmp_path):
+    """Import a large file into temporary while polling pages next to it."""
+    path = tmp_path / "big.csv"
+    with open(path, "w") as f:
+        f.write("id,name,score\n")
+        for i in range(300_000):
+            f.write(f"{i},name {i},{i * 1.5}\n")
+    small = tmp_path / "small.csv"
+    small.write_text("a\n1\n")
+    await post(ds, "/-/open-csv-file", {"path": str(small)})
+
+    task = asyncio.ensure_future(post(ds, "/-/open-csv-file", {"path": str(path)}))
+    statuses = []
+    while not task.done():
+        for page in ("/", "/temporary", "/temporary.json", "/temporary/small.json"):
+            statuses.append(((await ds.client.get(page)).status_code, page))
+        await asyncio.sleep(0.01)
+    assert (await task).json()["rows"] == 300_000
+    assert len(statuses) >= 20, "the import finished before the pages could be polled"
+    assert all(status == 200 for status, _ in statuses), [s for s in statuses if s[0] != 200]
+
+
+def test_column_type_pure():
+    assert app_support.column_type(["1", "", "-3"]) == "INTEGER"
+    assert app_support.column_type(["1", "2.5"]) == "REAL"
+    assert app_support.column_type(["", ""]) is None
+    assert app_support.column_type(["07"]) == "TEXT"
+    assert app_support.column_type(["é"]) == "TEXT"
+
+
+def test_clean_headers_pure():
+    assert app_support.clean_headers(["a", "a", ""], 4) == ["a", "a_2", "column_3", "column_4"]
+
+
+# /-/open-csv-from-url
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    routes = {}
+
+    def do_GET(self):
+        route = self.routes.get(self.path.split("?")[0])
+        if route is None:
+            self.send_error(404, "Not Found")
+            return
+        status, headers, body = route(self) if callable(route) else route
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if body is not None and not callable(body):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if callable(body):
+            body(self.wfile)
+        elif body:
+            self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    Handler.routes = {}
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", Handler.routes
+    httpd.shutdown()
+    httpd.server_close()
+
+
+CSV_BODY = b"id,name\n1,Cleo\n2,Pancakes\n"
+
+
+def zipped(members):
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+URL_CASES = [
+    ("plain", "/dogs.csv", {"/dogs.csv": (200, {}, CSV_BODY)}, "dogs"),
+    ("redirect", "/old.csv", {"/old.csv": (302, {"Location": "/new/dogs.csv"}, b""), "/new/dogs.csv": (200, {}, CSV_BODY)}, "dogs"),
+    ("gzip by header", "/z.csv", {"/z.csv": (200, {"Content-Encoding": "gzip"}, gzip.compress(CSV_BODY))}, "z"),
+    ("gzip by extension", "/g.csv.gz", {"/g.csv.gz": (200, {}, gzip.compress(CSV_BODY))}, "g"),
+    ("zip with one csv", "/a.zip", {"/a.zip": (200, {}, zipped({"inner.csv": CSV_BODY, "README": b"x"}))}, "a"),
+    ("latin-1 with charset", "/l.csv", {"/l.csv": (200, {"Content-Type": "text/csv; charset=latin-1"}, b"id,name\n1,Cleo\n2,S\xe3o\n")}, "l"),
+    ("no path segment", "/", {"/": (200, {}, CSV_BODY)}, "data"),
+]
+
+
+@pytest.mark.parametrize("name,url_path,routes,table", URL_CASES, ids=[c[0] for c in URL_CASES])
+async def test_open_csv_from_url(ds, server, name, url_path, routes, table):
+    base, server_routes = server
+    server_routes.update(routes)
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + url_path})
+    assert response.json() == {"ok": True, "path": f"/temporary/{table}", "rows": 2}, response.text
+    stored = await rows(ds, "temporary", f'select id, name from "{table}"')
+    assert stored[0] == (1, "Cleo")
+    if name.startswith("latin"):
+        assert stored[1] == (2, "São")
+    assert (await ds.client.get(f"/temporary/{table}")).status_code == 200
+
+
+async def test_open_csv_from_url_table_name_and_database(ds, server, tmp_path):
+    base, routes = server
+    routes["/dogs.csv"] = (200, {}, CSV_BODY)
+    db_path = make_db(tmp_path / "target.db", table="my table")
+    await post(ds, "/-/open-database-file", {"path": str(db_path)})
+    body = {"url": base + "/dogs.csv", "table_name": "my table", "database": "target"}
+    response = await post(ds, "/-/open-csv-from-url", body)
+    assert response.json() == {"ok": True, "path": ds.urls.table("target", "my table_2"), "rows": 2}
+    null_options = {"url": base + "/dogs.csv", "table_name": None, "database": None}
+    assert (await post(ds, "/-/open-csv-from-url", null_options)).json()["path"] == "/temporary/dogs"
+
+
+def refused_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "url,routes,error",
+    [
+        ("/missing.csv", {}, "returned HTTP 404 Not Found"),
+        ("/to-file", {"/to-file": (302, {"Location": "file:///etc/passwd"}, b"")}, "not an http or https URL"),
+        ("/loop", {"/loop": (302, {"Location": "/loop"}, b"")}, "redirect"),
+        ("/two.zip", {"/two.zip": (200, {}, zipped({"a.csv": CSV_BODY, "b.csv": CSV_BODY}))}, "exactly one"),
+        ("/empty.csv", {"/empty.csv": (200, {}, b"")}, "empty"),
+        ("/bad.gz", {"/bad.gz": (200, {"Content-Encoding": "gzip"}, b"\x1f\x8bnot gzip")}, "Could not download"),
+    ],
+)
+async def test_open_csv_from_url_errors(ds, server, url, routes, error):
+    base, server_routes = server
+    server_routes.update(routes)
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + url})
+    assert_error(response, 400, error)
+    assert await tables(ds) == []
+
+
+@pytest.mark.parametrize(
+    "url,error",
+    [
+        ("file:///etc/passwd", "Only http:// and https://"),
+        ("ftp://example.com/x.csv", "Only http:// and https://"),
+        ("data:text/csv,a%0A1", "Only http:// and https://"),
+        ("javascript:alert(1)", "Only http:// and https://"),
+        ("/relative.csv", "Only http:// and https://"),
+        ("", "Only http:// and https://"),
+        (None, "Missing required key: url"),
+    ],
+)
+async def test_open_csv_from_url_refuses_other_schemes(ds, url, error):
+    assert_error(await post(ds, "/-/open-csv-from-url", {"url": url}), 400, error)
+
+
+async def test_open_csv_from_url_refused_port(ds):
+    start = time.monotonic()
+    response = await post(ds, "/-/open-csv-from-url", {"url": f"http://127.0.0.1:{refused_port()}/x.csv"})
+    assert_error(response, 400, "Could not download")
+    assert time.monotonic() - start < 10
+
+
+async def test_open_csv_from_url_timeout_from_plugin_config(server):
+    base, routes = server
+
+    def slow(handler):
+        def body(wfile):
+            wfile.write(b"a\n1\n")
+            wfile.flush()
+            time.sleep(3)
+
+        return 200, {}, body
+
+    routes["/slow.csv"] = slow
+    ds = Datasette(memory=True, metadata={"plugins": {"app_support": {"url_timeout": 0.5}}})
+    await ds.invoke_startup()
+    start = time.monotonic()
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + "/slow.csv"})
+    assert_error(response, 400, "timed out")
+    assert time.monotonic() - start < 2.5
+    assert await tables(ds) == []
+
+
+async def test_open_csv_from_url_large_body_keeps_server_responsive(ds, server):
+    base, routes = server
+    line = b"1,some text here,2.5\n"
+
+    def large(handler):
+        def body(wfile):
+            wfile.write(b"a,b,c\n")
+            for _ in range(200):
+                wfile.write(line * 2000)
+                time.sleep(0.005)
+
+        return 200, {}, body
+
+    routes["/large.csv"] = large
+    task = asyncio.ensure_future(post(ds, "/-/open-csv-from-url", {"url": base + "/large.csv"}))
+    statuses = []
+    while not task.done():
+        statuses.append((await ds.client.get("/temporary.json")).status_code)
+        await asyncio.sleep(0.02)
+    assert (await task).json()["rows"] == 400_000
+    assert len(statuses) >= 10 and set(statuses) == {200}
+
+
+# /-/dump-temporary-to-file and /-/restore-temporary-from-file
+
+
+async def test_dump_and_restore_temporary(ds, tmp_path):
+    csv_path = tmp_path / "dogs.csv"
+    csv_path.write_text("name\nCleo\n")
+    await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
+    dump = tmp_path / "it's a backup.db"
+    response = await post(ds, "/-/dump-temporary-to-file", {"path": str(dump)})
+    assert response.json() == {"ok": True, "path": str(dump)}
+    assert column_types(dump, "dogs") == {"name": "TEXT"}
+
+    fresh = Datasette(memory=True)
+    await fresh.invoke_startup()
+    response = await post(fresh, "/-/restore-temporary-from-file", {"path": str(dump)})
+    assert response.json() == {
+        "ok": True, "path": str(dump), "restored_tables": ["dogs"], "backup_tables": ["dogs"],
+    }
+    assert await rows(fresh, "temporary", "select name from dogs") == [("Cleo",)]
+    assert (await fresh.client.get("/temporary/dogs")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "setup,error",
+    [
+        (lambda p: make_db(p / "exists.db"), "File already exists"),
+        (lambda p: p / "nope" / "dump.db", "Folder not found"),
+        (lambda p: p, "folder, not a file"),
+    ],
+)
+async def test_dump_temporary_errors(ds, tmp_path, setup, error):
+    path = setup(tmp_path)
+    before = snapshot(tmp_path)
+    assert_error(await post(ds, "/-/dump-temporary-to-file", {"path": str(path)}), 400, error)
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "setup,error",
+    [
+        (lambda p: p / "missing.db", "File not found"),
+        (lambda p: p, "folder, not a file"),
+        (lambda p: write(p / "notes.txt", "hello"), "Not a SQLite database"),
+        (lambda p: write(p / "zero.db", b""), "File is empty"),
+    ],
+)
+async def test_restore_temporary_errors_leave_temporary_alone(ds, tmp_path, setup, error):
+    csv_path = tmp_path / "keep.csv"
+    csv_path.write_text("a\n1\n")
+    await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
+    path = setup(tmp_path)
+    response = await post(ds, "/-/restore-temporary-from-file", {"path": str(path)})
+    assert_error(response, 400, error)
+    assert await tables(ds) == ["keep"]
+    assert await rows(ds, "temporary", "select a from keep") == [(1,)]
+
+
+# The desktop app's restart cycle, against a real datasette process
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(plugins_dir, port, env):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "datasette", "--port", str(port), "--plugins-dir", str(plugins_dir)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/-/versions.json", timeout=1)
+            return process
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise AssertionError("datasette did not start: " + process.stderr.read().decode())
+
+
+def call(port, path, body, cookie=None):
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}",
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {TOKEN}", **({"Cookie": cookie} if cookie else {})},
+    )
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args):
+            return None
+
+    try:
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=30) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, e.read()
+
+
+def test_restart_cycle_with_real_datasette_process(tmp_path):
+    plugins_dir = tmp_path / "plugins"
+    plugins_dir.mkdir()
+    shutil.copy(app_support.__file__, plugins_dir / "app_support.py")
+    csv_path = tmp_path / "dogs.csv"
+    csv_path.write_text("name,age\nCleo,5\nPancakes,4\n")
+    env = {**os.environ, "DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64}
+    port = free_port()
+
+    server = start_server(plugins_dir, port, env)
+    try:
+        status, _, body = call(port, "/-/open-csv-file", {"path": str(csv_path)})
+        assert status == 200 and json.loads(body)["path"] == "/temporary/dogs"
+        status, headers, _ = call(port, "/-/auth-app-user", {"redirect": "/temporary/dogs"})
+        assert status == 302 and headers["Location"] == "/temporary/dogs"
+        cookie = headers["Set-Cookie"].split(";")[0]
+        backup = tmp_path / "backup.db"
+        status, _, body = call(port, "/-/dump-temporary-to-file", {"path": str(backup)})
+        assert status == 200, body
+    finally:
+        server.terminate()
+        server.wait(10)
+
+    server = start_server(plugins_dir, port, env)
+    try:
+        status, _, body = call(port, "/-/restore-temporary-from-file", {"path": str(backup)})
+        assert status == 200 and json.loads(body)["restored_tables"] == ["dogs"]
+        status, _, body = call(port, "/temporary/dogs.json?_shape=array", None)
+        assert [(r["name"], r["age"]) for r in json.loads(body)] == [("Cleo", 5), ("Pancakes", 4)]
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/-/actor.json", headers={"Cookie": cookie}
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert json.loads(response.read())["actor"] == {"id": "root"}
+    finally:
+        server.terminate()
+        server.wait(10)
