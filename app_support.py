@@ -51,6 +51,8 @@ LOCKED_TIMEOUT_SECONDS = 2
 BATCH_ROWS = 500
 # Column types are guessed from the first batch, so it is larger.
 FIRST_BATCH_ROWS = 5000
+# Rows per INSERT statement: ten at a time ran 10-15% faster than one.
+ROWS_PER_INSERT = 10
 SNIFF_CHARACTERS = 64 * 1024
 READ_BUFFER_BYTES = 256 * 1024
 BINARY_SNIFF_BYTES = 8192
@@ -562,6 +564,24 @@ def _batch_types(batch, types, detect_types):
     return widened, with_empty
 
 
+def _inserter(conn, table, width):
+    """A function that inserts a batch, ROWS_PER_INSERT rows per statement."""
+    row = "(" + ", ".join("?" * width) + ")"
+    one = f"INSERT INTO {_quote(table)} VALUES {row}"
+    many = f"INSERT INTO {_quote(table)} VALUES " + ", ".join([row] * ROWS_PER_INSERT)
+    step = width * ROWS_PER_INSERT
+
+    def insert(batch):
+        whole = len(batch) - len(batch) % ROWS_PER_INSERT
+        if whole:
+            flat = list(itertools.chain.from_iterable(batch[:whole]))
+            conn.executemany(many, [flat[i : i + step] for i in range(0, len(flat), step)])
+        if whole < len(batch):
+            conn.executemany(one, batch[whole:])
+
+    return insert
+
+
 def _nulls_for_empty_numbers(batch, types, with_empty):
     for i in with_empty:
         if types[i] != _TEXT:
@@ -631,7 +651,7 @@ def _load(conn, path, wanted_table, plan, detect_types, on_progress):
         columns = clean_headers(header, width)
         table = _free_table_name(conn, wanted_table)
         conn.execute(_create_table_sql(table, columns, plan.types))
-        insert = "INSERT INTO {} VALUES ({})".format(_quote(table), ", ".join("?" * width))
+        insert = _inserter(conn, table, width)
         rows = 0
         for batch in itertools.chain([first] if first else [], batches):
             batch_width = _pad(batch, width)
@@ -639,7 +659,7 @@ def _load(conn, path, wanted_table, plan, detect_types, on_progress):
             if batch_width > width or types != plan.types:
                 _scan_rest(batches, plan, batch_width, types, detect_types)
             _nulls_for_empty_numbers(batch, plan.types, with_empty)
-            conn.executemany(insert, batch)
+            insert(batch)
             rows += len(batch)
             if on_progress:
                 on_progress(rows, reader.bytes_read)
