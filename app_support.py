@@ -19,6 +19,8 @@ import contextlib
 import csv
 import gzip
 import hmac
+import http.client
+import inspect
 import io
 import itertools
 import json
@@ -40,8 +42,17 @@ from datasette import hookimpl
 from datasette.database import Database
 from datasette.utils.asgi import Response
 
+try:  # Datasette 1.0: events, and permissions as SQL
+    from datasette import events as datasette_events
+    from datasette.permissions import PermissionSQL
+except ImportError:  # Datasette 0.65 has neither
+    datasette_events = PermissionSQL = None
+
 TEMPORARY = "temporary"
 PLUGIN_NAME = "app_support"
+# The desktop user, who owns the machine and the data. Requests carrying the
+# API token come from the desktop app acting for that user.
+ROOT_ACTOR = {"id": "root"}
 SQLITE_HEADER = b"SQLite format 3\x00"
 # Characters that SQLite reads as URI syntax in a file: URI. Datasette builds
 # file: URIs from database paths without escaping them.
@@ -272,12 +283,29 @@ async def _write_outside_transaction(db, fn):
     never does. Callers here manage their own transactions (VACUUM, ATTACH
     and the backup API cannot run inside one).
     """
-    try:
+    if "transaction" in inspect.signature(db.execute_write_fn).parameters:
         return await db.execute_write_fn(fn, block=True, transaction=False)
-    except TypeError as e:
-        if "transaction" not in str(e):
-            raise
-        return await db.execute_write_fn(fn, block=True)
+    return await db.execute_write_fn(fn, block=True)
+
+
+async def _track_event(datasette, event_class, **fields):
+    """Report an event to listening plugins; Datasette 0.65 has no events."""
+    if datasette_events is None:
+        return
+    event = getattr(datasette_events, event_class)(actor=ROOT_ACTOR, **fields)
+    await datasette.track_event(event)
+
+
+async def _report_import(datasette, db, result):
+    """Announce a committed import as a new table and its inserted rows."""
+    await _track_event(
+        datasette, "CreateTableEvent", database=db.name, table=result.table, schema=result.schema
+    )
+    if result.rows:
+        await _track_event(
+            datasette, "InsertRowsEvent", database=db.name, table=result.table,
+            num_rows=result.rows, ignore=False, replace=False,
+        )
 
 
 def _file_database(datasette, path):
@@ -338,17 +366,43 @@ def _create_table_sql(table, columns, types):
     )
 
 
-def sniff_encoding(head):
-    """Pick the encoding from the file's first bytes; UTF-8 is confirmed while reading."""
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return "utf-16"
+def _codec(charset):
+    """The Python codec for a declared charset, or None when it is unknown."""
     try:
-        # A multi-byte character may be cut at the end of the sample.
+        name = codecs.lookup(charset.strip().strip('"')).name
+    except (LookupError, ValueError):
+        return None
+    if name == "utf-8":
+        return "utf-8-sig"
+    # As browsers do: content labelled Latin-1 is read as its superset cp1252.
+    return "cp1252" if name in ("latin-1", "iso8859-1", "ascii") else name
+
+
+def _is_wide(encoding):
+    """UTF-16 and UTF-32 text is full of NUL bytes that are not binary."""
+    return encoding.startswith(("utf-16", "utf-32", "utf_16", "utf_32"))
+
+
+def _decodes_as_utf8(head):
+    try:
         head.decode("utf-8")
     except UnicodeDecodeError as e:
-        if e.start < len(head) - 3:
-            return "cp1252"
-    return "utf-8-sig"
+        # A multi-byte character may be cut at the end of the sample.
+        return e.start >= len(head) - 3
+    return True
+
+
+def sniff_encoding(head, declared=None):
+    """Pick the encoding: a declared charset, a BOM, else UTF-8 (confirmed while reading)."""
+    looks_utf8 = _decodes_as_utf8(head)
+    codec = _codec(declared) if declared else None
+    # Servers often label UTF-8 as Latin-1 by default, while non-ASCII bytes
+    # that decode as UTF-8 are almost never really Latin-1.
+    if codec and not (codec == "cp1252" and looks_utf8 and not head.isascii()):
+        return codec
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "utf-16"
+    return "utf-8-sig" if looks_utf8 else "cp1252"
 
 
 def _decode_errors(encoding):
@@ -482,7 +536,7 @@ class _CSVReader:
     def __init__(self, path, plan):
         self.path = path
         self.plan = plan
-        self.guard = _NulGuard(path) if plan.encoding != "utf-16" else open(path, "rb", buffering=0)
+        self.guard = open(path, "rb", buffering=0) if _is_wide(plan.encoding) else _NulGuard(path)
         self.file = io.TextIOWrapper(
             io.BufferedReader(self.guard, READ_BUFFER_BYTES),
             encoding=plan.encoding,
@@ -590,14 +644,14 @@ def _nulls_for_empty_numbers(batch, types, with_empty):
                     row[i] = None
 
 
-def plan_csv(path):
+def plan_csv(path, charset=None):
     """Make a first plan from the file's start: encoding and delimiter."""
     with open(path, "rb") as f:
         head = f.read(BINARY_SNIFF_BYTES)
     if not head.strip():
         raise CSVError(f"File is empty: {path}")
-    encoding = sniff_encoding(head)
-    if b"\x00" in head and encoding != "utf-16":
+    encoding = sniff_encoding(head, charset)
+    if b"\x00" in head and not _is_wide(encoding):
         raise CSVError(f"This looks like a binary file, not CSV or TSV text: {path}")
     plan = CSVPlan(encoding=encoding)
     try:
@@ -611,7 +665,7 @@ def plan_csv(path):
     return plan
 
 
-def import_csv(conn, path, wanted_table, detect_types=True, on_progress=None):
+def import_csv(conn, path, wanted_table, detect_types=True, on_progress=None, charset=None):
     """Create a new table in conn from the CSV file at path, all or nothing.
 
     Column types are chosen from the first batch of rows. Should a later row
@@ -619,7 +673,7 @@ def import_csv(conn, path, wanted_table, detect_types=True, on_progress=None):
     is scanned for its real shape, the transaction is rolled back and the
     import runs once more: messy files pay twice, tidy ones once.
     """
-    plan = plan_csv(path)
+    plan = plan_csv(path, charset)
     while True:
         conn.execute("begin immediate")
         try:
@@ -713,11 +767,11 @@ def _copy_table(conn, staging_path, staged, wanted_table):
     return result
 
 
-async def _import_csv(db, path, wanted_table, detect_types=True):
+async def _import_csv(db, path, wanted_table, detect_types=True, charset=None):
     """Import the CSV at path into db: straight in for files, staged for memory."""
     if not db.is_memory:
         return await _write_outside_transaction(
-            db, lambda conn: import_csv(conn, path, wanted_table, detect_types)
+            db, lambda conn: import_csv(conn, path, wanted_table, detect_types, charset=charset)
         )
     with tempfile.TemporaryDirectory(prefix="app_support_") as folder:
         staging_path = os.path.join(folder, "staging.db")
@@ -727,7 +781,7 @@ async def _import_csv(db, path, wanted_table, detect_types=True):
             try:
                 conn.execute("pragma journal_mode = off")
                 conn.execute("pragma synchronous = off")
-                return import_csv(conn, path, wanted_table, detect_types)
+                return import_csv(conn, path, wanted_table, detect_types, charset=charset)
             finally:
                 conn.close()
 
@@ -772,7 +826,7 @@ def _table_name_from_url(url):
 
 
 def download_csv(url, folder, timeout=URL_TIMEOUT_SECONDS):
-    """Stream url into a file in folder, uncompressed; return (path, final_url)."""
+    """Stream url into a file in folder, uncompressed; return (path, final_url, charset)."""
     opener = urllib.request.build_opener(_LimitedRedirects)
     request = urllib.request.Request(
         url, headers={"User-Agent": "app_support (Datasette Desktop)", "Accept-Encoding": "gzip"}
@@ -781,20 +835,28 @@ def download_csv(url, folder, timeout=URL_TIMEOUT_SECONDS):
     try:
         with opener.open(request, timeout=timeout) as response:
             final_url = response.geturl()
+            charset = response.headers.get_content_charset()
             body = response
             if response.headers.get("Content-Encoding", "").lower() == "gzip":
                 body = gzip.GzipFile(fileobj=response)
             with open(target, "wb") as out:
                 shutil.copyfileobj(body, out, DOWNLOAD_CHUNK_BYTES)
+            # read(n) returns b"" when the server hangs up early, without
+            # raising IncompleteRead; what is left of Content-Length tells.
+            if response.length:
+                raise APIError(
+                    f"Could not download {url}: the connection closed with "
+                    f"{response.length} bytes still to come."
+                )
     except urllib.error.HTTPError as e:
         if 300 <= e.code < 400:
             raise APIError(_redirect_error(url, e.headers.get("Location") or ""))
         raise APIError(f"{url} returned HTTP {e.code} {e.reason}")
     except urllib.error.URLError as e:
         raise APIError(f"Could not download {url}: {e.reason}")
-    except (TimeoutError, OSError, EOFError, gzip.BadGzipFile) as e:
+    except (TimeoutError, OSError, EOFError, http.client.HTTPException) as e:
         raise APIError(f"Could not download {url}: {e}")
-    return _unpack(target, urllib.parse.urlsplit(final_url).path.lower(), url), final_url
+    return _unpack(target, urllib.parse.urlsplit(final_url).path.lower(), url), final_url, charset
 
 
 def _unpack(path, url_path, url):
@@ -847,8 +909,9 @@ async def auth_app_user(datasette, data):
         redirect = "/"
     response = Response.redirect(redirect)
     response.set_cookie(
-        "ds_actor", datasette.sign({"a": {"id": "root"}}, "actor"), httponly=True, samesite="lax"
+        "ds_actor", datasette.sign({"a": ROOT_ACTOR}, "actor"), httponly=True, samesite="lax"
     )
+    await _track_event(datasette, "LoginEvent")
     return response
 
 
@@ -886,6 +949,7 @@ async def _import_csv_file(datasette, values, database):
     path = _existing_file(values["path"])
     db = _writable_database(datasette, database)
     result = await _import_csv(db, path, Path(path).stem, values["detect_types"] is not False)
+    await _report_import(datasette, db, result)
     return {"ok": True, "path": datasette.urls.table(db.name, result.table), "rows": result.rows}
 
 
@@ -899,9 +963,11 @@ async def open_csv_from_url(datasette, data):
     db = _writable_database(datasette, values["database"] or TEMPORARY)
     timeout = _url_timeout(datasette)
     with tempfile.TemporaryDirectory(prefix="app_support_") as folder:
-        path, final_url = await asyncio.to_thread(download_csv, url, folder, timeout)
+        path, final_url, charset = await asyncio.to_thread(download_csv, url, folder, timeout)
         wanted = values["table_name"] or _table_name_from_url(final_url)
-        result = await _import_csv(db, path, wanted, values["detect_types"] is not False)
+        detect_types = values["detect_types"] is not False
+        result = await _import_csv(db, path, wanted, detect_types, charset)
+    await _report_import(datasette, db, result)
     return {"ok": True, "path": datasette.urls.table(db.name, result.table), "rows": result.rows}
 
 
@@ -1012,6 +1078,16 @@ def skip_csrf(scope):
     # but no Bearer token with an HTML page; these routes need the token
     # anyway, and answer its absence with JSON.
     return scope.get("path") in ENDPOINTS
+
+
+@hookimpl
+def permission_resources_sql(actor):
+    # Datasette 1.0 gives root every permission only under --root; the
+    # desktop user must be able to run SQL, create tables and use writing
+    # plugins. Everyone else keeps Datasette's defaults.
+    if PermissionSQL is not None and actor and actor.get("id") == ROOT_ACTOR["id"]:
+        return PermissionSQL.allow(reason="app_support: the Datasette Desktop user")
+    return None
 
 
 @hookimpl

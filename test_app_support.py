@@ -1018,3 +1018,154 @@ def test_restart_cycle_with_real_datasette_process(tmp_path):
     finally:
         server.terminate()
         server.wait(10)
+
+
+async def test_open_csv_from_url_honours_declared_charset(ds, server):
+    base, routes = server
+    routes["/greek.csv"] = (200, {"Content-Type": "text/csv; charset=iso-8859-7"}, b"word\n\xe1\xe2\n")
+    routes["/mislabelled.csv"] = (
+        200, {"Content-Type": "text/csv; charset=ISO-8859-1"}, "word\nSão\n".encode("utf-8"),
+    )
+    for path, expected in (("/greek.csv", "αβ"), ("/mislabelled.csv", "São")):
+        response = (await post(ds, "/-/open-csv-from-url", {"url": base + path})).json()
+        table = response["path"].split("/")[-1]
+        assert await rows(ds, "temporary", f"select word from {table}") == [(expected,)]
+
+
+async def test_open_csv_from_url_truncated_body_leaves_nothing(ds, server):
+    base, routes = server
+
+    def truncated(handler):
+        def body(wfile):
+            wfile.write(b"a,b\n" + b"1,2\n" * 100)
+            handler.close_connection = True
+
+        return 200, {"Content-Length": "100000"}, body
+
+    routes["/cut.csv"] = truncated
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + "/cut.csv"})
+    assert_error(response, 400, "connection closed")
+    assert await tables(ds) == []
+
+
+# Datasette 1.0: the app user's powers, events
+
+
+needs_datasette_1 = pytest.mark.skipif(
+    not IS_DATASETTE_1, reason="Datasette 0.65 has no write API, events or SQL permissions"
+)
+
+
+async def root_cookie(ds):
+    response = await post(ds, "/-/auth-app-user", {"redirect": "/"})
+    return {"ds_actor": response.cookies["ds_actor"]}
+
+
+@needs_datasette_1
+async def test_root_can_create_insert_drop_and_run_sql(ds):
+    cookies = await root_cookie(ds)
+    create = await ds.client.post(
+        "/temporary/-/create",
+        json={"table": "dogs", "columns": [{"name": "id", "type": "integer"}, {"name": "name"}], "pk": "id"},
+        cookies=cookies,
+    )
+    assert create.status_code == 201, create.text
+    insert = await ds.client.post(
+        "/temporary/dogs/-/insert", json={"rows": [{"id": 1, "name": "Cleo"}]}, cookies=cookies
+    )
+    assert insert.status_code == 201, insert.text
+    query = await ds.client.get(
+        "/temporary/-/query.json?sql=select+name+from+dogs&_shape=array", cookies=cookies
+    )
+    assert query.json() == [{"name": "Cleo"}]
+    drop = await ds.client.post("/temporary/dogs/-/drop", json={"confirm": True}, cookies=cookies)
+    assert drop.status_code == 200, drop.text
+    assert await tables(ds) == []
+
+
+@needs_datasette_1
+async def test_anonymous_keeps_datasette_defaults(ds, tmp_path):
+    csv_path = tmp_path / "dogs.csv"
+    csv_path.write_text("id,name\n1,Cleo\n")
+    await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
+    create = await ds.client.post("/temporary/-/create", json={"table": "x", "columns": [{"name": "a"}]})
+    insert = await ds.client.post("/temporary/dogs/-/insert", json={"rows": [{"id": 2, "name": "x"}]})
+    drop = await ds.client.post("/temporary/dogs/-/drop", json={"confirm": True})
+    assert [r.status_code for r in (create, insert, drop)] == [403, 403, 403]
+    assert await tables(ds) == ["dogs"]
+    assert await rows(ds, "temporary", "select count(*) from dogs") == [(1,)]
+    # Viewing stays allowed, as Datasette's defaults say.
+    assert (await ds.client.get("/temporary/dogs")).status_code == 200
+
+
+async def test_nobody_sees_internal(ds):
+    cookies = await root_cookie(ds)
+    for who in ({}, cookies):
+        listing = (await ds.client.get("/-/databases.json", cookies=who)).json()
+        listing = listing["databases"] if isinstance(listing, dict) else listing
+        if IS_DATASETTE_1:  # 0.65 lists it there, but will not show it
+            assert "_internal" not in {d["name"] for d in listing}
+        assert "_internal" not in json.dumps((await ds.client.get("/.json", cookies=who)).json())
+        assert (await ds.client.get("/_internal", cookies=who)).status_code in (403, 404)
+
+
+class EventCollector:
+    def __init__(self):
+        self.events = []
+
+    @app_support.hookimpl
+    def track_event(self, datasette, event):
+        self.events.append(event)
+
+
+@pytest.fixture
+def events():
+    collector = EventCollector()
+    pm.register(collector, name="test_event_collector")
+    yield collector.events
+    pm.unregister(name="test_event_collector")
+
+
+@needs_datasette_1
+async def test_imports_emit_create_table_and_insert_rows_events(ds, tmp_path, server, events):
+    base, routes = server
+    routes["/dogs.csv"] = (200, {}, CSV_BODY)
+    csv_path = tmp_path / "dogs.csv"
+    csv_path.write_bytes(b"id,name\n" + b"1,x\n" * 12_345)
+    db_path = make_db(tmp_path / "target.db")
+    await post(ds, "/-/open-database-file", {"path": str(db_path)})
+    for endpoint, body, database, table, count in [
+        ("/-/open-csv-file", {"path": str(csv_path)}, "temporary", "dogs", 12_345),
+        ("/-/import-csv-file", {"path": str(csv_path), "database": "target"}, "target", "dogs", 12_345),
+        ("/-/open-csv-from-url", {"url": base + "/dogs.csv"}, "temporary", "dogs_2", 2),
+    ]:
+        events.clear()
+        assert (await post(ds, endpoint, body)).json()["ok"]
+        assert [e.name for e in events] == ["create-table", "insert-rows"]
+        create, insert = events
+        assert (create.database, create.table) == (database, table)
+        assert create.schema == (await rows(ds, database, "select sql from sqlite_master where name = ?", [table]))[0][0]
+        assert (insert.database, insert.table, insert.num_rows) == (database, table, count)
+        assert create.actor == {"id": "root"}
+
+
+@needs_datasette_1
+async def test_failed_import_emits_no_events(ds, tmp_path, events):
+    csv_path = tmp_path / "bad.csv"
+    csv_path.write_bytes(b"a,b\n" + b"1,2\n" * 6000 + b"\x00\n")
+    assert_error(await post(ds, "/-/open-csv-file", {"path": str(csv_path)}), 400, "NUL")
+    assert events == []
+
+
+@needs_datasette_1
+async def test_auth_app_user_emits_login_event(ds, events):
+    await root_cookie(ds)
+    assert [(e.name, e.actor) for e in events] == [("login", {"id": "root"})]
+
+
+async def test_events_are_quietly_absent_on_0_65(ds, tmp_path):
+    # On 0.65 there is nothing to listen with; an import must still succeed.
+    csv_path = tmp_path / "e.csv"
+    csv_path.write_text("a\n1\n")
+    assert (await post(ds, "/-/open-csv-file", {"path": str(csv_path)})).json()["ok"]
+    assert (app_support.datasette_events is None) == (not IS_DATASETTE_1)
