@@ -15,6 +15,7 @@ copied alone into a --plugins-dir, vendored, or installed with pip.
 
 import asyncio
 import codecs
+import collections
 import contextlib
 import csv
 import gzip
@@ -34,8 +35,10 @@ import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
+import weakref
 import zipfile
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 from datasette import hookimpl
@@ -75,6 +78,8 @@ MAX_REDIRECTS = 5
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 # Longer digit strings overflow SQLite's 64-bit integers.
 MAX_INTEGER_DIGITS = 18
+# Finished imports kept for /-/import-progress; running ones are always kept.
+PROGRESS_HISTORY = 50
 LATIN1_FALLBACK = "app_support_latin1_fallback"
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
@@ -89,7 +94,19 @@ class APIError(Exception):
         self.status = status
 
 
+def _server_fault(exception):
+    """An unexpected exception as a 500 APIError, its traceback in the server log."""
+    traceback.print_exception(type(exception), exception, exception.__traceback__)
+    return APIError(
+        f"Unexpected server error: {type(exception).__name__}: {exception}", status=500
+    )
+
+
 # Request helpers
+
+
+def _now():
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _check_token(request):
@@ -104,6 +121,15 @@ def _check_token(request):
         supplied.strip().encode("utf-8"), expected.encode("utf-8")
     ):
         raise APIError("Missing or invalid API token.", status=401)
+
+
+def _check_token_or_app_user(request):
+    """The API token, or the cookie /-/auth-app-user gives the desktop user."""
+    if request.actor and request.actor.get("id") == ROOT_ACTOR["id"]:
+        return
+    if request.actor and "authorization" not in request.headers:
+        raise APIError("Only the desktop user can see import progress.", status=403)
+    _check_token(request)
 
 
 async def _read_json_object(request):
@@ -767,11 +793,11 @@ def _copy_table(conn, staging_path, staged, wanted_table):
     return result
 
 
-async def _import_csv(db, path, wanted_table, detect_types=True, charset=None):
+async def _import_csv(db, path, wanted_table, detect_types=True, on_progress=None, charset=None):
     """Import the CSV at path into db: straight in for files, staged for memory."""
     if not db.is_memory:
         return await _write_outside_transaction(
-            db, lambda conn: import_csv(conn, path, wanted_table, detect_types, charset=charset)
+            db, lambda conn: import_csv(conn, path, wanted_table, detect_types, on_progress, charset)
         )
     with tempfile.TemporaryDirectory(prefix="app_support_") as folder:
         staging_path = os.path.join(folder, "staging.db")
@@ -781,7 +807,7 @@ async def _import_csv(db, path, wanted_table, detect_types=True, charset=None):
             try:
                 conn.execute("pragma journal_mode = off")
                 conn.execute("pragma synchronous = off")
-                return import_csv(conn, path, wanted_table, detect_types, charset=charset)
+                return import_csv(conn, path, wanted_table, detect_types, on_progress, charset)
             finally:
                 conn.close()
 
@@ -825,7 +851,23 @@ def _table_name_from_url(url):
     return name.strip() or "data"
 
 
-def download_csv(url, folder, timeout=URL_TIMEOUT_SECONDS):
+class _CountingReader:
+    """Reports the bytes read from a response, before any decompression."""
+
+    def __init__(self, response, progress):
+        self.response = response
+        self.progress = progress
+        self.count = 0
+
+    def read(self, size=-1):
+        chunk = self.response.read(size)
+        self.count += len(chunk)
+        if self.progress:
+            self.progress.update(bytes_read=self.count)
+        return chunk
+
+
+def download_csv(url, folder, timeout=URL_TIMEOUT_SECONDS, progress=None):
     """Stream url into a file in folder, uncompressed; return (path, final_url, charset)."""
     opener = urllib.request.build_opener(_LimitedRedirects)
     request = urllib.request.Request(
@@ -836,9 +878,11 @@ def download_csv(url, folder, timeout=URL_TIMEOUT_SECONDS):
         with opener.open(request, timeout=timeout) as response:
             final_url = response.geturl()
             charset = response.headers.get_content_charset()
-            body = response
+            if progress and response.length is not None:
+                progress.bytes_total = response.length
+            body = counted = _CountingReader(response, progress)
             if response.headers.get("Content-Encoding", "").lower() == "gzip":
-                body = gzip.GzipFile(fileobj=response)
+                body = gzip.GzipFile(fileobj=counted)
             with open(target, "wb") as out:
                 shutil.copyfileobj(body, out, DOWNLOAD_CHUNK_BYTES)
             # read(n) returns b"" when the server hangs up early, without
@@ -848,6 +892,8 @@ def download_csv(url, folder, timeout=URL_TIMEOUT_SECONDS):
                     f"Could not download {url}: the connection closed with "
                     f"{response.length} bytes still to come."
                 )
+            if progress and progress.bytes_total is None:
+                progress.bytes_total = counted.count
     except urllib.error.HTTPError as e:
         if 300 <= e.code < 400:
             raise APIError(_redirect_error(url, e.headers.get("Location") or ""))
@@ -895,6 +941,89 @@ def _unpack(path, url_path, url):
 def _url_timeout(datasette):
     config = datasette.plugin_config(PLUGIN_NAME) or {}
     return float(config.get("url_timeout", URL_TIMEOUT_SECONDS))
+
+
+# Import progress
+
+
+@dataclass
+class ImportProgress:
+    """One import as /-/import-progress shows it; updated from worker threads."""
+
+    id: int
+    source: str
+    database: str
+    bytes_total: int = None
+    table: str = None
+    state: str = "running"
+    rows: int = 0
+    bytes_read: int = 0
+    started: str = field(default_factory=_now)
+    finished: str = None
+    error: str = None
+
+    def update(self, rows=None, bytes_read=None):
+        # A replanned import reads the file again; progress never goes back.
+        if rows is not None:
+            self.rows = max(self.rows, rows)
+        if bytes_read is not None:
+            if self.bytes_total is not None:
+                bytes_read = min(bytes_read, self.bytes_total)
+            self.bytes_read = max(self.bytes_read, bytes_read)
+
+    def as_json(self):
+        return {
+            key: getattr(self, key)
+            for key in ("id", "source", "database", "table", "state", "rows", "bytes_read",
+                        "bytes_total", "started", "finished", "error")
+        }
+
+
+class ImportLog:
+    """Running imports and the last PROGRESS_HISTORY finished ones, in memory."""
+
+    def __init__(self):
+        self.items = collections.deque()
+        self.ids = itertools.count(1)
+
+    @contextlib.contextmanager
+    def track(self, source, database, bytes_total=None):
+        item = ImportProgress(next(self.ids), source, database, bytes_total)
+        self.items.appendleft(item)
+        try:
+            yield item
+        except APIError as e:
+            self._finish(item, "failed", error=e.message)
+            raise
+        except Exception as e:
+            fault = _server_fault(e)
+            self._finish(item, "failed", error=fault.message)
+            raise fault from e
+
+    def done(self, item, result):
+        item.table = result.table
+        item.update(rows=result.rows, bytes_read=item.bytes_total)
+        self._finish(item, "done")
+
+    def _finish(self, item, state, error=None):
+        item.error = error
+        item.finished = _now()
+        item.state = state
+        finished = [i for i in self.items if i.state != "running"]
+        for old in finished[PROGRESS_HISTORY:]:
+            self.items.remove(old)
+
+    def as_json(self):
+        return [item.as_json() for item in list(self.items)]
+
+
+_import_logs = weakref.WeakKeyDictionary()
+
+
+def _import_log(datasette):
+    if datasette not in _import_logs:
+        _import_logs[datasette] = ImportLog()
+    return _import_logs[datasette]
 
 
 # Endpoints
@@ -948,7 +1077,12 @@ async def import_csv_file(datasette, data):
 async def _import_csv_file(datasette, values, database):
     path = _existing_file(values["path"])
     db = _writable_database(datasette, database)
-    result = await _import_csv(db, path, Path(path).stem, values["detect_types"] is not False)
+    log = _import_log(datasette)
+    with log.track(values["path"], db.name, os.path.getsize(path)) as progress:
+        result = await _import_csv(
+            db, path, Path(path).stem, values["detect_types"] is not False, progress.update
+        )
+        log.done(progress, result)
     await _report_import(datasette, db, result)
     return {"ok": True, "path": datasette.urls.table(db.name, result.table), "rows": result.rows}
 
@@ -962,11 +1096,20 @@ async def open_csv_from_url(datasette, data):
     url = _check_url(values["url"])
     db = _writable_database(datasette, values["database"] or TEMPORARY)
     timeout = _url_timeout(datasette)
-    with tempfile.TemporaryDirectory(prefix="app_support_") as folder:
-        path, final_url, charset = await asyncio.to_thread(download_csv, url, folder, timeout)
+    log = _import_log(datasette)
+    with log.track(values["url"], db.name) as progress, tempfile.TemporaryDirectory(
+        prefix="app_support_"
+    ) as folder:
+        path, final_url, charset = await asyncio.to_thread(
+            download_csv, url, folder, timeout, progress
+        )
         wanted = values["table_name"] or _table_name_from_url(final_url)
         detect_types = values["detect_types"] is not False
-        result = await _import_csv(db, path, wanted, detect_types, charset)
+        # bytes_* describe the download; the import only adds rows.
+        result = await _import_csv(
+            db, path, wanted, detect_types, lambda rows, _: progress.update(rows=rows), charset
+        )
+        log.done(progress, result)
     await _report_import(datasette, db, result)
     return {"ok": True, "path": datasette.urls.table(db.name, result.table), "rows": result.rows}
 
@@ -1011,6 +1154,10 @@ async def restore_temporary_from_file(datasette, data):
     }
 
 
+async def import_progress(datasette):
+    return {"ok": True, "imports": _import_log(datasette).as_json()}
+
+
 ENDPOINTS = {
     "/-/auth-app-user": auth_app_user,
     "/-/open-database-file": open_database_file,
@@ -1027,24 +1174,26 @@ def _error_response(message, status):
     return Response.json({"ok": False, "error": message}, status=status)
 
 
-def _json_endpoint(handler):
-    """Wrap a handler: POST only, token first, JSON body, every failure as JSON."""
+def _json_endpoint(handler, method="POST", authenticate=_check_token):
+    """Wrap a handler: one method, authentication first, every failure as JSON.
+
+    POST handlers get the request's JSON object as their second argument.
+    """
 
     async def view(request, datasette):
-        if request.method != "POST":
-            response = _error_response(f"Use POST for {request.path}.", 405)
-            response.headers["Allow"] = "POST"
+        if request.method != method:
+            response = _error_response(f"Use {method} for {request.path}.", 405)
+            response.headers["Allow"] = method
             return response
         try:
-            _check_token(request)
-            result = await handler(datasette, await _read_json_object(request))
+            authenticate(request)
+            body = [await _read_json_object(request)] if method == "POST" else []
+            result = await handler(datasette, *body)
         except APIError as e:
             return _error_response(e.message, e.status)
         except Exception as e:
-            traceback.print_exc()
-            return _error_response(
-                f"Unexpected server error in {request.path}: {type(e).__name__}: {e}", 500
-            )
+            fault = _server_fault(e)
+            return _error_response(fault.message, fault.status)
         return result if isinstance(result, Response) else Response.json(result)
 
     return view
@@ -1066,7 +1215,8 @@ def startup(datasette):
 
 @hookimpl
 def register_routes():
-    return [
+    progress = _json_endpoint(import_progress, "GET", _check_token_or_app_user)
+    return [("^/-/import-progress$", progress)] + [
         ("^" + re.escape(path) + "$", _json_endpoint(handler))
         for path, handler in ENDPOINTS.items()
     ]

@@ -1169,3 +1169,101 @@ async def test_events_are_quietly_absent_on_0_65(ds, tmp_path):
     csv_path.write_text("a\n1\n")
     assert (await post(ds, "/-/open-csv-file", {"path": str(csv_path)})).json()["ok"]
     assert (app_support.datasette_events is None) == (not IS_DATASETTE_1)
+
+
+# GET /-/import-progress
+
+
+async def progress(ds, **kwargs):
+    kwargs.setdefault("headers", {"Authorization": f"Bearer {TOKEN}"})
+    response = await ds.client.get("/-/import-progress", **kwargs)
+    assert response.status_code == 200, response.text
+    return response.json()["imports"]
+
+
+def write_big_csv(path, count):
+    with open(path, "w") as f:
+        f.write("id,name,score\n")
+        for i in range(count):
+            f.write(f"{i},name {i},{i * 1.5}\n")
+    return path
+
+
+@pytest.mark.parametrize("database", ["temporary", "target"])
+async def test_import_progress_while_a_large_import_runs(ds, tmp_path, database):
+    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
+    path = write_big_csv(tmp_path / "big.csv", 300_000)
+    source = f"{tmp_path}/./big.csv"  # reported exactly as the request gave it
+    body = {"path": source, "database": database}
+    task = asyncio.ensure_future(post(ds, "/-/import-csv-file", body))
+    seen = []
+    while not task.done():
+        items = await progress(ds)
+        if items:
+            seen.append(items[0])
+        await asyncio.sleep(0.01)
+    assert (await task).json()["rows"] == 300_000
+    running = [item for item in seen if item["state"] == "running"]
+    assert len(running) >= 5, "the import finished before progress could be polled"
+    size = path.stat().st_size
+    for before, after in zip(running, running[1:]):
+        assert after["bytes_read"] >= before["bytes_read"]
+        assert after["rows"] >= before["rows"]
+    assert all(item["bytes_read"] <= item["bytes_total"] == size for item in running)
+    assert running[-1]["rows"] > running[0]["rows"]
+    final = (await progress(ds))[0]
+    assert final["state"] == "done" and final["error"] is None
+    assert (final["source"], final["database"], final["table"]) == (source, database, "big")
+    assert (final["rows"], final["bytes_read"], final["bytes_total"]) == (300_000, size, size)
+    assert final["started"].endswith("Z") and final["finished"] >= final["started"]
+
+
+async def test_import_progress_failed_import(ds, tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(b"a,b\n" + b"1,2\n" * 7000 + b"\x00\n")
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert_error(response, 400, "NUL")
+    (item,) = await progress(ds)
+    assert item["state"] == "failed"
+    assert item["error"] == response.json()["error"]
+    assert item["table"] is None and item["finished"] is not None
+
+
+async def test_import_progress_for_url_counts_download_bytes(ds, server):
+    base, routes = server
+    body = b"id,name\n" + b"1,Cleo\n" * 5000
+    routes["/dogs.csv"] = (200, {}, body)
+    await post(ds, "/-/open-csv-from-url", {"url": base + "/dogs.csv"})
+    (item,) = await progress(ds)
+    assert item["source"] == base + "/dogs.csv"
+    assert (item["state"], item["rows"], item["table"]) == ("done", 5000, "dogs")
+    assert item["bytes_read"] == item["bytes_total"] == len(body)
+
+
+async def test_import_progress_history_is_bounded(ds, tmp_path):
+    path = tmp_path / "tiny.csv"
+    path.write_text("a\n1\n")
+    for _ in range(app_support.PROGRESS_HISTORY + 5):
+        await post(ds, "/-/open-csv-file", {"path": str(path)})
+    items = await progress(ds)
+    assert len(items) == app_support.PROGRESS_HISTORY
+    ids = [item["id"] for item in items]
+    assert ids == sorted(ids, reverse=True) and ids[0] == app_support.PROGRESS_HISTORY + 5
+
+
+async def test_import_progress_authentication(ds):
+    root = await root_cookie(ds)
+    other = {"ds_actor": ds.sign({"a": {"id": "someone"}}, "actor")}
+    assert await progress(ds, headers={}, cookies=root) == []
+    assert await progress(ds) == []
+    for kwargs, status in [
+        ({}, 401),
+        ({"headers": {"Authorization": "Bearer nope"}}, 401),
+        ({"headers": {"Authorization": TOKEN}}, 401),
+        ({"cookies": other}, 403),
+        ({"cookies": {"ds_actor": "forged"}}, 401),
+    ]:
+        response = await ds.client.get("/-/import-progress", **kwargs)
+        assert_error(response, status, "")
+    response = await ds.client.post("/-/import-progress", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert_error(response, 405, "Use GET")
