@@ -35,6 +35,7 @@ import traceback
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 import weakref
 import zipfile
 from dataclasses import dataclass, field
@@ -1206,8 +1207,10 @@ def _json_endpoint(handler, method="POST", authenticate=_check_token):
 def startup(datasette):
     if TEMPORARY not in datasette.databases:
         # A memory name of its own, so two Datasette instances in one process
-        # never share their temporary tables.
-        memory_name = f"{TEMPORARY}_{id(datasette):x}"
+        # never share their temporary tables. Not id(datasette): ids are
+        # reused, and the shared-cache database outlives its instance while
+        # a write thread still holds a connection to it.
+        memory_name = f"{TEMPORARY}_{uuid.uuid4().hex}"
         datasette.add_database(_memory_database(datasette, memory_name), name=TEMPORARY)
     if "_memory" in datasette.databases:
         datasette.remove_database("_memory")
