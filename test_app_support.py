@@ -687,7 +687,10 @@ async def test_csv_import_stays_responsive_and_never_locks_the_schema(ds, tmp_pa
             statuses.append(((await ds.client.get(page)).status_code, page))
         await asyncio.sleep(0.01)
     assert (await task).json()["rows"] == 300_000
-    assert len(statuses) >= 20, "the import finished before the pages could be polled"
+    # Pages are slow while the parser holds the GIL; two full rounds (8 pages)
+    # prove the polling overlapped the import. Importing straight into
+    # temporary, without staging, makes every one of them a 500.
+    assert len(statuses) >= 8, "the import finished before the pages could be polled"
     assert all(status == 200 for status, _ in statuses), [s for s in statuses if s[0] != 200]
 
 
