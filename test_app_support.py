@@ -104,6 +104,16 @@ def assert_error(response, status, text):
     assert text in data["error"], data["error"]
 
 
+async def assert_refused(ds, folder, endpoint, body, status, error, **kwargs):
+    """POST, expect a JSON error, and prove nothing changed on disk or in any database."""
+    before = (snapshot(folder), user_databases(ds), await tables(ds))
+    response = await post(ds, endpoint, body, **kwargs)
+    assert_error(response, status, error)
+    assert "set-cookie" not in response.headers
+    assert (snapshot(folder), user_databases(ds), await tables(ds)) == before
+    return response
+
+
 # Startup
 
 
@@ -168,13 +178,7 @@ BAD_AUTH = {
 @pytest.mark.parametrize("case", list(BAD_AUTH))
 async def test_bad_token_refused_without_side_effects(ds, tmp_path, endpoint, case):
     body = good_bodies(tmp_path)[endpoint]
-    before_files, before_dbs = snapshot(tmp_path), user_databases(ds)
-    response = await post(ds, endpoint, body, token=None, headers=BAD_AUTH[case])
-    assert_error(response, 401, "API token")
-    assert "set-cookie" not in response.headers
-    assert snapshot(tmp_path) == before_files
-    assert user_databases(ds) == before_dbs
-    assert await tables(ds) == []
+    await assert_refused(ds, tmp_path, endpoint, body, 401, "API token", token=None, headers=BAD_AUTH[case])
 
 
 @pytest.mark.parametrize("endpoint", list(app_support.ENDPOINTS))
@@ -185,14 +189,8 @@ async def test_no_token_configured_refuses_everything(ds, tmp_path, monkeypatch,
     else:
         monkeypatch.setenv("DATASETTE_API_TOKEN", configured)
     body = good_bodies(tmp_path)[endpoint]
-    before_files = snapshot(tmp_path)
     for token in ("", TOKEN):
-        response = await post(ds, endpoint, body, token=token)
-        assert_error(response, 401, "DATASETTE_API_TOKEN")
-        assert "set-cookie" not in response.headers
-    assert snapshot(tmp_path) == before_files
-    assert user_databases(ds) == {"temporary"}
-    assert await tables(ds) == []
+        await assert_refused(ds, tmp_path, endpoint, body, 401, "DATASETTE_API_TOKEN", token=token)
 
 
 @pytest.mark.parametrize("endpoint", list(app_support.ENDPOINTS))
@@ -217,11 +215,7 @@ BAD_BODIES = [
 @pytest.mark.parametrize("endpoint", [e for e in app_support.ENDPOINTS if e != "/-/auth-app-user" and e != "/-/open-csv-from-url"])
 @pytest.mark.parametrize("body,error", BAD_BODIES)
 async def test_bad_bodies_are_400(ds, tmp_path, endpoint, body, error):
-    before = snapshot(tmp_path)
-    response = await post(ds, endpoint, body)
-    assert_error(response, 400, error)
-    assert snapshot(tmp_path) == before
-    assert user_databases(ds) == {"temporary"}
+    await assert_refused(ds, tmp_path, endpoint, body, 400, error)
 
 
 async def test_content_type_is_ignored(ds, tmp_path):
@@ -335,11 +329,8 @@ def _locked(tmp_path):
 )
 async def test_open_database_file_errors(ds, tmp_path, setup, error):
     path = setup(tmp_path)
-    before = snapshot(tmp_path)
-    response = await post(ds, "/-/open-database-file", {"path": str(path)})
-    assert_error(response, 400, error)
-    assert snapshot(tmp_path) == before  # never creates "a" for "a?b.db"
-    assert user_databases(ds) == {"temporary"}
+    # The snapshot proves no file "a" is created for "a?b.db".
+    await assert_refused(ds, tmp_path, "/-/open-database-file", {"path": str(path)}, 400, error)
 
 
 async def test_open_database_file_locked(ds, tmp_path):
@@ -388,11 +379,7 @@ async def test_new_empty_database_file(ds, tmp_path):
 )
 async def test_new_empty_database_file_errors(ds, tmp_path, setup, error):
     path = setup(tmp_path)
-    before = snapshot(tmp_path)
-    response = await post(ds, "/-/new-empty-database-file", {"path": str(path)})
-    assert_error(response, 400, error)
-    assert snapshot(tmp_path) == before
-    assert user_databases(ds) == {"temporary"}
+    await assert_refused(ds, tmp_path, "/-/new-empty-database-file", {"path": str(path)}, 400, error)
 
 
 # /-/open-csv-file and /-/import-csv-file
@@ -454,11 +441,8 @@ async def test_import_csv_file_errors(tmp_path, body, error):
     await ds.invoke_startup()
     csv_path = tmp_path / "x.csv"
     csv_path.write_text("a\n1\n")
-    before = snapshot(tmp_path)
-    response = await post(ds, "/-/import-csv-file", {"path": str(csv_path), **body})
-    assert_error(response, 400, error)
-    assert snapshot(tmp_path) == before
-    assert await tables(ds) == []
+    body = {"path": str(csv_path), **body}
+    await assert_refused(ds, tmp_path, "/-/import-csv-file", body, 400, error)
 
 
 @pytest.mark.parametrize(
@@ -792,7 +776,8 @@ async def test_open_csv_from_url_table_name_and_database(ds, server, tmp_path):
     assert (await post(ds, "/-/open-csv-from-url", null_options)).json()["path"] == "/temporary/dogs"
 
 
-def refused_port():
+def unused_port():
+    """A port nothing listens on: bound once to find it, then released."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -835,7 +820,7 @@ async def test_open_csv_from_url_refuses_other_schemes(ds, url, error):
 
 async def test_open_csv_from_url_refused_port(ds):
     start = time.monotonic()
-    response = await post(ds, "/-/open-csv-from-url", {"url": f"http://127.0.0.1:{refused_port()}/x.csv"})
+    response = await post(ds, "/-/open-csv-from-url", {"url": f"http://127.0.0.1:{unused_port()}/x.csv"})
     assert_error(response, 400, "Could not download")
     assert time.monotonic() - start < 10
 
@@ -916,9 +901,7 @@ async def test_dump_and_restore_temporary(ds, tmp_path):
 )
 async def test_dump_temporary_errors(ds, tmp_path, setup, error):
     path = setup(tmp_path)
-    before = snapshot(tmp_path)
-    assert_error(await post(ds, "/-/dump-temporary-to-file", {"path": str(path)}), 400, error)
-    assert snapshot(tmp_path) == before
+    await assert_refused(ds, tmp_path, "/-/dump-temporary-to-file", {"path": str(path)}, 400, error)
 
 
 @pytest.mark.parametrize(
@@ -942,12 +925,6 @@ async def test_restore_temporary_errors_leave_temporary_alone(ds, tmp_path, setu
 
 
 # The desktop app's restart cycle, against a real datasette process
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(plugins_dir, port, env):
@@ -991,7 +968,7 @@ def test_restart_cycle_with_real_datasette_process(tmp_path):
     csv_path = tmp_path / "dogs.csv"
     csv_path.write_text("name,age\nCleo,5\nPancakes,4\n")
     env = {**os.environ, "DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64}
-    port = free_port()
+    port = unused_port()
 
     server = start_server(plugins_dir, port, env)
     try:
