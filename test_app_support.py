@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -234,6 +235,29 @@ async def test_csrf_does_not_turn_cookie_requests_into_html(ds):
         "/-/open-csv-file", content=b"{}", cookies={"ds_actor": "x", "ds_csrftoken": "y"}
     )
     assert_error(response, 401, "API token")
+
+
+async def broken(datasette, data):
+    return {"ok": True, "value": data["missing"]}
+
+
+# A test plugin (a module, as Datasette 0.65 expects): a route with a real bug.
+faulty_route = types.ModuleType("test_faulty_route")
+faulty_route.register_routes = app_support.hookimpl(
+    lambda: [(r"^/-/test-broken$", app_support._json_endpoint(broken))]
+)
+
+
+async def test_genuine_server_fault_is_500_json():
+    pm.register(faulty_route, name="test_faulty_route")
+    try:
+        ds = Datasette(memory=True)
+        await ds.invoke_startup()
+        response = await post(ds, "/-/test-broken", {})
+    finally:
+        pm.unregister(name="test_faulty_route")
+    assert_error(response, 500, "Unexpected server error: KeyError: 'missing'")
+    assert "Traceback" not in response.text
 
 
 # /-/auth-app-user
@@ -844,6 +868,33 @@ async def test_open_csv_from_url_timeout_from_plugin_config(server):
     assert_error(response, 400, "timed out")
     assert time.monotonic() - start < 2.5
     assert await tables(ds) == []
+
+
+async def test_open_csv_from_url_connect_timeout(tmp_path):
+    # A listener whose backlog is full never completes another connect.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    try:
+        while True:
+            filler = socket.socket()
+            filler.settimeout(0.3)
+            fillers.append(filler)
+            filler.connect(("127.0.0.1", port))
+    except OSError:
+        pass
+    ds = Datasette(memory=True, metadata={"plugins": {"app_support": {"url_timeout": 0.5}}})
+    await ds.invoke_startup()
+    try:
+        start = time.monotonic()
+        response = await post(ds, "/-/open-csv-from-url", {"url": f"http://127.0.0.1:{port}/x.csv"})
+        assert_error(response, 400, "timed out")
+        assert time.monotonic() - start < 3
+    finally:
+        for s in fillers + [listener]:
+            s.close()
 
 
 async def test_open_csv_from_url_large_body_keeps_server_responsive(ds, server):
