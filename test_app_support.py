@@ -118,13 +118,18 @@ async def assert_refused(ds, folder, endpoint, body, status, error, **kwargs):
 # Startup
 
 
-async def test_startup_adds_temporary_removes_memory_and_is_idempotent(ds):
+async def test_startup_adds_temporary_removes_memory_and_is_idempotent(ds, tmp_path):
+    csv_path = tmp_path / "keep.csv"
+    csv_path.write_text("a\n1\n")
+    await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
+    temporary = ds.databases["temporary"]
     await ds.invoke_startup()
     app_support.startup(ds)
-    assert "temporary" in ds.databases
-    assert "_memory" not in ds.databases
-    assert ds.databases["temporary"].is_mutable
-    assert ds.databases["temporary"].is_memory
+    # Repeated startups add no temporary_2 and keep the same database and its tables.
+    assert user_databases(ds) == {"temporary"}
+    assert ds.databases["temporary"] is temporary
+    assert temporary.is_mutable and temporary.is_memory
+    assert await tables(ds) == ["keep"]
 
 
 async def test_internal_database_hidden_even_from_root(ds):
