@@ -82,6 +82,10 @@ MAX_INTEGER_DIGITS = 18
 # Finished imports kept for /-/import-progress; running ones are always kept.
 PROGRESS_HISTORY = 50
 LATIN1_FALLBACK = "app_support_latin1_fallback"
+# Work folders (staging databases, downloads) are named
+# app_support_<pid>_<random> in the temp directory, so a later start can
+# remove the ones whose process died without cleaning up.
+WORK_FOLDER_PREFIX = "app_support_"
 
 csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
@@ -298,6 +302,11 @@ def _create_empty_database(path):
     except sqlite3.Error as e:
         os.remove(path)
         raise APIError(f"Could not create a SQLite database at {path}: {e}")
+
+
+def _work_folder():
+    """A temporary folder for staging and downloads, named for this process."""
+    return tempfile.TemporaryDirectory(prefix=f"{WORK_FOLDER_PREFIX}{os.getpid()}_")
 
 
 # Differences between Datasette 0.65 and 1.0
@@ -800,7 +809,7 @@ async def _import_csv(db, path, wanted_table, detect_types=True, on_progress=Non
         return await _write_outside_transaction(
             db, lambda conn: import_csv(conn, path, wanted_table, detect_types, on_progress, charset)
         )
-    with tempfile.TemporaryDirectory(prefix="app_support_") as folder:
+    with _work_folder() as folder:
         staging_path = os.path.join(folder, "staging.db")
 
         def stage():
@@ -1098,9 +1107,7 @@ async def open_csv_from_url(datasette, data):
     db = _writable_database(datasette, values["database"] or TEMPORARY)
     timeout = _url_timeout(datasette)
     log = _import_log(datasette)
-    with log.track(values["url"], db.name) as progress, tempfile.TemporaryDirectory(
-        prefix="app_support_"
-    ) as folder:
+    with log.track(values["url"], db.name) as progress, _work_folder() as folder:
         path, final_url, charset = await asyncio.to_thread(
             download_csv, url, folder, timeout, progress
         )
