@@ -32,6 +32,7 @@ import sqlite3
 import sys
 import tempfile
 import traceback
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -64,11 +65,13 @@ URI_SPECIAL_CHARACTERS = "?#%"
 LOCKED_TIMEOUT_SECONDS = 2
 # Small batches stay in the CPU cache: 500 rows ran faster than 5,000 or 20,000.
 BATCH_ROWS = 500
-# Column types are guessed from the first batch, so it is larger.
-FIRST_BATCH_ROWS = 5000
-# Rows per INSERT statement: ten at a time ran 10-15% faster than one.
-ROWS_PER_INSERT = 10
+# Rows per INSERT statement, fewer for wide files.
+ROWS_PER_INSERT = 50
+# SQLite's default SQLITE_MAX_COLUMN.
+MAX_COLUMNS = 2000
 SNIFF_CHARACTERS = 64 * 1024
+# Rows of the sample that vote for a delimiter.
+SNIFF_ROWS = 100
 READ_BUFFER_BYTES = 256 * 1024
 BINARY_SNIFF_BYTES = 8192
 DELIMITERS = ",\t;|"
@@ -82,6 +85,7 @@ MAX_INTEGER_DIGITS = 18
 # Finished imports kept for /-/import-progress; running ones are always kept.
 PROGRESS_HISTORY = 50
 LATIN1_FALLBACK = "app_support_latin1_fallback"
+UTF8_FALLBACK = "app_support_utf8_fallback"
 # Work folders (staging databases, downloads) are named
 # app_support_<pid>_<random> in the temp directory, so a later start can
 # remove the ones whose process died without cleaning up.
@@ -232,7 +236,11 @@ def _quote(identifier):
 
 
 def _free_table_name(conn, wanted):
-    """A table name close to wanted that no table, view or index in conn uses."""
+    """A table name close to wanted that no table, view or index in conn uses.
+
+    Names are NFC, as typed on a keyboard: macOS reports file names in NFD.
+    """
+    wanted = unicodedata.normalize("NFC", wanted)
     # Datasette 0.65 puts table names in [brackets] when it reads a schema, so
     # one "]" would break every page; the same name is used on 1.0 too.
     wanted = wanted.replace("]", "_").strip() or "data"
@@ -309,6 +317,35 @@ def _work_folder():
     return tempfile.TemporaryDirectory(prefix=f"{WORK_FOLDER_PREFIX}{os.getpid()}_")
 
 
+def _sqlite_failure(error, what):
+    """An APIError for a SQLite error while writing what, or None when it is unexpected."""
+    message = str(error).lower()
+    if "full" in message:
+        return APIError(f"The disk is full: could not write {what}. Free some space and try again.")
+    if "readonly" in message or "read-only" in message:
+        return APIError(
+            f"Could not write {what}: it is read-only. Check that the file and its folder "
+            "can be written to, or choose another database."
+        )
+    if "locked" in message or "busy" in message:
+        return APIError(
+            f"Could not write {what}: another program is using it. Close it there and try again."
+        )
+    return None
+
+
+@contextlib.contextmanager
+def _sqlite_failures(what):
+    """Report SQLite's full, read-only and locked errors as sentences."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        failure = _sqlite_failure(e, what)
+        if failure is None:
+            raise
+        raise failure from e
+
+
 # Differences between Datasette 0.65 and 1.0
 
 
@@ -353,6 +390,14 @@ def _memory_database(datasette, memory_name):
 
 
 # The CSV engine
+#
+# A CSV file is read once. Its rows go, as the exact strings the csv module
+# gives, into a staging database of their own while the column types are
+# learned batch by batch. SQLite then converts the rows to those types inside
+# the staging database, and a last INSERT ... SELECT * copies them into the
+# target, which SQLite does page by page without decoding a value. Only that
+# last copy touches the user's database, so its readers wait for a fraction
+# of a second, never for the whole import.
 
 
 def _latin1_fallback(error):
@@ -360,28 +405,27 @@ def _latin1_fallback(error):
     return error.object[error.start : error.end].decode("latin-1"), error.end
 
 
+def _utf8_fallback(error):
+    """A byte that is not UTF-8 is read as cp1252; a character cut off by the end of the file is U+FFFD."""
+    if error.reason == "unexpected end of data":
+        return "\ufffd", error.end
+    return error.object[error.start : error.end].decode("cp1252", LATIN1_FALLBACK), error.end
+
+
 codecs.register_error(LATIN1_FALLBACK, _latin1_fallback)
+codecs.register_error(UTF8_FALLBACK, _utf8_fallback)
 
 
 class CSVError(APIError):
     """A CSV file that cannot be imported; the message names the file and line."""
 
 
-class _Replan(Exception):
-    """The file does not fit the plan made from its start; try again with a better one."""
-
-    def __init__(self, plan):
-        self.plan = plan
-
-
 @dataclass
 class CSVPlan:
-    """What is known about a CSV file's shape before rows are written."""
+    """How to read a CSV file, decided from its start."""
 
     encoding: str = "utf-8-sig"
     delimiter: str = ","
-    width: int = 0
-    types: list = field(default_factory=list)
 
 
 @dataclass
@@ -423,13 +467,13 @@ def _decodes_as_utf8(head):
     try:
         head.decode("utf-8")
     except UnicodeDecodeError as e:
-        # A multi-byte character may be cut at the end of the sample.
-        return e.start >= len(head) - 3
+        # A multi-byte character may be cut at the end of the sample or file.
+        return e.reason == "unexpected end of data"
     return True
 
 
 def sniff_encoding(head, declared=None):
-    """Pick the encoding: a declared charset, a BOM, else UTF-8 (confirmed while reading)."""
+    """Pick the encoding: a declared charset, a BOM, else UTF-8 unless the start says cp1252."""
     looks_utf8 = _decodes_as_utf8(head)
     codec = _codec(declared) if declared else None
     # Servers often label UTF-8 as Latin-1 by default, while non-ASCII bytes
@@ -442,27 +486,34 @@ def sniff_encoding(head, declared=None):
 
 
 def _decode_errors(encoding):
-    return LATIN1_FALLBACK if encoding == "cp1252" else "strict"
+    """UTF-8 that turns out to hold a stray cp1252 byte keeps its UTF-8 text."""
+    if encoding == "cp1252":
+        return LATIN1_FALLBACK
+    return UTF8_FALLBACK if encoding == "utf-8-sig" else "strict"
 
 
-def detect_delimiter(sample):
-    """Choose the delimiter that splits the sample's lines most consistently.
+def _is_blank(row):
+    return not any(cell.strip() for cell in row)
+
+
+def detect_delimiter(sample, complete=True):
+    """Choose the delimiter that splits the sample's rows most consistently.
 
     csv.Sniffer picks letters as delimiters for one-column files; this only
     considers , tab ; and |, and needs at least two columns in the header.
     A file whose header has one column is read one value per line, so an
-    unquoted comma in a value does not split it.
+    unquoted comma in a value does not split it. The sample is parsed as the
+    import will parse the file, so CR-only line endings split rows too.
     """
-    lines = sample.splitlines(keepends=True)
-    if len(lines) > 1 and not sample.endswith(("\n", "\r")):
-        lines = lines[:-1]  # the sample may end mid-line
-    text = "".join(lines[:100])
     best, best_score = NO_DELIMITER, None
     for delimiter in DELIMITERS:
         try:
-            widths = [len(row) for row in csv.reader(io.StringIO(text), delimiter=delimiter) if row]
+            rows = list(csv.reader(io.StringIO(sample, newline=""), delimiter=delimiter))
         except csv.Error:
             continue
+        if not complete and len(rows) > 1:
+            rows.pop()  # the sample may end mid-row
+        widths = [len(row) for row in rows[:SNIFF_ROWS] if not _is_blank(row)]
         if not widths or widths[0] < 2:
             continue
         score = (sum(w == widths[0] for w in widths) / len(widths), widths[0])
@@ -496,43 +547,45 @@ _LONG_NUMBER = b"9" * (MAX_INTEGER_DIGITS + 1)
 def column_type(values):
     """The narrowest of INTEGER, REAL, TEXT that holds every value exactly.
 
-    Returns None when every value is empty. Works on the whole batch at once
-    with C-speed string operations, because a check per value would cost more
-    than the insert. Leading zeros, a sign or exponent SQLite would rewrite,
-    and integers too long for 64 bits all make the column TEXT.
+    Returns None when every value is empty or None. Works on the whole batch
+    at once with C-speed string operations, because a check per value costs
+    more than the insert; test_app_support.py checks it against a plain
+    per-value rule on generated columns. Leading zeros, a sign or exponent
+    SQLite would rewrite, and integers too long for 64 bits make it TEXT.
     """
-    values = [v for v in values if v is not None] if None in values else values
+    values = [v for v in values if v]
     if not values:
         return None
-    joined = "\n" + "\n".join(values) + "\n"
-    if len(joined) == len(values) + 1:
-        return None
     try:
-        b = joined.encode("ascii")
+        b = ("\n" + "\n".join(values) + "\n").encode("ascii")
     except UnicodeEncodeError:
         return _TEXT
     if b.translate(None, b"0123456789-.\n") or b.count(b"\n") != len(values) + 1:
         return _TEXT
-    # A sign only at the start of a value, and never alone or before a zero.
-    if b"-" in b and (
-        b.count(b"-") != b.count(b"\n-") or b"\n-\n" in b or b.count(b"\n-0") != b.count(b"\n-0.")
+    # A sign only at the start of a value, never alone.
+    if b"-" in b and (b.count(b"-") != b.count(b"\n-") or b"\n-\n" in b):
+        return _TEXT
+    # A leading zero only in "0" itself or before the decimal point; never "-0".
+    zeros = values.count("0")
+    if b.count(b"\n0") != zeros + b.count(b"\n0.") or b.count(b"\n-0") != b.count(b"\n-0."):
+        return _TEXT
+    if _LONG_NUMBER in b.translate(_DIGITS_AS_NINES) and any(
+        "." not in v and len(v.lstrip("-")) > MAX_INTEGER_DIGITS for v in values
     ):
         return _TEXT
     if b"." not in b:
-        if b"\n0" in b and b.count(b"\n0") != b.count(b"\n0\n"):
-            return _TEXT
-        if _LONG_NUMBER in b.translate(_DIGITS_AS_NINES):
-            return _TEXT
         return _INTEGER
     if _REPEATED_DOT.search(b) or b"\n.\n" in b or b"\n-.\n" in b:
-        return _TEXT
-    if b"\n0" in b and b.count(b"\n0") != b.count(b"\n0\n") + b.count(b"\n0."):
         return _TEXT
     return _REAL
 
 
 def _wider(a, b):
     return a if _RANK[a] >= _RANK[b] else b
+
+
+def _line_breaks(text):
+    return text.count("\n") + text.count("\r") - text.count("\r\n")
 
 
 class _NulGuard(io.RawIOBase):
@@ -567,7 +620,14 @@ class _NulGuard(io.RawIOBase):
 
 
 class _CSVReader:
-    """Streams a CSV file as batches of rows padded to the plan's width."""
+    """Streams a CSV file as batches of rows, and knows where it is in the file.
+
+    The csv module quietly ends a quoted field at the end of the file, so a
+    marker line is read after the last one: it comes back as a row of its own
+    when every quote closed, and inside the last cell when one did not.
+    """
+
+    END = "\uffffapp_support end of file\uffff"
 
     def __init__(self, path, plan):
         self.path = path
@@ -579,7 +639,8 @@ class _CSVReader:
             errors=_decode_errors(plan.encoding),
             newline="",
         )
-        self.reader = csv.reader(self.file, delimiter=plan.delimiter)
+        lines = itertools.chain(self.file, [self.END])
+        self.reader = csv.reader(lines, delimiter=plan.delimiter)
 
     def close(self):
         self.file.close()
@@ -589,27 +650,38 @@ class _CSVReader:
         return self.guard.tell()
 
     def header(self):
-        with self._reading():
-            for row in self.reader:
-                if any(cell.strip() for cell in row):
-                    return row
+        for batch in self.batches(1):
+            if not _is_blank(batch[0]):
+                return batch[0]
         raise CSVError(f"No header row found in {self.path}: the file has no columns.")
 
-    def batches(self):
-        size = FIRST_BATCH_ROWS
+    def batches(self, size=BATCH_ROWS):
         while True:
             # islice straight over the csv reader: a generator around it
             # would cost a Python frame per row.
             with self._reading():
                 batch = list(itertools.islice(self.reader, size))
-            size = BATCH_ROWS
             if not batch:
                 return
+            last = batch[-1]
+            if last == [self.END]:
+                batch.pop()
+            elif last and last[-1].endswith(self.END):
+                raise self._unclosed_quote(last)
             if not all(batch):
                 batch = [row for row in batch if row]  # blank lines
-                if not batch:
-                    continue
-            yield batch
+            if batch:
+                yield batch
+
+    def _unclosed_quote(self, row):
+        row[-1] = row[-1][: -len(self.END)]
+        # The marker is a line of its own, and so is the last line of the file.
+        lines = sum(map(_line_breaks, row)) + 1 + (not row[-1].endswith(("\n", "\r")))
+        opened = self.reader.line_num - lines + 1 + sum(map(_line_breaks, row[:-1]))
+        return CSVError(
+            f"{self.path} has a quote that is never closed: it opens on line {opened}. "
+            "Close it, or remove it, and try again."
+        )
 
     @contextlib.contextmanager
     def _reading(self):
@@ -620,16 +692,52 @@ class _CSVReader:
                 f"Could not read {self.path} as CSV at line {self.reader.line_num}: {e}."
             )
         except UnicodeDecodeError:
-            if self.plan.encoding == "cp1252":
-                raise
-            self.plan.encoding = "cp1252"
-            raise _Replan(self.plan)
+            raise CSVError(
+                f"{self.path} is not valid {self.plan.encoding} text "
+                f"(line {self.reader.line_num + 1})."
+            )
+
+
+def _text_sample(path, encoding):
+    """Up to SNIFF_CHARACTERS of text from the first non-blank line; and whether that is all."""
+    with open(path, encoding=encoding, errors=_decode_errors(encoding), newline="") as f:
+        text = ""
+        while not text.strip():
+            chunk = f.read(SNIFF_CHARACTERS)
+            if not chunk:
+                return text, True
+            text = chunk if not text.strip(" \t\r\n") and len(text) > SNIFF_CHARACTERS else text + chunk
+        # Blank lines before the header, however many, are not part of the sample.
+        first = len(text) - len(text.lstrip())
+        text = text[max(text.rfind("\n", 0, first), text.rfind("\r", 0, first)) + 1 :]
+        more = f.read(SNIFF_CHARACTERS)
+        return text + more, not more
+
+
+def plan_csv(path, charset=None):
+    """Decide how to read the file from its start: encoding and delimiter."""
+    with open(path, "rb") as f:
+        head = f.read(BINARY_SNIFF_BYTES)
+        while head and not head.strip():
+            head = f.read(BINARY_SNIFF_BYTES)  # blank lines before the header
+    if not head:
+        raise CSVError(f"File is empty: {path}")
+    encoding = sniff_encoding(head, charset)
+    if b"\x00" in head and not _is_wide(encoding):
+        raise CSVError(f"This looks like a binary file, not CSV or TSV text: {path}")
+    try:
+        sample, complete = _text_sample(path, encoding)
+    except UnicodeDecodeError:
+        raise CSVError(f"{path} is not valid {encoding} text.")
+    if not sample.strip():
+        raise CSVError(f"File is empty: {path}")
+    return CSVPlan(encoding, detect_delimiter(sample, complete))
 
 
 def _pad(batch, width):
     """Pad short rows with None (NULL); return the widest row's length."""
     lengths = set(map(len, batch))
-    if not lengths or lengths == {width}:
+    if lengths == {width}:
         return width
     for row in batch:
         if len(row) < width:
@@ -637,194 +745,184 @@ def _pad(batch, width):
     return max(lengths)
 
 
-def _batch_types(batch, types, detect_types):
-    """Widen types to fit the batch; return them and the columns with empty cells.
-
-    Only columns that may still be numeric are looked at.
-    """
-    widened, with_empty = list(types), []
-    if not detect_types:
-        return widened, with_empty
-    for i, current in enumerate(types):
-        if current != _TEXT:
-            values = [row[i] for row in batch]
-            widened[i] = _wider(current, column_type(values))
-            if "" in values:
-                with_empty.append(i)
-    return widened, with_empty
+def _max_variables(conn):
+    """How many ? a statement may hold: 999 before SQLite 3.32."""
+    if hasattr(conn, "getlimit"):  # Python 3.11+
+        return conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    return 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 
 
-def _inserter(conn, table, width):
-    """A function that inserts a batch, ROWS_PER_INSERT rows per statement."""
-    row = "(" + ", ".join("?" * width) + ")"
-    one = f"INSERT INTO {_quote(table)} VALUES {row}"
-    many = f"INSERT INTO {_quote(table)} VALUES " + ", ".join([row] * ROWS_PER_INSERT)
-    step = width * ROWS_PER_INSERT
+class _StagingTable:
+    """A table of TEXT columns c1, c2 ... that takes batches of rows as they are."""
 
-    def insert(batch):
-        whole = len(batch) - len(batch) % ROWS_PER_INSERT
+    NAME = "staged"
+
+    def __init__(self, conn, width):
+        self.conn = conn
+        self.width = 0
+        conn.execute(f"CREATE TABLE {self.NAME} (c1 TEXT)")
+        self.widen(width)
+
+    def widen(self, width):
+        if width > MAX_COLUMNS:
+            raise CSVError(
+                f"The file has {width:,} columns; SQLite tables hold at most {MAX_COLUMNS:,}."
+            )
+        for n in range(max(self.width, 1) + 1, width + 1):
+            self.conn.execute(f"ALTER TABLE {self.NAME} ADD COLUMN c{n} TEXT")
+        self.width = max(width, 1)
+        row = "(" + ", ".join("?" * self.width) + ")"
+        self.per_statement = max(1, min(ROWS_PER_INSERT, _max_variables(self.conn) // self.width))
+        self.one = f"INSERT INTO {self.NAME} VALUES {row}"
+        self.many = f"INSERT INTO {self.NAME} VALUES " + ", ".join([row] * self.per_statement)
+
+    def insert(self, batch):
+        whole = len(batch) - len(batch) % self.per_statement
         if whole:
             flat = list(itertools.chain.from_iterable(batch[:whole]))
-            conn.executemany(many, [flat[i : i + step] for i in range(0, len(flat), step)])
+            step = self.width * self.per_statement
+            self.conn.executemany(self.many, [flat[i : i + step] for i in range(0, len(flat), step)])
         if whole < len(batch):
-            conn.executemany(one, batch[whole:])
-
-    return insert
+            self.conn.executemany(self.one, batch[whole:])
 
 
-def _nulls_for_empty_numbers(batch, types, with_empty):
-    for i in with_empty:
-        if types[i] != _TEXT:
-            for row in batch:
-                if row[i] == "":
-                    row[i] = None
+@dataclass
+class Staged:
+    """A CSV file read into a staging database, in a table ready to copy."""
+
+    path: str
+    table: str
+    columns: list
+    types: list
+    rows: int
 
 
-def plan_csv(path, charset=None):
-    """Make a first plan from the file's start: encoding and delimiter."""
-    with open(path, "rb") as f:
-        head = f.read(BINARY_SNIFF_BYTES)
-    if not head.strip():
-        raise CSVError(f"File is empty: {path}")
-    encoding = sniff_encoding(head, charset)
-    if b"\x00" in head and not _is_wide(encoding):
-        raise CSVError(f"This looks like a binary file, not CSV or TSV text: {path}")
-    plan = CSVPlan(encoding=encoding)
-    try:
-        with open(path, encoding=encoding, errors=_decode_errors(encoding), newline="") as f:
-            sample = f.read(SNIFF_CHARACTERS)
-    except UnicodeDecodeError:
-        plan.encoding = "cp1252"
-        with open(path, encoding="cp1252", errors=LATIN1_FALLBACK, newline="") as f:
-            sample = f.read(SNIFF_CHARACTERS)
-    plan.delimiter = detect_delimiter(sample)
-    return plan
+def stage_csv(path, staging_path, detect_types=True, on_progress=None, charset=None, encoding="UTF-8"):
+    """Read the CSV at path once into a new database at staging_path; return a Staged.
 
-
-def import_csv(conn, path, wanted_table, detect_types=True, on_progress=None, charset=None):
-    """Create a new table in conn from the CSV file at path, all or nothing.
-
-    Column types are chosen from the first batch of rows. Should a later row
-    not fit them (a word in a number column, an extra field) the whole file
-    is scanned for its real shape, the transaction is rolled back and the
-    import runs once more: messy files pay twice, tidy ones once.
+    encoding is the target database's text encoding: SQLite can only attach
+    databases that share it.
     """
     plan = plan_csv(path, charset)
-    while True:
-        conn.execute("begin immediate")
-        try:
-            result = _load(conn, path, wanted_table, plan, detect_types, on_progress)
-        except _Replan as replan:
-            conn.execute("rollback")
-            plan = replan.plan
-            continue
-        except BaseException:
-            conn.execute("rollback")
-            raise
-        conn.execute("commit")
-        return result
-
-
-def _load(conn, path, wanted_table, plan, detect_types, on_progress):
+    conn = sqlite3.connect(staging_path, isolation_level=None)
     reader = _CSVReader(path, plan)
     try:
+        for pragma in (f"encoding = '{encoding}'", "journal_mode = off", "synchronous = off"):
+            conn.execute(f"PRAGMA {pragma}")
         header = reader.header()
-        batches = reader.batches()
-        first = next(batches, [])
-        width = max([len(header), plan.width, *map(len, first)])
-        _pad(first, width)
-        if not plan.types:
-            unknown = [None if detect_types else _TEXT] * width
-            plan.types = [kind or _TEXT for kind in _batch_types(first, unknown, detect_types)[0]]
-        plan.types += [_TEXT] * (width - len(plan.types))
-        plan.width = width
-        columns = clean_headers(header, width)
-        table = _free_table_name(conn, wanted_table)
-        conn.execute(_create_table_sql(table, columns, plan.types))
-        insert = _inserter(conn, table, width)
+        staging = _StagingTable(conn, len(header))
+        types = [None if detect_types else _TEXT] * staging.width
         rows = 0
-        for batch in itertools.chain([first] if first else [], batches):
-            batch_width = _pad(batch, width)
-            types, with_empty = _batch_types(batch, plan.types, detect_types)
-            if batch_width > width or types != plan.types:
-                _scan_rest(batches, plan, batch_width, types, detect_types)
-            _nulls_for_empty_numbers(batch, plan.types, with_empty)
-            insert(batch)
+        conn.execute("BEGIN")
+        for batch in reader.batches():
+            width = _pad(batch, staging.width)
+            if width > staging.width:
+                staging.widen(width)
+                types += [None] * (width - len(types))
+                _pad(batch, width)
+            if detect_types:
+                for i, column in enumerate(zip(*batch)):
+                    if types[i] != _TEXT:
+                        types[i] = _wider(types[i], column_type(column))
+            staging.insert(batch)
             rows += len(batch)
             if on_progress:
                 on_progress(rows, reader.bytes_read)
-        return ImportResult(table, rows, columns, plan.types)
+        types = [kind or _TEXT for kind in types]
+        columns = clean_headers(header, staging.width)
+        table = _convert_staged(conn, columns, types)
+        conn.execute("COMMIT")
     finally:
         reader.close()
+        conn.close()
+    return Staged(staging_path, table, columns, types, rows)
 
 
-def _scan_rest(batches, plan, width, types, detect_types):
-    """Read the rest of the file for its true width and types, then replan."""
-    for batch in batches:
-        width = max(width, max(map(len, batch)))
-        types += [_TEXT] * (width - len(types))
-        _pad(batch, width)
-        types = _batch_types(batch, types, detect_types)[0]
-    plan.width = width
-    plan.types = [kind or _TEXT for kind in types]
-    raise _Replan(plan)
+def _convert_staged(conn, columns, types):
+    """Give the staged rows their column types; return the table that holds them.
 
-
-def _copy_table(conn, staging_path, staged, wanted_table):
-    """Copy a staged table into conn's database under a free name.
-
-    Used for the shared-cache `temporary` database, where an uncommitted
-    CREATE TABLE would lock the schema for every reader: the table is
-    created and committed first, then filled in one short transaction.
+    Empty cells become NULL in number columns. Text-only files need nothing.
     """
-    conn.execute("attach database ? as staging", [staging_path])
+    if all(kind == _TEXT for kind in types):
+        return _StagingTable.NAME
+    values = ", ".join(
+        f"c{n}" if kind == _TEXT else f"nullif(c{n}, '')" for n, kind in enumerate(types, 1)
+    )
+    conn.execute(_create_table_sql("typed", columns, types))
+    conn.execute(f"INSERT INTO typed SELECT {values} FROM {_StagingTable.NAME}")
+    return "typed"
+
+
+def _copy_in(conn, staged, wanted_table, commit_schema_first=False):
+    """Copy a staged table into conn's main database under a free name, all or nothing.
+
+    commit_schema_first is for the shared-cache `temporary` database, where an
+    uncommitted CREATE TABLE would lock the schema for every reader: the table
+    is created and committed first, then filled, and dropped should that fail.
+    """
+    conn.execute("ATTACH DATABASE ? AS app_support_staging", [staged.path])
     try:
-        result = ImportResult(
-            _free_table_name(conn, wanted_table), staged.rows, staged.columns, staged.types
-        )
-        table = result.table
-        conn.execute("begin immediate")
-        conn.execute(result.schema)
-        conn.execute("commit")
+        conn.execute("BEGIN IMMEDIATE")
+        created = None
         try:
-            conn.execute("begin immediate")
+            table = _free_table_name(conn, wanted_table)
+            result = ImportResult(table, staged.rows, staged.columns, staged.types)
+            conn.execute(result.schema)
+            if commit_schema_first:
+                conn.execute("COMMIT")
+                created = table
+                conn.execute("BEGIN IMMEDIATE")
+            # SELECT * from a table of the same column types: SQLite copies
+            # the records as they are, much faster than value by value.
             conn.execute(
-                "INSERT INTO main.{} SELECT * FROM staging.{}".format(
-                    _quote(table), _quote(staged.table)
-                )
+                f"INSERT INTO main.{_quote(table)} SELECT * FROM app_support_staging.{staged.table}"
             )
-            conn.execute("commit")
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("rollback")
-            conn.execute("DROP TABLE main.{}".format(_quote(table)))
+            # SQLite has already rolled back after some errors, a full disk among them.
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if created:
+                conn.execute(f"DROP TABLE main.{_quote(created)}")
             raise
     finally:
-        conn.execute("detach database staging")
+        conn.execute("DETACH DATABASE app_support_staging")
     return result
 
 
-async def _import_csv(db, path, wanted_table, detect_types=True, on_progress=None, charset=None):
-    """Import the CSV at path into db: straight in for files, staged for memory."""
-    if not db.is_memory:
-        return await _write_outside_transaction(
-            db, lambda conn: import_csv(conn, path, wanted_table, detect_types, on_progress, charset)
+def _target_encoding(conn):
+    """Check that conn's database takes writes now; return its text encoding."""
+    conn.execute("BEGIN IMMEDIATE")
+    conn.execute("ROLLBACK")
+    return conn.execute("PRAGMA encoding").fetchone()[0]
+
+
+def import_csv(conn, path, wanted_table, detect_types=True, on_progress=None, charset=None):
+    """Create a new table in conn from the CSV file at path, all or nothing."""
+    with _work_folder() as folder:
+        staged = stage_csv(
+            path, os.path.join(folder, "staging.db"), detect_types, on_progress, charset,
+            _target_encoding(conn),
         )
+        return _copy_in(conn, staged, wanted_table)
+
+
+async def _import_csv(db, path, wanted_table, detect_types=True, on_progress=None, charset=None):
+    """Import the CSV at path into db: staged in a worker thread, copied in by db's write thread."""
+    target = f"the database {db.name}"
+    with _sqlite_failures(target):
+        encoding = await _write_outside_transaction(db, _target_encoding)
     with _work_folder() as folder:
         staging_path = os.path.join(folder, "staging.db")
+        with _sqlite_failures("the staging database in the temporary folder"):
+            staged = await asyncio.to_thread(
+                stage_csv, path, staging_path, detect_types, on_progress, charset, encoding
+            )
+        with _sqlite_failures(target):
+            return await _write_outside_transaction(
+                db, lambda conn: _copy_in(conn, staged, wanted_table, db.is_memory)
+            )
 
-        def stage():
-            conn = sqlite3.connect(staging_path, isolation_level=None)
-            try:
-                conn.execute("pragma journal_mode = off")
-                conn.execute("pragma synchronous = off")
-                return import_csv(conn, path, wanted_table, detect_types, on_progress, charset)
-            finally:
-                conn.close()
-
-        staged = await asyncio.to_thread(stage)
-        return await _write_outside_transaction(
-            db, lambda conn: _copy_table(conn, staging_path, staged, wanted_table)
-        )
 
 
 # Downloads
