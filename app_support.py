@@ -361,6 +361,23 @@ async def _write_outside_transaction(db, fn):
     return await db.execute_write_fn(fn, block=True)
 
 
+async def _refresh_catalog(datasette):
+    """Make the very next page list a database or table that was just added.
+
+    Datasette 1.0 refreshes its schema catalog at most once a second, and both
+    lines skip a refresh while another runs, which may have started before
+    the change.
+    """
+    lock = getattr(datasette, "_refresh_schemas_lock", None)
+    if lock is not None and lock.locked():
+        async with lock:
+            pass
+    if "force" in inspect.signature(datasette.refresh_schemas).parameters:
+        await datasette.refresh_schemas(force=True)
+    else:
+        await datasette.refresh_schemas()
+
+
 async def _track_event(datasette, event_class, **fields):
     """Report an event to listening plugins; Datasette 0.65 has no events."""
     if datasette_events is None:
@@ -539,7 +556,6 @@ def clean_headers(names, width):
 
 _INTEGER, _REAL, _TEXT = "INTEGER", "REAL", "TEXT"
 _RANK = {None: 0, _INTEGER: 1, _REAL: 2, _TEXT: 3}
-_REPEATED_DOT = re.compile(rb"\.[0-9]*\.")
 _DIGITS_AS_NINES = bytes.maketrans(b"012345678", b"999999999")
 _LONG_NUMBER = b"9" * (MAX_INTEGER_DIGITS + 1)
 
@@ -553,11 +569,13 @@ def column_type(values):
     per-value rule on generated columns. Leading zeros, a sign or exponent
     SQLite would rewrite, and integers too long for 64 bits make it TEXT.
     """
-    values = [v for v in values if v]
-    if not values:
+    if None in values:
+        values = [v for v in values if v is not None]
+    joined = "\n" + "\n".join(values) + "\n"
+    if len(joined) == len(values) + 1:
         return None
     try:
-        b = ("\n" + "\n".join(values) + "\n").encode("ascii")
+        b = joined.encode("ascii")
     except UnicodeEncodeError:
         return _TEXT
     if b.translate(None, b"0123456789-.\n") or b.count(b"\n") != len(values) + 1:
@@ -575,7 +593,8 @@ def column_type(values):
         return _TEXT
     if b"." not in b:
         return _INTEGER
-    if _REPEATED_DOT.search(b) or b"\n.\n" in b or b"\n-.\n" in b:
+    # Without digits and signs, a value with two dots shows as "..".
+    if b".." in b.translate(None, b"0123456789-") or b"\n.\n" in b or b"\n-.\n" in b:
         return _TEXT
     return _REAL
 
@@ -1159,6 +1178,7 @@ async def open_database_file(datasette, data):
     await asyncio.to_thread(_check_sqlite_file, path)
     _refuse_already_open(datasette, path)  # a second request may have won the race
     db = datasette.add_database(_file_database(datasette, path))
+    await _refresh_catalog(datasette)
     return {"ok": True, "path": datasette.urls.database(db.name)}
 
 
@@ -1167,6 +1187,7 @@ async def new_empty_database_file(datasette, data):
     _refuse_uri_characters(path)
     await asyncio.to_thread(_create_empty_database, path)
     db = datasette.add_database(_file_database(datasette, path))
+    await _refresh_catalog(datasette)
     return {"ok": True, "path": datasette.urls.database(db.name)}
 
 
@@ -1191,6 +1212,7 @@ async def _import_csv_file(datasette, values, database):
             db, path, Path(path).stem, values["detect_types"] is not False, progress.update
         )
         log.done(progress, result)
+    await _refresh_catalog(datasette)
     await _report_import(datasette, db, result)
     return {"ok": True, "path": datasette.urls.table(db.name, result.table), "rows": result.rows}
 
@@ -1216,6 +1238,7 @@ async def open_csv_from_url(datasette, data):
             db, path, wanted, detect_types, lambda rows, _: progress.update(rows=rows), charset
         )
         log.done(progress, result)
+    await _refresh_catalog(datasette)
     await _report_import(datasette, db, result)
     return {"ok": True, "path": datasette.urls.table(db.name, result.table), "rows": result.rows}
 
@@ -1252,6 +1275,7 @@ async def restore_temporary_from_file(datasette, data):
         backup_tables, restored_tables = await _write_outside_transaction(db, restore)
     except sqlite3.Error as e:
         raise APIError(f"Could not restore the temporary database from {path}: {e}")
+    await _refresh_catalog(datasette)
     return {
         "ok": True,
         "path": path,

@@ -1303,3 +1303,52 @@ async def test_import_progress_authentication(ds):
         assert_error(response, status, "")
     response = await ds.client.post("/-/import-progress", headers={"Authorization": f"Bearer {TOKEN}"})
     assert_error(response, 405, "Use GET")
+
+
+# The page the app opens the moment an endpoint answers
+
+
+async def listed_tables(ds, database):
+    """The tables the database page lists, as the app would show them right now."""
+    response = await ds.client.get(f"/{database}.json")
+    assert response.status_code == 200, response.text
+    return {t["name"] for t in response.json()["tables"]}
+
+
+async def test_opened_database_lists_its_tables_on_the_first_request(ds, tmp_path):
+    path = make_db(tmp_path / "shop.db", table="orders")
+    sqlite3.connect(path).execute("create table customers (id integer)").connection.close()
+    # A page load first: Datasette 1.0 then skips catalog refreshes for a second.
+    assert (await ds.client.get("/")).status_code == 200
+    response = await post(ds, "/-/open-database-file", {"path": str(path)})
+    assert response.json()["path"] == "/shop"
+    assert await listed_tables(ds, "shop") == {"orders", "customers"}
+
+
+async def test_every_new_table_is_listed_on_the_first_request(ds, tmp_path, server):
+    base, routes = server
+    routes["/cats.csv"] = (200, {}, b"name\nMilo\n")
+    csv_path = write(tmp_path / "dogs.csv", "name,age\nCleo,5\n")
+    assert (await ds.client.get("/")).status_code == 200
+    response = await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "new.db")})
+    assert response.json()["path"] == "/new"
+    assert await listed_tables(ds, "new") == set()
+    steps = [
+        ("/-/import-csv-file", {"path": str(csv_path), "database": "new"}, "new", "dogs"),
+        ("/-/open-csv-file", {"path": str(csv_path)}, "temporary", "dogs"),
+        ("/-/open-csv-from-url", {"url": base + "/cats.csv"}, "temporary", "cats"),
+    ]
+    for endpoint, body, database, table in steps:
+        response = await post(ds, endpoint, body)
+        assert response.json()["path"] == f"/{database}/{table}", response.text
+        assert table in await listed_tables(ds, database), endpoint
+        page = await ds.client.get(response.json()["path"] + ".json?_shape=array")
+        assert page.status_code == 200 and len(page.json()) == 1, endpoint
+
+
+async def test_restored_temporary_lists_its_tables_on_the_first_request(ds, tmp_path):
+    backup = make_db(tmp_path / "backup.db", table="saved")
+    assert (await ds.client.get("/")).status_code == 200
+    response = await post(ds, "/-/restore-temporary-from-file", {"path": str(backup)})
+    assert response.json()["ok"] is True
+    assert await listed_tables(ds, "temporary") == {"saved"}
