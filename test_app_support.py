@@ -1,4 +1,5 @@
 import asyncio
+import csv
 import gzip
 import http.server
 import io
@@ -1322,7 +1323,7 @@ REFERENCE_REAL = re.compile(r"-?(0|[1-9][0-9]*)?\.[0-9]*")
 
 def reference_value_type(value):
     """The narrowest type for one non-empty value."""
-    if REFERENCE_INTEGER.fullmatch(value, ) and value != "-0":
+    if REFERENCE_INTEGER.fullmatch(value) and value != "-0":
         return "INTEGER"
     if REFERENCE_REAL.fullmatch(value) and re.search("[0-9]", value):
         return "REAL"
@@ -1410,3 +1411,207 @@ def test_column_type_matches_reference_on_generated_columns():
             wrong.append((column, got, reference_type(column)))
     shown = "\n".join(f"{c!r}: column_type {g}, reference {r}" for c, g, r in wrong[:15])
     assert not wrong, f"{len(wrong)} of 20,000 columns (seed {TYPE_SEED}) differ:\n{shown}"
+
+
+CSV_SEED = 9_9_2026
+DIFFERENTIAL_FILES = 3000  # through engine_import
+DIFFERENTIAL_ENDPOINT_FILES = 300  # through POST /-/open-csv-file
+LINE_ENDINGS = {"LF": ["\n"], "CRLF": ["\r\n"], "CR": ["\r"], "mixed": ["\n", "\r\n", "\r"]}
+UNICODE_WORDS = ["São Paulo", "東京", "naïve", "emoji 😀", "e\u0301", "Ελλάδα", "\u2028sep", "tab\there"]
+# Non-ASCII letters that cp1252 encodes at 0xC0-0xFF: no UTF-8 continuation
+# bytes, so a cp1252 file is never accidentally valid UTF-8.
+LATIN_WORDS = ["café", "Zürich", "Ærø", "niño", "façade", "Øst", "ÀÉÎ"]
+
+
+def engine_import(conn, path, table, detect_types=True):
+    """Import through the engine's pure function; return the table it created."""
+    return app_support.import_csv(conn, str(path), table, detect_types=detect_types).table
+
+
+def random_cell(rng, kind, delimiter, latin):
+    """One cell of a column whose values are mostly of the given kind."""
+    if rng.random() < 0.12:
+        return ""
+    if rng.random() < 0.03:  # a stray value of any kind
+        kind = rng.choice(["int", "real", "zip", "flag", "count", "text", "awkward"])
+    if kind == "int":
+        return str(rng.randint(-10**rng.randint(1, 18) + 1, 10**rng.randint(1, 18) - 1))
+    if kind == "real":
+        return rng.choice(["", "-"]) + rng.choice(["0", str(rng.randint(1, 99999)), ""]) + "." + str(rng.randint(0, 999))
+    if kind == "zip":
+        return f"{rng.randint(0, 99999):05d}"
+    if kind == "flag":
+        return rng.choice("01")
+    if kind == "count":
+        return "0" if rng.random() < 0.5 else str(rng.randint(1, 500))
+    if kind == "text":
+        words = LATIN_WORDS if latin else UNICODE_WORDS + LATIN_WORDS
+        return rng.choice(["alpha", "beta gamma", rng.choice(words), f"item {rng.randint(0, 99)}"])
+    # awkward: quotes, delimiters and line breaks inside the cell, numbers-ish text
+    return rng.choice([
+        'say "hi"', '"', '""', "a,b", "a;b", "a|b", "a\tb", f"x{delimiter}y", "line\nbreak",
+        "cr\rbreak", "crlf\r\nbreak", "\n", " ", "1e5", "+5", " 5", "007", "-0", "0.0", ".", "NULL",
+    ])
+
+
+def render_cell(cell, delimiter, quote_all):
+    if quote_all or any(c in cell for c in (delimiter, '"', "\r", "\n")):
+        return '"' + cell.replace('"', '""') + '"'
+    return cell
+
+
+def random_csv(seed, index):
+    """A random CSV file as bytes, the parameters that made it, and its rows as written."""
+    rng = random.Random(f"{seed}:{index}")
+    encoding = rng.choice(["utf-8", "utf-8", "utf-8-sig", "utf-16", "cp1252"])
+    params = {
+        "seed": seed,
+        "index": index,
+        "delimiter": rng.choice([",", "\t", ";", "|"]),
+        "quoting": rng.choice(["minimal", "minimal", "all"]),
+        "line_ending": rng.choice(list(LINE_ENDINGS)),
+        "encoding": encoding,
+        "width": rng.choice([2, 2, 3, 4, 6, 10]),
+        "rows": rng.choice([0, 1, 2, 3, 5, 10, 30, 100]) if index % 300 != 17 else 6000 + rng.randint(0, 500),
+        "ragged": rng.random() < 0.3,
+        "trailing_newline": rng.random() < 0.85,
+        "blank_lines": rng.random() < 0.15,
+    }
+    kinds = [rng.choice(["int", "real", "zip", "flag", "count", "text", "awkward"]) for _ in range(params["width"])]
+    params["kinds"] = kinds
+    latin = encoding == "cp1252"
+    header = [f"c{i}" for i in range(params["width"])]
+    rows = []
+    for _ in range(params["rows"]):
+        row = [random_cell(rng, kind, params["delimiter"], latin) for kind in kinds]
+        if params["ragged"] and rng.random() < 0.2:
+            row = row[: rng.randint(1, len(row) - 1)]
+        rows.append(row)
+    # A late type change: the last row of a long file breaks a number column.
+    if params["rows"] > 5000 and rng.random() < 0.7:
+        rows[-1] = [random_cell(rng, "awkward", params["delimiter"], latin) for _ in kinds]
+    if latin:
+        rows.append([rng.choice(LATIN_WORDS) for _ in kinds])  # make cp1252 matter
+    endings = LINE_ENDINGS[params["line_ending"]]
+    lines = [params["delimiter"].join(render_cell(c, params["delimiter"], params["quoting"] == "all") for c in header)]
+    for row in rows:
+        if params["blank_lines"] and rng.random() < 0.1:
+            lines.append("")
+        if len(row) == 1 and row[0] == "":
+            lines.append('""')  # an unquoted lone empty cell would be a blank line
+        else:
+            lines.append(params["delimiter"].join(render_cell(c, params["delimiter"], params["quoting"] == "all") for c in row))
+    text = ""
+    for number, line in enumerate(lines):
+        if number or text:
+            text += rng.choice(endings)
+        text += line
+    if params["trailing_newline"]:
+        text += rng.choice(endings)
+    return text.encode(encoding), params, rows
+
+
+def csv_module_rows(path, params):
+    """What Python's csv module reads from the file with its known dialect."""
+    with open(path, newline="", encoding=params["encoding"]) as f:
+        rows = [row for row in csv.reader(f, delimiter=params["delimiter"]) if row]
+    return rows[0], rows[1:]
+
+
+def expected_table(header, rows, detect_types=True):
+    """Declared types and stored rows that the type rule asks for."""
+    width = len(header)
+    declared = [
+        reference_type([row[i] for row in rows if i < len(row)]) if detect_types else "TEXT"
+        for i in range(width)
+    ]
+    convert = {"INTEGER": int, "REAL": float, "TEXT": str}
+    stored = []
+    for row in rows:
+        out = []
+        for i in range(width):
+            if i >= len(row):
+                out.append(None)
+            elif row[i] == "" and declared[i] != "TEXT":
+                out.append(None)
+            else:
+                out.append(convert[declared[i]](row[i]))
+        stored.append(tuple(out))
+    return declared, stored
+
+
+def stored_table(conn, table):
+    info = list(conn.execute(f'pragma table_info("{table}")'))
+    names = [r[1] for r in info]
+    declared = [r[2] for r in info]
+    stored = [tuple(r) for r in conn.execute(f'select * from "{table}" order by rowid')]
+    return names, declared, stored
+
+
+def compare_import(params, header, rows, names, declared, stored, detect_types=True):
+    """The first difference between an import and the csv module's reading, or None."""
+    expected_declared, expected_stored = expected_table(header, rows, detect_types)
+    where = f"seed {params['seed']} file {params['index']} {params}"
+    if names != header:
+        return f"{where}: columns {names[:12]} (expected {header[:12]})"
+    if declared != expected_declared:
+        return f"{where}: types {declared} (expected {expected_declared})"
+    if len(stored) != len(expected_stored):
+        return f"{where}: {len(stored)} rows (expected {len(expected_stored)})"
+    for number, (got, want) in enumerate(zip(stored, expected_stored), 1):
+        if got != want or [type(v) for v in got] != [type(v) for v in want]:
+            return f"{where}: data row {number} stored {got!r} (expected {want!r})"
+    return None
+
+
+def check_generated_file(tmp_path, index, seed=CSV_SEED):
+    """Write one generated file; return it, its parameters and the csv module's reading."""
+    content, params, written = random_csv(seed, index)
+    path = tmp_path / f"f{index}.csv"
+    path.write_bytes(content)
+    header, rows = csv_module_rows(path, params)
+    # The generator and the csv module must agree before the engine is judged.
+    assert header == [f"c{i}" for i in range(params["width"])], params
+    assert rows == written, params
+    return path, params, header, rows
+
+
+def test_csv_engine_matches_csv_module_on_generated_files(tmp_path):
+    failures = []
+    for index in range(DIFFERENTIAL_FILES):
+        path, params, header, rows = check_generated_file(tmp_path, index)
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            table = engine_import(conn, path, path.stem)
+            problem = compare_import(params, header, rows, *stored_table(conn, table))
+        except Exception as e:
+            problem = f"seed {CSV_SEED} file {index} {params}: {type(e).__name__}: {e}"
+        finally:
+            conn.close()
+        path.unlink()
+        if problem:
+            failures.append(problem)
+    shown = "\n".join(failures[:10])
+    assert not failures, f"{len(failures)} of {DIFFERENTIAL_FILES} files differ:\n{shown}"
+
+
+async def test_open_csv_file_matches_csv_module_on_generated_files(ds, tmp_path):
+    failures = []
+    db = ds.get_database("temporary")
+    for index in range(DIFFERENTIAL_FILES, DIFFERENTIAL_FILES + DIFFERENTIAL_ENDPOINT_FILES):
+        path, params, header, rows = check_generated_file(tmp_path, index)
+        detect_types = index % 10 != 3
+        response = await post(ds, "/-/open-csv-file", {"path": str(path), "detect_types": detect_types})
+        if response.status_code != 200 or not response.json()["ok"]:
+            failures.append(f"seed {CSV_SEED} file {index} {params}: {response.status_code} {response.text}")
+            continue
+        table = response.json()["path"].split("/")[-1]
+        got = await db.execute_fn(lambda conn: stored_table(conn, table))
+        problem = compare_import(params, header, rows, *got, detect_types=detect_types)
+        if not problem and response.json()["rows"] != len(rows):
+            problem = f"seed {CSV_SEED} file {index} {params}: answered rows {response.json()['rows']}"
+        if problem:
+            failures.append(problem)
+        await db.execute_write(f'drop table "{table}"')
+    shown = "\n".join(failures[:10])
+    assert not failures, f"{len(failures)} of {DIFFERENTIAL_ENDPOINT_FILES} files differ:\n{shown}"
