@@ -1615,3 +1615,127 @@ async def test_open_csv_file_matches_csv_module_on_generated_files(ds, tmp_path)
         await db.execute_write(f'drop table "{table}"')
     shown = "\n".join(failures[:10])
     assert not failures, f"{len(failures)} of {DIFFERENTIAL_ENDPOINT_FILES} files differ:\n{shown}"
+
+
+# One test per defect in issue 9
+
+
+async def test_csv_repeated_zeros_stay_integer(ds, tmp_path):
+    _, types, stored = await import_bytes(ds, tmp_path, b"flag,count,x\n1,0,0.0\n0,0,0.0\n0,5,1.5\n")
+    assert types == {"flag": "INTEGER", "count": "INTEGER", "x": "REAL"}
+    assert stored == [(1, 0, 0.0), (0, 0, 0.0), (0, 5, 1.5)]
+
+
+@pytest.mark.parametrize("endpoint", ["/-/open-csv-file", "/-/import-csv-file"])
+async def test_csv_types_change_after_the_first_batch_of_a_large_file(ds, tmp_path, endpoint):
+    """Large enough that the staging database spills to disk before the change."""
+    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
+    path = tmp_path / "late.csv"
+    count = 150_000
+    with open(path, "w") as f:
+        f.write("id,count,score,name\n")
+        for i in range(count):
+            f.write(f"{i},{i % 7},{i * 3},name {i}\n")
+        f.write(f"{count},2.5,many,last\n")
+    body = {"path": str(path), **({"database": "target"} if "import" in endpoint else {})}
+    response = await post(ds, endpoint, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["rows"] == count + 1
+    database = response.json()["path"].split("/")[1]
+    db = ds.get_database(database)
+    types = await db.execute_fn(lambda conn: column_types(conn, "late"))
+    assert types == {"id": "INTEGER", "count": "REAL", "score": "TEXT", "name": "TEXT"}
+    first_last = await rows(ds, database, "select * from late where id in (0, 1, ?) order by id", [count])
+    assert first_last == [(0, 0.0, "0", "name 0"), (1, 1.0, "3", "name 1"), (count, 2.5, "many", "last")]
+
+
+LINE_ENDING_FILES = [
+    ("CR only", b"a,b\r1,x\r3,y\r"),
+    ("CR only, no final newline", b"a,b\r1,x\r3,y"),
+    ("mixed CR, LF and CRLF", b"a,b\r\n1,x\r3,y\n"),
+    ("mixed, tab-separated", b"a\tb\r1\tx\n3\ty\r\n"),
+    ("CR only with a quoted CR", b'a,b\r1,x\r3,"y"\r'),
+]
+
+
+@pytest.mark.parametrize("name,content", LINE_ENDING_FILES, ids=[f[0] for f in LINE_ENDING_FILES])
+async def test_csv_cr_and_mixed_line_endings(ds, tmp_path, name, content):
+    _, types, stored = await import_bytes(ds, tmp_path, content)
+    assert types == {"a": "INTEGER", "b": "TEXT"}
+    assert stored == [(1, "x"), (3, "y")]
+
+
+def _columns(count):
+    return ",".join(f"c{i}" for i in range(count)).encode() + b"\n"
+
+
+REFUSED_CSV = [
+    ("quote never closed, opened on line 2", b'a,b\n1,"oops\n3,4\n5,6\n7,8\n', r"\bline 2\b"),
+    ("quote never closed, opened after the first batch", b"a,b\n" + b"1,2\n" * 7000 + b'3,"oops\n' + b"5,6\n" * 10, r"\bline 7,?002\b"),
+    ("more than 2,000 columns", _columns(2001) + b",".join([b"1"] * 2001) + b"\n", r"\b2,?000\b"),
+    ("a row past 2,000 columns in the first batch", b"a,b\n1,2\n" + b",".join([b"1"] * 2001) + b"\n", r"\b2,?000\b"),
+    ("a row past 2,000 columns after the first batch", b"a,b\n" + b"1,2\n" * 7000 + b",".join([b"1"] * 2001) + b"\n", r"\b2,?000\b"),
+]
+
+
+@pytest.mark.parametrize("name,content,error", REFUSED_CSV, ids=[r[0] for r in REFUSED_CSV])
+async def test_csv_refused_with_a_clear_400(ds, tmp_path, name, content, error):
+    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
+    path = write(tmp_path / "bad.csv", content)
+    for endpoint, body in [
+        ("/-/open-csv-file", {"path": str(path)}),
+        ("/-/import-csv-file", {"path": str(path), "database": "target"}),
+    ]:
+        target_tables = await tables(ds, "target")
+        response = await assert_refused(ds, tmp_path, endpoint, body, 400, "")
+        assert re.search(error, response.json()["error"]), response.json()["error"]
+        assert await tables(ds, "target") == target_tables == []
+
+
+async def test_csv_two_thousand_columns_import(ds, tmp_path):
+    result, types, stored = await import_bytes(ds, tmp_path, _columns(2000) + b",".join([b"1"] * 2000) + b"\n")
+    assert len(types) == 2000 and stored == [(1,) * 2000]
+
+
+TRUNCATED_UTF8 = [
+    ("small", "city\nSão Paulo\nZürich 東".encode()[:-1], [("São Paulo",), ("Zürich \ufffd",)]),
+    (
+        "past the sniffed start",
+        ("city\n" + "São Paulo\n" * 20000 + "Zürich 東").encode()[:-2],
+        [("São Paulo",)] * 20000 + [("Zürich \ufffd",)],
+    ),
+]
+
+
+@pytest.mark.parametrize("name,content,expected", TRUNCATED_UTF8, ids=[t[0] for t in TRUNCATED_UTF8])
+async def test_csv_utf8_with_a_truncated_last_character(ds, tmp_path, name, content, expected):
+    result, types, stored = await import_bytes(ds, tmp_path, content)
+    assert list(types) == ["city"]
+    assert stored == expected
+
+
+@pytest.mark.parametrize("blank", [b"\n" * 20_000, b"\r\n" * 10_000, b" \n" * 10_000])
+async def test_csv_long_run_of_blank_lines_before_the_header(ds, tmp_path, blank):
+    _, types, stored = await import_bytes(ds, tmp_path, blank + b"a,b\n1,x\n")
+    assert types == {"a": "INTEGER", "b": "TEXT"}
+    assert stored == [(1, "x")]
+
+
+async def test_csv_nfd_file_name_gives_nfc_table_name(ds, tmp_path):
+    nfd = "cafe\u0301"
+    assert unicodedata.normalize("NFC", nfd) == "café" != nfd
+    path = write(tmp_path / (nfd + ".csv"), b"a\n1\n")
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert response.json()["ok"] is True
+    names = await tables(ds)
+    assert names == ["café"], ascii(names)
+    assert await rows(ds, "temporary", 'select a from "café"') == [(1,)]
+
+
+async def test_csv_nfc_and_nfd_file_names_give_two_distinct_nfc_tables(ds, tmp_path):
+    for folder, name in [("nfc", "café.csv"), ("nfd", "cafe\u0301.csv")]:
+        (tmp_path / folder).mkdir()
+        path = write(tmp_path / folder / name, b"a\n1\n")
+        assert (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()["ok"]
+    names = sorted(await tables(ds))
+    assert names == ["café", "café_2"], ascii(names)
