@@ -1,4 +1,5 @@
 import asyncio
+import csv
 import gzip
 import http.server
 import io
@@ -1352,3 +1353,437 @@ async def test_restored_temporary_lists_its_tables_on_the_first_request(ds, tmp_
     response = await post(ds, "/-/restore-temporary-from-file", {"path": str(backup)})
     assert response.json()["ok"] is True
     assert await listed_tables(ds, "temporary") == {"saved"}
+
+# The CSV engine checked against slow references (issue 9)
+#
+# reference_type is the type rule spelled out one value at a time; the engine's
+# batch-wide column_type must agree with it on generated columns. Then whole
+# random CSV files, generated from a fixed seed, are imported and every stored
+# cell is compared with what Python's csv module reads from the same file.
+
+import random
+import re
+import unicodedata
+
+REFERENCE_INTEGER = re.compile(r"-?(0|[1-9][0-9]{0,17})")
+REFERENCE_REAL = re.compile(r"-?(0|[1-9][0-9]*)?\.[0-9]*")
+
+
+def reference_value_type(value):
+    """The narrowest type for one non-empty value."""
+    if REFERENCE_INTEGER.fullmatch(value) and value != "-0":
+        return "INTEGER"
+    if REFERENCE_REAL.fullmatch(value) and re.search("[0-9]", value):
+        return "REAL"
+    return "TEXT"
+
+
+def reference_type(values):
+    """The declared type of a column: the widest of its values' types, TEXT when all are empty."""
+    kinds = {reference_value_type(v) for v in values if v is not None and v != ""}
+    for kind in ("TEXT", "REAL", "INTEGER"):
+        if kind in kinds:
+            return kind
+    return "TEXT"
+
+
+def test_reference_type_follows_the_rule():
+    integers = ["0", "5", "-5", "10", "123456789012345678", "-123456789012345678"]
+    reals = ["0.5", "-0.5", ".5", "-.5", "5.", "10.25", "0.0", "-0.0", "0.", "12345678901234567890.5"]
+    texts = [
+        "007", "00", "-0", "00.5", "01.5", "-00.5", ".", "-.", "-", "", "1e5", "+5", " 5", "5 ",
+        "1234567890123456789", "1.2.3", "1-2", "5-", "é", "١", "１", "0x10", "inf", "nan",
+    ]
+    for value in integers:
+        assert reference_type([value]) == "INTEGER", value
+    for value in reals:
+        assert reference_type([value]) == "REAL", value
+    for value in texts:
+        assert reference_type([value]) == "TEXT", value
+    assert reference_type(["1", "2.5"]) == "REAL"
+    assert reference_type(["1", "", None]) == "INTEGER"
+    assert reference_type(["1", "x", "2.5"]) == "TEXT"
+    assert reference_type(["1234567890123456789", "1.5"]) == "TEXT"
+    assert reference_type([None, ""]) == "TEXT"
+
+
+TYPE_SEED = 9_2026
+
+# Pieces a generated column is made of: the values that decide types.
+TYPE_ATOMS = [
+    "0", "0", "0", "1", "1", "-1", "7", "10", "-0", "00", "007", "0.0", "-0.0", "0.5", "-0.5",
+    ".5", "-.5", "5.", "0.", "00.5", "01.5", "10.25", "-10.25", ".", "-.", "-", "", "", "",
+    "1e5", "1E5", "+5", " 5", "5 ", "1.2.3", "1-2", "5-", "--5", "é", "x",
+    "9" * 18, "-" + "9" * 18, "1" + "0" * 17, "9" * 19, "-" + "9" * 19, "1" + "0" * 18,
+    "9" * 19 + ".5", "0" * 18, "0" + "9" * 17,
+]
+
+
+def random_type_atom(rng):
+    roll = rng.random()
+    if roll < 0.6:
+        return rng.choice(TYPE_ATOMS)
+    if roll < 0.8:
+        return str(rng.randint(-10**rng.randint(1, 19), 10**rng.randint(1, 19)))
+    sign = rng.choice(["", "", "-"])
+    whole = rng.choice(["", "0", "00", str(rng.randint(1, 10**6)), "0" + str(rng.randint(1, 99))])
+    return sign + whole + rng.choice([".", ".", ""]) + rng.choice(["", "0", str(rng.randint(0, 10**4))])
+
+
+def generated_type_columns(seed=TYPE_SEED, count=20_000):
+    rng = random.Random(seed)
+    for _ in range(count):
+        shape = rng.random()
+        length = rng.choice([1, 1, 2, 2, 3, 4, 5, 8, 20])
+        if shape < 0.15:  # one repeated value: "0", "0", ...
+            column = [rng.choice(TYPE_ATOMS)] * length
+        elif shape < 0.3:  # 0/1 flags with blanks
+            column = [rng.choice(["0", "1", "0", ""]) for _ in range(length)]
+        else:
+            column = [random_type_atom(rng) for _ in range(length)]
+        yield column
+
+
+@pytest.mark.parametrize(
+    "values", [["0", "0"], ["0.0", "0.0"], ["1", "0", "0"], ["0", "0", "1.5"], ["-0.5", "-0.5"]]
+)
+def test_column_type_repeated_zeros(values):
+    assert app_support.column_type(values) == reference_type(values)
+
+
+def test_column_type_matches_reference_on_generated_columns():
+    wrong = []
+    for column in generated_type_columns():
+        got = app_support.column_type(column) or "TEXT"  # None: every value empty
+        if got != reference_type(column):
+            wrong.append((column, got, reference_type(column)))
+    shown = "\n".join(f"{c!r}: column_type {g}, reference {r}" for c, g, r in wrong[:15])
+    assert not wrong, f"{len(wrong)} of 20,000 columns (seed {TYPE_SEED}) differ:\n{shown}"
+
+
+CSV_SEED = 9_9_2026
+DIFFERENTIAL_FILES = 3000  # through engine_import
+DIFFERENTIAL_ENDPOINT_FILES = 300  # through POST /-/open-csv-file
+LINE_ENDINGS = {"LF": ["\n"], "CRLF": ["\r\n"], "CR": ["\r"], "mixed": ["\n", "\r\n", "\r"]}
+UNICODE_WORDS = ["São Paulo", "東京", "naïve", "emoji 😀", "e\u0301", "Ελλάδα", "\u2028sep", "tab\there"]
+# Non-ASCII letters that cp1252 encodes at 0xC0-0xFF: no UTF-8 continuation
+# bytes, so a cp1252 file is never accidentally valid UTF-8.
+LATIN_WORDS = ["café", "Zürich", "Ærø", "niño", "façade", "Øst", "ÀÉÎ"]
+
+
+def engine_import(conn, path, table, detect_types=True):
+    """Import through the engine's pure function; return the table it created."""
+    return app_support.import_csv(conn, str(path), table, detect_types=detect_types).table
+
+
+def random_cell(rng, kind, delimiter, latin):
+    """One cell of a column whose values are mostly of the given kind."""
+    if rng.random() < 0.12:
+        return ""
+    if rng.random() < 0.03:  # a stray value of any kind
+        kind = rng.choice(["int", "real", "zip", "flag", "count", "text", "awkward"])
+    if kind == "int":
+        return str(rng.randint(-10**rng.randint(1, 18) + 1, 10**rng.randint(1, 18) - 1))
+    if kind == "real":
+        return rng.choice(["", "-"]) + rng.choice(["0", str(rng.randint(1, 99999)), ""]) + "." + str(rng.randint(0, 999))
+    if kind == "zip":
+        return f"{rng.randint(0, 99999):05d}"
+    if kind == "flag":
+        return rng.choice("01")
+    if kind == "count":
+        return "0" if rng.random() < 0.5 else str(rng.randint(1, 500))
+    if kind == "text":
+        words = LATIN_WORDS if latin else UNICODE_WORDS + LATIN_WORDS
+        return rng.choice(["alpha", "beta gamma", rng.choice(words), f"item {rng.randint(0, 99)}"])
+    # awkward: quotes, delimiters and line breaks inside the cell, numbers-ish text
+    return rng.choice([
+        'say "hi"', '"', '""', "a,b", "a;b", "a|b", "a\tb", f"x{delimiter}y", "line\nbreak",
+        "cr\rbreak", "crlf\r\nbreak", "\n", " ", "1e5", "+5", " 5", "007", "-0", "0.0", ".", "NULL",
+    ])
+
+
+def render_cell(cell, delimiter, quote_all):
+    if quote_all or any(c in cell for c in (delimiter, '"', "\r", "\n")):
+        return '"' + cell.replace('"', '""') + '"'
+    return cell
+
+
+def random_csv(seed, index):
+    """A random CSV file as bytes, the parameters that made it, and its rows as written."""
+    rng = random.Random(f"{seed}:{index}")
+    encoding = rng.choice(["utf-8", "utf-8", "utf-8-sig", "utf-16", "cp1252"])
+    params = {
+        "seed": seed,
+        "index": index,
+        "delimiter": rng.choice([",", "\t", ";", "|"]),
+        "quoting": rng.choice(["minimal", "minimal", "all"]),
+        "line_ending": rng.choice(list(LINE_ENDINGS)),
+        "encoding": encoding,
+        "width": rng.choice([2, 2, 3, 4, 6, 10]),
+        "rows": rng.choice([0, 1, 2, 3, 5, 10, 30, 100]) if index % 300 != 17 else 6000 + rng.randint(0, 500),
+        "ragged": rng.random() < 0.3,
+        "trailing_newline": rng.random() < 0.85,
+        "blank_lines": rng.random() < 0.15,
+    }
+    kinds = [rng.choice(["int", "real", "zip", "flag", "count", "text", "awkward"]) for _ in range(params["width"])]
+    params["kinds"] = kinds
+    latin = encoding == "cp1252"
+    header = [f"c{i}" for i in range(params["width"])]
+    rows = []
+    for _ in range(params["rows"]):
+        row = [random_cell(rng, kind, params["delimiter"], latin) for kind in kinds]
+        if params["ragged"] and rng.random() < 0.2:
+            row = row[: rng.randint(1, len(row) - 1)]
+        rows.append(row)
+    # A late type change: the last row of a long file breaks a number column.
+    if params["rows"] > 5000 and rng.random() < 0.7:
+        rows[-1] = [random_cell(rng, "awkward", params["delimiter"], latin) for _ in kinds]
+    if latin:
+        rows.append([rng.choice(LATIN_WORDS) for _ in kinds])  # make cp1252 matter
+    endings = LINE_ENDINGS[params["line_ending"]]
+    lines = [params["delimiter"].join(render_cell(c, params["delimiter"], params["quoting"] == "all") for c in header)]
+    for row in rows:
+        if params["blank_lines"] and rng.random() < 0.1:
+            lines.append("")
+        if len(row) == 1 and row[0] == "":
+            lines.append('""')  # an unquoted lone empty cell would be a blank line
+        else:
+            lines.append(params["delimiter"].join(render_cell(c, params["delimiter"], params["quoting"] == "all") for c in row))
+    text = ""
+    for number, line in enumerate(lines):
+        if number or text:
+            text += rng.choice(endings)
+        text += line
+    if params["trailing_newline"]:
+        text += rng.choice(endings)
+    return text.encode(encoding), params, rows
+
+
+def csv_module_rows(path, params):
+    """What Python's csv module reads from the file with its known dialect."""
+    with open(path, newline="", encoding=params["encoding"]) as f:
+        rows = [row for row in csv.reader(f, delimiter=params["delimiter"]) if row]
+    return rows[0], rows[1:]
+
+
+def expected_table(header, rows, detect_types=True):
+    """Declared types and stored rows that the type rule asks for."""
+    width = len(header)
+    declared = [
+        reference_type([row[i] for row in rows if i < len(row)]) if detect_types else "TEXT"
+        for i in range(width)
+    ]
+    convert = {"INTEGER": int, "REAL": float, "TEXT": str}
+    stored = []
+    for row in rows:
+        out = []
+        for i in range(width):
+            if i >= len(row):
+                out.append(None)
+            elif row[i] == "" and declared[i] != "TEXT":
+                out.append(None)
+            else:
+                out.append(convert[declared[i]](row[i]))
+        stored.append(tuple(out))
+    return declared, stored
+
+
+def stored_table(conn, table):
+    info = list(conn.execute(f'pragma table_info("{table}")'))
+    names = [r[1] for r in info]
+    declared = [r[2] for r in info]
+    stored = [tuple(r) for r in conn.execute(f'select * from "{table}" order by rowid')]
+    return names, declared, stored
+
+
+def compare_import(params, header, rows, names, declared, stored, detect_types=True):
+    """The first difference between an import and the csv module's reading, or None."""
+    expected_declared, expected_stored = expected_table(header, rows, detect_types)
+    where = f"seed {params['seed']} file {params['index']} {params}"
+    if names != header:
+        return f"{where}: columns {names[:12]} (expected {header[:12]})"
+    if declared != expected_declared:
+        return f"{where}: types {declared} (expected {expected_declared})"
+    if len(stored) != len(expected_stored):
+        return f"{where}: {len(stored)} rows (expected {len(expected_stored)})"
+    for number, (got, want) in enumerate(zip(stored, expected_stored), 1):
+        if got != want or [type(v) for v in got] != [type(v) for v in want]:
+            return f"{where}: data row {number} stored {got!r} (expected {want!r})"
+    return None
+
+
+def check_generated_file(tmp_path, index, seed=CSV_SEED):
+    """Write one generated file; return it, its parameters and the csv module's reading."""
+    content, params, written = random_csv(seed, index)
+    path = tmp_path / f"f{index}.csv"
+    path.write_bytes(content)
+    header, rows = csv_module_rows(path, params)
+    # The generator and the csv module must agree before the engine is judged.
+    assert header == [f"c{i}" for i in range(params["width"])], params
+    assert rows == written, params
+    return path, params, header, rows
+
+
+def test_csv_engine_matches_csv_module_on_generated_files(tmp_path):
+    failures = []
+    for index in range(DIFFERENTIAL_FILES):
+        path, params, header, rows = check_generated_file(tmp_path, index)
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            table = engine_import(conn, path, path.stem)
+            problem = compare_import(params, header, rows, *stored_table(conn, table))
+        except Exception as e:
+            problem = f"seed {CSV_SEED} file {index} {params}: {type(e).__name__}: {e}"
+        finally:
+            conn.close()
+        path.unlink()
+        if problem:
+            failures.append(problem)
+    shown = "\n".join(failures[:10])
+    assert not failures, f"{len(failures)} of {DIFFERENTIAL_FILES} files differ:\n{shown}"
+
+
+async def test_open_csv_file_matches_csv_module_on_generated_files(ds, tmp_path):
+    failures = []
+    db = ds.get_database("temporary")
+    for index in range(DIFFERENTIAL_FILES, DIFFERENTIAL_FILES + DIFFERENTIAL_ENDPOINT_FILES):
+        path, params, header, rows = check_generated_file(tmp_path, index)
+        detect_types = index % 10 != 3
+        response = await post(ds, "/-/open-csv-file", {"path": str(path), "detect_types": detect_types})
+        if response.status_code != 200 or not response.json()["ok"]:
+            failures.append(f"seed {CSV_SEED} file {index} {params}: {response.status_code} {response.text}")
+            continue
+        table = response.json()["path"].split("/")[-1]
+        got = await db.execute_fn(lambda conn: stored_table(conn, table))
+        problem = compare_import(params, header, rows, *got, detect_types=detect_types)
+        if not problem and response.json()["rows"] != len(rows):
+            problem = f"seed {CSV_SEED} file {index} {params}: answered rows {response.json()['rows']}"
+        if problem:
+            failures.append(problem)
+        await db.execute_write(f'drop table "{table}"')
+    shown = "\n".join(failures[:10])
+    assert not failures, f"{len(failures)} of {DIFFERENTIAL_ENDPOINT_FILES} files differ:\n{shown}"
+
+
+# One test per defect in issue 9
+
+
+async def test_csv_repeated_zeros_stay_integer(ds, tmp_path):
+    _, types, stored = await import_bytes(ds, tmp_path, b"flag,count,x\n1,0,0.0\n0,0,0.0\n0,5,1.5\n")
+    assert types == {"flag": "INTEGER", "count": "INTEGER", "x": "REAL"}
+    assert stored == [(1, 0, 0.0), (0, 0, 0.0), (0, 5, 1.5)]
+
+
+@pytest.mark.parametrize("endpoint", ["/-/open-csv-file", "/-/import-csv-file"])
+async def test_csv_types_change_after_the_first_batch_of_a_large_file(ds, tmp_path, endpoint):
+    """Large enough that the staging database spills to disk before the change."""
+    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
+    path = tmp_path / "late.csv"
+    count = 150_000
+    with open(path, "w") as f:
+        f.write("id,count,score,name\n")
+        for i in range(count):
+            f.write(f"{i},{i % 7},{i * 3},name {i}\n")
+        f.write(f"{count},2.5,many,last\n")
+    body = {"path": str(path), **({"database": "target"} if "import" in endpoint else {})}
+    response = await post(ds, endpoint, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["rows"] == count + 1
+    database = response.json()["path"].split("/")[1]
+    db = ds.get_database(database)
+    types = await db.execute_fn(lambda conn: column_types(conn, "late"))
+    assert types == {"id": "INTEGER", "count": "REAL", "score": "TEXT", "name": "TEXT"}
+    first_last = await rows(ds, database, "select * from late where id in (0, 1, ?) order by id", [count])
+    assert first_last == [(0, 0.0, "0", "name 0"), (1, 1.0, "3", "name 1"), (count, 2.5, "many", "last")]
+
+
+LINE_ENDING_FILES = [
+    ("CR only", b"a,b\r1,x\r3,y\r"),
+    ("CR only, no final newline", b"a,b\r1,x\r3,y"),
+    ("mixed CR, LF and CRLF", b"a,b\r\n1,x\r3,y\n"),
+    ("mixed, tab-separated", b"a\tb\r1\tx\n3\ty\r\n"),
+    ("CR only with a quoted CR", b'a,b\r1,x\r3,"y"\r'),
+]
+
+
+@pytest.mark.parametrize("name,content", LINE_ENDING_FILES, ids=[f[0] for f in LINE_ENDING_FILES])
+async def test_csv_cr_and_mixed_line_endings(ds, tmp_path, name, content):
+    _, types, stored = await import_bytes(ds, tmp_path, content)
+    assert types == {"a": "INTEGER", "b": "TEXT"}
+    assert stored == [(1, "x"), (3, "y")]
+
+
+def _columns(count):
+    return ",".join(f"c{i}" for i in range(count)).encode() + b"\n"
+
+
+REFUSED_CSV = [
+    ("quote never closed, opened on line 2", b'a,b\n1,"oops\n3,4\n5,6\n7,8\n', r"\bline 2\b"),
+    ("quote never closed, opened after the first batch", b"a,b\n" + b"1,2\n" * 7000 + b'3,"oops\n' + b"5,6\n" * 10, r"\bline 7,?002\b"),
+    ("more than 2,000 columns", _columns(2001) + b",".join([b"1"] * 2001) + b"\n", r"\b2,?000\b"),
+    ("a row past 2,000 columns in the first batch", b"a,b\n1,2\n" + b",".join([b"1"] * 2001) + b"\n", r"\b2,?000\b"),
+    ("a row past 2,000 columns after the first batch", b"a,b\n" + b"1,2\n" * 7000 + b",".join([b"1"] * 2001) + b"\n", r"\b2,?000\b"),
+]
+
+
+@pytest.mark.parametrize("name,content,error", REFUSED_CSV, ids=[r[0] for r in REFUSED_CSV])
+async def test_csv_refused_with_a_clear_400(ds, tmp_path, name, content, error):
+    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
+    path = write(tmp_path / "bad.csv", content)
+    for endpoint, body in [
+        ("/-/open-csv-file", {"path": str(path)}),
+        ("/-/import-csv-file", {"path": str(path), "database": "target"}),
+    ]:
+        target_tables = await tables(ds, "target")
+        response = await assert_refused(ds, tmp_path, endpoint, body, 400, "")
+        assert re.search(error, response.json()["error"]), response.json()["error"]
+        assert await tables(ds, "target") == target_tables == []
+
+
+async def test_csv_two_thousand_columns_import(ds, tmp_path):
+    result, types, stored = await import_bytes(ds, tmp_path, _columns(2000) + b",".join([b"1"] * 2000) + b"\n")
+    assert len(types) == 2000 and stored == [(1,) * 2000]
+
+
+TRUNCATED_UTF8 = [
+    ("small", "city\nSão Paulo\nZürich 東".encode()[:-1], [("São Paulo",), ("Zürich \ufffd",)]),
+    (
+        "past the sniffed start",
+        ("city\n" + "São Paulo\n" * 20000 + "Zürich 東").encode()[:-2],
+        [("São Paulo",)] * 20000 + [("Zürich \ufffd",)],
+    ),
+]
+
+
+@pytest.mark.parametrize("name,content,expected", TRUNCATED_UTF8, ids=[t[0] for t in TRUNCATED_UTF8])
+async def test_csv_utf8_with_a_truncated_last_character(ds, tmp_path, name, content, expected):
+    result, types, stored = await import_bytes(ds, tmp_path, content)
+    assert list(types) == ["city"]
+    assert stored == expected
+
+
+@pytest.mark.parametrize("blank", [b"\n" * 20_000, b"\r\n" * 10_000, b" \n" * 10_000])
+async def test_csv_long_run_of_blank_lines_before_the_header(ds, tmp_path, blank):
+    _, types, stored = await import_bytes(ds, tmp_path, blank + b"a,b\n1,x\n")
+    assert types == {"a": "INTEGER", "b": "TEXT"}
+    assert stored == [(1, "x")]
+
+
+async def test_csv_nfd_file_name_gives_nfc_table_name(ds, tmp_path):
+    nfd = "cafe\u0301"
+    assert unicodedata.normalize("NFC", nfd) == "café" != nfd
+    path = write(tmp_path / (nfd + ".csv"), b"a\n1\n")
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert response.json()["ok"] is True
+    names = await tables(ds)
+    assert names == ["café"], ascii(names)
+    assert await rows(ds, "temporary", 'select a from "café"') == [(1,)]
+
+
+async def test_csv_nfc_and_nfd_file_names_give_two_distinct_nfc_tables(ds, tmp_path):
+    for folder, name in [("nfc", "café.csv"), ("nfd", "cafe\u0301.csv")]:
+        (tmp_path / folder).mkdir()
+        path = write(tmp_path / folder / name, b"a\n1\n")
+        assert (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()["ok"]
+    names = sorted(await tables(ds))
+    assert names == ["café", "café_2"], ascii(names)

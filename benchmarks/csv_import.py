@@ -1,15 +1,24 @@
 """Time app_support's CSV import against the sqlite3 shell's .import.
 
-Run by hand, never in CI:
+Run by hand, never in CI, with the interpreter whose Datasette you want to
+measure:
 
     python benchmarks/csv_import.py [--rows 1000000] [--runs 3]
+    python benchmarks/csv_import.py --rss-sweep     # peak RSS at 100k, 1M, 5M rows
 
-It writes a CSV of mixed-type columns with quoted cells and non-ASCII text,
-then times, median of --runs:
-  - `sqlite3 file.db ".import --csv data.csv t"`;
-  - POST /-/import-csv-file into a file database, in-process via datasette.client,
-    with type detection on;
-and prints both, their ratio, and the plugin's peak RSS (a fresh process per run).
+It writes a CSV shaped like files people really open (see COLUMNS: 0/1
+flags, counts that are mostly zero, blank cells in number columns, codes
+with leading zeros, decimals, short text with non-ASCII and quoted commas,
+and a column that turns from numbers to text after 90% of the rows), then
+times, median of --runs, each plugin run in a fresh process:
+  - `sqlite3 file.db ".import --csv data.csv t"`, which types every column
+    TEXT: the baseline;
+  - POST /-/import-csv-file into a file database, types detected;
+  - POST /-/open-csv-file into `temporary`, types detected.
+After each plugin import it checks the declared types and the row count
+against what the file was built to contain, so a fast figure cannot come
+from a wrong import; a run that fails the check is reported as such and
+the script exits non-zero.
 """
 
 import argparse
@@ -27,18 +36,41 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-WORDS = ["alpha", "beta", "São Paulo", "Zürich", "naïve café", "東京", "comma, inside", 'say "hi"', "multi\nline"]
+TOKEN = "benchmark"
+TEXT = ["alpha", "beta", "São Paulo", "Zürich", "naïve café", "東京", "Smith, John", 'say "hi"', "Ørsted, Inc."]
+
+# name, intended declared type, what the column holds
+COLUMNS = [
+    ("id", "INTEGER", "row number"),
+    ("active", "INTEGER", "0/1 flag"),
+    ("visits", "INTEGER", "count, 40% '0', 5% blank"),
+    ("rating", "INTEGER", "1-5, 20% blank"),
+    ("zip", "TEXT", "5-digit code with leading zeros, e.g. 01234"),
+    ("price", "REAL", "decimal with 2 places, 10% blank"),
+    ("city", "TEXT", "short text, some non-ASCII, some quoted commas"),
+    ("note", "TEXT", "short text with a number, some quoted commas and quotes"),
+    ("late", "TEXT", "integers for the first 90% of rows, then words"),
+]
 
 
 def write_csv(path, rows):
-    random.seed(1)
+    rng = random.Random(1)
+    turn = rows * 9 // 10
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
-        writer.writerow(["id", "name", "score", "zip", "city", "amount", "note"])
+        writer.writerow([name for name, _, _ in COLUMNS])
         for i in range(rows):
+            r = rng.random()
             writer.writerow([
-                i, f"name {i}", random.randint(-1000, 100000), f"{random.randint(0, 99999):05d}",
-                random.choice(WORDS), f"{random.random() * 10000:.2f}", random.choice(WORDS) + f" #{i}",
+                i,
+                1 if r < 0.3 else 0,
+                "" if r > 0.95 else ("0" if rng.random() < 0.42 else rng.randint(1, 5000)),
+                "" if rng.random() < 0.2 else rng.randint(1, 5),
+                f"{rng.randint(0, 99999):05d}",
+                "" if r > 0.9 else f"{rng.random() * 1000:.2f}",
+                rng.choice(TEXT),
+                f"{rng.choice(TEXT)} #{i}",
+                rng.randint(0, 100000) if i < turn else rng.choice(TEXT),
             ])
 
 
@@ -50,16 +82,26 @@ def time_shell(csv_path, folder):
     return time.perf_counter() - start
 
 
-def time_plugin(csv_path, folder):
+def time_plugin(csv_path, folder, target):
     """Run one import in a fresh process so peak RSS is the import's own."""
     out = subprocess.run(
-        [sys.executable, __file__, "--child", str(csv_path), folder],
-        check=True, capture_output=True, text=True,
+        [sys.executable, __file__, "--child", target, str(csv_path), folder],
+        capture_output=True, text=True,
     )
+    if out.returncode:
+        return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
     return json.loads(out.stdout)
 
 
-def child(csv_path, folder):
+def _rss_mb(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def child(target, csv_path, folder):
     sys.path.insert(0, str(HERE.parent))
     import sqlite3
 
@@ -70,50 +112,123 @@ def child(csv_path, folder):
 
     if not pm.is_registered(app_support):
         pm.register(app_support, name="app_support")
-    os.environ["DATASETTE_API_TOKEN"] = "benchmark"
-    db_path = Path(folder) / "plugin.db"
-    db_path.unlink(missing_ok=True)
-    sqlite3.connect(db_path).execute("vacuum")
+    os.environ["DATASETTE_API_TOKEN"] = TOKEN
 
     async def run():
-        ds = Datasette([str(db_path)])
+        if target == "file":
+            db_path = Path(folder) / "plugin.db"
+            db_path.unlink(missing_ok=True)
+            sqlite3.connect(db_path).execute("vacuum")
+            ds = Datasette([str(db_path)])
+            endpoint, body = "/-/import-csv-file", {"path": csv_path, "database": "plugin"}
+        else:
+            ds = Datasette(memory=True)
+            endpoint, body = "/-/open-csv-file", {"path": csv_path}
         await ds.invoke_startup()
-        body = json.dumps({"path": csv_path, "database": "plugin"})
+        before_mb = _rss_mb("VmRSS")
         start = time.perf_counter()
         response = await ds.client.post(
-            "/-/import-csv-file", content=body, headers={"Authorization": "Bearer benchmark"}
+            endpoint, content=json.dumps(body), headers={"Authorization": f"Bearer {TOKEN}"}
         )
         elapsed = time.perf_counter() - start
-        assert response.json()["ok"], response.text
-        return elapsed, response.json()["rows"]
+        data = response.json()
+        if not data.get("ok"):
+            return {"error": f"{response.status_code} {data.get('error')}"}
+        database, table = data["path"].split("/")[1:3]
+        db = ds.get_database(database)
+        info = (await db.execute(f'pragma table_info("{table}")')).rows
+        count = (await db.execute(f'select count(*) from "{table}"')).rows[0][0]
+        return {
+            "seconds": elapsed,
+            "rows": count,
+            "types": {row[1]: row[2] for row in info},
+            "rss_before_mb": before_mb,
+        }
 
-    elapsed, rows = asyncio.run(run())
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"seconds": elapsed, "rows": rows, "peak_rss_mb": peak_kb / 1024}))
+    result = asyncio.run(run())
+    result["peak_rss_mb"] = _rss_mb("VmHWM")
+    print(json.dumps(result))
+
+
+def check(result, rows):
+    """What is wrong with an import, or None."""
+    if "error" in result:
+        return "failed: " + result["error"]
+    intended = {name: kind for name, kind, _ in COLUMNS}
+    wrong = [f"{c} {result['types'].get(c)} (intended {k})" for c, k in intended.items() if result["types"].get(c) != k]
+    if wrong or result["rows"] != rows:
+        return f"WRONG IMPORT: {result['rows']:,} rows; " + ", ".join(wrong)
+    return None
+
+
+def describe(csv_path, rows):
+    import datasette.version
+
+    print(f"Datasette {datasette.version.__version__}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs")
+    print(f"CSV: {rows:,} rows, {len(COLUMNS)} columns, {csv_path.stat().st_size / 1e6:.1f} MB")
+    for name, kind, what in COLUMNS:
+        print(f"  {name:<8} {kind:<8} {what}")
+
+
+def benchmark(rows, runs):
+    problems = []
+    with tempfile.TemporaryDirectory() as folder:
+        csv_path = Path(folder) / "data.csv"
+        write_csv(csv_path, rows)
+        describe(csv_path, rows)
+        shell_s = statistics.median(time_shell(csv_path, folder) for _ in range(runs))
+        print(f"sqlite3 .import --csv (all TEXT):    {shell_s:7.2f} s (median of {runs})")
+        for target, label in [("file", "/-/import-csv-file, file db"), ("temporary", "/-/open-csv-file, temporary")]:
+            results = [time_plugin(str(csv_path), folder, target) for _ in range(runs)]
+            wrong = [w for w in (check(r, rows) for r in results) if w]
+            good = [r for r in results if "error" not in r]
+            line = f"{label + ':':<37}"
+            if good:
+                seconds = statistics.median(r["seconds"] for r in good)
+                peak = max(r["peak_rss_mb"] for r in good)
+                line += f"{seconds:7.2f} s = {seconds / shell_s:.2f}x the shell, peak RSS {peak:.0f} MB"
+            print(line + (f"  [{wrong[0]}]" if wrong else "  [types and rows as intended]"))
+            problems += wrong
+    return problems
+
+
+def rss_sweep(sizes):
+    problems = []
+    print("Peak RSS of the plugin process (one run each; RSS before the import in brackets)")
+    for rows in sizes:
+        with tempfile.TemporaryDirectory() as folder:
+            csv_path = Path(folder) / "data.csv"
+            write_csv(csv_path, rows)
+            line = f"{rows:>10,} rows, {csv_path.stat().st_size / 1e6:6.0f} MB:"
+            for target in ("file", "temporary"):
+                result = time_plugin(str(csv_path), folder, target)
+                wrong = check(result, rows)
+                problems += [wrong] if wrong else []
+                if "error" in result:
+                    line += f"  {target} {wrong}"
+                else:
+                    line += f"  {target} {result['peak_rss_mb']:.0f} MB ({result['rss_before_mb']:.0f})"
+                    line += f" {result['seconds']:.1f} s" + (" WRONG TYPES" if wrong else "")
+            print(line, flush=True)
+    return problems
 
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--child", nargs=2)
+    parser.add_argument("--rss-sweep", action="store_true", help="peak RSS at 100k, 1M and 5M rows")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
-    with tempfile.TemporaryDirectory() as folder:
-        csv_path = Path(folder) / "data.csv"
-        write_csv(csv_path, args.rows)
-        size_mb = csv_path.stat().st_size / 1e6
-        shell = [time_shell(csv_path, folder) for _ in range(args.runs)]
-        plugin = [time_plugin(str(csv_path), folder) for _ in range(args.runs)]
-    shell_s = statistics.median(shell)
-    plugin_s = statistics.median(p["seconds"] for p in plugin)
-    print(f"CSV: {args.rows:,} rows, 7 columns, {size_mb:.1f} MB")
-    print(f"sqlite3 .import --csv:   {shell_s:.2f} s (median of {args.runs})")
-    print(f"app_support import:      {plugin_s:.2f} s (median of {args.runs}, types detected)")
-    print(f"ratio:                   {plugin_s / shell_s:.2f}x")
-    print(f"plugin peak RSS:         {max(p['peak_rss_mb'] for p in plugin):.0f} MB")
+    if args.rss_sweep:
+        problems = rss_sweep([100_000, 1_000_000, 5_000_000])
+    else:
+        problems = benchmark(args.rows, args.runs)
+    if problems:
+        sys.exit("Some imports were wrong, so their figures do not count.")
 
 
 if __name__ == "__main__":
