@@ -9,6 +9,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -1303,3 +1304,212 @@ async def test_import_progress_authentication(ds):
         assert_error(response, status, "")
     response = await ds.client.post("/-/import-progress", headers={"Authorization": f"Bearer {TOKEN}"})
     assert_error(response, 405, "Use GET")
+
+
+# Faults and hostile input: nothing lost, every failure a JSON sentence
+
+
+def work_folders(folder):
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith("app_support_"))
+
+
+@pytest.fixture
+def temp_dir(tmp_path, monkeypatch):
+    """tempfile.gettempdir() as a fresh folder, to see what downloads leave behind."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tiny file system of its own (tmpfs), so a full disk never touches the real one."""
+    mounts = []
+
+    def mount(name="small", size="2m"):
+        folder = tmp_path / name
+        folder.mkdir()
+        if os.geteuid() != 0 or not shutil.which("mount"):
+            pytest.skip("a small disk needs root to mount a tmpfs")
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"could not mount a tmpfs: {result.stderr.strip()}")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounts):
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def read_only(folder):
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+
+
+async def with_settings(**settings):
+    ds = Datasette(memory=True, metadata={"plugins": {"app_support": settings}})
+    await ds.invoke_startup()
+    return ds
+
+
+LONG = "a" * 300_000
+
+
+@pytest.mark.parametrize(
+    "endpoint,body,status,error",
+    [
+        ("/-/open-csv-file", b'{"path": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
+        ("/-/open-csv-file", b"[" * 100_000, 400, "nested too deeply"),
+        ("/-/open-csv-file", lambda: b'{"path": "' + b"x" * 100_000_000 + b'"}', 413, "larger than 2 MB"),
+        ("/-/open-csv-file", {"path": "/" + LONG}, 400, "File not found: /aaa"),
+        ("/-/open-csv-from-url", {"url": "ftp://" + LONG}, 400, "Only http:// and https://"),
+        ("/-/open-csv-from-url", {"url": "http://127.0.0.1:9/" + LONG}, 400, "Could not download"),
+        ("/-/open-csv-file", {"path": "/tmp/\ud800.csv"}, 400, "path contains a lone surrogate"),
+        ("/-/dump-temporary-to-file", {"path": "/tmp/\udfff.db"}, 400, "path contains a lone surrogate"),
+        ("/-/open-csv-from-url", {"url": "http://127.0.0.1:9/x.csv", "table_name": "a\ud800"}, 400, "table_name contains a lone surrogate"),
+        ("/-/import-csv-file", {"path": "/tmp/x.csv", "database": "\ud800"}, 400, "database contains a lone surrogate"),
+    ],
+    ids=["deep object", "deep array", "100 MB body", "long path", "long url", "long http url",
+         "surrogate path", "surrogate dump path", "surrogate table name", "surrogate database"],
+)
+async def test_hostile_bodies_are_short_json_sentences(ds, tmp_path, endpoint, body, status, error):
+    if callable(body):
+        body = body()  # built here, not held for the whole session
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()  # ensure_ascii: lone surrogates as \ud800 escapes
+    response = await assert_refused(ds, tmp_path, endpoint, body, status, error)
+    assert len(response.content) < 1000
+    if len(body) > 300_000 and status == 400:
+        assert "…" in response.json()["error"]
+
+
+async def test_open_csv_from_url_encodes_non_ascii_as_a_browser_does(ds, server):
+    base, routes = server
+    routes["/caf%C3%A9%20menu.csv"] = (200, {}, CSV_BODY)
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + "/café menu.csv"})
+    assert response.json() == {"ok": True, "path": ds.urls.table("temporary", "café menu"), "rows": 2}
+    assert app_support._check_url("https://bücher.example/ä.csv?q=é") == (
+        "https://xn--bcher-kva.example/%C3%A4.csv?q=%C3%A9"
+    )
+
+
+def gzip_bomb(megabytes):
+    """A small gzip stream that expands to megabytes of one repeated CSV line."""
+    line = b"0,0,0,0,0,0,0,0,0,0,0,0,0,0,0\n"
+    block = line * (1024 * 1024 // len(line))
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9) as out:
+        out.write(b"a,b,c,d,e,f,g,h,i,j,k,l,m,n,o\n")
+        for _ in range(megabytes):
+            out.write(block)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bombs():
+    gz = gzip_bomb(64)  # 64 MB from a few hundred KB: bounded even if nothing stops it
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("bomb.csv", "w") as member:
+            member.write(gzip.decompress(gz))
+    return {"gz": gz, "zip": buffer.getvalue()}
+
+
+@pytest.mark.parametrize("kind", ["gz file", "gzip encoding", "zip file"])
+async def test_open_csv_from_url_refuses_decompression_bombs(ds, server, temp_dir, bombs, kind):
+    base, routes = server
+    url_path, route = {
+        "gz file": ("/bomb.csv.gz", (200, {}, bombs["gz"])),
+        "gzip encoding": ("/bomb.csv", (200, {"Content-Encoding": "gzip"}, bombs["gz"])),
+        "zip file": ("/bomb.zip", (200, {}, bombs["zip"])),
+    }[kind]
+    routes[url_path] = route
+    start = time.monotonic()
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + url_path})
+    assert_error(response, 400, "decompression bomb")
+    assert time.monotonic() - start < 10
+    assert await tables(ds) == [] and work_folders(temp_dir) == []
+
+
+def endless(chunked):
+    """A route that sends CSV rows for ever: until 64 MB, as the test's own safety stop."""
+
+    def route(handler):
+        def body(wfile):
+            row = b"1,2,3\n" * 10_000
+            wfile.write((b"%x\r\n" % 6 + b"a,b,c\n\r\n") if chunked else b"a,b,c\n")
+            for _ in range(64 * 1024 * 1024 // len(row)):
+                try:
+                    wfile.write((b"%x\r\n" % len(row) + row + b"\r\n") if chunked else row)
+                except OSError:
+                    return
+            handler.close_connection = True
+
+        return 200, {"Transfer-Encoding": "chunked"} if chunked else {}, body
+
+    return route
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "until closed"])
+async def test_open_csv_from_url_endless_body_stops_at_size_limit(server, temp_dir, chunked):
+    base, routes = server
+    routes["/endless.csv"] = endless(chunked)
+    ds = await with_settings(url_size_limit_mb=2)
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + "/endless.csv"})
+    assert_error(response, 400, "larger than 2 MB uncompressed. The app_support setting url_size_limit_mb")
+    assert await tables(ds) == [] and work_folders(temp_dir) == []
+
+
+async def test_open_csv_from_url_trickle_stops_at_time_limit(server, temp_dir):
+    base, routes = server
+
+    def trickle(handler):
+        def body(wfile):
+            for byte in b"a,b\n" + b"1,2\n" * 10:  # 44 seconds at most: the safety stop
+                try:
+                    wfile.write(bytes([byte]))
+                    wfile.flush()
+                except OSError:
+                    return
+                time.sleep(1)
+
+        return 200, {"Content-Length": "44"}, body
+
+    routes["/trickle.csv"] = trickle
+    ds = await with_settings(url_time_limit=1.5, url_timeout=5)
+    start = time.monotonic()
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + "/trickle.csv"})
+    assert_error(response, 400, "longer than 1.5 seconds. The app_support setting url_time_limit")
+    assert time.monotonic() - start < 5
+    assert await tables(ds) == [] and work_folders(temp_dir) == []
+
+
+async def test_open_csv_from_url_refuses_to_start_on_a_full_temp_disk(ds, server, small_disk, monkeypatch):
+    base, routes = server
+    routes["/dogs.csv"] = (200, {}, CSV_BODY)
+    disk = small_disk(size="2m")
+    monkeypatch.setattr(tempfile, "tempdir", str(disk))
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + "/dogs.csv"})
+    assert_error(response, 400, "The disk is nearly full")
+    assert await tables(ds) == [] and work_folders(disk) == []
+
+
+async def test_open_csv_from_url_stops_when_the_temp_disk_fills(ds, server, small_disk, monkeypatch):
+    base, routes = server
+    routes["/big.csv"] = (200, {}, b"a,b\n" + b"12345,67890\n" * (1024 * 1024))  # 12 MB
+    disk = small_disk(size="16m")
+    monkeypatch.setattr(tempfile, "tempdir", str(disk))
+    monkeypatch.setattr(app_support, "DISK_MARGIN_BYTES", 8 * 1024 * 1024)
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + "/big.csv"})
+    assert_error(response, 400, "The disk is nearly full")
+    assert await tables(ds) == [] and work_folders(disk) == []
+
+
+async def test_download_limit_settings_must_be_numbers(server):
+    ds = await with_settings(url_time_limit="soon")
+    response = await post(ds, "/-/open-csv-from-url", {"url": server[0] + "/x.csv"})
+    assert_error(response, 400, "url_time_limit must be a number")
