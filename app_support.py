@@ -1344,41 +1344,133 @@ async def open_csv_from_url(datasette, data):
 async def dump_temporary_to_file(datasette, data):
     path = _new_file(_keys(data, required={"path": str}, optional={})["path"])
     db = datasette.get_database(TEMPORARY)
+    # Written under a name of its own in the same folder, so a failed dump
+    # never leaves a partial file at path that would refuse the retry.
+    partial = os.path.join(os.path.dirname(path), f".app_support-{uuid.uuid4().hex[:12]}.partial")
+    try:
+        await asyncio.to_thread(_create_partial, partial, path)
+        await _vacuum_into(db, partial, path)
+        await asyncio.to_thread(_move_into_place, partial, path)
+    finally:
+        await asyncio.to_thread(_remove_partial, partial)
+    return {"ok": True, "path": path}
 
+
+def _create_partial(partial, path):
+    # VACUUM INTO accepts an empty file; creating it first gives a clear
+    # OSError for a read-only or full disk.
+    try:
+        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except OSError as e:
+        raise _sqlite_failure(e, "save the temporary database to", path)
+
+
+async def _vacuum_into(db, partial, path):
     def vacuum_into(conn):
-        conn.execute("vacuum into ?", [path])
+        conn.execute("vacuum into ?", [partial])
 
     try:
         await _write_outside_transaction(db, vacuum_into)
     except sqlite3.Error as e:
-        raise APIError(f"Could not save the temporary database to {path}: {e}")
-    return {"ok": True, "path": path}
+        raise _sqlite_failure(e, "save the temporary database to", path)
+
+
+def _move_into_place(partial, path):
+    """Give the finished dump its name, never over a file that appeared meanwhile."""
+    try:
+        os.link(partial, path)  # fails if path exists, unlike rename
+        return
+    except FileExistsError:
+        raise APIError(f"File already exists: {_shorten(path)}")
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise _sqlite_failure(e, "save the temporary database to", path)
+    # A file system without hard links (FAT, exFAT): check, then rename.
+    if os.path.lexists(path):
+        raise APIError(f"File already exists: {_shorten(path)}")
+    try:
+        os.rename(partial, path)
+    except OSError as e:
+        raise _sqlite_failure(e, "save the temporary database to", path)
+
+
+def _remove_partial(partial):
+    for leftover in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
+        if os.path.lexists(leftover):  # removing a missing file on a read-only disk is EROFS
+            os.remove(leftover)
 
 
 async def restore_temporary_from_file(datasette, data):
     path = _existing_file(_keys(data, required={"path": str}, optional={})["path"])
-    await asyncio.to_thread(_check_sqlite_file, path)
     db = datasette.get_database(TEMPORARY)
+    page_size = (await db.execute("pragma page_size")).first()[0]
+    with _work_folder() as folder:
+        # temporary is replaced only from a checked copy that already has its
+        # page size and encoding, so the last step has nothing left to fail on.
+        copy_path = os.path.join(folder, "restore.db")
+        backup_tables = await asyncio.to_thread(_prepare_restore, path, copy_path, page_size)
 
-    def restore(conn):
-        source = _connect_readonly(path)
+        def restore(conn):
+            copy = sqlite3.connect(copy_path)
+            try:
+                copy.backup(conn)
+            finally:
+                copy.close()
+            return _table_names(conn)
+
         try:
-            backup_tables = _table_names(source)
-            source.backup(conn)
-        finally:
-            source.close()
-        return backup_tables, _table_names(conn)
-
-    try:
-        backup_tables, restored_tables = await _write_outside_transaction(db, restore)
-    except sqlite3.Error as e:
-        raise APIError(f"Could not restore the temporary database from {path}: {e}")
+            restored_tables = await _write_outside_transaction(db, restore)
+        except sqlite3.Error as e:
+            raise _sqlite_failure(e, "restore the temporary database from", path)
     return {
         "ok": True,
         "path": path,
         "restored_tables": restored_tables,
         "backup_tables": backup_tables,
     }
+
+
+def _prepare_restore(path, copy_path, page_size):
+    """Check the backup at path through and through, then copy it to copy_path.
+
+    The copy gets page_size, which the backup API needs to write into an
+    in-memory database. Returns the backup's table names.
+    """
+    _check_sqlite_file(path)
+    damaged = f"The backup {_shorten(path)} is damaged, so nothing was restored"
+    try:
+        source = _connect_readonly(path)
+        try:
+            own_page_size = source.execute("pragma page_size").fetchone()[0]
+            if os.path.getsize(path) % own_page_size:
+                raise APIError(f"{damaged}: the file is cut short.")
+            encoding = source.execute("pragma encoding").fetchone()[0]
+            if encoding != "UTF-8":
+                raise APIError(
+                    f"The backup {_shorten(path)} stores its text as {encoding}; only UTF-8 "
+                    "databases can be restored, so nothing was restored."
+                )
+            problems = [row[0] for row in source.execute("pragma integrity_check(3)")]
+            if problems != ["ok"]:
+                raise APIError(f"{damaged}: {_shorten(problems[0])}")
+            tables = _table_names(source)
+            copy = sqlite3.connect(copy_path, isolation_level=None)
+            try:
+                source.backup(copy)
+                copy.execute("pragma journal_mode = delete")
+                if own_page_size != page_size:
+                    # PRAGMA takes no bound parameters; page_size is SQLite's own integer.
+                    copy.execute(f"pragma page_size = {int(page_size)}")
+                    copy.execute("vacuum")
+            finally:
+                copy.close()
+        finally:
+            source.close()
+    except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.OperationalError):
+            raise _sqlite_failure(e, "restore the temporary database from", path)
+        raise APIError(f"{damaged}: {e}.")
+    return tables
 
 
 async def import_progress(datasette):

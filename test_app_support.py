@@ -1513,3 +1513,105 @@ async def test_download_limit_settings_must_be_numbers(server):
     ds = await with_settings(url_time_limit="soon")
     response = await post(ds, "/-/open-csv-from-url", {"url": server[0] + "/x.csv"})
     assert_error(response, 400, "url_time_limit must be a number")
+
+
+async def fill_temporary(ds, megabytes):
+    """Tables in temporary whose dump takes about megabytes: random, so it never compresses."""
+
+    def fill(conn):
+        conn.execute("create table big (b blob)")
+        conn.executemany("insert into big values (randomblob(1024 * 1024))", [()] * megabytes)
+        conn.commit()
+
+    await ds.get_database("temporary").execute_write_fn(fill, block=True)
+
+
+async def test_dump_temporary_to_a_full_disk_leaves_nothing(ds, small_disk):
+    disk = small_disk(size="2m")
+    await fill_temporary(ds, 3)
+    path = disk / "backup.db"
+    response = await post(ds, "/-/dump-temporary-to-file", {"path": str(path)})
+    assert_error(response, 400, "The disk is full: could not save the temporary database to")
+    assert "Free some space and try again." in response.json()["error"]
+    assert list(disk.iterdir()) == []
+    # The retry is not refused by a leftover: with room it works.
+    await ds.get_database("temporary").execute_write("drop table big", block=True)
+    assert (await post(ds, "/-/dump-temporary-to-file", {"path": str(path)})).json()["ok"] is True
+    assert sorted(p.name for p in disk.iterdir()) == ["backup.db"]
+
+
+async def test_dump_temporary_to_a_read_only_disk(ds, small_disk):
+    disk = small_disk(size="1m")
+    read_only(disk)
+    response = await post(ds, "/-/dump-temporary-to-file", {"path": str(disk / "backup.db")})
+    assert_error(response, 400, "is read-only")
+    assert list(disk.iterdir()) == []
+
+
+def test_dump_never_moves_over_a_file_that_appeared(tmp_path):
+    partial, path = tmp_path / "partial", tmp_path / "backup.db"
+    partial.write_bytes(b"new")
+    path.write_bytes(b"someone else's")
+    with pytest.raises(app_support.APIError, match="File already exists"):
+        app_support._move_into_place(str(partial), str(path))
+    assert path.read_bytes() == b"someone else's"
+
+
+def corrupt_middle_page(path):
+    make_db(path, values=range(20_000))
+    with open(path, "r+b") as f:
+        f.seek(4096 * (os.path.getsize(path) // 4096 // 2))
+        f.write(b"\xde\xad\xbe\xef" * 1024)
+    return path
+
+
+def utf16_db(path):
+    conn = sqlite3.connect(path)
+    conn.execute("pragma encoding = 'UTF-16le'")
+    conn.execute("create table t (a text)")
+    conn.execute("insert into t values ('x')")
+    conn.commit()
+    conn.close()
+    return path
+
+
+def cut_short(path):
+    make_db(path, values=range(20_000))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2 + 100)
+    return path
+
+
+@pytest.mark.parametrize(
+    "setup,error",
+    [
+        (corrupt_middle_page, "is damaged, so nothing was restored"),
+        (utf16_db, "stores its text as UTF-16le; only UTF-8 databases can be restored"),
+        (cut_short, "database disk image is malformed"),
+    ],
+    ids=["corrupt middle page", "UTF-16", "cut short"],
+)
+async def test_restore_temporary_refuses_a_bad_backup_and_keeps_temporary(ds, tmp_path, setup, error):
+    csv_path = tmp_path / "keep.csv"
+    csv_path.write_text("a\n1\n")
+    await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
+    backup = setup(tmp_path / "backup.db")
+    await assert_refused(ds, tmp_path, "/-/restore-temporary-from-file", {"path": str(backup)}, 400, error)
+    assert await rows(ds, "temporary", "select a from keep") == [(1,)]
+    assert (await ds.client.get("/temporary/keep.json")).status_code == 200
+
+
+@pytest.mark.parametrize("journal_mode,page_size", [("delete", 8192), ("wal", 1024), ("delete", 65536)])
+async def test_restore_temporary_from_other_page_sizes_and_wal(ds, tmp_path, journal_mode, page_size):
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute(f"pragma page_size = {page_size}")
+    conn.execute(f"pragma journal_mode = {journal_mode}")
+    conn.execute("create table t (a)")
+    conn.executemany("insert into t values (?)", [(i,) for i in range(1000)])
+    conn.commit()
+    conn.close()
+    await fill_temporary(ds, 1)  # temporary has pages of its own size
+    response = await post(ds, "/-/restore-temporary-from-file", {"path": str(path)})
+    assert response.json()["restored_tables"] == ["t"], response.text
+    assert await rows(ds, "temporary", "select count(*) from t") == [(1000,)]
