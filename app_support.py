@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import sys
 import tempfile
 import time
@@ -400,6 +401,43 @@ def _create_empty_database(path):
 def _work_folder():
     """A temporary folder for staging and downloads, named for this process."""
     return tempfile.TemporaryDirectory(prefix=f"{WORK_FOLDER_PREFIX}{os.getpid()}_")
+
+
+_WORK_FOLDER_NAME = re.compile(re.escape(WORK_FOLDER_PREFIX) + r"([0-9]+)_")
+
+
+def _remove_leftover_work_folders():
+    """Remove the work folders of processes that died without cleaning up (kill -9, a crash)."""
+    if os.name != "posix":
+        return  # os.kill(pid, 0) would end the process on Windows
+    folder = tempfile.gettempdir()
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        match = _WORK_FOLDER_NAME.match(name)
+        if not match or _process_alive(int(match.group(1))):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or no such pid number
+        return True
+    return True
 
 
 # Differences between Datasette 0.65 and 1.0
@@ -1532,6 +1570,11 @@ def startup(datasette):
         datasette.add_database(_memory_database(datasette, memory_name), name=TEMPORARY)
     if "_memory" in datasette.databases:
         datasette.remove_database("_memory")
+
+    async def remove_leftovers():
+        await asyncio.to_thread(_remove_leftover_work_folders)
+
+    return remove_leftovers
 
 
 @hookimpl

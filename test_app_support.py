@@ -1615,3 +1615,30 @@ async def test_restore_temporary_from_other_page_sizes_and_wal(ds, tmp_path, jou
     response = await post(ds, "/-/restore-temporary-from-file", {"path": str(path)})
     assert response.json()["restored_tables"] == ["t"], response.text
     assert await rows(ds, "temporary", "select count(*) from t") == [(1000,)]
+
+
+async def test_startup_removes_work_folders_of_dead_processes_only(temp_dir):
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        names = {
+            "dead": f"app_support_{dead.pid}_x1y2",
+            "mine": f"app_support_{os.getpid()}_a1b2",
+            "alive": f"app_support_{alive.pid}_c3d4",
+            "init": "app_support_1_e5f6",
+            "no pid": "app_support_latin1_fallback",
+            "other": "someone_else",
+        }
+        for name in names.values():
+            (temp_dir / name).mkdir()
+            (temp_dir / name / "staging.db").write_bytes(b"x" * 1000)
+        (temp_dir / f"app_support_{dead.pid}_file").write_text("a file, not a work folder")
+        ds = Datasette(memory=True)
+        await ds.invoke_startup()
+    finally:
+        alive.kill()
+        alive.wait()
+    left = {p.name for p in temp_dir.iterdir() if p.name.startswith(("app_support_", "someone"))}
+    assert names["dead"] not in left
+    assert left == set(names.values()) - {names["dead"]} | {f"app_support_{dead.pid}_file"}
