@@ -1556,6 +1556,52 @@ def _json_endpoint(handler, method="POST", authenticate=_check_token):
     return view
 
 
+CROSS_SITE_REFUSAL = (
+    "Refused: this looks like a cross-site request from a web page, which Datasette's "
+    "CSRF protection does not allow. The desktop app sends its token and no cookie."
+)
+
+
+def _csrf_refusals_as_json(app):
+    """ASGI middleware: Datasette's HTML "CSRF check failed" page, on these routes, as JSON.
+
+    On Datasette 1.0 the asgi_wrapper hook wraps the CSRF layer, so the
+    refusal is Datasette's own decision; only its form changes. On 0.65
+    skip_csrf leaves these routes to the token check, and nothing here acts.
+    """
+    paths = set(ENDPOINTS) | {"/-/import-progress"}
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") not in paths:
+            await app(scope, receive, send)
+            return
+        refused = False
+
+        async def send_json_refusal(message):
+            nonlocal refused
+            if message["type"] == "http.response.start" and message["status"] == 403:
+                headers = dict(message.get("headers") or [])
+                refused = headers.get(b"content-type", b"").startswith(b"text/html")
+            if not refused:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                body = json.dumps({"ok": False, "error": CROSS_SITE_REFUSAL}).encode()
+                await send({
+                    "type": "http.response.start",
+                    "status": 403,
+                    "headers": [
+                        (b"content-type", b"application/json; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                })
+                await send({"type": "http.response.body", "body": body})
+            # the HTML page's body messages are dropped
+
+        await app(scope, receive, send_json_refusal)
+
+    return wrapped
+
+
 # Hooks
 
 
@@ -1592,6 +1638,11 @@ def skip_csrf(scope):
     # but no Bearer token with an HTML page; these routes need the token
     # anyway, and answer its absence with JSON.
     return scope.get("path") in ENDPOINTS
+
+
+@hookimpl
+def asgi_wrapper():
+    return _csrf_refusals_as_json
 
 
 @hookimpl
