@@ -1662,3 +1662,83 @@ async def test_cross_site_browser_post_is_refused_as_json(ds, tmp_path, endpoint
         await assert_refused(ds, tmp_path, endpoint, body, 403, "cross-site", headers={**cookie, **headers})
     else:  # 0.65 skips CSRF here (skip_csrf): no token, no entry
         await assert_refused(ds, tmp_path, endpoint, body, 401, "API token", token=None, headers={**cookie, **headers})
+
+
+# Import faults. The import engine is being rewritten on main, where these
+# pass; remove the marks once it is merged.
+engine_rewrite = pytest.mark.xfail(reason="engine rewrite in main", strict=False)
+
+
+def big_csv(tmp_path, megabytes=4):
+    path = tmp_path / "big.csv"
+    line = b"12345,some words here,67.5\n"
+    path.write_bytes(b"a,b,c\n" + line * (megabytes * 1024 * 1024 // len(line)))
+    return path
+
+
+async def open_file_database(ds, path):
+    response = await post(ds, "/-/open-database-file", {"path": str(path)})
+    assert response.json()["ok"], response.text
+    return response.json()["path"].strip("/")
+
+
+@engine_rewrite
+async def test_import_into_a_file_database_on_a_full_disk(ds, tmp_path, small_disk):
+    disk = small_disk(size="2m")
+    name = await open_file_database(ds, make_db(disk / "target.db"))
+    body = {"path": str(big_csv(tmp_path)), "database": name}
+    response = await post(ds, "/-/import-csv-file", body)
+    assert_error(response, 400, "The disk is full")
+    assert await tables(ds, name) == ["t"]
+    assert sorted(p.name for p in disk.iterdir()) == ["target.db"]
+
+
+@engine_rewrite
+async def test_staging_an_import_for_temporary_on_a_full_disk(ds, tmp_path, small_disk, monkeypatch):
+    disk = small_disk(size="2m")
+    monkeypatch.setattr(tempfile, "tempdir", str(disk))
+    response = await post(ds, "/-/open-csv-file", {"path": str(big_csv(tmp_path))})
+    assert_error(response, 400, "The disk is full")
+    assert await tables(ds) == [] and list(disk.iterdir()) == []
+
+
+@engine_rewrite
+async def test_import_into_a_database_locked_by_another_program(ds, tmp_path):
+    path = make_db(tmp_path / "target.db")
+    name = await open_file_database(ds, path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("begin exclusive")
+    try:
+        start = time.monotonic()
+        response = await post(ds, "/-/import-csv-file", {"path": str(big_csv(tmp_path, 1)), "database": name})
+        assert_error(response, 400, "is locked by another program")
+        assert "Close it there and try again." in response.json()["error"]
+        assert time.monotonic() - start < 4
+    finally:
+        other.execute("rollback")
+        other.close()
+    assert await tables(ds, name) == ["t"]
+
+
+@engine_rewrite
+async def test_import_into_a_database_on_a_read_only_disk(ds, tmp_path, small_disk):
+    disk = small_disk(size="1m")
+    name = await open_file_database(ds, make_db(disk / "target.db"))
+    read_only(disk)
+    response = await post(ds, "/-/import-csv-file", {"path": str(big_csv(tmp_path, 1)), "database": name})
+    assert_error(response, 400, "is read-only")
+    assert await tables(ds, name) == ["t"]
+
+
+@engine_rewrite
+async def test_detaching_the_target_during_an_import_is_not_a_server_fault(ds, tmp_path):
+    name = await open_file_database(ds, make_db(tmp_path / "target.db"))
+    task = asyncio.ensure_future(
+        post(ds, "/-/import-csv-file", {"path": str(big_csv(tmp_path, 8)), "database": name})
+    )
+    while not any(item["state"] == "running" for item in await progress(ds)):
+        await asyncio.sleep(0.01)
+    ds.remove_database(name)
+    response = await task
+    assert response.status_code in (200, 400), response.text
+    assert response.headers["content-type"].startswith("application/json")
