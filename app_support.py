@@ -18,6 +18,7 @@ import codecs
 import collections
 import contextlib
 import csv
+import errno
 import gzip
 import hmac
 import http.client
@@ -29,8 +30,10 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import sys
 import tempfile
+import time
 import traceback
 import unicodedata
 import urllib.error
@@ -78,6 +81,20 @@ DELIMITERS = ",\t;|"
 # For one-column files: a control character that never splits a value.
 NO_DELIMITER = "\x1f"
 URL_TIMEOUT_SECONDS = 30
+# Whole-download limits; plugin settings url_time_limit and url_size_limit_mb.
+URL_TIME_LIMIT_SECONDS = 600
+URL_SIZE_LIMIT_MB = 1024
+# No real CSV file expands more than this when gunzipped or unzipped; a file
+# that does is a decompression bomb. Checked once past a few megabytes, where
+# a real file's ratio has settled.
+MAX_EXPANSION_RATIO = 200
+EXPANSION_CHECK_AFTER_BYTES = 8 * 1024 * 1024
+# Downloads stop while this much space is still free on the temp disk.
+DISK_MARGIN_BYTES = 100 * 1024 * 1024
+# Request bodies hold a path or a URL: far less than this.
+MAX_BODY_BYTES = 2 * 1024 * 1024
+# User values in error sentences are shortened to about this many characters.
+MAX_VALUE_IN_MESSAGE = 200
 MAX_REDIRECTS = 5
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 # Longer digit strings overflow SQLite's 64-bit integers.
@@ -111,6 +128,49 @@ def _server_fault(exception):
     )
 
 
+def _shorten(value, limit=MAX_VALUE_IN_MESSAGE):
+    """A user value fit for an error sentence: long ones cut in the middle with an ellipsis."""
+    value = str(value)
+    if len(value) <= limit:
+        return value
+    half = (limit - 1) // 2
+    return value[:half] + "…" + value[-half:]
+
+
+def _sqlite_failure(error, action, path):
+    """An APIError that says why SQLite (or the OS) could not `action` the file at path.
+
+    action completes "Could not ...", e.g. "save the temporary database to".
+    """
+    text = str(error).lower()
+    number = getattr(error, "errno", None)
+    shown = _shorten(path)
+    if "disk is full" in text or number == errno.ENOSPC:
+        return APIError(
+            f"The disk is full: could not {action} {shown}. Free some space and try again."
+        )
+    if "readonly" in text or "read-only" in text or number in (errno.EROFS, errno.EPERM, errno.EACCES):
+        return APIError(
+            f"Could not {action} {shown}: it is read-only (a read-only drive, folder or file). "
+            "Make it writable or choose another place, and try again."
+        )
+    if "locked" in text or "busy" in text:
+        return APIError(
+            f"Could not {action} {shown}: it is locked by another program. "
+            "Close it there and try again."
+        )
+    return APIError(f"Could not {action} {shown}: {_shorten(getattr(error, 'strerror', None) or error)}")
+
+
+@contextlib.contextmanager
+def _sqlite_failures(action, path):
+    """Report SQLite's and the OS's errors while doing action to path as sentences."""
+    try:
+        yield
+    except (sqlite3.Error, OSError) as e:
+        raise _sqlite_failure(e, action, path) from e
+
+
 # Request helpers
 
 
@@ -141,12 +201,42 @@ def _check_token_or_app_user(request):
     _check_token(request)
 
 
+async def _read_body(request, limit=MAX_BODY_BYTES):
+    """The raw body, refused with 413 past limit bytes, without reading the rest.
+
+    Read from the ASGI channel, not request.post_body(): 0.65 has no cap and
+    1.0 raises its own PayloadTooLarge, which is not an APIError.
+    """
+    too_large = APIError(
+        f"The request body is larger than {limit // (1024 * 1024)} MB; "
+        "these endpoints take a small JSON object.",
+        status=413,
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size, more_body = [], 0, True
+    while more_body:
+        message = await request.receive()
+        if message["type"] != "http.request":
+            raise APIError("The request ended before its body was sent.")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+        more_body = message.get("more_body", False)
+    return b"".join(chunks)
+
+
 async def _read_json_object(request):
-    body = await request.post_body()
+    body = await _read_body(request)
     if not body.strip():
         raise APIError("The request body is empty: send a JSON object.")
     try:
         data = json.loads(body)
+    except RecursionError:
+        raise APIError("The request body is JSON nested too deeply: send a flat JSON object.")
     except (ValueError, UnicodeDecodeError):
         raise APIError("The request body is not valid JSON.")
     if not isinstance(data, dict):
@@ -159,7 +249,7 @@ def _keys(data, required, optional):
     allowed = {**required, **optional}
     unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise APIError(f"Unknown key: {unknown[0]}")
+        raise APIError(f"Unknown key: {_shorten(unknown[0])}")
     values = {}
     for key, kind in allowed.items():
         value = data.get(key)
@@ -167,8 +257,21 @@ def _keys(data, required, optional):
             raise APIError(f"Missing required key: {key}")
         if value is not None and not isinstance(value, kind):
             raise APIError(f"{key} must be a {_TYPE_NAMES[kind]}.")
+        if isinstance(value, str) and not _is_unicode_text(value):
+            raise APIError(
+                f"{key} contains a lone surrogate (such as \\ud800), which is not text."
+            )
         values[key] = value
     return values
+
+
+def _is_unicode_text(value):
+    """False for strings holding lone surrogates, which JSON allows and files cannot."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 _TYPE_NAMES = {str: "string", bool: "boolean (true or false)"}
@@ -185,23 +288,23 @@ def _resolve_path(raw):
 def _existing_file(raw):
     path = _resolve_path(raw)
     if not os.path.exists(path):
-        raise APIError(f"File not found: {path}")
+        raise APIError(f"File not found: {_shorten(path)}")
     if os.path.isdir(path):
-        raise APIError(f"That is a folder, not a file: {path}")
+        raise APIError(f"That is a folder, not a file: {_shorten(path)}")
     if os.path.getsize(path) == 0:
-        raise APIError(f"File is empty: {path}")
+        raise APIError(f"File is empty: {_shorten(path)}")
     return path
 
 
 def _new_file(raw):
     path = _resolve_path(raw)
     if os.path.isdir(path):
-        raise APIError(f"That is a folder, not a file: {path}")
+        raise APIError(f"That is a folder, not a file: {_shorten(path)}")
     if os.path.lexists(path):
-        raise APIError(f"File already exists: {path}")
+        raise APIError(f"File already exists: {_shorten(path)}")
     folder = os.path.dirname(path)
     if not os.path.isdir(folder):
-        raise APIError(f"Folder not found: {folder}")
+        raise APIError(f"Folder not found: {_shorten(folder)}")
     return path
 
 
@@ -210,7 +313,7 @@ def _refuse_uri_characters(path):
     if found:
         raise APIError(
             f"Datasette cannot open a database file whose path contains {' or '.join(found)}: "
-            f"{path}. Rename the file or its folder and try again."
+            f"{_shorten(path)}. Rename the file or its folder and try again."
         )
 
 
@@ -218,15 +321,15 @@ def _refuse_already_open(datasette, path):
     real = os.path.realpath(path)
     for db in datasette.databases.values():
         if db.path and os.path.realpath(db.path) == real:
-            raise APIError(f"That file is already open as the database {db.name}: {path}")
+            raise APIError(f"That file is already open as the database {_shorten(db.name)}: {_shorten(path)}")
 
 
 def _writable_database(datasette, name):
     if name not in datasette.databases:
-        raise APIError(f"Database not found: {name}")
+        raise APIError(f"Database not found: {_shorten(name)}")
     db = datasette.databases[name]
     if not db.is_mutable:
-        raise APIError(f"Database {name} is read-only, so nothing can be imported into it.")
+        raise APIError(f"Database {_shorten(name)} is read-only, so nothing can be imported into it.")
     return db
 
 
@@ -275,7 +378,7 @@ def _check_sqlite_file(path):
     """Raise APIError unless path is a readable SQLite database file."""
     with open(path, "rb") as f:
         if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-            raise APIError(f"Not a SQLite database: {path}")
+            raise APIError(f"Not a SQLite database: {_shorten(path)}")
     try:
         conn = _connect_readonly(path)
         try:
@@ -285,11 +388,11 @@ def _check_sqlite_file(path):
     except sqlite3.OperationalError as e:
         if "locked" in str(e):
             raise APIError(
-                f"Database is locked by another program: {path}. Close it there and try again."
+                f"Database is locked by another program: {_shorten(path)}. Close it there and try again."
             )
-        raise APIError(f"Could not read the SQLite database {path}: {e}")
+        raise APIError(f"Could not read the SQLite database {_shorten(path)}: {e}")
     except sqlite3.DatabaseError as e:
-        raise APIError(f"Not a valid SQLite database ({e}): {path}")
+        raise APIError(f"Not a valid SQLite database ({e}): {_shorten(path)}")
 
 
 def _create_empty_database(path):
@@ -317,33 +420,41 @@ def _work_folder():
     return tempfile.TemporaryDirectory(prefix=f"{WORK_FOLDER_PREFIX}{os.getpid()}_")
 
 
-def _sqlite_failure(error, what):
-    """An APIError for a SQLite error while writing what, or None when it is unexpected."""
-    message = str(error).lower()
-    if "full" in message:
-        return APIError(f"The disk is full: could not write {what}. Free some space and try again.")
-    if "readonly" in message or "read-only" in message:
-        return APIError(
-            f"Could not write {what}: it is read-only. Check that the file and its folder "
-            "can be written to, or choose another database."
-        )
-    if "locked" in message or "busy" in message:
-        return APIError(
-            f"Could not write {what}: another program is using it. Close it there and try again."
-        )
-    return None
+_WORK_FOLDER_NAME = re.compile(re.escape(WORK_FOLDER_PREFIX) + r"([0-9]+)_")
 
 
-@contextlib.contextmanager
-def _sqlite_failures(what):
-    """Report SQLite's full, read-only and locked errors as sentences."""
+def _remove_leftover_work_folders():
+    """Remove the work folders of processes that died without cleaning up (kill -9, a crash)."""
+    if os.name != "posix":
+        return  # os.kill(pid, 0) would end the process on Windows
+    folder = tempfile.gettempdir()
     try:
-        yield
-    except sqlite3.Error as e:
-        failure = _sqlite_failure(e, what)
-        if failure is None:
-            raise
-        raise failure from e
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        match = _WORK_FOLDER_NAME.match(name)
+        if not match or _process_alive(int(match.group(1))):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid):
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):  # another user's process, or no such pid number
+        return True
+    return True
 
 
 # Differences between Datasette 0.65 and 1.0
@@ -898,9 +1009,7 @@ def _copy_in(conn, staged, wanted_table, commit_schema_first=False):
             )
             conn.execute("COMMIT")
         except BaseException:
-            # SQLite has already rolled back after some errors, a full disk among them.
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
+            _roll_back(conn)
             if created:
                 conn.execute(f"DROP TABLE main.{_quote(created)}")
             raise
@@ -909,11 +1018,32 @@ def _copy_in(conn, staged, wanted_table, commit_schema_first=False):
     return result
 
 
-def _target_encoding(conn):
-    """Check that conn's database takes writes now; return its text encoding."""
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute("ROLLBACK")
-    return conn.execute("PRAGMA encoding").fetchone()[0]
+def _roll_back(conn):
+    """Leave conn's database as it was before a write that failed.
+
+    After some errors, a full disk among them, SQLite has rolled back by
+    itself but replays its journal only on the next read; Datasette's
+    read-only connections cannot, so that read happens here.
+    """
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+    conn.execute("SELECT count(*) FROM main.sqlite_master").fetchone()
+
+
+def _check_writable(path):
+    """Check, without waiting long, that the database file at path takes writes; return its text encoding.
+
+    A connection of its own: Datasette's write thread would wait five seconds
+    for a lock before it ran anything.
+    """
+    uri = "file:" + urllib.parse.quote(path) + "?mode=rw"
+    conn = sqlite3.connect(uri, uri=True, timeout=LOCKED_TIMEOUT_SECONDS, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return conn.execute("PRAGMA encoding").fetchone()[0]
+    finally:
+        conn.close()
 
 
 def import_csv(conn, path, wanted_table, detect_types=True, on_progress=None, charset=None):
@@ -921,23 +1051,35 @@ def import_csv(conn, path, wanted_table, detect_types=True, on_progress=None, ch
     with _work_folder() as folder:
         staged = stage_csv(
             path, os.path.join(folder, "staging.db"), detect_types, on_progress, charset,
-            _target_encoding(conn),
+            conn.execute("PRAGMA encoding").fetchone()[0],
         )
         return _copy_in(conn, staged, wanted_table)
 
 
-async def _import_csv(db, path, wanted_table, detect_types=True, on_progress=None, charset=None):
+def _check_attached(datasette, db):
+    if datasette.databases.get(db.name) is not db:
+        raise APIError(
+            f"The database {db.name} was closed during the import, so nothing was imported. "
+            "Open it again and import the file once more."
+        )
+
+
+async def _import_csv(datasette, db, path, wanted_table, detect_types=True, on_progress=None, charset=None):
     """Import the CSV at path into db: staged in a worker thread, copied in by db's write thread."""
-    target = f"the database {db.name}"
-    with _sqlite_failures(target):
-        encoding = await _write_outside_transaction(db, _target_encoding)
+    target = db.path or f"the database {db.name}"
+    with _sqlite_failures("import into", target):
+        if db.is_memory:
+            encoding = (await db.execute("PRAGMA encoding")).first()[0]
+        else:
+            encoding = await asyncio.to_thread(_check_writable, db.path)
     with _work_folder() as folder:
         staging_path = os.path.join(folder, "staging.db")
-        with _sqlite_failures("the staging database in the temporary folder"):
+        with _sqlite_failures("stage the import in", tempfile.gettempdir()):
             staged = await asyncio.to_thread(
                 stage_csv, path, staging_path, detect_types, on_progress, charset, encoding
             )
-        with _sqlite_failures(target):
+        _check_attached(datasette, db)
+        with _sqlite_failures("import into", target):
             return await _write_outside_transaction(
                 db, lambda conn: _copy_in(conn, staged, wanted_table, db.is_memory)
             )
@@ -966,8 +1108,36 @@ class _LimitedRedirects(urllib.request.HTTPRedirectHandler):
 def _check_url(url):
     parts = urllib.parse.urlsplit(url.strip())
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
-        raise APIError(f"Only http:// and https:// URLs can be opened, not: {url or '(empty)'}")
-    return url.strip()
+        raise APIError(
+            f"Only http:// and https:// URLs can be opened, not: {_shorten(url) or '(empty)'}"
+        )
+    return _encode_url(parts, url)
+
+
+# What a browser leaves alone when it encodes a typed URL; "%" too, so
+# existing escapes stay as they are.
+_URL_SAFE = "/:@!$&'()*+,;=~%"
+
+
+def _encode_url(parts, url):
+    """The URL as a browser sends it: an IDNA host, percent-encoded UTF-8 elsewhere."""
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    host, port = hostport, ""
+    if not hostport.endswith("]"):  # an IPv6 literal is ASCII and keeps its colons
+        host, colon, port = hostport.partition(":")
+        port = colon + port
+    try:
+        host = host if host.isascii() else host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise APIError(f"That URL's host name is not valid: {_shorten(url)}")
+    netloc = (urllib.parse.quote(userinfo, safe=_URL_SAFE) + "@" if userinfo else "") + host + port
+    return urllib.parse.urlunsplit((
+        parts.scheme,
+        netloc,
+        urllib.parse.quote(parts.path, safe=_URL_SAFE),
+        urllib.parse.quote(parts.query, safe=_URL_SAFE + "?"),
+        "",  # the fragment is never sent
+    ))
 
 
 def _table_name_from_url(url):
@@ -978,45 +1148,143 @@ def _table_name_from_url(url):
     return name.strip() or "data"
 
 
-class _CountingReader:
-    """Reports the bytes read from a response, before any decompression."""
+@dataclass
+class DownloadLimits:
+    """How long and how large a download may get; each is a plugin setting."""
 
-    def __init__(self, response, progress):
+    timeout: float = URL_TIMEOUT_SECONDS  # url_timeout: connecting, and each read
+    time_limit: float = URL_TIME_LIMIT_SECONDS  # url_time_limit: the whole download
+    size_limit_mb: float = URL_SIZE_LIMIT_MB  # url_size_limit_mb: after decompression
+    deadline: float = None
+
+    def start(self):
+        self.deadline = time.monotonic() + self.time_limit
+
+    def check_time(self, url):
+        if time.monotonic() > self.deadline:
+            raise APIError(
+                f"Stopped downloading {_shorten(url)}: it took longer than {self.time_limit:g} "
+                "seconds. The app_support setting url_time_limit changes this limit."
+            )
+
+    def check_size(self, url, size, packed_size, folder):
+        """Refuse a file past the size limit, a decompression bomb, or a nearly full disk."""
+        if size > self.size_limit_mb * 1024 * 1024:
+            raise APIError(
+                f"Stopped downloading {_shorten(url)}: it is larger than {self.size_limit_mb:g} MB "
+                "uncompressed. The app_support setting url_size_limit_mb changes this limit."
+            )
+        if (
+            packed_size is not None
+            and size > EXPANSION_CHECK_AFTER_BYTES
+            and size > MAX_EXPANSION_RATIO * max(packed_size, 1)
+        ):
+            raise APIError(
+                f"Stopped unpacking {_shorten(url)}: it expands more than {MAX_EXPANSION_RATIO} "
+                "times, which no real CSV file does, so it looks like a decompression bomb."
+            )
+        _check_free_space(folder)
+
+
+def _check_free_space(folder):
+    free = shutil.disk_usage(folder).free
+    if free < DISK_MARGIN_BYTES:
+        raise APIError(
+            f"The disk is nearly full: only {free // (1024 * 1024)} MB is free in {_shorten(folder)}, "
+            f"and downloads stop while less than {DISK_MARGIN_BYTES // (1024 * 1024)} MB is free. "
+            "Free some space and try again."
+        )
+
+
+def _download_limits(datasette):
+    config = datasette.plugin_config(PLUGIN_NAME) or {}
+    values = {}
+    for setting, name, default in (
+        ("url_timeout", "timeout", URL_TIMEOUT_SECONDS),
+        ("url_time_limit", "time_limit", URL_TIME_LIMIT_SECONDS),
+        ("url_size_limit_mb", "size_limit_mb", URL_SIZE_LIMIT_MB),
+    ):
+        try:
+            values[name] = float(config.get(setting, default))
+        except (TypeError, ValueError):
+            raise APIError(f"The app_support setting {setting} must be a number.")
+    return DownloadLimits(**values)
+
+
+class _CountingReader(io.RawIOBase):
+    """The response as a raw stream that counts bytes before any decompression.
+
+    Each read returns what has arrived instead of waiting for a full buffer,
+    so a server that trickles bytes still meets the deadline.
+    """
+
+    def __init__(self, response, progress, url, limits):
         self.response = response
         self.progress = progress
+        self.url = url
+        self.limits = limits
         self.count = 0
 
-    def read(self, size=-1):
-        chunk = self.response.read(size)
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        self.limits.check_time(self.url)
+        chunk = self.response.read1(len(buffer))
+        buffer[: len(chunk)] = chunk
         self.count += len(chunk)
         if self.progress:
             self.progress.update(bytes_read=self.count)
-        return chunk
+        return len(chunk)
 
 
-def download_csv(url, folder, timeout=URL_TIMEOUT_SECONDS, progress=None):
+def _copy_limited(source, out, url, limits, folder, packed_size=None):
+    """Copy source to out chunk by chunk, checking the limits before each write.
+
+    packed_size: a function giving the compressed bytes read so far, when
+    source decompresses.
+    """
+    size = 0
+    while True:
+        chunk = source.read1(DOWNLOAD_CHUNK_BYTES)
+        if not chunk:
+            return size
+        size += len(chunk)
+        limits.check_size(url, size, packed_size() if packed_size else None, folder)
+        try:
+            out.write(chunk)
+        except OSError as e:
+            raise _sqlite_failure(e, f"save the download from {_shorten(url)} in", folder)
+
+
+def download_csv(url, folder, limits=None, progress=None):
     """Stream url into a file in folder, uncompressed; return (path, final_url, charset)."""
+    limits = limits or DownloadLimits()
+    limits.start()
+    _check_free_space(folder)
     opener = urllib.request.build_opener(_LimitedRedirects)
     request = urllib.request.Request(
         url, headers={"User-Agent": "app_support (Datasette Desktop)", "Accept-Encoding": "gzip"}
     )
     target = os.path.join(folder, "download")
+    shown = _shorten(url)
     try:
-        with opener.open(request, timeout=timeout) as response:
+        with opener.open(request, timeout=limits.timeout) as response:
             final_url = response.geturl()
             charset = response.headers.get_content_charset()
             if progress and response.length is not None:
                 progress.bytes_total = response.length
-            body = counted = _CountingReader(response, progress)
+            counted = _CountingReader(response, progress, url, limits)
+            body, packed_size = io.BufferedReader(counted, DOWNLOAD_CHUNK_BYTES), None
             if response.headers.get("Content-Encoding", "").lower() == "gzip":
-                body = gzip.GzipFile(fileobj=counted)
+                body, packed_size = gzip.GzipFile(fileobj=counted), lambda: counted.count
             with open(target, "wb") as out:
-                shutil.copyfileobj(body, out, DOWNLOAD_CHUNK_BYTES)
+                _copy_limited(body, out, url, limits, folder, packed_size)
             # read(n) returns b"" when the server hangs up early, without
             # raising IncompleteRead; what is left of Content-Length tells.
             if response.length:
                 raise APIError(
-                    f"Could not download {url}: the connection closed with "
+                    f"Could not download {shown}: the connection closed with "
                     f"{response.length} bytes still to come."
                 )
             if progress and progress.bytes_total is None:
@@ -1024,25 +1292,27 @@ def download_csv(url, folder, timeout=URL_TIMEOUT_SECONDS, progress=None):
     except urllib.error.HTTPError as e:
         if 300 <= e.code < 400:
             raise APIError(_redirect_error(url, e.headers.get("Location") or ""))
-        raise APIError(f"{url} returned HTTP {e.code} {e.reason}")
+        raise APIError(f"{shown} returned HTTP {e.code} {e.reason}")
     except urllib.error.URLError as e:
-        raise APIError(f"Could not download {url}: {e.reason}")
+        raise APIError(f"Could not download {shown}: {e.reason}")
     except (TimeoutError, OSError, EOFError, http.client.HTTPException) as e:
-        raise APIError(f"Could not download {url}: {e}")
-    return _unpack(target, urllib.parse.urlsplit(final_url).path.lower(), url), final_url, charset
+        raise APIError(f"Could not download {shown}: {e}")
+    url_path = urllib.parse.urlsplit(final_url).path.lower()
+    return _unpack(target, url_path, url, limits, folder), final_url, charset
 
 
-def _unpack(path, url_path, url):
+def _unpack(path, url_path, url, limits, folder):
     """Gunzip a .gz, extract the single CSV from a .zip, or return path as it is."""
     with open(path, "rb") as f:
         magic = f.read(4)
+    unpacked = path + ".csv"
     if magic.startswith(b"\x1f\x8b"):
-        unpacked = path + ".csv"
         try:
-            with gzip.open(path, "rb") as src, open(unpacked, "wb") as out:
-                shutil.copyfileobj(src, out, DOWNLOAD_CHUNK_BYTES)
+            with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as src:
+                with open(unpacked, "wb") as out:
+                    _copy_limited(src, out, url, limits, folder, raw.tell)
         except (OSError, EOFError) as e:
-            raise APIError(f"Could not gunzip {url}: {e}")
+            raise APIError(f"Could not gunzip {_shorten(url)}: {e}")
         return unpacked
     if url_path.endswith(".zip") or magic == b"PK\x03\x04":
         try:
@@ -1053,21 +1323,19 @@ def _unpack(path, url_path, url):
                 ]
                 if len(members) != 1:
                     raise APIError(
-                        f"{url} is a zip file holding {len(members)} CSV or TSV files; "
+                        f"{_shorten(url)} is a zip file holding {len(members)} CSV or TSV files; "
                         "it must hold exactly one."
                     )
-                unpacked = path + ".csv"
-                with archive.open(members[0]) as src, open(unpacked, "wb") as out:
-                    shutil.copyfileobj(src, out, DOWNLOAD_CHUNK_BYTES)
+                # The declared sizes are safe to judge by: zipfile never
+                # extracts more than a member's file_size.
+                member = members[0]
+                limits.check_size(url, member.file_size, member.compress_size, folder)
+                with archive.open(member) as src, open(unpacked, "wb") as out:
+                    _copy_limited(src, out, url, limits, folder)
         except zipfile.BadZipFile as e:
-            raise APIError(f"Could not open the zip file from {url}: {e}")
+            raise APIError(f"Could not open the zip file from {_shorten(url)}: {e}")
         return unpacked
     return path
-
-
-def _url_timeout(datasette):
-    config = datasette.plugin_config(PLUGIN_NAME) or {}
-    return float(config.get("url_timeout", URL_TIMEOUT_SECONDS))
 
 
 # Import progress
@@ -1209,7 +1477,7 @@ async def _import_csv_file(datasette, values, database):
     log = _import_log(datasette)
     with log.track(values["path"], db.name, os.path.getsize(path)) as progress:
         result = await _import_csv(
-            db, path, Path(path).stem, values["detect_types"] is not False, progress.update
+            datasette, db, path, Path(path).stem, values["detect_types"] is not False, progress.update
         )
         log.done(progress, result)
     await _refresh_catalog(datasette)
@@ -1225,17 +1493,17 @@ async def open_csv_from_url(datasette, data):
     )
     url = _check_url(values["url"])
     db = _writable_database(datasette, values["database"] or TEMPORARY)
-    timeout = _url_timeout(datasette)
+    limits = _download_limits(datasette)
     log = _import_log(datasette)
     with log.track(values["url"], db.name) as progress, _work_folder() as folder:
         path, final_url, charset = await asyncio.to_thread(
-            download_csv, url, folder, timeout, progress
+            download_csv, url, folder, limits, progress
         )
         wanted = values["table_name"] or _table_name_from_url(final_url)
         detect_types = values["detect_types"] is not False
         # bytes_* describe the download; the import only adds rows.
         result = await _import_csv(
-            db, path, wanted, detect_types, lambda rows, _: progress.update(rows=rows), charset
+            datasette, db, path, wanted, detect_types, lambda rows, _: progress.update(rows=rows), charset
         )
         log.done(progress, result)
     await _refresh_catalog(datasette)
@@ -1246,35 +1514,84 @@ async def open_csv_from_url(datasette, data):
 async def dump_temporary_to_file(datasette, data):
     path = _new_file(_keys(data, required={"path": str}, optional={})["path"])
     db = datasette.get_database(TEMPORARY)
+    # Written under a name of its own in the same folder, so a failed dump
+    # never leaves a partial file at path that would refuse the retry.
+    partial = os.path.join(os.path.dirname(path), f".app_support-{uuid.uuid4().hex[:12]}.partial")
+    try:
+        await asyncio.to_thread(_create_partial, partial, path)
+        await _vacuum_into(db, partial, path)
+        await asyncio.to_thread(_move_into_place, partial, path)
+    finally:
+        await asyncio.to_thread(_remove_partial, partial)
+    return {"ok": True, "path": path}
 
+
+def _create_partial(partial, path):
+    # VACUUM INTO accepts an empty file; creating it first gives a clear
+    # OSError for a read-only or full disk.
+    try:
+        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+    except OSError as e:
+        raise _sqlite_failure(e, "save the temporary database to", path)
+
+
+async def _vacuum_into(db, partial, path):
     def vacuum_into(conn):
-        conn.execute("vacuum into ?", [path])
+        conn.execute("vacuum into ?", [partial])
 
     try:
         await _write_outside_transaction(db, vacuum_into)
     except sqlite3.Error as e:
-        raise APIError(f"Could not save the temporary database to {path}: {e}")
-    return {"ok": True, "path": path}
+        raise _sqlite_failure(e, "save the temporary database to", path)
+
+
+def _move_into_place(partial, path):
+    """Give the finished dump its name, never over a file that appeared meanwhile."""
+    try:
+        os.link(partial, path)  # fails if path exists, unlike rename
+        return
+    except FileExistsError:
+        raise APIError(f"File already exists: {_shorten(path)}")
+    except OSError as e:
+        if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+            raise _sqlite_failure(e, "save the temporary database to", path)
+    # A file system without hard links (FAT, exFAT): check, then rename.
+    if os.path.lexists(path):
+        raise APIError(f"File already exists: {_shorten(path)}")
+    try:
+        os.rename(partial, path)
+    except OSError as e:
+        raise _sqlite_failure(e, "save the temporary database to", path)
+
+
+def _remove_partial(partial):
+    for leftover in (partial, partial + "-journal", partial + "-wal", partial + "-shm"):
+        if os.path.lexists(leftover):  # removing a missing file on a read-only disk is EROFS
+            os.remove(leftover)
 
 
 async def restore_temporary_from_file(datasette, data):
     path = _existing_file(_keys(data, required={"path": str}, optional={})["path"])
-    await asyncio.to_thread(_check_sqlite_file, path)
     db = datasette.get_database(TEMPORARY)
+    page_size = (await db.execute("pragma page_size")).first()[0]
+    with _work_folder() as folder:
+        # temporary is replaced only from a checked copy that already has its
+        # page size and encoding, so the last step has nothing left to fail on.
+        copy_path = os.path.join(folder, "restore.db")
+        backup_tables = await asyncio.to_thread(_prepare_restore, path, copy_path, page_size)
 
-    def restore(conn):
-        source = _connect_readonly(path)
+        def restore(conn):
+            copy = sqlite3.connect(copy_path)
+            try:
+                copy.backup(conn)
+            finally:
+                copy.close()
+            return _table_names(conn)
+
         try:
-            backup_tables = _table_names(source)
-            source.backup(conn)
-        finally:
-            source.close()
-        return backup_tables, _table_names(conn)
-
-    try:
-        backup_tables, restored_tables = await _write_outside_transaction(db, restore)
-    except sqlite3.Error as e:
-        raise APIError(f"Could not restore the temporary database from {path}: {e}")
+            restored_tables = await _write_outside_transaction(db, restore)
+        except sqlite3.Error as e:
+            raise _sqlite_failure(e, "restore the temporary database from", path)
     await _refresh_catalog(datasette)
     return {
         "ok": True,
@@ -1282,6 +1599,49 @@ async def restore_temporary_from_file(datasette, data):
         "restored_tables": restored_tables,
         "backup_tables": backup_tables,
     }
+
+
+def _prepare_restore(path, copy_path, page_size):
+    """Check the backup at path through and through, then copy it to copy_path.
+
+    The copy gets page_size, which the backup API needs to write into an
+    in-memory database. Returns the backup's table names.
+    """
+    _check_sqlite_file(path)
+    damaged = f"The backup {_shorten(path)} is damaged, so nothing was restored"
+    try:
+        source = _connect_readonly(path)
+        try:
+            own_page_size = source.execute("pragma page_size").fetchone()[0]
+            if os.path.getsize(path) % own_page_size:
+                raise APIError(f"{damaged}: the file is cut short.")
+            encoding = source.execute("pragma encoding").fetchone()[0]
+            if encoding != "UTF-8":
+                raise APIError(
+                    f"The backup {_shorten(path)} stores its text as {encoding}; only UTF-8 "
+                    "databases can be restored, so nothing was restored."
+                )
+            problems = [row[0] for row in source.execute("pragma integrity_check(3)")]
+            if problems != ["ok"]:
+                raise APIError(f"{damaged}: {_shorten(problems[0])}")
+            tables = _table_names(source)
+            copy = sqlite3.connect(copy_path, isolation_level=None)
+            try:
+                source.backup(copy)
+                copy.execute("pragma journal_mode = delete")
+                if own_page_size != page_size:
+                    # PRAGMA takes no bound parameters; page_size is SQLite's own integer.
+                    copy.execute(f"pragma page_size = {int(page_size)}")
+                    copy.execute("vacuum")
+            finally:
+                copy.close()
+        finally:
+            source.close()
+    except sqlite3.DatabaseError as e:
+        if isinstance(e, sqlite3.OperationalError):
+            raise _sqlite_failure(e, "restore the temporary database from", path)
+        raise APIError(f"{damaged}: {e}.")
+    return tables
 
 
 async def import_progress(datasette):
@@ -1329,6 +1689,52 @@ def _json_endpoint(handler, method="POST", authenticate=_check_token):
     return view
 
 
+CROSS_SITE_REFUSAL = (
+    "Refused: this looks like a cross-site request from a web page, which Datasette's "
+    "CSRF protection does not allow. The desktop app sends its token and no cookie."
+)
+
+
+def _csrf_refusals_as_json(app):
+    """ASGI middleware: Datasette's HTML "CSRF check failed" page, on these routes, as JSON.
+
+    On Datasette 1.0 the asgi_wrapper hook wraps the CSRF layer, so the
+    refusal is Datasette's own decision; only its form changes. On 0.65
+    skip_csrf leaves these routes to the token check, and nothing here acts.
+    """
+    paths = set(ENDPOINTS) | {"/-/import-progress"}
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") not in paths:
+            await app(scope, receive, send)
+            return
+        refused = False
+
+        async def send_json_refusal(message):
+            nonlocal refused
+            if message["type"] == "http.response.start" and message["status"] == 403:
+                headers = dict(message.get("headers") or [])
+                refused = headers.get(b"content-type", b"").startswith(b"text/html")
+            if not refused:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                body = json.dumps({"ok": False, "error": CROSS_SITE_REFUSAL}).encode()
+                await send({
+                    "type": "http.response.start",
+                    "status": 403,
+                    "headers": [
+                        (b"content-type", b"application/json; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                })
+                await send({"type": "http.response.body", "body": body})
+            # the HTML page's body messages are dropped
+
+        await app(scope, receive, send_json_refusal)
+
+    return wrapped
+
+
 # Hooks
 
 
@@ -1343,6 +1749,11 @@ def startup(datasette):
         datasette.add_database(_memory_database(datasette, memory_name), name=TEMPORARY)
     if "_memory" in datasette.databases:
         datasette.remove_database("_memory")
+
+    async def remove_leftovers():
+        await asyncio.to_thread(_remove_leftover_work_folders)
+
+    return remove_leftovers
 
 
 @hookimpl
@@ -1360,6 +1771,11 @@ def skip_csrf(scope):
     # but no Bearer token with an HTML page; these routes need the token
     # anyway, and answer its absence with JSON.
     return scope.get("path") in ENDPOINTS
+
+
+@hookimpl
+def asgi_wrapper():
+    return _csrf_refusals_as_json
 
 
 @hookimpl

@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -1787,3 +1788,433 @@ async def test_csv_nfc_and_nfd_file_names_give_two_distinct_nfc_tables(ds, tmp_p
         assert (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()["ok"]
     names = sorted(await tables(ds))
     assert names == ["café", "café_2"], ascii(names)
+
+# Faults and hostile input: nothing lost, every failure a JSON sentence
+
+
+def work_folders(folder):
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith("app_support_"))
+
+
+@pytest.fixture
+def temp_dir(tmp_path, monkeypatch):
+    """tempfile.gettempdir() as a fresh folder, to see what downloads leave behind."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tiny file system of its own (tmpfs), so a full disk never touches the real one."""
+    mounts = []
+
+    def mount(name="small", size="2m"):
+        folder = tmp_path / name
+        folder.mkdir()
+        if os.geteuid() != 0 or not shutil.which("mount"):
+            pytest.skip("a small disk needs root to mount a tmpfs")
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"could not mount a tmpfs: {result.stderr.strip()}")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounts):
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def read_only(folder):
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+
+
+async def with_settings(**settings):
+    ds = Datasette(memory=True, metadata={"plugins": {"app_support": settings}})
+    await ds.invoke_startup()
+    return ds
+
+
+LONG = "a" * 300_000
+
+
+@pytest.mark.parametrize(
+    "endpoint,body,status,error",
+    [
+        ("/-/open-csv-file", b'{"path": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
+        ("/-/open-csv-file", b"[" * 100_000, 400, "nested too deeply"),
+        ("/-/open-csv-file", lambda: b'{"path": "' + b"x" * 100_000_000 + b'"}', 413, "larger than 2 MB"),
+        ("/-/open-csv-file", {"path": "/" + LONG}, 400, "File not found: /aaa"),
+        ("/-/open-csv-from-url", {"url": "ftp://" + LONG}, 400, "Only http:// and https://"),
+        ("/-/open-csv-from-url", {"url": "http://127.0.0.1:9/" + LONG}, 400, "Could not download"),
+        ("/-/open-csv-file", {"path": "/tmp/\ud800.csv"}, 400, "path contains a lone surrogate"),
+        ("/-/dump-temporary-to-file", {"path": "/tmp/\udfff.db"}, 400, "path contains a lone surrogate"),
+        ("/-/open-csv-from-url", {"url": "http://127.0.0.1:9/x.csv", "table_name": "a\ud800"}, 400, "table_name contains a lone surrogate"),
+        ("/-/import-csv-file", {"path": "/tmp/x.csv", "database": "\ud800"}, 400, "database contains a lone surrogate"),
+    ],
+    ids=["deep object", "deep array", "100 MB body", "long path", "long url", "long http url",
+         "surrogate path", "surrogate dump path", "surrogate table name", "surrogate database"],
+)
+async def test_hostile_bodies_are_short_json_sentences(ds, tmp_path, endpoint, body, status, error):
+    if callable(body):
+        body = body()  # built here, not held for the whole session
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()  # ensure_ascii: lone surrogates as \ud800 escapes
+    response = await assert_refused(ds, tmp_path, endpoint, body, status, error)
+    assert len(response.content) < 1000
+    if len(body) > 300_000 and status == 400:
+        assert "…" in response.json()["error"]
+
+
+async def test_open_csv_from_url_encodes_non_ascii_as_a_browser_does(ds, server):
+    base, routes = server
+    routes["/caf%C3%A9%20menu.csv"] = (200, {}, CSV_BODY)
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + "/café menu.csv"})
+    assert response.json() == {"ok": True, "path": ds.urls.table("temporary", "café menu"), "rows": 2}
+    assert app_support._check_url("https://bücher.example/ä.csv?q=é") == (
+        "https://xn--bcher-kva.example/%C3%A4.csv?q=%C3%A9"
+    )
+
+
+def gzip_bomb(megabytes):
+    """A small gzip stream that expands to megabytes of one repeated CSV line."""
+    line = b"0,0,0,0,0,0,0,0,0,0,0,0,0,0,0\n"
+    block = line * (1024 * 1024 // len(line))
+    buffer = io.BytesIO()
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9) as out:
+        out.write(b"a,b,c,d,e,f,g,h,i,j,k,l,m,n,o\n")
+        for _ in range(megabytes):
+            out.write(block)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def bombs():
+    gz = gzip_bomb(64)  # 64 MB from a few hundred KB: bounded even if nothing stops it
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with archive.open("bomb.csv", "w") as member:
+            member.write(gzip.decompress(gz))
+    return {"gz": gz, "zip": buffer.getvalue()}
+
+
+@pytest.mark.parametrize("kind", ["gz file", "gzip encoding", "zip file"])
+async def test_open_csv_from_url_refuses_decompression_bombs(ds, server, temp_dir, bombs, kind):
+    base, routes = server
+    url_path, route = {
+        "gz file": ("/bomb.csv.gz", (200, {}, bombs["gz"])),
+        "gzip encoding": ("/bomb.csv", (200, {"Content-Encoding": "gzip"}, bombs["gz"])),
+        "zip file": ("/bomb.zip", (200, {}, bombs["zip"])),
+    }[kind]
+    routes[url_path] = route
+    start = time.monotonic()
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + url_path})
+    assert_error(response, 400, "decompression bomb")
+    assert time.monotonic() - start < 10
+    assert await tables(ds) == [] and work_folders(temp_dir) == []
+
+
+def endless(chunked):
+    """A route that sends CSV rows for ever: until 64 MB, as the test's own safety stop."""
+
+    def route(handler):
+        def body(wfile):
+            row = b"1,2,3\n" * 10_000
+            wfile.write((b"%x\r\n" % 6 + b"a,b,c\n\r\n") if chunked else b"a,b,c\n")
+            for _ in range(64 * 1024 * 1024 // len(row)):
+                try:
+                    wfile.write((b"%x\r\n" % len(row) + row + b"\r\n") if chunked else row)
+                except OSError:
+                    return
+            handler.close_connection = True
+
+        return 200, {"Transfer-Encoding": "chunked"} if chunked else {}, body
+
+    return route
+
+
+@pytest.mark.parametrize("chunked", [True, False], ids=["chunked", "until closed"])
+async def test_open_csv_from_url_endless_body_stops_at_size_limit(server, temp_dir, chunked):
+    base, routes = server
+    routes["/endless.csv"] = endless(chunked)
+    ds = await with_settings(url_size_limit_mb=2)
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + "/endless.csv"})
+    assert_error(response, 400, "larger than 2 MB uncompressed. The app_support setting url_size_limit_mb")
+    assert await tables(ds) == [] and work_folders(temp_dir) == []
+
+
+async def test_open_csv_from_url_trickle_stops_at_time_limit(server, temp_dir):
+    base, routes = server
+
+    def trickle(handler):
+        def body(wfile):
+            for byte in b"a,b\n" + b"1,2\n" * 10:  # 44 seconds at most: the safety stop
+                try:
+                    wfile.write(bytes([byte]))
+                    wfile.flush()
+                except OSError:
+                    return
+                time.sleep(1)
+
+        return 200, {"Content-Length": "44"}, body
+
+    routes["/trickle.csv"] = trickle
+    ds = await with_settings(url_time_limit=1.5, url_timeout=5)
+    start = time.monotonic()
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + "/trickle.csv"})
+    assert_error(response, 400, "longer than 1.5 seconds. The app_support setting url_time_limit")
+    assert time.monotonic() - start < 5
+    assert await tables(ds) == [] and work_folders(temp_dir) == []
+
+
+async def test_open_csv_from_url_refuses_to_start_on_a_full_temp_disk(ds, server, small_disk, monkeypatch):
+    base, routes = server
+    routes["/dogs.csv"] = (200, {}, CSV_BODY)
+    disk = small_disk(size="2m")
+    monkeypatch.setattr(tempfile, "tempdir", str(disk))
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + "/dogs.csv"})
+    assert_error(response, 400, "The disk is nearly full")
+    assert await tables(ds) == [] and work_folders(disk) == []
+
+
+async def test_open_csv_from_url_stops_when_the_temp_disk_fills(ds, server, small_disk, monkeypatch):
+    base, routes = server
+    routes["/big.csv"] = (200, {}, b"a,b\n" + b"12345,67890\n" * (1024 * 1024))  # 12 MB
+    disk = small_disk(size="16m")
+    monkeypatch.setattr(tempfile, "tempdir", str(disk))
+    monkeypatch.setattr(app_support, "DISK_MARGIN_BYTES", 8 * 1024 * 1024)
+    response = await post(ds, "/-/open-csv-from-url", {"url": base + "/big.csv"})
+    assert_error(response, 400, "The disk is nearly full")
+    assert await tables(ds) == [] and work_folders(disk) == []
+
+
+async def test_download_limit_settings_must_be_numbers(server):
+    ds = await with_settings(url_time_limit="soon")
+    response = await post(ds, "/-/open-csv-from-url", {"url": server[0] + "/x.csv"})
+    assert_error(response, 400, "url_time_limit must be a number")
+
+
+async def fill_temporary(ds, megabytes):
+    """Tables in temporary whose dump takes about megabytes: random, so it never compresses."""
+
+    def fill(conn):
+        conn.execute("create table big (b blob)")
+        conn.executemany("insert into big values (randomblob(1024 * 1024))", [()] * megabytes)
+        conn.commit()
+
+    await ds.get_database("temporary").execute_write_fn(fill, block=True)
+
+
+async def test_dump_temporary_to_a_full_disk_leaves_nothing(ds, small_disk):
+    disk = small_disk(size="2m")
+    await fill_temporary(ds, 3)
+    path = disk / "backup.db"
+    response = await post(ds, "/-/dump-temporary-to-file", {"path": str(path)})
+    assert_error(response, 400, "The disk is full: could not save the temporary database to")
+    assert "Free some space and try again." in response.json()["error"]
+    assert list(disk.iterdir()) == []
+    # The retry is not refused by a leftover: with room it works.
+    await ds.get_database("temporary").execute_write("drop table big", block=True)
+    assert (await post(ds, "/-/dump-temporary-to-file", {"path": str(path)})).json()["ok"] is True
+    assert sorted(p.name for p in disk.iterdir()) == ["backup.db"]
+
+
+async def test_dump_temporary_to_a_read_only_disk(ds, small_disk):
+    disk = small_disk(size="1m")
+    read_only(disk)
+    response = await post(ds, "/-/dump-temporary-to-file", {"path": str(disk / "backup.db")})
+    assert_error(response, 400, "is read-only")
+    assert list(disk.iterdir()) == []
+
+
+def test_dump_never_moves_over_a_file_that_appeared(tmp_path):
+    partial, path = tmp_path / "partial", tmp_path / "backup.db"
+    partial.write_bytes(b"new")
+    path.write_bytes(b"someone else's")
+    with pytest.raises(app_support.APIError, match="File already exists"):
+        app_support._move_into_place(str(partial), str(path))
+    assert path.read_bytes() == b"someone else's"
+
+
+def corrupt_middle_page(path):
+    make_db(path, values=range(20_000))
+    with open(path, "r+b") as f:
+        f.seek(4096 * (os.path.getsize(path) // 4096 // 2))
+        f.write(b"\xde\xad\xbe\xef" * 1024)
+    return path
+
+
+def utf16_db(path):
+    conn = sqlite3.connect(path)
+    conn.execute("pragma encoding = 'UTF-16le'")
+    conn.execute("create table t (a text)")
+    conn.execute("insert into t values ('x')")
+    conn.commit()
+    conn.close()
+    return path
+
+
+def cut_short(path):
+    make_db(path, values=range(20_000))
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2 + 100)
+    return path
+
+
+@pytest.mark.parametrize(
+    "setup,error",
+    [
+        (corrupt_middle_page, "is damaged, so nothing was restored"),
+        (utf16_db, "stores its text as UTF-16le; only UTF-8 databases can be restored"),
+        (cut_short, "database disk image is malformed"),
+    ],
+    ids=["corrupt middle page", "UTF-16", "cut short"],
+)
+async def test_restore_temporary_refuses_a_bad_backup_and_keeps_temporary(ds, tmp_path, setup, error):
+    csv_path = tmp_path / "keep.csv"
+    csv_path.write_text("a\n1\n")
+    await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
+    backup = setup(tmp_path / "backup.db")
+    await assert_refused(ds, tmp_path, "/-/restore-temporary-from-file", {"path": str(backup)}, 400, error)
+    assert await rows(ds, "temporary", "select a from keep") == [(1,)]
+    assert (await ds.client.get("/temporary/keep.json")).status_code == 200
+
+
+@pytest.mark.parametrize("journal_mode,page_size", [("delete", 8192), ("wal", 1024), ("delete", 65536)])
+async def test_restore_temporary_from_other_page_sizes_and_wal(ds, tmp_path, journal_mode, page_size):
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute(f"pragma page_size = {page_size}")
+    conn.execute(f"pragma journal_mode = {journal_mode}")
+    conn.execute("create table t (a)")
+    conn.executemany("insert into t values (?)", [(i,) for i in range(1000)])
+    conn.commit()
+    conn.close()
+    await fill_temporary(ds, 1)  # temporary has pages of its own size
+    response = await post(ds, "/-/restore-temporary-from-file", {"path": str(path)})
+    assert response.json()["restored_tables"] == ["t"], response.text
+    assert await rows(ds, "temporary", "select count(*) from t") == [(1000,)]
+
+
+async def test_startup_removes_work_folders_of_dead_processes_only(temp_dir):
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        names = {
+            "dead": f"app_support_{dead.pid}_x1y2",
+            "mine": f"app_support_{os.getpid()}_a1b2",
+            "alive": f"app_support_{alive.pid}_c3d4",
+            "init": "app_support_1_e5f6",
+            "no pid": "app_support_latin1_fallback",
+            "other": "someone_else",
+        }
+        for name in names.values():
+            (temp_dir / name).mkdir()
+            (temp_dir / name / "staging.db").write_bytes(b"x" * 1000)
+        (temp_dir / f"app_support_{dead.pid}_file").write_text("a file, not a work folder")
+        ds = Datasette(memory=True)
+        await ds.invoke_startup()
+    finally:
+        alive.kill()
+        alive.wait()
+    left = {p.name for p in temp_dir.iterdir() if p.name.startswith(("app_support_", "someone"))}
+    assert names["dead"] not in left
+    assert left == set(names.values()) - {names["dead"]} | {f"app_support_{dead.pid}_file"}
+
+
+CROSS_SITE = [
+    {"Sec-Fetch-Site": "cross-site"},
+    {"Origin": "https://evil.example"},
+    {"Sec-Fetch-Site": "same-site", "Origin": "https://sub.localhost"},
+]
+
+
+@pytest.mark.parametrize("endpoint", list(app_support.ENDPOINTS))
+@pytest.mark.parametrize("headers", CROSS_SITE, ids=["sec-fetch-site", "origin", "same-site"])
+async def test_cross_site_browser_post_is_refused_as_json(ds, tmp_path, endpoint, headers):
+    body = good_bodies(tmp_path)[endpoint]
+    cookie = {"Cookie": "ds_actor=" + ds.sign({"a": {"id": "root"}}, "actor")}
+    if IS_DATASETTE_1:  # Datasette's own CSRF check refuses, in JSON
+        await assert_refused(ds, tmp_path, endpoint, body, 403, "cross-site", token=None, headers={**cookie, **headers})
+        # A stolen token does not help a page whose browser adds the cookie.
+        await assert_refused(ds, tmp_path, endpoint, body, 403, "cross-site", headers={**cookie, **headers})
+    else:  # 0.65 skips CSRF here (skip_csrf): no token, no entry
+        await assert_refused(ds, tmp_path, endpoint, body, 401, "API token", token=None, headers={**cookie, **headers})
+
+
+# Import faults
+
+
+def big_csv(tmp_path, megabytes=4):
+    path = tmp_path / "big.csv"
+    line = b"12345,some words here,67.5\n"
+    path.write_bytes(b"a,b,c\n" + line * (megabytes * 1024 * 1024 // len(line)))
+    return path
+
+
+async def open_file_database(ds, path):
+    response = await post(ds, "/-/open-database-file", {"path": str(path)})
+    assert response.json()["ok"], response.text
+    return response.json()["path"].strip("/")
+
+
+async def test_import_into_a_file_database_on_a_full_disk(ds, tmp_path, small_disk):
+    disk = small_disk(size="2m")
+    name = await open_file_database(ds, make_db(disk / "target.db"))
+    body = {"path": str(big_csv(tmp_path)), "database": name}
+    response = await post(ds, "/-/import-csv-file", body)
+    assert_error(response, 400, "The disk is full")
+    assert await tables(ds, name) == ["t"]
+    assert sorted(p.name for p in disk.iterdir()) == ["target.db"]
+
+
+async def test_staging_an_import_for_temporary_on_a_full_disk(ds, tmp_path, small_disk, monkeypatch):
+    disk = small_disk(size="2m")
+    monkeypatch.setattr(tempfile, "tempdir", str(disk))
+    response = await post(ds, "/-/open-csv-file", {"path": str(big_csv(tmp_path))})
+    assert_error(response, 400, "The disk is full")
+    assert await tables(ds) == [] and list(disk.iterdir()) == []
+
+
+async def test_import_into_a_database_locked_by_another_program(ds, tmp_path):
+    path = make_db(tmp_path / "target.db")
+    name = await open_file_database(ds, path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("begin exclusive")
+    try:
+        start = time.monotonic()
+        response = await post(ds, "/-/import-csv-file", {"path": str(big_csv(tmp_path, 1)), "database": name})
+        assert_error(response, 400, "is locked by another program")
+        assert "Close it there and try again." in response.json()["error"]
+        assert time.monotonic() - start < 4
+    finally:
+        other.execute("rollback")
+        other.close()
+    assert await tables(ds, name) == ["t"]
+
+
+async def test_import_into_a_database_on_a_read_only_disk(ds, tmp_path, small_disk):
+    disk = small_disk(size="1m")
+    name = await open_file_database(ds, make_db(disk / "target.db"))
+    read_only(disk)
+    response = await post(ds, "/-/import-csv-file", {"path": str(big_csv(tmp_path, 1)), "database": name})
+    assert_error(response, 400, "is read-only")
+    assert await tables(ds, name) == ["t"]
+
+
+async def test_detaching_the_target_during_an_import_is_not_a_server_fault(ds, tmp_path):
+    name = await open_file_database(ds, make_db(tmp_path / "target.db"))
+    task = asyncio.ensure_future(
+        post(ds, "/-/import-csv-file", {"path": str(big_csv(tmp_path, 8)), "database": name})
+    )
+    while not any(item["state"] == "running" for item in await progress(ds)):
+        await asyncio.sleep(0.01)
+    ds.remove_database(name)
+    response = await task
+    assert response.status_code in (200, 400), response.text
+    assert response.headers["content-type"].startswith("application/json")
