@@ -983,39 +983,44 @@ def _convert_staged(conn, columns, types):
     return "typed"
 
 
-def _copy_in(conn, staged, wanted_table, commit_schema_first=False):
+def _copy_in(conn, staged, wanted_table, shared_cache=False):
     """Copy a staged table into conn's main database under a free name, all or nothing.
 
-    commit_schema_first is for the shared-cache `temporary` database, where an
-    uncommitted CREATE TABLE would lock the schema for every reader: the table
-    is created and committed first, then filled, and dropped should that fail.
+    In the shared-cache `temporary` database an uncommitted CREATE TABLE
+    fails every reader at once, so there the table is created on its own,
+    in autocommit, and dropped again should filling it fail.
     """
     conn.execute("ATTACH DATABASE ? AS app_support_staging", [staged.path])
     try:
-        conn.execute("BEGIN IMMEDIATE")
-        created = None
-        try:
-            table = _free_table_name(conn, wanted_table)
-            result = ImportResult(table, staged.rows, staged.columns, staged.types)
+        if shared_cache:
+            # Only Datasette's write thread writes to `temporary`: the name stays free.
+            result = _import_result(conn, staged, wanted_table)
             conn.execute(result.schema)
-            if commit_schema_first:
-                conn.execute("COMMIT")
-                created = table
-                conn.execute("BEGIN IMMEDIATE")
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if not shared_cache:
+                result = _import_result(conn, staged, wanted_table)
+                conn.execute(result.schema)
             # SELECT * from a table of the same column types: SQLite copies
             # the records as they are, much faster than value by value.
             conn.execute(
-                f"INSERT INTO main.{_quote(table)} SELECT * FROM app_support_staging.{staged.table}"
+                f"INSERT INTO main.{_quote(result.table)} "
+                f"SELECT * FROM app_support_staging.{staged.table}"
             )
             conn.execute("COMMIT")
         except BaseException:
             _roll_back(conn)
-            if created:
-                conn.execute(f"DROP TABLE main.{_quote(created)}")
+            if shared_cache:
+                conn.execute(f"DROP TABLE main.{_quote(result.table)}")
             raise
     finally:
         conn.execute("DETACH DATABASE app_support_staging")
     return result
+
+
+def _import_result(conn, staged, wanted_table):
+    table = _free_table_name(conn, wanted_table)
+    return ImportResult(table, staged.rows, staged.columns, staged.types)
 
 
 def _roll_back(conn):

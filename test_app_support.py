@@ -4,6 +4,7 @@ import gzip
 import http.server
 import io
 import json
+import math
 import os
 import shutil
 import socket
@@ -2218,3 +2219,85 @@ async def test_detaching_the_target_during_an_import_is_not_a_server_fault(ds, t
     response = await task
     assert response.status_code in (200, 400), response.text
     assert response.headers["content-type"].startswith("application/json")
+
+
+# Other readers never wait: pages during a large import, on a real server
+
+
+def poll_during(port, pages, work, interval=0.05):
+    """Run work() while fetching each page every interval; return its result and {page: [(status, seconds)]}."""
+    done = threading.Event()
+    polls = {page: [] for page in pages}
+    failures = []
+
+    def poll(page):
+        while not done.is_set():
+            start = time.monotonic()
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{page}", timeout=60) as r:
+                    r.read()
+                    status = r.status
+            except urllib.error.HTTPError as e:
+                status = e.code
+                failures.append((page, status, re.sub(rb"\s+", b" ", e.read())[-600:]))
+            polls[page].append((status, time.monotonic() - start))
+            done.wait(max(0.0, interval - (time.monotonic() - start)))
+
+    threads = [threading.Thread(target=poll, args=(page,)) for page in pages]
+    for thread in threads:
+        thread.start()
+    try:
+        result = work()
+    finally:
+        done.set()
+        for thread in threads:
+            thread.join()
+    assert not failures, failures
+    return result, polls
+
+
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
+def serve_with_databases(tmp_path):
+    """A real datasette, started as the app starts it, with two file databases and a temporary table."""
+    plugins_dir = tmp_path / "plugins"
+    plugins_dir.mkdir()
+    shutil.copy(app_support.__file__, plugins_dir / "app_support.py")
+    port = unused_port()
+    env = {**os.environ, "DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64}
+    process = start_server(plugins_dir, port, env)
+    for name in ("target", "elsewhere"):
+        status, _, body = call(port, "/-/open-database-file", {"path": str(make_db(tmp_path / f"{name}.db"))})
+        assert status == 200, body
+    small = write(tmp_path / "small.csv", "a\n1\n")
+    assert call(port, "/-/open-csv-file", {"path": str(small)})[0] == 200
+    return process, port
+
+
+@pytest.mark.parametrize("database", ["target", "temporary"])
+def test_pages_answer_quickly_during_a_large_import(tmp_path, database):
+    """Importing straight into the file held its lock for the whole import: seconds of stalled pages."""
+    process, port = serve_with_databases(tmp_path)
+    try:
+        big = write_big_csv(tmp_path / "big.csv", 300_000)
+        other = "t" if database == "target" else "small"
+        pages = ["/", "/-/databases.json", f"/{database}", f"/{database}/{other}", "/elsewhere/t"]
+        endpoint, body = (
+            ("/-/import-csv-file", {"path": str(big), "database": database})
+            if database != "temporary"
+            else ("/-/open-csv-file", {"path": str(big)})
+        )
+        (status, _, answer), polls = poll_during(port, pages, lambda: call(port, endpoint, body))
+        assert status == 200 and json.loads(answer)["rows"] == 300_000, answer
+    finally:
+        process.terminate()
+        process.wait(10)
+    results = [result for page in pages for result in polls[page]]
+    assert all(len(polls[page]) >= 3 for page in pages), "the import ended before the pages were polled"
+    assert {status for status, _ in results} == {200}, [r for r in results if r[0] != 200]
+    slowest = percentile([seconds for _, seconds in results], 0.99)
+    slow = {page: [round(s, 2) for _, s in polls[page] if s > 0.5] for page in pages}
+    assert slowest < 0.5, f"p99 {slowest:.2f} s over {len(results)} page loads; slow: {slow}"
