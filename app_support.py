@@ -66,6 +66,9 @@ SQLITE_HEADER = b"SQLite format 3\x00"
 # file: URIs from database paths without escaping them.
 URI_SPECIAL_CHARACTERS = "?#%"
 LOCKED_TIMEOUT_SECONDS = 2
+# Shared-cache locks (the `temporary` database) fail at once instead of
+# waiting: how long to keep trying while pages read it.
+SHARED_CACHE_WAIT_SECONDS = 10
 # Small batches stay in the CPU cache: 500 rows ran faster than 5,000 or 20,000.
 BATCH_ROWS = 500
 # Rows per INSERT statement, fewer for wide files.
@@ -988,39 +991,69 @@ def _copy_in(conn, staged, wanted_table, shared_cache=False):
 
     In the shared-cache `temporary` database an uncommitted CREATE TABLE
     fails every reader at once, so there the table is created on its own,
-    in autocommit, and dropped again should filling it fail.
+    in autocommit, and dropped again should filling it fail. Readers' locks
+    fail a writer at once there too, so each step waits them out.
     """
     conn.execute("ATTACH DATABASE ? AS app_support_staging", [staged.path])
     try:
-        if shared_cache:
-            # Only Datasette's write thread writes to `temporary`: the name stays free.
-            result = _import_result(conn, staged, wanted_table)
-            conn.execute(result.schema)
-        conn.execute("BEGIN IMMEDIATE")
+        if not shared_cache:
+            return _in_transaction(conn, lambda: _create_and_copy(conn, staged, wanted_table))
+        # Only Datasette's write thread writes to `temporary`: the name stays free.
+        result = _import_result(conn, staged, wanted_table)
+        _while_shared_cache_locked(lambda: conn.execute(result.schema))
         try:
-            if not shared_cache:
-                result = _import_result(conn, staged, wanted_table)
-                conn.execute(result.schema)
-            # SELECT * from a table of the same column types: SQLite copies
-            # the records as they are, much faster than value by value.
-            conn.execute(
-                f"INSERT INTO main.{_quote(result.table)} "
-                f"SELECT * FROM app_support_staging.{staged.table}"
+            _while_shared_cache_locked(
+                lambda: _in_transaction(conn, lambda: _copy_rows(conn, staged, result.table))
             )
-            conn.execute("COMMIT")
         except BaseException:
-            _roll_back(conn)
-            if shared_cache:
-                conn.execute(f"DROP TABLE main.{_quote(result.table)}")
+            _while_shared_cache_locked(
+                lambda: conn.execute(f"DROP TABLE main.{_quote(result.table)}")
+            )
             raise
+        return result
     finally:
         conn.execute("DETACH DATABASE app_support_staging")
-    return result
 
 
 def _import_result(conn, staged, wanted_table):
     table = _free_table_name(conn, wanted_table)
     return ImportResult(table, staged.rows, staged.columns, staged.types)
+
+
+def _create_and_copy(conn, staged, wanted_table):
+    result = _import_result(conn, staged, wanted_table)
+    conn.execute(result.schema)
+    _copy_rows(conn, staged, result.table)
+    return result
+
+
+def _copy_rows(conn, staged, table):
+    # SELECT * from a table of the same column types: SQLite copies the
+    # records as they are, much faster than value by value.
+    conn.execute(f"INSERT INTO main.{_quote(table)} SELECT * FROM app_support_staging.{staged.table}")
+
+
+def _in_transaction(conn, step):
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = step()
+        conn.execute("COMMIT")
+    except BaseException:
+        _roll_back(conn)
+        raise
+    return result
+
+
+def _while_shared_cache_locked(step):
+    """Run step, again while a reader's shared-cache lock refuses it, up to a limit."""
+    deadline = time.monotonic() + SHARED_CACHE_WAIT_SECONDS
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
 
 
 def _roll_back(conn):
