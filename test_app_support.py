@@ -1303,3 +1303,211 @@ async def test_import_progress_authentication(ds):
         assert_error(response, status, "")
     response = await ds.client.post("/-/import-progress", headers={"Authorization": f"Bearer {TOKEN}"})
     assert_error(response, 405, "Use GET")
+
+
+# POST /-/cancel-import, and the progress panel on the desktop user's pages
+
+
+async def start_big_import(ds, tmp_path, database, count=1_000_000):
+    """Start a CSV import that takes a second or more; return (task, progress item)."""
+    if database != "temporary":
+        await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / f"{database}.db")})
+    path = write_big_csv(tmp_path / "big.csv", count)
+    task = asyncio.ensure_future(post(ds, "/-/import-csv-file", {"path": str(path), "database": database}))
+    while not task.done():
+        items = await progress(ds)
+        if items and items[0]["state"] == "running" and items[0]["rows"]:
+            return task, items[0]
+        await asyncio.sleep(0.005)
+    raise AssertionError("the import finished before it could be cancelled: " + (await task).text)
+
+
+def work_folders():
+    """This process's staging and download folders in the temp directory."""
+    prefix = f"{app_support.WORK_FOLDER_PREFIX}{os.getpid()}_"
+    return [p for p in Path(app_support.tempfile.gettempdir()).iterdir() if p.name.startswith(prefix)]
+
+
+async def page_csrf(ds, cookies):
+    """What a same-origin page sends with its POSTs: the cookies and the page's csrftoken."""
+    page = await ds.client.get("/", cookies=cookies)
+    config = json.loads(page.text.split("window.appSupport = ", 1)[1].split(";</script>", 1)[0])
+    cookies = {**cookies, **{k: v for k, v in page.cookies.items() if k == "ds_csrftoken"}}
+    return cookies, {"x-csrftoken": config["csrftoken"], "Sec-Fetch-Site": "same-origin"}
+
+
+async def cancel_with_cookie(ds, import_id):
+    cookies, headers = await page_csrf(ds, await root_cookie(ds))
+    return await ds.client.post(
+        "/-/cancel-import", content=json.dumps({"id": import_id}).encode(), cookies=cookies, headers=headers
+    )
+
+
+async def cancel_with_token(ds, import_id):
+    return await post(ds, "/-/cancel-import", {"id": import_id})
+
+
+@pytest.mark.parametrize("database", ["temporary", "target"])
+@pytest.mark.parametrize("cancel", [cancel_with_token, cancel_with_cookie])
+async def test_cancel_import_stops_it_and_leaves_nothing(ds, tmp_path, database, cancel):
+    task, item = await start_big_import(ds, tmp_path, database)
+    response = await cancel(ds, item["id"])
+    assert response.status_code == 200, response.text
+    cancelled = response.json()["import"]
+    assert (cancelled["id"], cancelled["state"], cancelled["path"]) == (item["id"], "cancelled", None)
+    assert_error(await task, 400, "Import cancelled: " + item["source"])
+    (final,) = await progress(ds)
+    assert final["state"] == "cancelled" and final["error"] == "Import cancelled: " + item["source"]
+    assert final["rows"] < 1_000_000 and final["finished"] is not None
+    assert await tables(ds, database) == []
+    assert work_folders() == []
+
+
+async def test_cancel_import_of_a_download(ds, server):
+    base, routes = server
+    started = threading.Event()
+
+    def trickle(out):
+        # About 3 MB a second: the download reports progress every megabyte.
+        out.write(b"id,name\n")
+        started.set()
+        for _ in range(1000):  # 20 seconds, unless the reader hangs up first
+            out.write(b"1,Cleo\n" * 10_000)
+            time.sleep(0.02)
+
+    routes["/slow.csv"] = (200, {"Content-Length": "70000008"}, trickle)
+    task = asyncio.ensure_future(post(ds, "/-/open-csv-from-url", {"url": base + "/slow.csv"}))
+    while not (await progress(ds)):
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(started.wait, 5)
+    response = await cancel_with_token(ds, 1)
+    assert response.json()["import"]["state"] == "cancelled", response.text
+    assert_error(await task, 400, f"Import cancelled: {base}/slow.csv")
+    assert await tables(ds) == [] and work_folders() == []
+
+
+async def test_cancel_import_refused_from_another_site(ds, tmp_path):
+    task, item = await start_big_import(ds, tmp_path, "temporary")
+    cookies = await root_cookie(ds)
+    # A cross-site page holds the cookie but cannot read the page's csrftoken;
+    # Datasette 0.65 refuses it for that, 1.0 for its Sec-Fetch-Site header.
+    response = await ds.client.post(
+        "/-/cancel-import", content=json.dumps({"id": item["id"]}).encode(), cookies=cookies,
+        headers={"Sec-Fetch-Site": "cross-site", "Origin": "https://elsewhere.example"},
+    )
+    assert response.status_code == 403
+    assert (await task).json()["ok"] is True
+    assert (await progress(ds))[0]["state"] == "done"
+
+
+async def test_cancel_import_errors(ds, tmp_path):
+    csv_path = write(tmp_path / "done.csv", "a\n1\n")
+    await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
+    other = {"ds_actor": ds.sign({"a": {"id": "someone"}}, "actor")}
+    for body, kwargs, status, error in [
+        ({"id": 99}, {}, 400, "No import has the id 99."),
+        ({"id": 1}, {}, 400, f"Import 1 has already done: {csv_path}"),
+        ({}, {}, 400, "Missing required key: id"),
+        ({"id": "1"}, {}, 400, "id must be a whole number."),
+        ({"id": True}, {}, 400, "id must be a whole number."),
+        ({"id": 1.0}, {}, 400, "id must be a whole number."),
+        ({"id": 1, "all": True}, {}, 400, "Unknown key: all"),
+        ({"id": 1}, {"token": None}, 401, "API token"),
+        ({"id": 1}, {"token": "nope"}, 401, "API token"),
+    ]:
+        assert_error(await post(ds, "/-/cancel-import", body, **kwargs), status, error)
+    response = await ds.client.post(
+        "/-/cancel-import", content=b'{"id": 1}', cookies=other, headers={"x-csrftoken": "x"}
+    )
+    assert response.status_code == 403
+    assert_error(await ds.client.get("/-/cancel-import", headers={"Authorization": f"Bearer {TOKEN}"}), 405, "Use POST")
+    assert (await progress(ds))[0]["state"] == "done"
+
+
+async def test_cancel_after_the_table_is_committed_changes_nothing(ds, tmp_path):
+    log = app_support._import_log(ds)
+    with log.track("late.csv", "temporary") as item:
+        item.update(rows=10)
+        log.cancel(item.id)
+        # The engine has committed and calls no further update: done wins.
+        log.done(item, app_support.ImportResult("late", 10, ["a"], ["TEXT"]))
+    assert (await progress(ds))[0]["state"] == "done"
+    assert_error(await cancel_with_token(ds, item.id), 400, "has already done")
+
+
+async def test_progress_carries_what_the_panel_needs(ds, tmp_path):
+    csv_path = write(tmp_path / "dogs.csv", "id,name\n1,Cleo\n2,Pancakes\n")
+    await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
+    await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
+    newest, first = await progress(ds)
+    assert newest == {
+        "id": 2, "source": str(csv_path), "database": "temporary", "table": "dogs_2",
+        "state": "done", "rows": 2, "bytes_read": 26, "bytes_total": 26,
+        "started": newest["started"], "finished": newest["finished"], "error": None,
+        "path": "/temporary/dogs_2",
+    }
+    assert first["path"] == "/temporary/dogs"
+    assert (await ds.client.get(newest["path"])).status_code == 200
+
+
+def page_assets(html):
+    """The plugin's script and style tags in a page, and its config."""
+    tags = [line.strip() for line in html.splitlines() if "app-support" in line or "appSupport" in line]
+    config = None
+    if "window.appSupport = " in html:
+        config = json.loads(html.split("window.appSupport = ", 1)[1].split(";</script>", 1)[0])
+    return tags, config
+
+
+async def test_page_script_only_for_the_desktop_user(ds, tmp_path):
+    other = {"ds_actor": ds.sign({"a": {"id": "someone"}}, "actor")}
+    for cookies in ({}, other):
+        for path in ("/", "/temporary", "/-/metadata"):
+            page = await ds.client.get(path, cookies=cookies)
+            assert page_assets(page.text) == ([], None), path
+    page = await ds.client.get("/", cookies=await root_cookie(ds))
+    tags, config = page_assets(page.text)
+    version = app_support.ASSET_VERSION
+    assert tags[:2] == [
+        f'<link rel="stylesheet" href="/-/app-support.css?v={version}">',
+        f'<script src="/-/app-support.js?v={version}"></script>',
+    ]
+    assert config["progressUrl"] == "/-/import-progress" and config["cancelUrl"] == "/-/cancel-import"
+    script = await ds.client.get(f"/-/app-support.js?v={version}")
+    assert script.headers["content-type"].startswith("application/javascript")
+    assert script.text == app_support.PAGE_SCRIPT
+    style = await ds.client.get("/-/app-support.css")
+    assert style.headers["content-type"].startswith("text/css") and style.text == app_support.PAGE_STYLE
+
+
+async def test_import_csv_button_only_for_mutable_database_pages(ds, tmp_path):
+    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "mine.db")})
+    ds.add_database(
+        app_support.Database(ds, path=str(make_db(tmp_path / "fixed.db")), is_mutable=False), name="fixed"
+    )
+    await post(ds, "/-/open-csv-file", {"path": str(write(tmp_path / "dogs.csv", "a\n1\n"))})
+    cookies = await root_cookie(ds)
+    for path, target in [
+        ("/mine", "mine"),
+        ("/temporary", "temporary"),
+        ("/fixed", None),
+        ("/", None),
+        ("/temporary/dogs", None),
+        ("/temporary/dogs/1", None),
+        ("/temporary?sql=select+1", None),
+    ] + [("/temporary/-/query?sql=select+1", None)] * IS_DATASETTE_1:
+        page = await ds.client.get(path, cookies=cookies)
+        if page.status_code == 302:  # Datasette 1.0 moved ?sql= to /-/query
+            page = await ds.client.get(page.headers["location"], cookies=cookies)
+        assert page.status_code == 200, path
+        assert page_assets(page.text)[1]["importDatabase"] == target, path
+
+
+async def test_page_config_cannot_close_its_script_element(ds, tmp_path):
+    name = "x</script><b>"
+    ds.add_database(app_support._memory_database(ds, "app_support_test_closing"), name=name)
+    page = await ds.client.get(ds.urls.database(name), cookies=await root_cookie(ds))
+    assert page.status_code == 200
+    tags, config = page_assets(page.text)
+    assert config["importDatabase"] == name
+    assert "</script><b>" not in page.text.split("window.appSupport = ", 1)[1].split("</script>")[0]
