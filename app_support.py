@@ -1453,7 +1453,9 @@ PAGE_SCRIPT = r"""/* app_support: import progress, Cancel and Import CSV for Dat
     });
     var wrapper = element("p", "app-support-import-csv-row");
     wrapper.append(button);
-    header.after(wrapper);
+    // Below Datasette 1.0's "Database actions" menu, which follows the header.
+    var next = header.nextElementSibling;
+    (next && next.classList.contains("page-action-menu") ? next : header).after(wrapper);
   }
 
   function addPanel() {
