@@ -1,4 +1,5 @@
 import asyncio
+import base64
 import gzip
 import http.server
 import io
@@ -1511,3 +1512,307 @@ async def test_page_config_cannot_close_its_script_element(ds, tmp_path):
     tags, config = page_assets(page.text)
     assert config["importDatabase"] == name
     assert "</script><b>" not in page.text.split("window.appSupport = ", 1)[1].split("</script>")[0]
+
+
+# The panel in a real browser: headless Chromium over the DevTools protocol
+
+
+CHROMIUM = shutil.which("chromium")
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM and not os.environ.get("CI"),
+    reason="needs Chromium (apt-get install chromium); with CI set, its absence fails instead",
+)
+
+
+class Browser:
+    """Headless Chromium driven over --remote-debugging-pipe: fds 3 and 4, NUL-separated JSON."""
+
+    def __init__(self, profile):
+        if not CHROMIUM:
+            pytest.fail("CI is set, so the browser tests must run, but chromium is not installed")
+        to_browser, self._commands = os.pipe()
+        self._replies, from_browser = os.pipe()
+        self.process = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"],
+            pass_fds=(3, 4), preexec_fn=lambda: (os.dup2(to_browser, 3), os.dup2(from_browser, 4)),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        os.close(to_browser)
+        os.close(from_browser)
+        self.ids = iter(range(1, 1_000_000))
+        self.messages = {}
+        self.events = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        target = self.browser_command("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.browser_command("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            self.command(f"{domain}.enable")
+        self.command("Emulation.setDeviceMetricsOverride", width=1000, height=640, deviceScaleFactor=1, mobile=False)
+
+    def _read(self):
+        buffer = b""
+        while True:
+            chunk = os.read(self._replies, 1 << 16)
+            if not chunk:
+                return
+            *messages, buffer = (buffer + chunk).split(b"\0")
+            with self.changed:
+                for message in map(json.loads, messages):
+                    if "id" in message:
+                        self.messages[message["id"]] = message
+                    else:
+                        self.events.append(message)
+                self.changed.notify_all()
+
+    def send(self, method, params, session):
+        message = {"id": next(self.ids), "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        return message["id"]
+
+    def reply(self, message_id, timeout=30):
+        with self.changed:
+            assert self.changed.wait_for(lambda: message_id in self.messages, timeout), "no reply"
+            message = self.messages.pop(message_id)
+        assert "error" not in message, message["error"]
+        return message["result"]
+
+    def command(self, method, /, **params):
+        """A command to the page."""
+        return self.reply(self.send(method, params, self.session))
+
+    def browser_command(self, method, /, **params):
+        return self.reply(self.send(method, params, None))
+
+    def event(self, method, after=0, timeout=30):
+        """The first event named method among those received after the first `after`."""
+        def find():
+            return next((e for e in self.events[after:] if e["method"] == method), None)
+        with self.changed:
+            assert self.changed.wait_for(find, timeout), f"no {method} event"
+            return find()["params"]
+
+    def navigate(self, url):
+        after = len(self.events)
+        self.command("Page.navigate", url=url)
+        self.event("Page.loadEventFired", after)
+
+    def sign_in(self, base, redirect):
+        """POST /-/auth-app-user from the window, with no Content-Type, as the desktop app does."""
+        self.command("Fetch.enable", patterns=[{"urlPattern": "*/-/auth-app-user"}])
+        after = len(self.events)
+        navigation = self.send("Page.navigate", {"url": base + "/-/auth-app-user"}, self.session)
+        paused = self.event("Fetch.requestPaused", after)
+        self.command(
+            "Fetch.continueRequest", requestId=paused["requestId"], method="POST",
+            postData=base64.b64encode(json.dumps({"redirect": redirect}).encode()).decode(),
+            headers=[{"name": "Authorization", "value": f"Bearer {TOKEN}"}],
+        )
+        self.reply(navigation)
+        self.event("Page.loadEventFired", after)
+        self.command("Fetch.disable")
+
+    def evaluate(self, expression):
+        result = self.command("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def wait_for(self, expression, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for: {expression}")
+
+    def click(self, selector):
+        """A real mouse click in the middle of the element."""
+        box = self.evaluate(
+            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+            " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()"
+        )
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.command("Input.dispatchMouseEvent", type=kind, button="left", clickCount=1, **box)
+
+    def screenshot(self, path):
+        Path(path).write_bytes(base64.b64decode(self.command("Page.captureScreenshot", format="png")["data"]))
+
+    def errors(self):
+        """Console errors, uncaught exceptions and failed loads the page reported."""
+        return [
+            e["params"] for e in self.events
+            if e["method"] == "Runtime.exceptionThrown"
+            or (e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] == "error")
+            or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
+        ]
+
+    def requests(self, fragment):
+        return [
+            e["params"]["request"]["url"] for e in self.events
+            if e["method"] == "Network.requestWillBeSent" and fragment in e["params"]["request"]["url"]
+        ]
+
+    def close(self):
+        try:
+            self.send("Browser.close", {}, None)
+            self.process.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+            self.process.wait()
+        os.close(self._commands)
+        os.close(self._replies)
+
+
+@pytest.fixture
+def desktop(tmp_path):
+    """A real datasette process with the plugin, and a browser window on it."""
+    plugins_dir = tmp_path / "plugins"
+    plugins_dir.mkdir()
+    shutil.copy(app_support.__file__, plugins_dir / "app_support.py")
+    env = {**os.environ, "DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64}
+    port = unused_port()
+    process = start_server(plugins_dir, port, env)
+    browser = None
+    try:
+        browser = Browser(tmp_path / "profile")
+        yield port, browser
+    finally:
+        if browser:
+            browser.close()
+        process.terminate()
+        process.wait(10)
+
+
+def in_background(port, path, body):
+    """Call an endpoint in a thread; the returned list receives (status, JSON body)."""
+    result = []
+
+    def run():
+        status, _, content = call(port, path, body)
+        result.append((status, json.loads(content)))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def imports(port):
+    return json.loads(call(port, "/-/import-progress", None)[2])["imports"]
+
+
+PANEL = ".app-support-panel"
+# What the desktop app's preload script gives its windows, as a stand-in.
+DATASETTE_APP = "window.datasetteApp = {importCsv: (database) => { window.importedInto = database; }};"
+
+
+@needs_chromium
+def test_browser_panel_shows_progress_and_cancels(desktop, tmp_path):
+    port, browser = desktop
+    base = f"http://127.0.0.1:{port}"
+    browser.navigate(base + "/temporary")
+    # Anonymous: no script, so no polling and no Import CSV button.
+    assert browser.evaluate("typeof window.appSupport") == "undefined"
+    assert browser.requests("/-/import-progress") == []
+    browser.sign_in(base, "/temporary")
+    # In a plain browser, with no window.datasetteApp, there is no Import CSV button.
+    assert browser.evaluate("!!window.appSupport && !document.querySelector('.app-support-import-csv')")
+    browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
+    path = write_big_csv(tmp_path / "big.csv", 3_000_000)
+    thread, result = in_background(port, "/-/import-csv-file", {"path": str(path), "database": "temporary"})
+    while not (imports(port) and imports(port)[0]["rows"]):
+        assert thread.is_alive(), result
+        time.sleep(0.02)
+    browser.navigate(base + "/temporary")
+    status = f"{PANEL} .app-support-running .app-support-status"
+    text = browser.wait_for(f"document.querySelector('{status}')?.textContent")
+    assert text.startswith("Importing: ") and text.endswith("%"), text
+    panel = browser.evaluate(
+        f"""(() => {{ const p = document.querySelector('{PANEL}');
+        return {{source: p.querySelector('.app-support-source').textContent,
+                 live: p.querySelector('[aria-live]').getAttribute('aria-live'),
+                 bar: p.querySelector('progress').hasAttribute('value'),
+                 buttons: [...p.querySelectorAll('button')].map(b => b.textContent),
+                 position: getComputedStyle(p).position}}; }})()"""
+    )
+    assert panel == {"source": "big.csv", "live": "polite", "bar": True, "buttons": ["Cancel"], "position": "fixed"}
+    browser.wait_for(f"document.querySelector('{status}').textContent !== {json.dumps(text)}")  # it moves
+    browser.screenshot(os.environ.get("APP_SUPPORT_SCREENSHOT") or tmp_path / "panel.png")
+    browser.click(f"{PANEL} button")
+    thread.join(10)
+    assert result[0][0] == 400 and result[0][1]["error"] == f"Import cancelled: {path}"
+    message = browser.wait_for(f"document.querySelector('{PANEL} .app-support-cancelled .app-support-status')?.textContent")
+    assert message == f"Import cancelled: {path}"
+    assert imports(port)[0]["state"] == "cancelled"
+    assert json.loads(call(port, "/temporary.json", None)[2])["tables"] == []
+    browser.click(f"{PANEL} button")  # Dismiss
+    browser.wait_for(f"document.querySelector('{PANEL}').hidden")
+    assert browser.errors() == []
+
+
+@needs_chromium
+def test_browser_panel_follows_a_finished_import_to_its_table(desktop, server, tmp_path):
+    port, browser = desktop
+    base = f"http://127.0.0.1:{port}"
+    url, routes = server
+    chunk = b"1,Cleo,5\n" * 2000
+    started = threading.Event()
+
+    def trickle(out):  # twelve seconds: the idle page's next poll sees it running
+        out.write(b"id,name,age\n")
+        started.set()
+        for _ in range(20):
+            time.sleep(0.6)
+            out.write(chunk)
+
+    routes["/dogs.csv"] = (200, {}, trickle)  # no Content-Length: the size is unknown
+    browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
+    browser.sign_in(base, "/temporary")
+    browser.click(".app-support-import-csv")
+    assert browser.evaluate("window.importedInto") == "temporary"
+    polls = len(browser.requests("/-/import-progress"))
+    thread, result = in_background(port, "/-/open-csv-from-url", {"url": url + "/dogs.csv"})
+    started.wait(10)
+    browser.wait_for(f"!!document.querySelector('{PANEL} .app-support-running')", timeout=10)
+    assert len(browser.requests("/-/import-progress")) - polls <= 2, "polled often while idle"
+    # An indeterminate bar, and no percentage, while the size is unknown.
+    assert browser.evaluate(f"document.querySelector('{PANEL} progress').hasAttribute('value')") is False
+    assert browser.evaluate(f"document.querySelector('{PANEL} .app-support-status').textContent") == "Importing: 0 rows"
+    polls = len(browser.requests("/-/import-progress"))
+    time.sleep(2)
+    assert len(browser.requests("/-/import-progress")) - polls >= 2, "polled slowly while running"
+    # A hidden page does not poll at all, and polls at once when shown again.
+    visibility = "Object.defineProperty(document, 'hidden', {{value: {}, configurable: true}});" \
+        "document.dispatchEvent(new Event('visibilitychange'));"
+    browser.evaluate(visibility.format("true"))
+    time.sleep(0.1)
+    polls = len(browser.requests("/-/import-progress"))
+    time.sleep(1.6)
+    assert len(browser.requests("/-/import-progress")) == polls, "polled while hidden"
+    browser.evaluate(visibility.format("false"))
+    time.sleep(0.2)
+    assert len(browser.requests("/-/import-progress")) > polls
+    assert imports(port)[0]["state"] == "running"
+    open_link = browser.wait_for(f"document.querySelector('{PANEL} .app-support-open')?.textContent", timeout=20)
+    thread.join(10)
+    assert result == [(200, {"ok": True, "path": "/temporary/dogs", "rows": 40_000})]
+    assert open_link == "Open dogs"
+    assert browser.evaluate(f"document.querySelector('{PANEL} .app-support-status').textContent") == (
+        "Imported 40,000 rows into dogs."
+    )
+    browser.screenshot(os.environ.get("APP_SUPPORT_SCREENSHOT_DONE") or tmp_path / "done.png")
+    after = len(browser.events)
+    browser.click(f"{PANEL} .app-support-open")
+    browser.event("Page.loadEventFired", after)
+    assert browser.evaluate("location.pathname") == "/temporary/dogs"
+    assert "dogs" in browser.evaluate("document.querySelector('h1').textContent")
+    assert browser.evaluate("document.querySelectorAll('table.rows-and-columns tbody tr').length") > 0
+    # A new page shows nothing for imports that finished before it opened.
+    browser.wait_for(f"!!document.querySelector('{PANEL}')")
+    time.sleep(0.5)
+    assert browser.evaluate(f"document.querySelector('{PANEL}').hidden") is True
+    assert browser.errors() == []
