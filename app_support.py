@@ -1049,7 +1049,7 @@ class ImportLog:
         if item is None:
             raise APIError(f"No import has the id {import_id}.")
         if item.state != "running":
-            raise APIError(f"Import {import_id} has already {item.state}: {item.source}")
+            raise APIError(f"Import {import_id} has already finished ({item.state}): {item.source}")
         item.cancelled = True
         return item
 
@@ -1208,8 +1208,9 @@ async def cancel_import(datasette, data):
     import_id = _keys(data, required={"id": int}, optional={})["id"]
     item = _import_log(datasette).cancel(import_id)
     # Answer with how it ended, so the page need not poll to find out.
-    deadline = asyncio.get_running_loop().time() + CANCEL_WAIT_SECONDS
-    while item.state == "running" and asyncio.get_running_loop().time() < deadline:
+    clock = asyncio.get_running_loop().time
+    deadline = clock() + CANCEL_WAIT_SECONDS
+    while item.state == "running" and clock() < deadline:
         await asyncio.sleep(0.05)
     if item.state == "done":
         raise APIError(f"The import finished before it could be cancelled: {item.source}")
@@ -1436,6 +1437,13 @@ PAGE_SCRIPT = r"""/* app_support: import progress, Cancel and Import CSV for Dat
       headers: { "x-csrftoken": config.csrftoken },
       body: JSON.stringify({ id: id }),
     })
+      .then(function (response) {
+        if (!response.ok) {
+          // Refused, or too late: the next poll shows what really happened.
+          button.disabled = false;
+          button.textContent = "Cancel";
+        }
+      })
       .catch(function () {})
       .then(poll);
   }

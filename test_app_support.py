@@ -1407,7 +1407,7 @@ async def test_cancel_import_errors(ds, tmp_path):
     other = {"ds_actor": ds.sign({"a": {"id": "someone"}}, "actor")}
     for body, kwargs, status, error in [
         ({"id": 99}, {}, 400, "No import has the id 99."),
-        ({"id": 1}, {}, 400, f"Import 1 has already done: {csv_path}"),
+        ({"id": 1}, {}, 400, f"Import 1 has already finished (done): {csv_path}"),
         ({}, {}, 400, "Missing required key: id"),
         ({"id": "1"}, {}, 400, "id must be a whole number."),
         ({"id": True}, {}, 400, "id must be a whole number."),
@@ -1425,15 +1425,17 @@ async def test_cancel_import_errors(ds, tmp_path):
     assert (await progress(ds))[0]["state"] == "done"
 
 
-async def test_cancel_after_the_table_is_committed_changes_nothing(ds, tmp_path):
+async def test_cancel_after_the_table_is_committed_changes_nothing(ds):
     log = app_support._import_log(ds)
     with log.track("late.csv", "temporary") as item:
         item.update(rows=10)
-        log.cancel(item.id)
+        cancel = asyncio.ensure_future(cancel_with_token(ds, item.id))
+        await asyncio.sleep(0.2)  # the Cancel is waiting for the import to stop
         # The engine has committed and calls no further update: done wins.
         log.done(item, app_support.ImportResult("late", 10, ["a"], ["TEXT"]))
+    assert_error(await cancel, 400, "The import finished before it could be cancelled: late.csv")
     assert (await progress(ds))[0]["state"] == "done"
-    assert_error(await cancel_with_token(ds, item.id), 400, "has already done")
+    assert_error(await cancel_with_token(ds, item.id), 400, "Import 1 has already finished (done): late.csv")
 
 
 async def test_progress_carries_what_the_panel_needs(ds, tmp_path):
