@@ -20,6 +20,7 @@ import contextlib
 import csv
 import errno
 import gzip
+import hashlib
 import hmac
 import http.client
 import inspect
@@ -104,6 +105,8 @@ DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 MAX_INTEGER_DIGITS = 18
 # Finished imports kept for /-/import-progress; running ones are always kept.
 PROGRESS_HISTORY = 50
+# How long POST /-/cancel-import waits for the import to stop before answering.
+CANCEL_WAIT_SECONDS = 5
 LATIN1_FALLBACK = "app_support_latin1_fallback"
 UTF8_FALLBACK = "app_support_utf8_fallback"
 # Work folders (staging databases, downloads) are named
@@ -200,7 +203,7 @@ def _check_token_or_app_user(request):
     if request.actor and request.actor.get("id") == ROOT_ACTOR["id"]:
         return
     if request.actor and "authorization" not in request.headers:
-        raise APIError("Only the desktop user can see import progress.", status=403)
+        raise APIError("Only the desktop user can see or cancel imports.", status=403)
     _check_token(request)
 
 
@@ -258,7 +261,8 @@ def _keys(data, required, optional):
         value = data.get(key)
         if value is None and key in required:
             raise APIError(f"Missing required key: {key}")
-        if value is not None and not isinstance(value, kind):
+        # type(), not isinstance(): JSON's true and false are not integers here.
+        if value is not None and type(value) is not kind:
             raise APIError(f"{key} must be a {_TYPE_NAMES[kind]}.")
         if isinstance(value, str) and not _is_unicode_text(value):
             raise APIError(
@@ -277,7 +281,7 @@ def _is_unicode_text(value):
     return True
 
 
-_TYPE_NAMES = {str: "string", bool: "boolean (true or false)"}
+_TYPE_NAMES = {str: "string", bool: "boolean (true or false)", int: "whole number"}
 
 
 def _resolve_path(raw):
@@ -1379,6 +1383,10 @@ def _unpack(path, url_path, url, limits, folder):
 # Import progress
 
 
+class ImportCancelled(APIError):
+    """An import stopped because the user pressed Cancel."""
+
+
 @dataclass
 class ImportProgress:
     """One import as /-/import-progress shows it; updated from worker threads."""
@@ -1395,7 +1403,19 @@ class ImportProgress:
     finished: str = None
     error: str = None
 
+    cancelled: bool = False
+
     def update(self, rows=None, bytes_read=None):
+        """Record progress; raise ImportCancelled once the user has cancelled.
+
+        The engine calls this every batch and the download every chunk, so a
+        cancelled import stops within a second and rolls back.
+        """
+        if self.cancelled:
+            raise ImportCancelled(f"Import cancelled: {self.source}")
+        self._record(rows, bytes_read)
+
+    def _record(self, rows=None, bytes_read=None):
         # A replanned import reads the file again; progress never goes back.
         if rows is not None:
             self.rows = max(self.rows, rows)
@@ -1404,12 +1424,16 @@ class ImportProgress:
                 bytes_read = min(bytes_read, self.bytes_total)
             self.bytes_read = max(self.bytes_read, bytes_read)
 
-    def as_json(self):
-        return {
+    def as_json(self, urls):
+        data = {
             key: getattr(self, key)
             for key in ("id", "source", "database", "table", "state", "rows", "bytes_read",
                         "bytes_total", "started", "finished", "error")
         }
+        # Where the page's Open link goes; for `temporary` the table is only
+        # known once the import is done.
+        data["path"] = urls.table(self.database, self.table) if self.state == "done" else None
+        return data
 
 
 class ImportLog:
@@ -1425,6 +1449,9 @@ class ImportLog:
         self.items.appendleft(item)
         try:
             yield item
+        except ImportCancelled as e:
+            self._finish(item, "cancelled", error=e.message)
+            raise
         except APIError as e:
             self._finish(item, "failed", error=e.message)
             raise
@@ -1434,9 +1461,20 @@ class ImportLog:
             raise fault from e
 
     def done(self, item, result):
+        # The table is committed: a Cancel that came too late changes nothing.
         item.table = result.table
-        item.update(rows=result.rows, bytes_read=item.bytes_total)
+        item._record(rows=result.rows, bytes_read=item.bytes_total)
         self._finish(item, "done")
+
+    def cancel(self, import_id):
+        """Mark a running import cancelled; it stops at its next progress update."""
+        item = next((i for i in self.items if i.id == import_id), None)
+        if item is None:
+            raise APIError(f"No import has the id {import_id}.")
+        if item.state != "running":
+            raise APIError(f"Import {import_id} has already finished ({item.state}): {item.source}")
+        item.cancelled = True
+        return item
 
     def _finish(self, item, state, error=None):
         item.error = error
@@ -1446,8 +1484,8 @@ class ImportLog:
         for old in finished[PROGRESS_HISTORY:]:
             self.items.remove(old)
 
-    def as_json(self):
-        return [item.as_json() for item in list(self.items)]
+    def as_json(self, urls):
+        return [item.as_json(urls) for item in list(self.items)]
 
 
 _import_logs = weakref.WeakKeyDictionary()
@@ -1683,7 +1721,20 @@ def _prepare_restore(path, copy_path, page_size):
 
 
 async def import_progress(datasette):
-    return {"ok": True, "imports": _import_log(datasette).as_json()}
+    return {"ok": True, "imports": _import_log(datasette).as_json(datasette.urls)}
+
+
+async def cancel_import(datasette, data):
+    import_id = _keys(data, required={"id": int}, optional={})["id"]
+    item = _import_log(datasette).cancel(import_id)
+    # Answer with how it ended, so the page need not poll to find out.
+    clock = asyncio.get_running_loop().time
+    deadline = clock() + CANCEL_WAIT_SECONDS
+    while item.state == "running" and clock() < deadline:
+        await asyncio.sleep(0.05)
+    if item.state == "done":
+        raise APIError(f"The import finished before it could be cancelled: {item.source}")
+    return {"ok": True, "import": item.as_json(datasette.urls)}
 
 
 ENDPOINTS = {
@@ -1740,7 +1791,7 @@ def _csrf_refusals_as_json(app):
     refusal is Datasette's own decision; only its form changes. On 0.65
     skip_csrf leaves these routes to the token check, and nothing here acts.
     """
-    paths = set(ENDPOINTS) | {"/-/import-progress"}
+    paths = set(ENDPOINTS) | {"/-/import-progress", "/-/cancel-import"}
 
     async def wrapped(scope, receive, send):
         if scope["type"] != "http" or scope.get("path") not in paths:
@@ -1773,6 +1824,361 @@ def _csrf_refusals_as_json(app):
     return wrapped
 
 
+# Page assets: the progress panel and the Import CSV button, for the desktop
+# user's pages only (see the hooks below). Plain script and style, no build.
+
+PAGE_SCRIPT = r"""/* app_support: import progress, Cancel and Import CSV for Datasette Desktop. */
+(function () {
+  var IDLE_POLL_MS = 5000;
+  var BUSY_POLL_MS = 750;
+  var config = null;
+  var panel = null;
+  var timer = null;
+  var running = false;
+  // Imports this page saw running: only these are shown once they end.
+  var watched = {};
+  var dismissed = {};
+
+  function fileName(source) {
+    if (/^https?:/i.test(source)) {
+      return source;
+    }
+    return source.split(/[\\/]/).filter(Boolean).pop() || source;
+  }
+
+  function formatNumber(n) {
+    return n.toLocaleString("en-US");
+  }
+
+  function element(tag, className, text) {
+    var el = document.createElement(tag);
+    if (className) {
+      el.className = className;
+    }
+    if (text) {
+      el.textContent = text;
+    }
+    return el;
+  }
+
+  function percent(item) {
+    if (!item.bytes_total) {
+      return null;
+    }
+    return Math.min(100, Math.floor((100 * item.bytes_read) / item.bytes_total));
+  }
+
+  function statusText(item) {
+    var rows = formatNumber(item.rows) + (item.rows === 1 ? " row" : " rows");
+    if (item.state === "running") {
+      var p = percent(item);
+      return "Importing: " + rows + (p === null ? "" : ", " + p + "%");
+    }
+    if (item.state === "done") {
+      return "Imported " + rows + " into " + item.table + ".";
+    }
+    return item.error || "The import failed.";
+  }
+
+  function buildItem(item) {
+    var box = element("div", "app-support-import");
+    box.dataset.id = item.id;
+    var name = element("div", "app-support-source", fileName(item.source));
+    name.title = item.source;
+    var bar = element("progress", "app-support-bar");
+    bar.max = 100;
+    var status = element("p", "app-support-status");
+    status.setAttribute("aria-live", "polite");
+    var actions = element("div", "app-support-actions");
+    box.append(name, bar, status, actions);
+    return box;
+  }
+
+  function updateItem(box, item) {
+    var bar = box.querySelector("progress");
+    var p = percent(item);
+    bar.hidden = item.state !== "running";
+    if (p === null) {
+      bar.removeAttribute("value");  // no value: an indeterminate bar
+    } else {
+      bar.value = p;
+    }
+    var status = box.querySelector(".app-support-status");
+    var text = statusText(item);
+    if (status.textContent !== text) {
+      status.textContent = text;
+    }
+    box.className = "app-support-import app-support-" + item.state;
+    if (box.dataset.state !== item.state) {
+      box.dataset.state = item.state;
+      showActions(box.querySelector(".app-support-actions"), item);
+    }
+  }
+
+  function showActions(actions, item) {
+    actions.textContent = "";
+    if (item.state === "running") {
+      var cancel = element("button", "app-support-button", "Cancel");
+      cancel.type = "button";
+      cancel.addEventListener("click", function () {
+        cancelImport(item.id, cancel);
+      });
+      actions.append(cancel);
+      return;
+    }
+    if (item.state === "done" && item.path) {
+      var open = element("a", "app-support-open", "Open " + item.table);
+      open.href = item.path;
+      actions.append(open);
+    }
+    var close = element("button", "app-support-button", "Dismiss");
+    close.type = "button";
+    close.addEventListener("click", function () {
+      dismissed[item.id] = true;
+      var box = actions.parentNode;
+      box.remove();
+      panel.hidden = !panel.firstChild;
+    });
+    actions.append(close);
+  }
+
+  function render(imports) {
+    running = false;
+    var shown = {};
+    imports.forEach(function (item) {
+      if (item.state === "running") {
+        running = true;
+        watched[item.id] = true;
+      }
+      if (!watched[item.id] || dismissed[item.id]) {
+        return;
+      }
+      shown[item.id] = true;
+      var box = panel.querySelector('[data-id="' + item.id + '"]');
+      if (!box) {
+        box = buildItem(item);
+        panel.append(box);
+      }
+      updateItem(box, item);
+    });
+    Array.from(panel.children).forEach(function (box) {
+      if (!shown[box.dataset.id]) {
+        box.remove();
+      }
+    });
+    panel.hidden = !panel.firstChild;
+  }
+
+  function poll() {
+    clearTimeout(timer);
+    fetch(config.progressUrl, { credentials: "same-origin", cache: "no-store" })
+      .then(function (response) {
+        return response.ok ? response.json() : null;
+      })
+      .then(function (data) {
+        if (data && data.imports) {
+          render(data.imports);
+        }
+      })
+      .catch(function () {
+        // The server may be restarting; try again later.
+      })
+      .then(scheduleNextPoll);
+  }
+
+  function scheduleNextPoll() {
+    clearTimeout(timer);
+    if (!document.hidden) {
+      timer = setTimeout(poll, running ? BUSY_POLL_MS : IDLE_POLL_MS);
+    }
+  }
+
+  function cancelImport(id, button) {
+    button.disabled = true;
+    button.textContent = "Cancelling…";
+    fetch(config.cancelUrl, {
+      method: "POST",
+      credentials: "same-origin",
+      // Datasette 0.65 checks this header against its ds_csrftoken cookie.
+      headers: { "x-csrftoken": config.csrftoken },
+      body: JSON.stringify({ id: id }),
+    })
+      .then(function (response) {
+        if (!response.ok) {
+          // Refused, or too late: the next poll shows what really happened.
+          button.disabled = false;
+          button.textContent = "Cancel";
+        }
+      })
+      .catch(function () {})
+      .then(poll);
+  }
+
+  function addImportButton() {
+    var app = window.datasetteApp;
+    var header = document.querySelector(".page-header");
+    if (!config.importDatabase || !app || typeof app.importCsv !== "function" || !header) {
+      return;
+    }
+    var button = element("button", "app-support-button app-support-import-csv", "Import CSV");
+    button.type = "button";
+    button.addEventListener("click", function () {
+      app.importCsv(config.importDatabase);
+    });
+    var wrapper = element("p", "app-support-import-csv-row");
+    wrapper.append(button);
+    // Below Datasette 1.0's "Database actions" menu, which follows the header.
+    var next = header.nextElementSibling;
+    (next && next.classList.contains("page-action-menu") ? next : header).after(wrapper);
+  }
+
+  function addPanel() {
+    panel = element("section", "app-support-panel");
+    panel.setAttribute("aria-label", "CSV imports");
+    panel.hidden = true;
+    document.body.append(panel);
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    config = window.appSupport;
+    if (!config) {
+      return;
+    }
+    addImportButton();
+    addPanel();
+    document.addEventListener("visibilitychange", function () {
+      if (document.hidden) {
+        clearTimeout(timer);
+      } else {
+        poll();
+      }
+    });
+    poll();
+  });
+})();
+"""
+
+PAGE_STYLE = """/* app_support: the import panel and the Import CSV button. */
+.app-support-panel {
+  position: fixed;
+  right: 1rem;
+  bottom: 1rem;
+  z-index: 1000;
+  width: 20rem;
+  max-width: calc(100vw - 2rem);
+  font-size: 0.85rem;
+  line-height: 1.3;
+}
+.app-support-panel[hidden] {
+  display: none;
+}
+.app-support-import {
+  background: #fff;
+  color: #111;
+  border: 1px solid #ccc;
+  border-left: 4px solid #007bff;
+  border-radius: 4px;
+  box-shadow: 0 2px 8px rgba(0, 0, 0, 0.2);
+  padding: 0.6rem 0.75rem;
+  margin-top: 0.5rem;
+}
+.app-support-import.app-support-done {
+  border-left-color: #28a745;
+}
+.app-support-import.app-support-failed,
+.app-support-import.app-support-cancelled {
+  border-left-color: #c0392b;
+}
+.app-support-source {
+  font-weight: bold;
+  overflow: hidden;
+  text-overflow: ellipsis;
+  white-space: nowrap;
+}
+.app-support-bar {
+  display: block;
+  width: 100%;
+  height: 0.6rem;
+  margin: 0.4rem 0 0.2rem;
+}
+.app-support-bar[hidden] {
+  display: none;
+}
+.app-support-import p.app-support-status {
+  margin: 0.3rem 0;
+  overflow-wrap: anywhere;
+}
+.app-support-actions {
+  display: flex;
+  align-items: center;
+  justify-content: flex-end;
+  gap: 0.75rem;
+}
+.app-support-open {
+  margin-right: auto;
+}
+button.app-support-button {
+  font: inherit;
+  font-size: 0.85rem;
+  line-height: 1;
+  cursor: pointer;
+  color: #007bff;
+  background: #fff;
+  border: 1px solid #007bff;
+  border-radius: 0.25rem;
+  padding: 0.4em 0.8em;
+}
+button.app-support-button:hover,
+button.app-support-button:focus-visible {
+  background: #e8f1ff;
+}
+button.app-support-button:disabled {
+  color: #777;
+  border-color: #aaa;
+  cursor: default;
+}
+.app-support-import-csv-row {
+  margin: 0.5rem 0 1rem;
+}
+"""
+ASSET_VERSION = hashlib.sha256((PAGE_SCRIPT + PAGE_STYLE).encode("utf-8")).hexdigest()[:12]
+
+
+def _asset_view(body, content_type):
+    async def view(request, datasette):
+        # The URL carries ASSET_VERSION, so a changed asset has a new URL.
+        return Response(
+            body, content_type=content_type,
+            headers={"Cache-Control": "max-age=31536000, immutable"},
+        )
+
+    return view
+
+
+def _is_app_user(request):
+    return bool(request and request.actor and request.actor.get("id") == ROOT_ACTOR["id"])
+
+
+def _csrftoken(request):
+    """Datasette 0.65's CSRF token, for the x-csrftoken header.
+
+    Datasette 1.0 ignores it: its check reads Sec-Fetch-Site and Origin.
+    """
+    csrftoken = request.scope.get("csrftoken")
+    return csrftoken() if csrftoken else ""
+
+
+def _import_target(datasette, database, template, view_name):
+    """The database whose page this is, when a CSV can be imported into it."""
+    if view_name != "database" or not database or template.startswith("query"):
+        return None
+    db = datasette.databases.get(database)
+    if db is None or not db.is_mutable or database == "_internal":
+        return None
+    return database
+
+
+
 # Hooks
 
 
@@ -1797,7 +2203,13 @@ def startup(datasette):
 @hookimpl
 def register_routes():
     progress = _json_endpoint(import_progress, "GET", _check_token_or_app_user)
-    return [("^/-/import-progress$", progress)] + [
+    cancel = _json_endpoint(cancel_import, "POST", _check_token_or_app_user)
+    return [
+        ("^/-/import-progress$", progress),
+        ("^/-/cancel-import$", cancel),
+        (r"^/-/app-support\.js$", _asset_view(PAGE_SCRIPT, "application/javascript")),
+        (r"^/-/app-support\.css$", _asset_view(PAGE_STYLE, "text/css")),
+    ] + [
         ("^" + re.escape(path) + "$", _json_endpoint(handler))
         for path, handler in ENDPOINTS.items()
     ]
@@ -1807,13 +2219,43 @@ def register_routes():
 def skip_csrf(scope):
     # Datasette 0.65's CSRF check would answer a request that carries a cookie
     # but no Bearer token with an HTML page; these routes need the token
-    # anyway, and answer its absence with JSON.
+    # anyway, and answer its absence with JSON. /-/cancel-import is not one
+    # of them: it also takes the desktop user's cookie, so it keeps the check.
     return scope.get("path") in ENDPOINTS
 
 
 @hookimpl
 def asgi_wrapper():
     return _csrf_refusals_as_json
+
+
+@hookimpl
+def extra_css_urls(request, datasette):
+    # Only the desktop user's pages: others get no script, so no polling.
+    if not _is_app_user(request):
+        return []
+    return [datasette.urls.path(f"/-/app-support.css?v={ASSET_VERSION}")]
+
+
+@hookimpl
+def extra_js_urls(request, datasette):
+    if not _is_app_user(request):
+        return []
+    return [datasette.urls.path(f"/-/app-support.js?v={ASSET_VERSION}")]
+
+
+@hookimpl
+def extra_body_script(template, database, view_name, request, datasette):
+    if not _is_app_user(request):
+        return None
+    config = {
+        "progressUrl": datasette.urls.path("/-/import-progress"),
+        "cancelUrl": datasette.urls.path("/-/cancel-import"),
+        "csrftoken": _csrftoken(request),
+        "importDatabase": _import_target(datasette, database, template, view_name),
+    }
+    # "<" escaped, so no value can close the script element.
+    return "window.appSupport = {};".format(json.dumps(config).replace("<", "\\u003c"))
 
 
 @hookimpl

@@ -1,4 +1,5 @@
 import asyncio
+import base64
 import csv
 import gzip
 import http.server
@@ -1793,8 +1794,11 @@ async def test_csv_nfc_and_nfd_file_names_give_two_distinct_nfc_tables(ds, tmp_p
 # Faults and hostile input: nothing lost, every failure a JSON sentence
 
 
-def work_folders(folder):
-    return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith("app_support_"))
+def work_folders(folder=None):
+    """This process's staging and download folders in folder, the temp directory by default."""
+    prefix = f"{app_support.WORK_FOLDER_PREFIX}{os.getpid()}_"
+    folder = folder or app_support.tempfile.gettempdir()
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith(prefix))
 
 
 @pytest.fixture
@@ -2301,3 +2305,510 @@ def test_pages_answer_quickly_during_a_large_import(tmp_path, database):
     slowest = percentile([seconds for _, seconds in results], 0.99)
     slow = {page: [round(s, 2) for _, s in polls[page] if s > 0.5] for page in pages}
     assert slowest < 0.5, f"p99 {slowest:.2f} s over {len(results)} page loads; slow: {slow}"
+
+# POST /-/cancel-import, and the progress panel on the desktop user's pages
+
+
+async def start_big_import(ds, tmp_path, database, count=1_000_000):
+    """Start a CSV import that takes a second or more; return (task, progress item)."""
+    if database != "temporary":
+        await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / f"{database}.db")})
+    path = write_big_csv(tmp_path / "big.csv", count)
+    task = asyncio.ensure_future(post(ds, "/-/import-csv-file", {"path": str(path), "database": database}))
+    while not task.done():
+        items = await progress(ds)
+        if items and items[0]["state"] == "running" and items[0]["rows"]:
+            return task, items[0]
+        await asyncio.sleep(0.005)
+    raise AssertionError("the import finished before it could be cancelled: " + (await task).text)
+
+
+async def page_csrf(ds, cookies):
+    """What a same-origin page sends with its POSTs: the cookies and the page's csrftoken."""
+    page = await ds.client.get("/", cookies=cookies)
+    config = json.loads(page.text.split("window.appSupport = ", 1)[1].split(";</script>", 1)[0])
+    cookies = {**cookies, **{k: v for k, v in page.cookies.items() if k == "ds_csrftoken"}}
+    return cookies, {"x-csrftoken": config["csrftoken"], "Sec-Fetch-Site": "same-origin"}
+
+
+async def cancel_with_cookie(ds, import_id):
+    cookies, headers = await page_csrf(ds, await root_cookie(ds))
+    return await ds.client.post(
+        "/-/cancel-import", content=json.dumps({"id": import_id}).encode(), cookies=cookies, headers=headers
+    )
+
+
+async def cancel_with_token(ds, import_id):
+    return await post(ds, "/-/cancel-import", {"id": import_id})
+
+
+@pytest.mark.parametrize("database", ["temporary", "target"])
+@pytest.mark.parametrize("cancel", [cancel_with_token, cancel_with_cookie])
+async def test_cancel_import_stops_it_and_leaves_nothing(ds, tmp_path, database, cancel):
+    task, item = await start_big_import(ds, tmp_path, database)
+    response = await cancel(ds, item["id"])
+    assert response.status_code == 200, response.text
+    cancelled = response.json()["import"]
+    assert (cancelled["id"], cancelled["state"], cancelled["path"]) == (item["id"], "cancelled", None)
+    assert_error(await task, 400, "Import cancelled: " + item["source"])
+    (final,) = await progress(ds)
+    assert final["state"] == "cancelled" and final["error"] == "Import cancelled: " + item["source"]
+    assert final["rows"] < 1_000_000 and final["finished"] is not None
+    assert await tables(ds, database) == []
+    assert work_folders() == []
+
+
+async def test_cancel_import_of_a_download(ds, server):
+    base, routes = server
+    started = threading.Event()
+
+    def trickle(out):
+        # About 3 MB a second: the download reports progress every megabyte.
+        out.write(b"id,name\n")
+        started.set()
+        for _ in range(1000):  # 20 seconds, unless the reader hangs up first
+            out.write(b"1,Cleo\n" * 10_000)
+            time.sleep(0.02)
+
+    routes["/slow.csv"] = (200, {"Content-Length": "70000008"}, trickle)
+    task = asyncio.ensure_future(post(ds, "/-/open-csv-from-url", {"url": base + "/slow.csv"}))
+    while not (await progress(ds)):
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(started.wait, 5)
+    response = await cancel_with_token(ds, 1)
+    assert response.json()["import"]["state"] == "cancelled", response.text
+    assert_error(await task, 400, f"Import cancelled: {base}/slow.csv")
+    assert await tables(ds) == [] and work_folders() == []
+
+
+async def test_cancel_import_refused_from_another_site(ds, tmp_path):
+    task, item = await start_big_import(ds, tmp_path, "temporary")
+    cookies = await root_cookie(ds)
+    # A cross-site page holds the cookie but cannot read the page's csrftoken;
+    # Datasette 0.65 refuses it for that, 1.0 for its Sec-Fetch-Site header.
+    response = await ds.client.post(
+        "/-/cancel-import", content=json.dumps({"id": item["id"]}).encode(), cookies=cookies,
+        headers={"Sec-Fetch-Site": "cross-site", "Origin": "https://elsewhere.example"},
+    )
+    assert response.status_code == 403
+    assert (await task).json()["ok"] is True
+    assert (await progress(ds))[0]["state"] == "done"
+
+
+async def test_cancel_import_errors(ds, tmp_path):
+    csv_path = write(tmp_path / "done.csv", "a\n1\n")
+    await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
+    other = {"ds_actor": ds.sign({"a": {"id": "someone"}}, "actor")}
+    for body, kwargs, status, error in [
+        ({"id": 99}, {}, 400, "No import has the id 99."),
+        ({"id": 1}, {}, 400, f"Import 1 has already finished (done): {csv_path}"),
+        ({}, {}, 400, "Missing required key: id"),
+        ({"id": "1"}, {}, 400, "id must be a whole number."),
+        ({"id": True}, {}, 400, "id must be a whole number."),
+        ({"id": 1.0}, {}, 400, "id must be a whole number."),
+        ({"id": 1, "all": True}, {}, 400, "Unknown key: all"),
+        ({"id": 1}, {"token": None}, 401, "API token"),
+        ({"id": 1}, {"token": "nope"}, 401, "API token"),
+    ]:
+        assert_error(await post(ds, "/-/cancel-import", body, **kwargs), status, error)
+    response = await ds.client.post(
+        "/-/cancel-import", content=b'{"id": 1}', cookies=other, headers={"x-csrftoken": "x"}
+    )
+    assert response.status_code == 403
+    assert_error(await ds.client.get("/-/cancel-import", headers={"Authorization": f"Bearer {TOKEN}"}), 405, "Use POST")
+    assert (await progress(ds))[0]["state"] == "done"
+
+
+async def test_cancel_after_the_table_is_committed_changes_nothing(ds):
+    log = app_support._import_log(ds)
+    with log.track("late.csv", "temporary") as item:
+        item.update(rows=10)
+        cancel = asyncio.ensure_future(cancel_with_token(ds, item.id))
+        await asyncio.sleep(0.2)  # the Cancel is waiting for the import to stop
+        # The engine has committed and calls no further update: done wins.
+        log.done(item, app_support.ImportResult("late", 10, ["a"], ["TEXT"]))
+    assert_error(await cancel, 400, "The import finished before it could be cancelled: late.csv")
+    assert (await progress(ds))[0]["state"] == "done"
+    assert_error(await cancel_with_token(ds, item.id), 400, "Import 1 has already finished (done): late.csv")
+
+
+async def test_progress_carries_what_the_panel_needs(ds, tmp_path):
+    csv_path = write(tmp_path / "dogs.csv", "id,name\n1,Cleo\n2,Pancakes\n")
+    await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
+    await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
+    newest, first = await progress(ds)
+    assert newest == {
+        "id": 2, "source": str(csv_path), "database": "temporary", "table": "dogs_2",
+        "state": "done", "rows": 2, "bytes_read": 26, "bytes_total": 26,
+        "started": newest["started"], "finished": newest["finished"], "error": None,
+        "path": "/temporary/dogs_2",
+    }
+    assert first["path"] == "/temporary/dogs"
+    assert (await ds.client.get(newest["path"])).status_code == 200
+
+
+def page_assets(html):
+    """The plugin's script and style tags in a page, and its config."""
+    tags = [line.strip() for line in html.splitlines() if "app-support" in line or "appSupport" in line]
+    config = None
+    if "window.appSupport = " in html:
+        config = json.loads(html.split("window.appSupport = ", 1)[1].split(";</script>", 1)[0])
+    return tags, config
+
+
+async def test_page_script_only_for_the_desktop_user(ds, tmp_path):
+    other = {"ds_actor": ds.sign({"a": {"id": "someone"}}, "actor")}
+    for cookies in ({}, other):
+        for path in ("/", "/temporary", "/-/metadata"):
+            page = await ds.client.get(path, cookies=cookies)
+            assert page_assets(page.text) == ([], None), path
+    page = await ds.client.get("/", cookies=await root_cookie(ds))
+    tags, config = page_assets(page.text)
+    version = app_support.ASSET_VERSION
+    assert tags[:2] == [
+        f'<link rel="stylesheet" href="/-/app-support.css?v={version}">',
+        f'<script src="/-/app-support.js?v={version}"></script>',
+    ]
+    assert config["progressUrl"] == "/-/import-progress" and config["cancelUrl"] == "/-/cancel-import"
+    script = await ds.client.get(f"/-/app-support.js?v={version}")
+    assert script.headers["content-type"].startswith("application/javascript")
+    assert script.text == app_support.PAGE_SCRIPT
+    style = await ds.client.get("/-/app-support.css")
+    assert style.headers["content-type"].startswith("text/css") and style.text == app_support.PAGE_STYLE
+
+
+async def test_import_csv_button_only_for_mutable_database_pages(ds, tmp_path):
+    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "mine.db")})
+    ds.add_database(
+        app_support.Database(ds, path=str(make_db(tmp_path / "fixed.db")), is_mutable=False), name="fixed"
+    )
+    await post(ds, "/-/open-csv-file", {"path": str(write(tmp_path / "dogs.csv", "a\n1\n"))})
+    cookies = await root_cookie(ds)
+    for path, target in [
+        ("/mine", "mine"),
+        ("/temporary", "temporary"),
+        ("/fixed", None),
+        ("/", None),
+        ("/temporary/dogs", None),
+        ("/temporary/dogs/1", None),
+        ("/temporary?sql=select+1", None),
+    ] + [("/temporary/-/query?sql=select+1", None)] * IS_DATASETTE_1:
+        page = await ds.client.get(path, cookies=cookies)
+        if page.status_code == 302:  # Datasette 1.0 moved ?sql= to /-/query
+            page = await ds.client.get(page.headers["location"], cookies=cookies)
+        assert page.status_code == 200, path
+        assert page_assets(page.text)[1]["importDatabase"] == target, path
+
+
+async def test_page_config_cannot_close_its_script_element(ds, tmp_path):
+    name = "x</script><b>"
+    ds.add_database(app_support._memory_database(ds, "app_support_test_closing"), name=name)
+    page = await ds.client.get(ds.urls.database(name), cookies=await root_cookie(ds))
+    assert page.status_code == 200
+    tags, config = page_assets(page.text)
+    assert config["importDatabase"] == name
+    assert "</script><b>" not in page.text.split("window.appSupport = ", 1)[1].split("</script>")[0]
+
+
+# The panel in a real browser: headless Chromium over the DevTools protocol
+
+
+CHROMIUM = shutil.which("chromium")
+needs_chromium = pytest.mark.skipif(
+    not CHROMIUM and not os.environ.get("CI"),
+    reason="needs Chromium (apt-get install chromium); with CI set, its absence fails instead",
+)
+
+
+class Browser:
+    """Headless Chromium driven over --remote-debugging-pipe: fds 3 and 4, NUL-separated JSON."""
+
+    def __init__(self, profile):
+        if not CHROMIUM:
+            pytest.fail("CI is set, so the browser tests must run, but chromium is not installed")
+        to_browser, self._commands = os.pipe()
+        self._replies, from_browser = os.pipe()
+        self.process = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={profile}", "--remote-debugging-pipe", "about:blank"],
+            pass_fds=(3, 4), preexec_fn=lambda: (os.dup2(to_browser, 3), os.dup2(from_browser, 4)),
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        os.close(to_browser)
+        os.close(from_browser)
+        self.ids = iter(range(1, 1_000_000))
+        self.messages = {}
+        self.events = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+        target = self.browser_command("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.browser_command("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        for domain in ("Page", "Runtime", "Log", "Network"):
+            self.command(f"{domain}.enable")
+        self.command("Emulation.setDeviceMetricsOverride", width=1000, height=640, deviceScaleFactor=1, mobile=False)
+
+    def _read(self):
+        buffer = b""
+        while True:
+            chunk = os.read(self._replies, 1 << 16)
+            if not chunk:
+                return
+            *messages, buffer = (buffer + chunk).split(b"\0")
+            with self.changed:
+                for message in map(json.loads, messages):
+                    if "id" in message:
+                        self.messages[message["id"]] = message
+                    else:
+                        self.events.append(message)
+                self.changed.notify_all()
+
+    def send(self, method, params, session):
+        message = {"id": next(self.ids), "method": method, "params": params}
+        if session:
+            message["sessionId"] = session
+        os.write(self._commands, json.dumps(message).encode() + b"\0")
+        return message["id"]
+
+    def reply(self, message_id, timeout=30):
+        with self.changed:
+            assert self.changed.wait_for(lambda: message_id in self.messages, timeout), "no reply"
+            message = self.messages.pop(message_id)
+        assert "error" not in message, message["error"]
+        return message["result"]
+
+    def command(self, method, /, **params):
+        """A command to the page."""
+        return self.reply(self.send(method, params, self.session))
+
+    def browser_command(self, method, /, **params):
+        return self.reply(self.send(method, params, None))
+
+    def event(self, method, after=0, timeout=30):
+        """The first event named method among those received after the first `after`."""
+        def find():
+            return next((e for e in self.events[after:] if e["method"] == method), None)
+        with self.changed:
+            assert self.changed.wait_for(find, timeout), f"no {method} event"
+            return find()["params"]
+
+    def navigate(self, url):
+        after = len(self.events)
+        self.command("Page.navigate", url=url)
+        self.event("Page.loadEventFired", after)
+
+    def sign_in(self, base, redirect):
+        """POST /-/auth-app-user from the window, with no Content-Type, as the desktop app does."""
+        self.command("Fetch.enable", patterns=[{"urlPattern": "*/-/auth-app-user"}])
+        after = len(self.events)
+        navigation = self.send("Page.navigate", {"url": base + "/-/auth-app-user"}, self.session)
+        paused = self.event("Fetch.requestPaused", after)
+        self.command(
+            "Fetch.continueRequest", requestId=paused["requestId"], method="POST",
+            postData=base64.b64encode(json.dumps({"redirect": redirect}).encode()).decode(),
+            headers=[{"name": "Authorization", "value": f"Bearer {TOKEN}"}],
+        )
+        self.reply(navigation)
+        self.event("Page.loadEventFired", after)
+        self.command("Fetch.disable")
+
+    def evaluate(self, expression):
+        result = self.command("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def wait_for(self, expression, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for: {expression}")
+
+    def click(self, selector):
+        """A real mouse click in the middle of the element."""
+        box = self.evaluate(
+            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+            " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()"
+        )
+        for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
+            self.command("Input.dispatchMouseEvent", type=kind, button="left", clickCount=1, **box)
+
+    def screenshot(self, path):
+        Path(path).write_bytes(base64.b64decode(self.command("Page.captureScreenshot", format="png")["data"]))
+
+    def errors(self):
+        """Console errors, uncaught exceptions and failed loads the page reported."""
+        return [
+            e["params"] for e in self.events
+            if e["method"] == "Runtime.exceptionThrown"
+            or (e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] == "error")
+            or (e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
+        ]
+
+    def requests(self, fragment):
+        return [
+            e["params"]["request"]["url"] for e in self.events
+            if e["method"] == "Network.requestWillBeSent" and fragment in e["params"]["request"]["url"]
+        ]
+
+    def close(self):
+        try:
+            self.send("Browser.close", {}, None)
+            self.process.wait(10)
+        except (OSError, subprocess.TimeoutExpired):
+            self.process.kill()
+            self.process.wait()
+        os.close(self._commands)
+        os.close(self._replies)
+
+
+@pytest.fixture
+def desktop(tmp_path):
+    """A real datasette process with the plugin, and a browser window on it."""
+    plugins_dir = tmp_path / "plugins"
+    plugins_dir.mkdir()
+    shutil.copy(app_support.__file__, plugins_dir / "app_support.py")
+    env = {**os.environ, "DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64}
+    port = unused_port()
+    process = start_server(plugins_dir, port, env)
+    browser = None
+    try:
+        browser = Browser(tmp_path / "profile")
+        yield port, browser
+    finally:
+        if browser:
+            browser.close()
+        process.terminate()
+        process.wait(10)
+
+
+def in_background(port, path, body):
+    """Call an endpoint in a thread; the returned list receives (status, JSON body)."""
+    result = []
+
+    def run():
+        status, _, content = call(port, path, body)
+        result.append((status, json.loads(content)))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def imports(port):
+    return json.loads(call(port, "/-/import-progress", None)[2])["imports"]
+
+
+PANEL = ".app-support-panel"
+# What the desktop app's preload script gives its windows, as a stand-in.
+DATASETTE_APP = "window.datasetteApp = {importCsv: (database) => { window.importedInto = database; }};"
+
+
+@needs_chromium
+def test_browser_panel_shows_progress_and_cancels(desktop, tmp_path):
+    port, browser = desktop
+    base = f"http://127.0.0.1:{port}"
+    browser.navigate(base + "/temporary")
+    # Anonymous: no script, so no polling and no Import CSV button.
+    assert browser.evaluate("typeof window.appSupport") == "undefined"
+    assert browser.requests("/-/import-progress") == []
+    browser.sign_in(base, "/temporary")
+    # In a plain browser, with no window.datasetteApp, there is no Import CSV button.
+    assert browser.evaluate("!!window.appSupport && !document.querySelector('.app-support-import-csv')")
+    browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
+    path = write_big_csv(tmp_path / "big.csv", 3_000_000)
+    thread, result = in_background(port, "/-/import-csv-file", {"path": str(path), "database": "temporary"})
+    while not (imports(port) and imports(port)[0]["rows"]):
+        assert thread.is_alive(), result
+        time.sleep(0.02)
+    browser.navigate(base + "/temporary")
+    status = f"{PANEL} .app-support-running .app-support-status"
+    text = browser.wait_for(f"document.querySelector('{status}')?.textContent")
+    assert text.startswith("Importing: ") and text.endswith("%"), text
+    panel = browser.evaluate(
+        f"""(() => {{ const p = document.querySelector('{PANEL}');
+        return {{source: p.querySelector('.app-support-source').textContent,
+                 live: p.querySelector('[aria-live]').getAttribute('aria-live'),
+                 bar: p.querySelector('progress').hasAttribute('value'),
+                 buttons: [...p.querySelectorAll('button')].map(b => b.textContent),
+                 position: getComputedStyle(p).position}}; }})()"""
+    )
+    assert panel == {"source": "big.csv", "live": "polite", "bar": True, "buttons": ["Cancel"], "position": "fixed"}
+    browser.wait_for(f"document.querySelector('{status}').textContent !== {json.dumps(text)}")  # it moves
+    browser.screenshot(os.environ.get("APP_SUPPORT_SCREENSHOT") or tmp_path / "panel.png")
+    browser.click(f"{PANEL} button")
+    thread.join(10)
+    assert result[0][0] == 400 and result[0][1]["error"] == f"Import cancelled: {path}"
+    message = browser.wait_for(f"document.querySelector('{PANEL} .app-support-cancelled .app-support-status')?.textContent")
+    assert message == f"Import cancelled: {path}"
+    assert imports(port)[0]["state"] == "cancelled"
+    assert json.loads(call(port, "/temporary.json", None)[2])["tables"] == []
+    browser.click(f"{PANEL} button")  # Dismiss
+    browser.wait_for(f"document.querySelector('{PANEL}').hidden")
+    assert browser.errors() == []
+
+
+@needs_chromium
+def test_browser_panel_follows_a_finished_import_to_its_table(desktop, server, tmp_path):
+    port, browser = desktop
+    base = f"http://127.0.0.1:{port}"
+    url, routes = server
+    chunk = b"1,Cleo,5\n" * 2000
+    started = threading.Event()
+
+    def trickle(out):  # twelve seconds: the idle page's next poll sees it running
+        out.write(b"id,name,age\n")
+        started.set()
+        for _ in range(20):
+            time.sleep(0.6)
+            out.write(chunk)
+
+    routes["/dogs.csv"] = (200, {}, trickle)  # no Content-Length: the size is unknown
+    browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
+    browser.sign_in(base, "/temporary")
+    browser.click(".app-support-import-csv")
+    assert browser.evaluate("window.importedInto") == "temporary"
+    polls = len(browser.requests("/-/import-progress"))
+    thread, result = in_background(port, "/-/open-csv-from-url", {"url": url + "/dogs.csv"})
+    started.wait(10)
+    browser.wait_for(f"!!document.querySelector('{PANEL} .app-support-running')", timeout=10)
+    assert len(browser.requests("/-/import-progress")) - polls <= 2, "polled often while idle"
+    # An indeterminate bar, and no percentage, while the size is unknown.
+    assert browser.evaluate(f"document.querySelector('{PANEL} progress').hasAttribute('value')") is False
+    assert browser.evaluate(f"document.querySelector('{PANEL} .app-support-status').textContent") == "Importing: 0 rows"
+    polls = len(browser.requests("/-/import-progress"))
+    time.sleep(2)
+    assert len(browser.requests("/-/import-progress")) - polls >= 2, "polled slowly while running"
+    # A hidden page does not poll at all, and polls at once when shown again.
+    visibility = "Object.defineProperty(document, 'hidden', {{value: {}, configurable: true}});" \
+        "document.dispatchEvent(new Event('visibilitychange'));"
+    browser.evaluate(visibility.format("true"))
+    time.sleep(0.1)
+    polls = len(browser.requests("/-/import-progress"))
+    time.sleep(1.6)
+    assert len(browser.requests("/-/import-progress")) == polls, "polled while hidden"
+    browser.evaluate(visibility.format("false"))
+    time.sleep(0.2)
+    assert len(browser.requests("/-/import-progress")) > polls
+    assert imports(port)[0]["state"] == "running"
+    open_link = browser.wait_for(f"document.querySelector('{PANEL} .app-support-open')?.textContent", timeout=20)
+    thread.join(10)
+    assert result == [(200, {"ok": True, "path": "/temporary/dogs", "rows": 40_000})]
+    assert open_link == "Open dogs"
+    assert browser.evaluate(f"document.querySelector('{PANEL} .app-support-status').textContent") == (
+        "Imported 40,000 rows into dogs."
+    )
+    browser.screenshot(os.environ.get("APP_SUPPORT_SCREENSHOT_DONE") or tmp_path / "done.png")
+    after = len(browser.events)
+    browser.click(f"{PANEL} .app-support-open")
+    browser.event("Page.loadEventFired", after)
+    assert browser.evaluate("location.pathname") == "/temporary/dogs"
+    assert "dogs" in browser.evaluate("document.querySelector('h1').textContent")
+    assert browser.evaluate("document.querySelectorAll('table.rows-and-columns tbody tr').length") > 0
+    # A new page shows nothing for imports that finished before it opened.
+    browser.wait_for(f"!!document.querySelector('{PANEL}')")
+    time.sleep(0.5)
+    assert browser.evaluate(f"document.querySelector('{PANEL}').hidden") is True
+    assert browser.errors() == []
