@@ -702,8 +702,9 @@ def column_type(values):
     if b"-" in b and (b.count(b"-") != b.count(b"\n-") or b"\n-\n" in b):
         return _TEXT
     # A leading zero only in "0" itself or before the decimal point; never "-0".
-    zeros = values.count("0")
-    if b.count(b"\n0") != zeros + b.count(b"\n0.") or b.count(b"\n-0") != b.count(b"\n-0."):
+    if b"\n0" in b and b.count(b"\n0") != values.count("0") + b.count(b"\n0."):
+        return _TEXT
+    if b"\n-0" in b and b.count(b"\n-0") != b.count(b"\n-0."):
         return _TEXT
     if _LONG_NUMBER in b.translate(_DIGITS_AS_NINES) and any(
         "." not in v and len(v.lstrip("-")) > MAX_INTEGER_DIGITS for v in values
@@ -1416,13 +1417,11 @@ class ImportProgress:
         self._record(rows, bytes_read)
 
     def _record(self, rows=None, bytes_read=None):
-        # A replanned import reads the file again; progress never goes back.
         if rows is not None:
-            self.rows = max(self.rows, rows)
+            self.rows = rows
         if bytes_read is not None:
-            if self.bytes_total is not None:
-                bytes_read = min(bytes_read, self.bytes_total)
-            self.bytes_read = max(self.bytes_read, bytes_read)
+            # Buffered reads run ahead of the rows parsed; never past the end.
+            self.bytes_read = min(bytes_read, self.bytes_total or bytes_read)
 
     def as_json(self, urls):
         data = {
