@@ -530,7 +530,7 @@ def _memory_database(datasette, memory_name):
 # gives, into a staging database of their own while the column types are
 # learned batch by batch. SQLite then converts the rows to those types inside
 # the staging database, and a last INSERT ... SELECT * copies them into the
-# target, which SQLite does page by page without decoding a value. Only that
+# target, which SQLite does record by record without decoding one. Only that
 # last copy touches the user's database, so its readers wait for a fraction
 # of a second, never for the whole import.
 
@@ -541,7 +541,7 @@ def _latin1_fallback(error):
 
 
 def _utf8_fallback(error):
-    """A byte that is not UTF-8 is read as cp1252; a character cut off by the end of the file is U+FFFD."""
+    """Read a byte that is not UTF-8 as cp1252, and a character cut off at the end as U+FFFD."""
     if error.reason == "unexpected end of data":
         return "\ufffd", error.end
     return error.object[error.start : error.end].decode("cp1252", LATIN1_FALLBACK), error.end
@@ -837,15 +837,13 @@ class _CSVReader:
 
 
 def _text_sample(path, encoding):
-    """Up to SNIFF_CHARACTERS of text from the first non-blank line; and whether that is all."""
+    """Up to SNIFF_CHARACTERS of text from the first non-blank line on; and whether that is all."""
     with open(path, encoding=encoding, errors=_decode_errors(encoding), newline="") as f:
         text = ""
-        while not text.strip():
-            chunk = f.read(SNIFF_CHARACTERS)
-            if not chunk:
-                return text, True
-            text = chunk if not text.strip(" \t\r\n") and len(text) > SNIFF_CHARACTERS else text + chunk
-        # Blank lines before the header, however many, are not part of the sample.
+        while not text.strip():  # blank lines before the header, however many
+            text = f.read(SNIFF_CHARACTERS)
+            if not text:
+                return "", True
         first = len(text) - len(text.lstrip())
         text = text[max(text.rfind("\n", 0, first), text.rfind("\r", 0, first)) + 1 :]
         more = f.read(SNIFF_CHARACTERS)
@@ -919,7 +917,8 @@ class _StagingTable:
         if whole:
             flat = list(itertools.chain.from_iterable(batch[:whole]))
             step = self.width * self.per_statement
-            self.conn.executemany(self.many, [flat[i : i + step] for i in range(0, len(flat), step)])
+            statements = [flat[i : i + step] for i in range(0, len(flat), step)]
+            self.conn.executemany(self.many, statements)
         if whole < len(batch):
             self.conn.executemany(self.one, batch[whole:])
 
@@ -935,7 +934,9 @@ class Staged:
     rows: int
 
 
-def stage_csv(path, staging_path, detect_types=True, on_progress=None, charset=None, encoding="UTF-8"):
+def stage_csv(
+    path, staging_path, detect_types=True, on_progress=None, charset=None, encoding="UTF-8"
+):
     """Read the CSV at path once into a new database at staging_path; return a Staged.
 
     encoding is the target database's text encoding: SQLite can only attach
@@ -1035,7 +1036,8 @@ def _create_and_copy(conn, staged, wanted_table):
 def _copy_rows(conn, staged, table):
     # SELECT * from a table of the same column types: SQLite copies the
     # records as they are, much faster than value by value.
-    conn.execute(f"INSERT INTO main.{_quote(table)} SELECT * FROM app_support_staging.{staged.table}")
+    source = f"app_support_staging.{staged.table}"
+    conn.execute(f"INSERT INTO main.{_quote(table)} SELECT * FROM {source}")
 
 
 def _in_transaction(conn, step):
@@ -1074,7 +1076,7 @@ def _roll_back(conn):
 
 
 def _check_writable(path):
-    """Check, without waiting long, that the database file at path takes writes; return its text encoding.
+    """Check, without waiting long, that the database file at path takes writes; return its encoding.
 
     A connection of its own: Datasette's write thread would wait five seconds
     for a lock before it ran anything.
@@ -1107,7 +1109,9 @@ def _check_attached(datasette, db):
         )
 
 
-async def _import_csv(datasette, db, path, wanted_table, detect_types=True, on_progress=None, charset=None):
+async def _import_csv(
+    datasette, db, path, wanted_table, detect_types=True, on_progress=None, charset=None
+):
     """Import the CSV at path into db: staged in a worker thread, copied in by db's write thread."""
     target = db.path or f"the database {db.name}"
     with _sqlite_failures("import into", target):
