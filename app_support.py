@@ -63,6 +63,7 @@ PLUGIN_NAME = "app_support"
 # API token come from the desktop app acting for that user.
 ROOT_ACTOR = {"id": "root"}
 SQLITE_HEADER = b"SQLite format 3\x00"
+SQLITE_ENCODINGS = ("UTF-8", "UTF-16le", "UTF-16be")
 # Characters that SQLite reads as URI syntax in a file: URI. Datasette builds
 # file: URIs from database paths without escaping them.
 URI_SPECIAL_CHARACTERS = "?#%"
@@ -487,9 +488,10 @@ async def _refresh_catalog(datasette):
     the change.
     """
     lock = getattr(datasette, "_refresh_schemas_lock", None)
-    if lock is not None and lock.locked():
-        async with lock:
-            pass
+    # Polled, not awaited: on Python 3.9 the lock belongs to the loop that
+    # was current when Datasette was created, not always the one serving.
+    while lock is not None and lock.locked():
+        await asyncio.sleep(0.005)
     if "force" in inspect.signature(datasette.refresh_schemas).parameters:
         await datasette.refresh_schemas(force=True)
     else:
@@ -942,10 +944,18 @@ def stage_csv(
     encoding is the target database's text encoding: SQLite can only attach
     databases that share it.
     """
-    plan = plan_csv(path, charset)
-    conn = sqlite3.connect(staging_path, isolation_level=None)
-    reader = _CSVReader(path, plan)
     try:
+        return _stage(path, staging_path, detect_types, on_progress, charset, encoding)
+    except OSError as e:  # the staging database reports its own failures as sqlite3 errors
+        raise CSVError(f"Could not read {_shorten(path)}: {e.strerror or e}.") from e
+
+
+def _stage(path, staging_path, detect_types, on_progress, charset, encoding):
+    if encoding not in SQLITE_ENCODINGS:  # PRAGMA takes no bound parameters
+        raise ValueError(f"Unknown SQLite text encoding: {encoding}")
+    plan = plan_csv(path, charset)
+    with contextlib.closing(sqlite3.connect(staging_path, isolation_level=None)) as conn, \
+            contextlib.closing(_CSVReader(path, plan)) as reader:
         for pragma in (f"encoding = '{encoding}'", "journal_mode = off", "synchronous = off"):
             conn.execute(f"PRAGMA {pragma}")
         header = reader.header()
@@ -971,9 +981,6 @@ def stage_csv(
         columns = clean_headers(header, staging.width)
         table = _convert_staged(conn, columns, types)
         conn.execute("COMMIT")
-    finally:
-        reader.close()
-        conn.close()
     return Staged(staging_path, table, columns, types, rows)
 
 
