@@ -428,6 +428,16 @@ def _work_folder():
     return tempfile.TemporaryDirectory(prefix=f"{WORK_FOLDER_PREFIX}{os.getpid()}_")
 
 
+@contextlib.asynccontextmanager
+async def _work_folder_off_loop():
+    """_work_folder for handlers: a staging database can be hundreds of MB to delete."""
+    folder = await asyncio.to_thread(_work_folder)
+    try:
+        yield folder.name
+    finally:
+        await asyncio.to_thread(folder.cleanup)
+
+
 _WORK_FOLDER_NAME = re.compile(re.escape(WORK_FOLDER_PREFIX) + r"([0-9]+)_")
 
 
@@ -1126,7 +1136,7 @@ async def _import_csv(
             encoding = (await db.execute("PRAGMA encoding")).first()[0]
         else:
             encoding = await asyncio.to_thread(_check_writable, db.path)
-    with _work_folder() as folder:
+    async with _work_folder_off_loop() as folder:
         staging_path = os.path.join(folder, "staging.db")
         with _sqlite_failures("stage the import in", tempfile.gettempdir()):
             staged = await asyncio.to_thread(
@@ -1137,7 +1147,6 @@ async def _import_csv(
             return await _write_outside_transaction(
                 db, lambda conn: _copy_in(conn, staged, wanted_table, db.is_memory)
             )
-
 
 
 # Downloads
@@ -1562,8 +1571,9 @@ async def _import_csv_file(datasette, values, database):
     db = _writable_database(datasette, database)
     log = _import_log(datasette)
     with log.track(values["path"], db.name, os.path.getsize(path)) as progress:
+        detect_types = values["detect_types"] is not False
         result = await _import_csv(
-            datasette, db, path, Path(path).stem, values["detect_types"] is not False, progress.update
+            datasette, db, path, Path(path).stem, detect_types, progress.update
         )
         log.done(progress, result)
     await _refresh_catalog(datasette)
@@ -1581,16 +1591,18 @@ async def open_csv_from_url(datasette, data):
     db = _writable_database(datasette, values["database"] or TEMPORARY)
     limits = _download_limits(datasette)
     log = _import_log(datasette)
-    with log.track(values["url"], db.name) as progress, _work_folder() as folder:
-        path, final_url, charset = await asyncio.to_thread(
-            download_csv, url, folder, limits, progress
-        )
-        wanted = values["table_name"] or _table_name_from_url(final_url)
-        detect_types = values["detect_types"] is not False
-        # bytes_* describe the download; the import only adds rows.
-        result = await _import_csv(
-            datasette, db, path, wanted, detect_types, lambda rows, _: progress.update(rows=rows), charset
-        )
+    detect_types = values["detect_types"] is not False
+    with log.track(values["url"], db.name) as progress:
+        async with _work_folder_off_loop() as folder:
+            path, final_url, charset = await asyncio.to_thread(
+                download_csv, url, folder, limits, progress
+            )
+            wanted = values["table_name"] or _table_name_from_url(final_url)
+            # bytes_* describe the download; the import only adds rows.
+            result = await _import_csv(
+                datasette, db, path, wanted, detect_types,
+                lambda rows, _: progress.update(rows=rows), charset,
+            )
         log.done(progress, result)
     await _refresh_catalog(datasette)
     await _report_import(datasette, db, result)
@@ -1660,7 +1672,7 @@ async def restore_temporary_from_file(datasette, data):
     path = _existing_file(_keys(data, required={"path": str}, optional={})["path"])
     db = datasette.get_database(TEMPORARY)
     page_size = (await db.execute("pragma page_size")).first()[0]
-    with _work_folder() as folder:
+    async with _work_folder_off_loop() as folder:
         # temporary is replaced only from a checked copy that already has its
         # page size and encoding, so the last step has nothing left to fail on.
         copy_path = os.path.join(folder, "restore.db")

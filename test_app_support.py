@@ -7,6 +7,8 @@ import io
 import json
 import math
 import os
+import random
+import re
 import shutil
 import socket
 import sqlite3
@@ -16,6 +18,7 @@ import tempfile
 import threading
 import time
 import types
+import unicodedata
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -1364,9 +1367,6 @@ async def test_restored_temporary_lists_its_tables_on_the_first_request(ds, tmp_
 # random CSV files, generated from a fixed seed, are imported and every stored
 # cell is compared with what Python's csv module reads from the same file.
 
-import random
-import re
-import unicodedata
 
 REFERENCE_INTEGER = re.compile(r"-?(0|[1-9][0-9]{0,17})")
 REFERENCE_REAL = re.compile(r"-?(0|[1-9][0-9]*)?\.[0-9]*")
