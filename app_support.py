@@ -28,12 +28,15 @@ import io
 import itertools
 import json
 import os
+import queue
 import re
 import shutil
 import sqlite3
 import stat
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import unicodedata
@@ -77,6 +80,17 @@ BATCH_ROWS = 500
 ROWS_PER_INSERT = 50
 # SQLite's default SQLITE_MAX_COLUMN.
 MAX_COLUMNS = 2000
+# Files this large are read in parts, one process per CPU up to MAX_PARTS:
+# below it, starting a process costs more than it saves.
+PARALLEL_MIN_BYTES = 32 * 1024 * 1024
+MAX_PARTS = 4
+# This process reads this much more than each helper process: about what it
+# reads while a helper starts Python and imports datasette.
+HEAD_START_BYTES = 8 * 1024 * 1024
+# How far past its aim a part boundary may move to reach a line break.
+SPLIT_SEARCH_BYTES = 1024 * 1024
+# How often helper processes report progress, and the import checks for Cancel.
+PART_PROGRESS_SECONDS = 0.2
 SNIFF_CHARACTERS = 64 * 1024
 # Rows of the sample that vote for a delimiter.
 SNIFF_ROWS = 100
@@ -85,6 +99,9 @@ BINARY_SNIFF_BYTES = 8192
 DELIMITERS = ",\t;|"
 # For one-column files: a control character that never splits a value.
 NO_DELIMITER = "\x1f"
+# Encodings a file can be cut in at any LF byte: it is a line break wherever
+# it appears, and no state carries over from one line to the next.
+SPLITTABLE_ENCODINGS = ("utf-8-sig", "cp1252")
 URL_TIMEOUT_SECONDS = 30
 # Whole-download limits; plugin settings url_time_limit and url_size_limit_mb.
 URL_TIME_LIMIT_SECONDS = 600
@@ -636,7 +653,7 @@ def _decode_errors(encoding):
     """UTF-8 that turns out to hold a stray cp1252 byte keeps its UTF-8 text."""
     if encoding == "cp1252":
         return LATIN1_FALLBACK
-    return UTF8_FALLBACK if encoding == "utf-8-sig" else "strict"
+    return UTF8_FALLBACK if encoding in ("utf-8-sig", "utf-8") else "strict"
 
 
 def _is_blank(row):
@@ -738,23 +755,50 @@ def _line_breaks(text):
     return text.count("\n") + text.count("\r") - text.count("\r\n")
 
 
-class _NulGuard(io.RawIOBase):
-    """A raw file that refuses NUL bytes: Python 3.11's csv module accepts them."""
+def _lines_before(path, offset):
+    """How many lines the file at path has before byte offset, as csv counts them: for messages."""
+    count, previous = 0, b""
+    with open(path, "rb") as f:
+        while offset > 0:
+            chunk = f.read(min(READ_BUFFER_BYTES, offset))
+            if not chunk:
+                break
+            offset -= len(chunk)
+            count += chunk.count(b"\n") + chunk.count(b"\r") - chunk.count(b"\r\n")
+            count -= previous == b"\r" and chunk.startswith(b"\n")  # a CRLF cut in two
+            previous = chunk[-1:]
+    return count
 
-    def __init__(self, path):
+
+class _NulGuard(io.RawIOBase):
+    """A raw file, or the bytes start to end of it, that refuses NUL bytes.
+
+    Python 3.11's csv module accepts them.
+    """
+
+    def __init__(self, path, start=0, end=None):
         self.path = path
         self.raw = open(path, "rb", buffering=0)
+        self.raw.seek(start)
+        self.start = start
+        self.left = end - start if end is not None else None
         self.lines = 0
 
     def readable(self):
         return True
 
     def readinto(self, buffer):
+        if self.left is not None:
+            buffer = memoryview(buffer)[: self.left]
         n = self.raw.readinto(buffer)
+        if self.left is not None:
+            self.left -= n
         chunk = memoryview(buffer)[:n].tobytes() if n else b""
         nul = chunk.find(b"\x00")
         if nul != -1:
             line = self.lines + chunk.count(b"\n", 0, nul) + 1
+            if self.start:
+                line += _lines_before(self.path, self.start)
             raise CSVError(
                 f"{self.path} contains a NUL byte on line {line}, so it is not CSV text."
             )
@@ -762,30 +806,45 @@ class _NulGuard(io.RawIOBase):
         return n
 
     def tell(self):
-        return self.raw.tell()
+        return self.raw.tell() - self.start
 
     def close(self):
         self.raw.close()
         super().close()
 
 
+class _SplitFailed(Exception):
+    """Reading the file in parts did not work out, so it must be read in one piece.
+
+    A part ended inside a quoted cell, or a helper process could not do its part.
+    """
+
+
 class _CSVReader:
-    """Streams a CSV file as batches of rows, and knows where it is in the file.
+    """Streams a CSV file, or the part of it from byte start to end, as batches of rows.
 
     The csv module quietly ends a quoted field at the end of the file, so a
     marker line is read after the last one: it comes back as a row of its own
-    when every quote closed, and inside the last cell when one did not.
+    when every quote closed, and inside the last cell when one did not. A
+    part that is not the last one ends at a line break; if that break was
+    inside a quoted cell, the part is misplaced rather than the file wrong.
     """
 
     END = "\uffffapp_support end of file\uffff"
 
-    def __init__(self, path, plan):
+    def __init__(self, path, plan, start=0, end=None):
         self.path = path
         self.plan = plan
-        self.guard = open(path, "rb", buffering=0) if _is_wide(plan.encoding) else _NulGuard(path)
+        self.start = start
+        self.last = end is None
+        if _is_wide(plan.encoding):
+            self.guard = open(path, "rb", buffering=0)
+        else:
+            self.guard = _NulGuard(path, start, end)
         self.file = io.TextIOWrapper(
             io.BufferedReader(self.guard, READ_BUFFER_BYTES),
-            encoding=plan.encoding,
+            # A byte order mark can only be at the very start.
+            encoding="utf-8" if start and plan.encoding == "utf-8-sig" else plan.encoding,
             errors=_decode_errors(plan.encoding),
             newline="",
         )
@@ -803,6 +862,8 @@ class _CSVReader:
         for batch in self.batches(1):
             if not _is_blank(batch[0]):
                 return batch[0]
+        if not self.last:  # blank lines past the first part's end
+            raise _SplitFailed()
         raise CSVError(f"No header row found in {self.path}: the file has no columns.")
 
     def batches(self, size=BATCH_ROWS):
@@ -817,11 +878,17 @@ class _CSVReader:
             if last == [self.END]:
                 batch.pop()
             elif last and last[-1].endswith(self.END):
+                if not self.last:
+                    raise _SplitFailed()
                 raise self._unclosed_quote(last)
             if not all(batch):
                 batch = [row for row in batch if row]  # blank lines
             if batch:
                 yield batch
+
+    def _line(self, number):
+        """A line number within the part, as a line number of the file."""
+        return number + (_lines_before(self.path, self.start) if self.start else 0)
 
     def _unclosed_quote(self, row):
         row[-1] = row[-1][: -len(self.END)]
@@ -829,7 +896,7 @@ class _CSVReader:
         lines = sum(map(_line_breaks, row)) + 1 + (not row[-1].endswith(("\n", "\r")))
         opened = self.reader.line_num - lines + 1 + sum(map(_line_breaks, row[:-1]))
         return CSVError(
-            f"{self.path} has a quote that is never closed: it opens on line {opened}. "
+            f"{self.path} has a quote that is never closed: it opens on line {self._line(opened)}. "
             "Close it, or remove it, and try again."
         )
 
@@ -839,12 +906,12 @@ class _CSVReader:
             yield
         except csv.Error as e:
             raise CSVError(
-                f"Could not read {self.path} as CSV at line {self.reader.line_num}: {e}."
+                f"Could not read {self.path} as CSV at line {self._line(self.reader.line_num)}: {e}."
             )
         except UnicodeDecodeError:
             raise CSVError(
                 f"{self.path} is not valid {self.plan.encoding} text "
-                f"(line {self.reader.line_num + 1})."
+                f"(line {self._line(self.reader.line_num + 1)})."
             )
 
 
@@ -937,10 +1004,9 @@ class _StagingTable:
 
 @dataclass
 class Staged:
-    """A CSV file read into a staging database, in a table ready to copy."""
+    """A CSV file read into staging databases, in tables ready to copy in file order."""
 
-    path: str
-    table: str
+    parts: list  # (database path, table name) pairs
     columns: list
     types: list
     rows: int
@@ -951,8 +1017,9 @@ def stage_csv(
 ):
     """Read the CSV at path once into a new database at staging_path; return a Staged.
 
-    encoding is the target database's text encoding: SQLite can only attach
-    databases that share it.
+    A large file is read in parts by several processes at once, into
+    staging_path and databases beside it. encoding is the target database's
+    text encoding: SQLite can only attach databases that share it.
     """
     try:
         return _stage(path, staging_path, detect_types, on_progress, charset, encoding)
@@ -961,37 +1028,321 @@ def stage_csv(
 
 
 def _stage(path, staging_path, detect_types, on_progress, charset, encoding):
+    plan = plan_csv(path, charset)
+    splits = _split_points(path, plan)
+    if splits:
+        paths = [staging_path] + [_part_path(staging_path, n) for n in range(1, len(splits) + 1)]
+        try:
+            return _stage_in_parts(path, plan, splits, paths, detect_types, on_progress, encoding)
+        except _SplitFailed:
+            # Rare, and only for files with a quote inside an unquoted cell.
+            for part_path in paths:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(part_path)
+    with contextlib.closing(_open_staging(staging_path, encoding)) as conn, \
+            contextlib.closing(_CSVReader(path, plan)) as reader:
+        header = reader.header()
+        part = _StagedPart(conn, len(header), detect_types)
+        part.read(reader, on_progress)
+        types = [kind or _TEXT for kind in part.types]
+        columns = clean_headers(header, part.staging.width)
+        table = part.finish(columns, types)
+    return Staged([(staging_path, table)], columns, types, part.rows)
+
+
+def _open_staging(path, encoding):
     if encoding not in SQLITE_ENCODINGS:  # PRAGMA takes no bound parameters
         raise ValueError(f"Unknown SQLite text encoding: {encoding}")
-    plan = plan_csv(path, charset)
-    with contextlib.closing(sqlite3.connect(staging_path, isolation_level=None)) as conn, \
-            contextlib.closing(_CSVReader(path, plan)) as reader:
-        for pragma in (f"encoding = '{encoding}'", "journal_mode = off", "synchronous = off"):
-            conn.execute(f"PRAGMA {pragma}")
-        header = reader.header()
-        staging = _StagingTable(conn, len(header))
-        types = [None if detect_types else _TEXT] * staging.width
-        rows = 0
+    conn = sqlite3.connect(path, isolation_level=None)
+    for pragma in (f"encoding = '{encoding}'", "journal_mode = off", "synchronous = off"):
+        conn.execute(f"PRAGMA {pragma}")
+    return conn
+
+
+class _StagedPart:
+    """Rows of the file staged as they are, and the column types learned from them."""
+
+    def __init__(self, conn, width, detect_types):
+        self.conn = conn
+        self.detect_types = detect_types
+        self.staging = _StagingTable(conn, width)
+        self.types = [None if detect_types else _TEXT] * self.staging.width
+        self.rows = 0
         conn.execute("BEGIN")
+
+    def read(self, reader, on_progress=None):
         for batch in reader.batches():
-            width = _pad(batch, staging.width)
-            if width > staging.width:
-                staging.widen(width)
-                types += [None] * (width - len(types))
+            width = _pad(batch, self.staging.width)
+            if width > self.staging.width:
+                self.staging.widen(width)
+                self.types += [None] * (width - len(self.types))
                 _pad(batch, width)
-            if detect_types:
+            if self.detect_types:
                 for i, column in enumerate(zip(*batch)):
-                    if types[i] != _TEXT:
-                        types[i] = _wider(types[i], column_type(column))
-            staging.insert(batch)
-            rows += len(batch)
+                    if self.types[i] != _TEXT:
+                        self.types[i] = _wider(self.types[i], column_type(column))
+            self.staging.insert(batch)
+            self.rows += len(batch)
             if on_progress:
-                on_progress(rows, reader.bytes_read)
-        types = [kind or _TEXT for kind in types]
-        columns = clean_headers(header, staging.width)
-        table = _convert_staged(conn, columns, types)
-        conn.execute("COMMIT")
-    return Staged(staging_path, table, columns, types, rows)
+                on_progress(self.rows, reader.bytes_read)
+
+    def finish(self, columns, types):
+        """Give the rows the whole file's columns and types; commit; return the table to copy."""
+        self.staging.widen(len(columns))
+        table = _convert_staged(self.conn, columns, types)
+        self.conn.execute("COMMIT")
+        return table
+
+
+# Large files are read in parts, each by its own process, because one
+# Python process parses CSV no faster than one CPU allows. Each part starts
+# just after a line break and is staged like a whole file; the types and
+# widths of all parts decide the table, and each part converts its own rows
+# to them before the parts are copied into the target in file order.
+
+
+def _cpu_count():
+    if hasattr(os, "sched_getaffinity"):  # the CPUs this process may use
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _part_count(size, plan):
+    """How many processes should read a file of this size: one unless it is large."""
+    if size < PARALLEL_MIN_BYTES or plan.encoding not in SPLITTABLE_ENCODINGS:
+        return 1
+    if not sys.executable:  # Python embedded somewhere it cannot start itself
+        return 1
+    return min(_cpu_count(), MAX_PARTS)
+
+
+def _part_path(staging_path, number):
+    return f"{staging_path}-{number}"
+
+
+def _split_points(path, plan):
+    """Byte offsets where the second and later parts of the file start: [] for one part.
+
+    Each is just past an LF that the quotes before it say is outside a quoted
+    cell: counting them is a scan of bytes, not a parse. A quote inside an
+    unquoted cell can mislead the count, and then the part before ends inside
+    a quote, which its _CSVReader notices.
+    """
+    size = os.path.getsize(path)
+    parts = _part_count(size, plan)
+    share = (size - HEAD_START_BYTES) // parts
+    if parts < 2 or share <= 0:
+        return []
+    points, quotes, position = [], 0, 0
+    with open(path, "rb") as f:
+        for aim in range(HEAD_START_BYTES + share, size - share // 2, share):
+            while position < aim:
+                chunk = f.read(min(READ_BUFFER_BYTES, aim - position))
+                if not chunk:
+                    return points
+                quotes += chunk.count(b'"')
+                position += len(chunk)
+            window = f.read(SPLIT_SEARCH_BYTES)
+            point = _unquoted_line_end(window, quotes)
+            if point is not None and position + point < size:
+                points.append(position + point)
+            # The next aim counts on from here: its part starts after this one.
+            passed = len(window) if point is None else point
+            quotes += window.count(b'"', 0, passed)
+            position += passed
+            f.seek(position)
+    return points
+
+
+def _unquoted_line_end(window, quotes):
+    """Where the first LF in window with an even number of quotes before it ends, or None."""
+    start = 0
+    while True:
+        end = window.find(b"\n", start)
+        if end == -1:
+            return None
+        quotes += window.count(b'"', start, end)
+        if quotes % 2 == 0:
+            return end + 1
+        start = end + 1
+
+
+def _stage_in_parts(path, plan, splits, paths, detect_types, on_progress, encoding):
+    """Read the file's first part here while helper processes read the others."""
+    bounds = [0] + splits + [None]
+    helpers = []
+    try:
+        for number in range(1, len(bounds) - 1):
+            helpers.append(_PartProcess({
+                "path": path, "encoding": plan.encoding, "delimiter": plan.delimiter,
+                "start": bounds[number], "end": bounds[number + 1],
+                "staging_path": paths[number], "db_encoding": encoding,
+                "detect_types": detect_types,
+            }))
+        with contextlib.closing(_open_staging(paths[0], encoding)) as conn, \
+                contextlib.closing(_CSVReader(path, plan, 0, splits[0])) as reader:
+
+            def progress(rows, bytes_read):
+                if on_progress:
+                    on_progress(
+                        rows + sum(helper.rows for helper in helpers),
+                        bytes_read + sum(helper.bytes_read for helper in helpers),
+                    )
+
+            def tick():  # while waiting for helpers: progress, and a chance to cancel
+                progress(part.rows, reader.bytes_read)
+
+            header = reader.header()
+            part = _StagedPart(conn, len(header), detect_types)
+            part.read(reader, progress)
+            # In file order: a part's errors count only if the part before ended cleanly.
+            others = [helper.staged(tick) for helper in helpers]
+            width = max([part.staging.width] + [other["width"] for other in others])
+            types = part.types + [None] * (width - len(part.types))
+            for other in others:
+                for i, kind in enumerate(other["types"]):
+                    types[i] = _wider(types[i], kind)
+            types = [kind or _TEXT for kind in types]
+            columns = clean_headers(header, width)
+            for helper in helpers:
+                helper.finish(columns, types)
+            tables = [part.finish(columns, types)]
+            tables += [helper.finished(tick) for helper in helpers]
+    finally:
+        for helper in helpers:
+            helper.stop()
+    rows = part.rows + sum(other["rows"] for other in others)
+    return Staged(list(zip(paths, tables)), columns, types, rows)
+
+
+class _PartProcess:
+    """A helper process that stages one part of the file: _read_part runs there.
+
+    They talk in JSON lines. It is sent the job, and answers with progress
+    and then what it staged; it is sent the whole file's columns and types,
+    and answers with the table that holds its rows converted to them.
+    """
+
+    CODE = (
+        "import sys\n"
+        "if sys.path[:1] == ['']:\n"
+        "    del sys.path[0]  # no modules from the working folder\n"
+        "import importlib.util\n"
+        "spec = importlib.util.spec_from_file_location('app_support_part', sys.argv[1])\n"
+        "module = importlib.util.module_from_spec(spec)\n"
+        "spec.loader.exec_module(module)\n"
+        "module._read_part()\n"
+    )
+
+    def __init__(self, job):
+        self.rows = self.bytes_read = 0
+        self.messages = queue.Queue()
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-c", self.CODE, os.path.abspath(__file__)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, encoding="utf-8",
+            )
+        except OSError as e:
+            raise _SplitFailed() from e
+        threading.Thread(target=self._listen, daemon=True).start()
+        self._send(job)
+
+    def staged(self, tick):
+        """The part's rows, width and types, once it is staged; tick is called while waiting."""
+        return self._answer(tick)["staged"]
+
+    def finish(self, columns, types):
+        self._send({"columns": columns, "types": types})
+
+    def finished(self, tick):
+        return self._answer(tick)["finished"]
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+
+    def _send(self, message):
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except OSError as e:
+            raise _SplitFailed() from e
+
+    def _listen(self):
+        try:
+            with self.process.stdout:
+                for line in self.process.stdout:
+                    message = json.loads(line)
+                    if "progress" in message:
+                        self.rows, self.bytes_read = message["progress"]
+                    else:
+                        self.messages.put(message)
+        except ValueError:
+            pass
+        finally:
+            self.messages.put({})  # the process has ended
+
+    def _answer(self, tick):
+        while True:
+            try:
+                message = self.messages.get(timeout=PART_PROGRESS_SECONDS)
+            except queue.Empty:
+                tick()
+                continue
+            if "error" in message:
+                raise _part_error(message["error"])
+            if not message:  # ended without answering
+                raise _SplitFailed()
+            return message
+
+
+def _part_error(error):
+    """The exception a helper process reported, to raise in this one."""
+    if error["kind"] == "csv":
+        return CSVError(error["message"])
+    if error["kind"] == "os":
+        return OSError(error["errno"], error["message"])
+    if error["kind"] == "sqlite":
+        return sqlite3.OperationalError(error["message"])
+    return _SplitFailed()
+
+
+def _read_part():
+    """A helper process's side of _PartProcess: JSON lines in on stdin and out on stdout."""
+    job = json.loads(sys.stdin.readline())
+    sent = 0.0
+
+    def send(message):
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    def progress(rows, bytes_read):
+        nonlocal sent
+        if time.monotonic() - sent >= PART_PROGRESS_SECONDS:
+            sent = time.monotonic()
+            send({"progress": [rows, bytes_read]})
+
+    plan = CSVPlan(job["encoding"], job["delimiter"])
+    try:
+        with contextlib.closing(_open_staging(job["staging_path"], job["db_encoding"])) as conn, \
+                contextlib.closing(_CSVReader(job["path"], plan, job["start"], job["end"])) as reader:
+            part = _StagedPart(conn, 1, job["detect_types"])
+            part.read(reader, progress)
+            send({"staged": {"rows": part.rows, "width": part.staging.width, "types": part.types}})
+            whole = json.loads(sys.stdin.readline() or "null")
+            if whole:
+                send({"finished": part.finish(whole["columns"], whole["types"])})
+    except _SplitFailed:
+        send({"error": {"kind": "split"}})
+    except CSVError as e:
+        send({"error": {"kind": "csv", "message": str(e)}})
+    except sqlite3.Error as e:
+        send({"error": {"kind": "sqlite", "message": str(e)}})
+    except OSError as e:
+        send({"error": {"kind": "os", "errno": e.errno, "message": e.strerror or str(e)}})
 
 
 def _convert_staged(conn, columns, types):
@@ -1017,8 +1368,11 @@ def _copy_in(conn, staged, wanted_table, shared_cache=False):
     in autocommit, and dropped again should filling it fail. Readers' locks
     fail a writer at once there too, so each step waits them out.
     """
-    conn.execute("ATTACH DATABASE ? AS app_support_staging", [staged.path])
+    attached = 0
     try:
+        for path, _ in staged.parts:
+            conn.execute(f"ATTACH DATABASE ? AS app_support_part{attached}", [path])
+            attached += 1
         if not shared_cache:
             return _in_transaction(conn, lambda: _create_and_copy(conn, staged, wanted_table))
         # Only Datasette's write thread writes to `temporary`: the name stays free.
@@ -1035,7 +1389,8 @@ def _copy_in(conn, staged, wanted_table, shared_cache=False):
             raise
         return result
     finally:
-        conn.execute("DETACH DATABASE app_support_staging")
+        for number in range(attached):
+            conn.execute(f"DETACH DATABASE app_support_part{number}")
 
 
 def _import_result(conn, staged, wanted_table):
@@ -1053,8 +1408,8 @@ def _create_and_copy(conn, staged, wanted_table):
 def _copy_rows(conn, staged, table):
     # SELECT * from a table of the same column types: SQLite copies the
     # records as they are, much faster than value by value.
-    source = f"app_support_staging.{staged.table}"
-    conn.execute(f"INSERT INTO main.{_quote(table)} SELECT * FROM {source}")
+    for number, (_, source) in enumerate(staged.parts):
+        conn.execute(f"INSERT INTO main.{_quote(table)} SELECT * FROM app_support_part{number}.{source}")
 
 
 def _in_transaction(conn, step):

@@ -1668,6 +1668,185 @@ async def test_open_csv_file_matches_csv_module_on_generated_files(ds, tmp_path)
     assert not failures, f"{len(failures)} of {DIFFERENTIAL_ENDPOINT_FILES} files differ:\n{shown}"
 
 
+# Large files, read in parts by helper processes
+#
+# The in_parts fixture makes the engine read any file in three parts, so that
+# small generated files exercise the split points, the helper processes and
+# the merging of their types and widths.
+
+PARTS_SEED = 21_11_2026
+PARTS_FILES = 40
+
+
+@pytest.fixture
+def in_parts(monkeypatch):
+    """Read CSV files in three parts however small they are: two helper processes each."""
+    monkeypatch.setattr(app_support, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(app_support, "HEAD_START_BYTES", 0)
+    monkeypatch.setattr(app_support, "_cpu_count", lambda: 3)
+
+
+def import_counting_parts(conn, path, folder, table="t", detect_types=True):
+    """Import through the engine; return how many parts read the file, and the new table."""
+    folder.mkdir(exist_ok=True)
+    encoding = conn.execute("PRAGMA encoding").fetchone()[0]
+    staged = app_support.stage_csv(str(path), str(folder / "staging.db"), detect_types, encoding=encoding)
+    return len(staged.parts), app_support._copy_in(conn, staged, table).table
+
+
+def stage_error(path, folder):
+    folder.mkdir(exist_ok=True)
+    with pytest.raises(app_support.CSVError) as error:
+        app_support.stage_csv(str(path), str(folder / "staging.db"))
+    return error.value.message
+
+
+def helper_processes():
+    """Live helper processes that read parts of CSV files, from Linux's /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            cmdline = Path("/proc", entry, "cmdline").read_bytes()
+        except OSError:
+            continue
+        if entry.isdigit() and b"app_support_part" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def test_csv_engine_in_parts_matches_csv_module_on_generated_files(tmp_path, in_parts):
+    failures, files, index = [], 0, 0
+    while files < PARTS_FILES:
+        content, params, _ = random_csv(PARTS_SEED, index)
+        index += 1
+        # Files that can be cut at an LF: UTF-16 and CR-only files are read whole.
+        if params["encoding"] == "utf-16" or params["line_ending"] == "CR" or params["rows"] < 10:
+            continue
+        files += 1
+        path, params, header, rows = check_generated_file(tmp_path, index - 1, PARTS_SEED)
+        conn = sqlite3.connect(":memory:", isolation_level=None)
+        try:
+            parts, table = import_counting_parts(conn, path, tmp_path / f"work{index}")
+            problem = compare_import(params, header, rows, *stored_table(conn, table))
+            if parts < 2:
+                problem = f"seed {PARTS_SEED} file {index - 1} {params}: read in {parts} part"
+        except Exception as e:
+            problem = f"seed {PARTS_SEED} file {index - 1} {params}: {type(e).__name__}: {e}"
+        finally:
+            conn.close()
+        if problem:
+            failures.append(problem)
+    shown = "\n".join(failures[:10])
+    assert not failures, f"{len(failures)} of {PARTS_FILES} files differ:\n{shown}"
+
+
+def test_csv_in_parts_merges_late_types_and_wider_rows(tmp_path, in_parts):
+    lines = ["id,code,amount"] + [f"{i},{i % 7},{i}.25" for i in range(3000)]
+    lines[2990] = "2989,seven,,extra,more"  # in the last part only: TEXT, and two more columns
+    path = tmp_path / "late.csv"
+    path.write_text("\n".join(lines) + "\n")
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    parts, table = import_counting_parts(conn, path, tmp_path / "work")
+    names, declared, stored = stored_table(conn, table)
+    assert parts == 3
+    assert names == ["id", "code", "amount", "column_4", "column_5"]
+    assert declared == ["INTEGER", "TEXT", "REAL", "TEXT", "TEXT"]
+    assert stored[0] == (0, "0", 0.25, None, None)
+    assert stored[2989] == (2989, "seven", None, "extra", "more")
+    assert len(stored) == 3000 and [row[0] for row in stored] == list(range(2989)) + [2989] + list(range(2990, 3000))
+
+
+def test_csv_in_parts_reads_the_file_whole_when_a_stray_quote_misleads_the_split(
+    tmp_path, in_parts, monkeypatch
+):
+    monkeypatch.setattr(app_support, "_cpu_count", lambda: 2)
+    # 12" is a quote inside an unquoted cell: counting quotes, the line breaks
+    # inside the long quoted cell below look as if they were outside it.
+    cell = "\n".join(f"line {i} of a long note" for i in range(300))
+    lines = ["id,note", '1,12" pipe'] + [f"{i},plain" for i in range(2, 100)] + [f'100,"{cell}"', "101,last"]
+    path = tmp_path / "stray.csv"
+    path.write_text("\n".join(lines) + "\n")
+    content = path.read_text()
+    (split,) = app_support._split_points(str(path), app_support.plan_csv(str(path)))
+    assert content.index(cell) < split < content.index(cell) + len(cell), "the split is not misled"
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    parts, table = import_counting_parts(conn, path, tmp_path / "work")
+    assert parts == 1
+    _, _, stored = stored_table(conn, table)
+    with open(path, newline="") as f:
+        expected = [(int(i), note) for i, note in list(csv.reader(f))[1:]]
+    assert stored == expected
+    assert stored[99] == (100, cell) and stored[0] == (1, '12" pipe')
+
+
+@pytest.mark.parametrize("line", [600, 1500, 2950])  # in the first, second and third part
+@pytest.mark.parametrize("case", ["unclosed quote", "NUL byte", "too many columns"])
+def test_csv_in_parts_errors_name_the_same_line_as_in_one_piece(tmp_path, monkeypatch, case, line):
+    rows = [f"{i},row number {i}" for i in range(3000)]
+    rows[line] = {
+        "unclosed quote": f'{line},"never closed',
+        "NUL byte": f"{line},nul\x00here",
+        "too many columns": ",".join(["x"] * 2001),
+    }[case]
+    path = tmp_path / "bad.csv"
+    # Mixed line endings: each part counts the lines before it as csv does.
+    path.write_bytes("".join(row + ("\r\n" if i % 3 else "\n") for i, row in enumerate(["id,name"] + rows)).encode())
+    whole = stage_error(path, tmp_path / "whole")
+    monkeypatch.setattr(app_support, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(app_support, "HEAD_START_BYTES", 0)
+    monkeypatch.setattr(app_support, "_cpu_count", lambda: 3)
+    # Quotes are counted to place the splits: past a quote that never closes, there are none.
+    splits = {600: 0, 1500: 1, 2950: 2}[line] if case == "unclosed quote" else 2
+    assert len(app_support._split_points(str(path), app_support.plan_csv(str(path)))) == splits
+    assert stage_error(path, tmp_path / "parts") == whole
+    assert f"line {line + 2}" in whole or case == "too many columns"
+
+
+@pytest.mark.parametrize("python", ["/nonexistent/python3", "/usr/bin/python3"])
+def test_csv_in_parts_reads_the_file_whole_when_helpers_cannot_run(tmp_path, in_parts, monkeypatch, python):
+    if python == "/usr/bin/python3":  # a Python without datasette: the helper dies on import
+        check = subprocess.run([python, "-c", "import datasette"], capture_output=True) if os.path.exists(python) else None
+        if check is None or check.returncode == 0:
+            pytest.skip(f"{python} is missing, or has datasette")
+    monkeypatch.setattr(sys, "executable", python)
+    path = tmp_path / "data.csv"
+    path.write_text("a,b\n" + "".join(f"{i},{i * 2}\n" for i in range(2000)))
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    parts, table = import_counting_parts(conn, path, tmp_path / "work")
+    assert parts == 1
+    assert stored_table(conn, table)[1:] == (["INTEGER", "INTEGER"], [(i, i * 2) for i in range(2000)])
+
+
+@pytest.mark.parametrize("database", ["temporary", "target"])
+async def test_import_csv_file_in_parts(ds, tmp_path, in_parts, database):
+    if database != "temporary":
+        await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
+    path = tmp_path / "people.csv"
+    path.write_text("id,zip,score\n" + "".join(f"{i},{i:05d},{i / 4}\n" for i in range(5000)))
+    response = await post(ds, "/-/import-csv-file", {"path": str(path), "database": database})
+    assert response.status_code == 200, response.text
+    assert response.json()["rows"] == 5000
+    db = ds.get_database(database)
+    _, declared, stored = await db.execute_fn(lambda conn: stored_table(conn, "people"))
+    assert declared == ["INTEGER", "TEXT", "REAL"]
+    assert stored == [(i, f"{i:05d}", i / 4) for i in range(5000)]
+    (final,) = await progress(ds)
+    assert (final["state"], final["rows"]) == ("done", 5000)
+    assert work_folders() == [] and helper_processes() == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds helper processes in /proc")
+@pytest.mark.parametrize("database", ["temporary", "target"])
+async def test_cancel_import_in_parts_stops_the_helpers(ds, tmp_path, in_parts, database):
+    task, item = await start_big_import(ds, tmp_path, database)
+    assert len(helper_processes()) == 2
+    response = await cancel_with_token(ds, item["id"])
+    assert response.status_code == 200, response.text
+    assert_error(await task, 400, "Import cancelled: " + item["source"])
+    assert await tables(ds, database) == []
+    assert work_folders() == [] and helper_processes() == []
+
+
 # One test per defect in issue 9
 
 
