@@ -1847,6 +1847,40 @@ async def test_cancel_import_in_parts_stops_the_helpers(ds, tmp_path, in_parts, 
     assert work_folders() == [] and helper_processes() == []
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds helper processes in /proc")
+@pytest.mark.skipif(app_support._cpu_count() < 2, reason="one CPU: large files are read in one part")
+def test_large_csv_read_in_parts_by_a_server_started_as_the_app_starts_it(tmp_path):
+    plugins_dir = tmp_path / "plugins"
+    plugins_dir.mkdir()
+    shutil.copy(app_support.__file__, plugins_dir / "app_support.py")
+    big = write_big_csv(tmp_path / "big.csv", 1_400_000)
+    assert big.stat().st_size >= app_support.PARALLEL_MIN_BYTES
+    port = unused_port()
+    # The app's whole environment: no PATH and no HOME for the helpers to rely on.
+    process = start_server(plugins_dir, port, {"DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64})
+    try:
+        answer, helpers = [], set()
+        thread = threading.Thread(target=lambda: answer.append(call(port, "/-/open-csv-file", {"path": str(big)})))
+        thread.start()
+        while thread.is_alive():
+            helpers.update(helper_processes())
+            time.sleep(0.02)
+        status, _, body = answer[0]
+        assert status == 200, body
+        assert json.loads(body)["rows"] == 1_400_000
+        assert helpers, "no helper process read a part of the file"
+        status, _, body = call(port, "/-/dump-temporary-to-file", {"path": str(tmp_path / "dump.db")})
+        assert status == 200, body
+        conn = sqlite3.connect(tmp_path / "dump.db")
+        sums = conn.execute("select count(*), sum(id), sum(score), max(name) from big").fetchone()
+        assert sums == (1_400_000, sum(range(1_400_000)), sum(i * 1.5 for i in range(1_400_000)), "name 999999")
+        conn.close()
+        assert helper_processes() == []
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
 # One test per defect in issue 9
 
 
