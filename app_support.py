@@ -561,7 +561,8 @@ def _memory_database(datasette, memory_name):
 # the staging database, and a last INSERT ... SELECT * copies them into the
 # target, which SQLite does record by record without decoding one. Only that
 # last copy touches the user's database, so its readers wait for a fraction
-# of a second, never for the whole import.
+# of a second, never for the whole import. Large files are read in parts by
+# several processes at once (see _stage_in_parts).
 
 
 def _latin1_fallback(error):
@@ -1281,7 +1282,7 @@ class _PartProcess:
                     else:
                         self.messages.put(message)
         except ValueError:
-            pass
+            pass  # not one of ours: stop listening; the helper then fails to write, and ends
         finally:
             self.messages.put({})  # the process has ended
 
