@@ -562,7 +562,7 @@ def _memory_database(datasette, memory_name):
 # target, which SQLite does record by record without decoding one. Only that
 # last copy touches the user's database, so its readers wait for a fraction
 # of a second, never for the whole import. Large files are read in parts by
-# several processes at once (see _stage_in_parts).
+# several processes at once (see _stage_parts).
 
 
 def _latin1_fallback(error):
@@ -1032,23 +1032,14 @@ def _stage(path, staging_path, detect_types, on_progress, charset, encoding):
     plan = plan_csv(path, charset)
     splits = _split_points(path, plan)
     if splits:
-        paths = [staging_path] + [_part_path(staging_path, n) for n in range(1, len(splits) + 1)]
         try:
-            return _stage_in_parts(path, plan, splits, paths, detect_types, on_progress, encoding)
+            return _stage_parts(path, plan, splits, staging_path, detect_types, on_progress, encoding)
         except _SplitFailed:
-            # Rare, and only for files with a quote inside an unquoted cell.
-            for part_path in paths:
+            # Rare: a quote inside an unquoted cell misled a split, or a helper could not run.
+            for number in range(len(splits) + 1):
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(part_path)
-    with contextlib.closing(_open_staging(staging_path, encoding)) as conn, \
-            contextlib.closing(_CSVReader(path, plan)) as reader:
-        header = reader.header()
-        part = _StagedPart(conn, len(header), detect_types)
-        part.read(reader, on_progress)
-        types = [kind or _TEXT for kind in part.types]
-        columns = clean_headers(header, part.staging.width)
-        table = part.finish(columns, types)
-    return Staged([(staging_path, table)], columns, types, part.rows)
+                    os.remove(_part_path(staging_path, number))
+    return _stage_parts(path, plan, [], staging_path, detect_types, on_progress, encoding)
 
 
 def _open_staging(path, encoding):
@@ -1118,7 +1109,7 @@ def _part_count(size, plan):
 
 
 def _part_path(staging_path, number):
-    return f"{staging_path}-{number}"
+    return f"{staging_path}-{number}" if number else staging_path
 
 
 def _split_points(path, plan):
@@ -1168,9 +1159,13 @@ def _unquoted_line_end(window, quotes):
         start = end + 1
 
 
-def _stage_in_parts(path, plan, splits, paths, detect_types, on_progress, encoding):
-    """Read the file's first part here while helper processes read the others."""
+def _stage_parts(path, plan, splits, staging_path, detect_types, on_progress, encoding):
+    """Read the file's first part here while helper processes read the others.
+
+    With no splits, the first part is the whole file.
+    """
     bounds = [0] + splits + [None]
+    paths = [_part_path(staging_path, number) for number in range(len(bounds) - 1)]
     helpers = []
     try:
         for number in range(1, len(bounds) - 1):
@@ -1181,7 +1176,7 @@ def _stage_in_parts(path, plan, splits, paths, detect_types, on_progress, encodi
                 "detect_types": detect_types,
             }))
         with contextlib.closing(_open_staging(paths[0], encoding)) as conn, \
-                contextlib.closing(_CSVReader(path, plan, 0, splits[0])) as reader:
+                contextlib.closing(_CSVReader(path, plan, 0, bounds[1])) as reader:
 
             def progress(rows, bytes_read):
                 if on_progress:

@@ -1678,12 +1678,20 @@ PARTS_SEED = 21_11_2026
 PARTS_FILES = 40
 
 
-@pytest.fixture
-def in_parts(monkeypatch):
-    """Read CSV files in three parts however small they are: two helper processes each."""
+def read_in_parts(monkeypatch, parts=3):
+    """Read CSV files in parts however small they are: parts - 1 helper processes each."""
     monkeypatch.setattr(app_support, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(app_support, "HEAD_START_BYTES", 0)
-    monkeypatch.setattr(app_support, "_cpu_count", lambda: 3)
+    monkeypatch.setattr(app_support, "_cpu_count", lambda: parts)
+
+
+@pytest.fixture
+def in_parts(monkeypatch):
+    read_in_parts(monkeypatch)
+
+
+def split_points(path):
+    return app_support._split_points(str(path), app_support.plan_csv(str(path)))
 
 
 def import_counting_parts(conn, path, folder, table="t", detect_types=True):
@@ -1756,10 +1764,8 @@ def test_csv_in_parts_merges_late_types_and_wider_rows(tmp_path, in_parts):
     assert len(stored) == 3000 and [row[0] for row in stored] == list(range(2989)) + [2989] + list(range(2990, 3000))
 
 
-def test_csv_in_parts_reads_the_file_whole_when_a_stray_quote_misleads_the_split(
-    tmp_path, in_parts, monkeypatch
-):
-    monkeypatch.setattr(app_support, "_cpu_count", lambda: 2)
+def test_csv_in_parts_reads_the_file_whole_when_a_stray_quote_misleads_the_split(tmp_path, monkeypatch):
+    read_in_parts(monkeypatch, parts=2)
     # 12" is a quote inside an unquoted cell: counting quotes, the line breaks
     # inside the long quoted cell below look as if they were outside it.
     cell = "\n".join(f"line {i} of a long note" for i in range(300))
@@ -1767,7 +1773,7 @@ def test_csv_in_parts_reads_the_file_whole_when_a_stray_quote_misleads_the_split
     path = tmp_path / "stray.csv"
     path.write_text("\n".join(lines) + "\n")
     content = path.read_text()
-    (split,) = app_support._split_points(str(path), app_support.plan_csv(str(path)))
+    (split,) = split_points(path)
     assert content.index(cell) < split < content.index(cell) + len(cell), "the split is not misled"
     conn = sqlite3.connect(":memory:", isolation_level=None)
     parts, table = import_counting_parts(conn, path, tmp_path / "work")
@@ -1792,12 +1798,10 @@ def test_csv_in_parts_errors_name_the_same_line_as_in_one_piece(tmp_path, monkey
     # Mixed line endings: each part counts the lines before it as csv does.
     path.write_bytes("".join(row + ("\r\n" if i % 3 else "\n") for i, row in enumerate(["id,name"] + rows)).encode())
     whole = stage_error(path, tmp_path / "whole")
-    monkeypatch.setattr(app_support, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(app_support, "HEAD_START_BYTES", 0)
-    monkeypatch.setattr(app_support, "_cpu_count", lambda: 3)
+    read_in_parts(monkeypatch)
     # Quotes are counted to place the splits: past a quote that never closes, there are none.
     splits = {600: 0, 1500: 1, 2950: 2}[line] if case == "unclosed quote" else 2
-    assert len(app_support._split_points(str(path), app_support.plan_csv(str(path)))) == splits
+    assert len(split_points(path)) == splits
     assert stage_error(path, tmp_path / "parts") == whole
     assert f"line {line + 2}" in whole or case == "too many columns"
 
@@ -1811,21 +1815,29 @@ def test_csv_in_parts_reads_the_file_whole_when_helpers_cannot_run(tmp_path, in_
     monkeypatch.setattr(sys, "executable", python)
     path = tmp_path / "data.csv"
     path.write_text("a,b\n" + "".join(f"{i},{i * 2}\n" for i in range(2000)))
+    assert len(split_points(path)) == 2, "the file would not be read in parts anyway"
     conn = sqlite3.connect(":memory:", isolation_level=None)
     parts, table = import_counting_parts(conn, path, tmp_path / "work")
     assert parts == 1
     assert stored_table(conn, table)[1:] == (["INTEGER", "INTEGER"], [(i, i * 2) for i in range(2000)])
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds helper processes in /proc")
 @pytest.mark.parametrize("database", ["temporary", "target"])
 async def test_import_csv_file_in_parts(ds, tmp_path, in_parts, database):
     if database != "temporary":
         await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
     path = tmp_path / "people.csv"
     path.write_text("id,zip,score\n" + "".join(f"{i},{i:05d},{i / 4}\n" for i in range(5000)))
-    response = await post(ds, "/-/import-csv-file", {"path": str(path), "database": database})
+    task = asyncio.ensure_future(post(ds, "/-/import-csv-file", {"path": str(path), "database": database}))
+    helpers = set()
+    while not task.done():  # the import runs in a worker thread
+        helpers.update(helper_processes())
+        await asyncio.sleep(0.01)
+    response = task.result()
     assert response.status_code == 200, response.text
     assert response.json()["rows"] == 5000
+    assert len(helpers) == 2, "the file was not read in parts"
     db = ds.get_database(database)
     _, declared, stored = await db.execute_fn(lambda conn: stored_table(conn, "people"))
     assert declared == ["INTEGER", "TEXT", "REAL"]
