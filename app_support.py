@@ -705,6 +705,7 @@ def clean_headers(names, width):
 _INTEGER, _REAL, _TEXT = "INTEGER", "REAL", "TEXT"
 _RANK = {None: 0, _INTEGER: 1, _REAL: 2, _TEXT: 3}
 _DIGITS_AS_NINES = bytes.maketrans(b"012345678", b"999999999")
+_DIGITS_AS_ONES = bytes.maketrans(b"23456789", b"11111111")
 _LONG_NUMBER = b"9" * (MAX_INTEGER_DIGITS + 1)
 
 
@@ -717,9 +718,13 @@ def column_type(values):
     per-value rule on generated columns. Leading zeros, a sign or exponent
     SQLite would rewrite, and integers too long for 64 bits make it TEXT.
     """
-    if None in values:
+    try:
+        joined = "\n" + "\n".join(values) + "\n"
+    except TypeError:  # None, past the end of a short row: rare, so not looked for first
         values = [v for v in values if v is not None]
-    joined = "\n" + "\n".join(values) + "\n"
+        if not values:
+            return None
+        joined = "\n" + "\n".join(values) + "\n"
     if len(joined) == len(values) + 1:
         return None
     try:
@@ -731,11 +736,11 @@ def column_type(values):
     # A sign only at the start of a value, never alone.
     if b"-" in b and (b.count(b"-") != b.count(b"\n-") or b"\n-\n" in b):
         return _TEXT
-    # A leading zero only in "0" itself or before the decimal point; never "-0".
-    if b"\n0" in b and b.count(b"\n0") != values.count("0") + b.count(b"\n0."):
-        return _TEXT
-    if b"\n-0" in b and b.count(b"\n-0") != b.count(b"\n-0."):
-        return _TEXT
+    # No zero before another digit at the start of a value ("007"), and no "-0".
+    if b"\n0" in b or b"\n-0" in b:
+        ones = b.translate(_DIGITS_AS_ONES)
+        if b"\n00" in ones or b"\n01" in ones or b"\n-00" in ones or b"\n-01" in ones or b"\n-0\n" in b:
+            return _TEXT
     if _LONG_NUMBER in b.translate(_DIGITS_AS_NINES) and any(
         "." not in v and len(v.lstrip("-")) > MAX_INTEGER_DIGITS for v in values
     ):

@@ -720,6 +720,10 @@ def test_column_type_pure():
     assert app_support.column_type(["", ""]) is None
     assert app_support.column_type(["07"]) == "TEXT"
     assert app_support.column_type(["é"]) == "TEXT"
+    # None: the cells a short row lacks.
+    assert app_support.column_type(["1", None, "", "-3"]) == "INTEGER"
+    assert app_support.column_type(["007", None]) == "TEXT"
+    assert app_support.column_type([None, None]) is None
 
 
 def test_clean_headers_pure():
@@ -1666,6 +1670,19 @@ async def test_open_csv_file_matches_csv_module_on_generated_files(ds, tmp_path)
         await db.execute_write(f'drop table "{table}"')
     shown = "\n".join(failures[:10])
     assert not failures, f"{len(failures)} of {DIFFERENTIAL_ENDPOINT_FILES} files differ:\n{shown}"
+
+
+def test_csv_columns_a_whole_batch_lacks_keep_their_type(tmp_path):
+    # One early row is wider; every row of the next batch is short, so the
+    # extra column is all NULL there, which says nothing about its type.
+    lines = ["a,b", "1,2,3"] + [f"{i},{i}" for i in range(app_support.BATCH_ROWS * 2)]
+    path = tmp_path / "short.csv"
+    path.write_text("\n".join(lines) + "\n")
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    names, declared, stored = stored_table(conn, engine_import(conn, path, "t"))
+    assert names == ["a", "b", "column_3"]
+    assert declared == ["INTEGER", "INTEGER", "INTEGER"]
+    assert stored[0] == (1, 2, 3) and stored[1] == (0, 0, None)
 
 
 # Large files, read in parts by helper processes
