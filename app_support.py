@@ -1353,8 +1353,11 @@ def _convert_staged(conn, columns, types):
     """
     if all(kind == _TEXT for kind in types):
         return _StagingTable.NAME
+    # CASE, not nullif(): a function's result is a copy of the value, and
+    # copying every cell of a number column cost a third of the conversion.
     values = ", ".join(
-        f"c{n}" if kind == _TEXT else f"nullif(c{n}, '')" for n, kind in enumerate(types, 1)
+        f"c{n}" if kind == _TEXT else f"CASE WHEN c{n} <> '' THEN c{n} END"
+        for n, kind in enumerate(types, 1)
     )
     conn.execute(_create_table_sql("typed", columns, types))
     conn.execute(f"INSERT INTO typed SELECT {values} FROM {_StagingTable.NAME}")
