@@ -80,13 +80,14 @@ BATCH_ROWS = 500
 ROWS_PER_INSERT = 50
 # SQLite's default SQLITE_MAX_COLUMN.
 MAX_COLUMNS = 2000
-# Files this large are read in parts, one process per CPU up to MAX_PARTS:
-# below it, starting a process costs more than it saves.
+# Files this large are read in parts by several processes, one per CPU up
+# to MAX_PROCESSES: below it, starting a process costs more than it saves.
 PARALLEL_MIN_BYTES = 32 * 1024 * 1024
-MAX_PARTS = 4
-# This process reads this much more than each helper process: about what it
-# reads while a helper starts Python and imports datasette.
-HEAD_START_BYTES = 8 * 1024 * 1024
+MAX_PROCESSES = 4
+# Parts are about this size, and each goes to whichever process is free
+# next, so that processes slowed by a busy machine, or by starting Python,
+# still finish together.
+PART_BYTES = 4 * 1024 * 1024
 # How far past its aim a part boundary may move to reach a line break.
 SPLIT_SEARCH_BYTES = 1024 * 1024
 # How often helper processes report progress, and the import checks for Cancel.
@@ -976,12 +977,11 @@ def _max_variables(conn):
 class _StagingTable:
     """A table of TEXT columns c1, c2 ... that takes batches of rows as they are."""
 
-    NAME = "staged"
-
-    def __init__(self, conn, width):
+    def __init__(self, conn, name, width):
         self.conn = conn
+        self.name = name
         self.width = 0
-        conn.execute(f"CREATE TABLE {self.NAME} (c1 TEXT)")
+        conn.execute(f"CREATE TABLE {name} (c1 TEXT)")
         self.widen(width)
 
     def widen(self, width):
@@ -990,12 +990,12 @@ class _StagingTable:
                 f"The file has {width:,} columns; SQLite tables hold at most {MAX_COLUMNS:,}."
             )
         for n in range(max(self.width, 1) + 1, width + 1):
-            self.conn.execute(f"ALTER TABLE {self.NAME} ADD COLUMN c{n} TEXT")
+            self.conn.execute(f"ALTER TABLE {self.name} ADD COLUMN c{n} TEXT")
         self.width = max(width, 1)
         row = "(" + ", ".join("?" * self.width) + ")"
         self.per_statement = max(1, min(ROWS_PER_INSERT, _max_variables(self.conn) // self.width))
-        self.one = f"INSERT INTO {self.NAME} VALUES {row}"
-        self.many = f"INSERT INTO {self.NAME} VALUES " + ", ".join([row] * self.per_statement)
+        self.one = f"INSERT INTO {self.name} VALUES {row}"
+        self.many = f"INSERT INTO {self.name} VALUES " + ", ".join([row] * self.per_statement)
 
     def insert(self, batch):
         whole = len(batch) - len(batch) % self.per_statement
@@ -1041,9 +1041,9 @@ def _stage(path, staging_path, detect_types, on_progress, charset, encoding):
             return _stage_parts(path, plan, splits, staging_path, detect_types, on_progress, encoding)
         except _SplitFailed:
             # Rare: a quote inside an unquoted cell misled a split, or a helper could not run.
-            for number in range(len(splits) + 1):
+            for number in range(MAX_PROCESSES):
                 with contextlib.suppress(FileNotFoundError):
-                    os.remove(_part_path(staging_path, number))
+                    os.remove(_staging_path(staging_path, number))
     return _stage_parts(path, plan, [], staging_path, detect_types, on_progress, encoding)
 
 
@@ -1057,15 +1057,19 @@ def _open_staging(path, encoding):
 
 
 class _StagedPart:
-    """Rows of the file staged as they are, and the column types learned from them."""
+    """One part of the file staged as it is, and the column types learned from it.
 
-    def __init__(self, conn, width, detect_types):
+    A process stages its parts in one transaction of its staging database,
+    each in tables of its own, and commits once it has finished them all.
+    """
+
+    def __init__(self, conn, number, width, detect_types):
         self.conn = conn
+        self.number = number
         self.detect_types = detect_types
-        self.staging = _StagingTable(conn, width)
+        self.staging = _StagingTable(conn, f"staged_{number}", width)
         self.types = [None if detect_types else _TEXT] * self.staging.width
         self.rows = 0
-        conn.execute("BEGIN")
 
     def read(self, reader, on_progress=None):
         for batch in reader.batches():
@@ -1083,19 +1087,36 @@ class _StagedPart:
             if on_progress:
                 on_progress(self.rows, reader.bytes_read)
 
+    def summary(self):
+        return {"rows": self.rows, "width": self.staging.width, "types": self.types}
+
     def finish(self, columns, types):
-        """Give the rows the whole file's columns and types; commit; return the table to copy."""
+        """Give the rows the whole file's columns and types; return the table that holds them.
+
+        Empty cells become NULL in number columns. Text-only files need nothing.
+        """
         self.staging.widen(len(columns))
-        table = _convert_staged(self.conn, columns, types)
-        self.conn.execute("COMMIT")
+        if all(kind == _TEXT for kind in types):
+            return self.staging.name
+        # CASE, not nullif(): a function's result is a copy of the value, and
+        # copying every cell of a number column cost a third of the conversion.
+        values = ", ".join(
+            f"c{n}" if kind == _TEXT else f"CASE WHEN c{n} <> '' THEN c{n} END"
+            for n, kind in enumerate(types, 1)
+        )
+        table = f"typed_{self.number}"
+        self.conn.execute(_create_table_sql(table, columns, types))
+        self.conn.execute(f"INSERT INTO {table} SELECT {values} FROM {self.staging.name}")
         return table
 
 
-# Large files are read in parts, each by its own process, because one
-# Python process parses CSV no faster than one CPU allows. Each part starts
-# just after a line break and is staged like a whole file; the types and
-# widths of all parts decide the table, and each part converts its own rows
-# to them before the parts are copied into the target in file order.
+# Large files are read in parts by several processes, because one Python
+# process parses CSV no faster than one CPU allows. Each part starts just
+# after a line break and is staged like a whole file, in file order by
+# whichever process is free next: this one, which also reads the header,
+# and helper processes. The types and widths of all parts decide the table,
+# and each process converts its own parts to them before the parts are
+# copied into the target in file order.
 
 
 def _cpu_count():
@@ -1104,35 +1125,37 @@ def _cpu_count():
     return os.cpu_count() or 1
 
 
-def _part_count(size, plan):
+def _process_count(size, plan):
     """How many processes should read a file of this size: one unless it is large."""
     if size < PARALLEL_MIN_BYTES or plan.encoding not in SPLITTABLE_ENCODINGS:
         return 1
     if not sys.executable:  # Python embedded somewhere it cannot start itself
         return 1
-    return min(_cpu_count(), MAX_PARTS)
+    return min(_cpu_count(), MAX_PROCESSES)
 
 
-def _part_path(staging_path, number):
-    return f"{staging_path}-{number}" if number else staging_path
+def _staging_path(staging_path, process):
+    """The staging database of a process: 0 is this one."""
+    return f"{staging_path}-{process}" if process else staging_path
 
 
 def _split_points(path, plan):
     """Byte offsets where the second and later parts of the file start: [] for one part.
 
-    Each is just past an LF that the quotes before it say is outside a quoted
-    cell: counting them is a scan of bytes, not a parse. A quote inside an
-    unquoted cell can mislead the count, and then the part before ends inside
-    a quote, which its _CSVReader notices.
+    At least one part per process, and parts of about PART_BYTES. Each is
+    just past an LF that the quotes before it say is outside a quoted cell:
+    counting them is a scan of bytes, not a parse. A quote inside an
+    unquoted cell can mislead the count, and then the part before ends
+    inside a quote, which its _CSVReader notices.
     """
     size = os.path.getsize(path)
-    parts = _part_count(size, plan)
-    share = (size - HEAD_START_BYTES) // parts
-    if parts < 2 or share <= 0:
+    processes = _process_count(size, plan)
+    if processes < 2:
         return []
+    share = size // max(processes, size // PART_BYTES)
     points, quotes, position = [], 0, 0
     with open(path, "rb") as f:
-        for aim in range(HEAD_START_BYTES + share, size - share // 2, share):
+        for aim in range(share, size - share // 2, share):
             while position < aim:
                 chunk = f.read(min(READ_BUFFER_BYTES, aim - position))
                 if not chunk:
@@ -1164,64 +1187,129 @@ def _unquoted_line_end(window, quotes):
         start = end + 1
 
 
-def _stage_parts(path, plan, splits, staging_path, detect_types, on_progress, encoding):
-    """Read the file's first part here while helper processes read the others.
+class _Parts:
+    """The file's parts, handed out in file order to whichever process asks
+    next, and what became of each: shared by this process's threads."""
 
-    With no splits, the first part is the whole file.
-    """
-    bounds = [0] + splits + [None]
-    paths = [_part_path(staging_path, number) for number in range(len(bounds) - 1)]
-    helpers = []
+    def __init__(self, splits):
+        bounds = [0] + splits + [None]
+        self.bounds = list(zip(bounds, bounds[1:]))
+        self.next = 0
+        self.stopped = False
+        self.outcomes = {}  # part number: (process, summary) or (process, exception)
+        self.lock = threading.Lock()
+
+    def __len__(self):
+        return len(self.bounds)
+
+    def claim(self):
+        """The next part to read, as [number, start, end], or None once there are none."""
+        with self.lock:
+            if self.stopped or self.next == len(self.bounds):
+                return None
+            self.next += 1
+            return [self.next - 1, *self.bounds[self.next - 1]]
+
+    def staged(self, number, process, summary):
+        with self.lock:
+            self.outcomes[number] = (process, summary)
+
+    def failed(self, number, process, error):
+        """A part could not be read: no more parts are handed out."""
+        with self.lock:
+            self.outcomes[number] = (process, error)
+            self.stopped = True
+
+    def in_order(self):
+        """Each part's (process, summary), in file order.
+
+        A part's failure counts only if every part before it was read: a
+        part after one that ended inside a quote started in the wrong place.
+        A part whose helper died counts as a misplaced split.
+        """
+        with self.lock:
+            missing = (None, _SplitFailed())
+            outcomes = [self.outcomes.get(number, missing) for number in range(len(self))]
+        for _, outcome in outcomes:
+            if isinstance(outcome, Exception):
+                raise outcome
+        return outcomes
+
+
+def _stage_parts(path, plan, splits, staging_path, detect_types, on_progress, encoding):
+    """Read the file's parts here and in helper processes; with no splits, read it here whole."""
+    parts = _Parts(splits)
+    first = parts.claim()  # here, before any helper can ask: it holds the header
+    helpers, mine = [], {}
     try:
-        for number in range(1, len(bounds) - 1):
-            helpers.append(_PartProcess({
+        processes = min(_process_count(os.path.getsize(path), plan), len(parts)) if splits else 1
+        for process in range(1, processes):
+            helpers.append(_PartProcess(parts, process, {
                 "path": path, "encoding": plan.encoding, "delimiter": plan.delimiter,
-                "start": bounds[number], "end": bounds[number + 1],
-                "staging_path": paths[number], "db_encoding": encoding,
+                "staging_path": _staging_path(staging_path, process), "db_encoding": encoding,
                 "detect_types": detect_types,
             }))
-        with contextlib.closing(_open_staging(paths[0], encoding)) as conn, \
-                contextlib.closing(_CSVReader(path, plan, 0, bounds[1])) as reader:
+        with contextlib.closing(_open_staging(staging_path, encoding)) as conn:
+            done = {"rows": 0, "bytes": 0}  # in this process's finished parts
 
-            def progress(rows, bytes_read):
+            def progress(rows=0, bytes_read=0):
                 if on_progress:
                     on_progress(
-                        rows + sum(helper.rows for helper in helpers),
-                        bytes_read + sum(helper.bytes_read for helper in helpers),
+                        done["rows"] + rows + sum(helper.rows for helper in helpers),
+                        done["bytes"] + bytes_read + sum(helper.bytes_read for helper in helpers),
                     )
 
-            def tick():  # while waiting for helpers: progress, and a chance to cancel
-                progress(part.rows, reader.bytes_read)
-
-            header = reader.header()
-            part = _StagedPart(conn, len(header), detect_types)
-            part.read(reader, progress)
-            # In file order: a part's errors count only if the part before ended cleanly.
-            others = [helper.staged(tick) for helper in helpers]
-            width = max([part.staging.width] + [other["width"] for other in others])
-            types = part.types + [None] * (width - len(part.types))
-            for other in others:
-                for i, kind in enumerate(other["types"]):
+            conn.execute("BEGIN")
+            for number, start, end in itertools.chain([first], iter(parts.claim, None)):
+                try:
+                    with contextlib.closing(_CSVReader(path, plan, start, end)) as reader:
+                        width = 1  # until its rows say
+                        if number == 0:
+                            header = reader.header()
+                            width = len(header)
+                        part = _StagedPart(conn, number, width, detect_types)
+                        part.read(reader, progress)
+                        done["rows"] += part.rows
+                        done["bytes"] += reader.bytes_read
+                except (CSVError, _SplitFailed) as e:
+                    parts.failed(number, 0, e)
+                    break
+                mine[number] = part
+                parts.staged(number, 0, part.summary())
+            for helper in helpers:
+                helper.wait_until_done(progress)
+            summaries = [summary for _, summary in parts.in_order()]
+            width = max(summary["width"] for summary in summaries)
+            types = [None] * width
+            for summary in summaries:
+                for i, kind in enumerate(summary["types"]):
                     types[i] = _wider(types[i], kind)
             types = [kind or _TEXT for kind in types]
             columns = clean_headers(header, width)
             for helper in helpers:
                 helper.finish(columns, types)
-            tables = [part.finish(columns, types)]
-            tables += [helper.finished(tick) for helper in helpers]
+            tables = {number: part.finish(columns, types) for number, part in mine.items()}
+            conn.execute("COMMIT")
+            for helper in helpers:
+                tables.update(helper.finished(progress))
     finally:
         for helper in helpers:
             helper.stop()
-    rows = part.rows + sum(other["rows"] for other in others)
-    return Staged(list(zip(paths, tables)), columns, types, rows)
+    owners = [process for process, _ in parts.in_order()]
+    return Staged(
+        [(_staging_path(staging_path, owners[number]), tables[number]) for number in range(len(parts))],
+        columns, types, sum(summary["rows"] for summary in summaries),
+    )
 
 
 class _PartProcess:
-    """A helper process that stages one part of the file: _read_part runs there.
+    """A helper process that stages parts of the file: _read_part runs there.
 
-    They talk in JSON lines. It is sent the job, and answers with progress
-    and then what it staged; it is sent the whole file's columns and types,
-    and answers with the table that holds its rows converted to them.
+    They talk in JSON lines. It is sent the job, and asks for parts one at a
+    time; this side's listener thread hands them out. It reports progress,
+    and what it staged of each part, until there are no more parts. It is
+    then sent the whole file's columns and types, and answers with the
+    tables that hold its parts converted to them.
     """
 
     CODE = (
@@ -1235,8 +1323,11 @@ class _PartProcess:
         "module._read_part()\n"
     )
 
-    def __init__(self, job):
+    def __init__(self, parts, number, job):
+        self.parts = parts
+        self.number = number
         self.rows = self.bytes_read = 0
+        self.done = threading.Event()  # it will read no more parts
         self.messages = queue.Queue()
         try:
             self.process = subprocess.Popen(
@@ -1245,48 +1336,24 @@ class _PartProcess:
             )
         except OSError as e:
             raise _SplitFailed() from e
+        self.lock = threading.Lock()  # for stdin: the listener thread hands out parts
+        try:
+            self._send(job)
+        except _SplitFailed:
+            self.stop()
+            raise
         threading.Thread(target=self._listen, daemon=True).start()
-        self._send(job)
 
-    def staged(self, tick):
-        """The part's rows, width and types, once it is staged; tick is called while waiting."""
-        return self._answer(tick)["staged"]
+    def wait_until_done(self, tick):
+        """Wait until it asks for a part when there are none left; tick is called while waiting."""
+        while not self.done.wait(PART_PROGRESS_SECONDS):
+            tick()
 
     def finish(self, columns, types):
         self._send({"columns": columns, "types": types})
 
     def finished(self, tick):
-        return self._answer(tick)["finished"]
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        with contextlib.suppress(OSError):
-            self.process.stdin.close()
-
-    def _send(self, message):
-        try:
-            self.process.stdin.write(json.dumps(message) + "\n")
-            self.process.stdin.flush()
-        except OSError as e:
-            raise _SplitFailed() from e
-
-    def _listen(self):
-        try:
-            with self.process.stdout:
-                for line in self.process.stdout:
-                    message = json.loads(line)
-                    if "progress" in message:
-                        self.rows, self.bytes_read = message["progress"]
-                    else:
-                        self.messages.put(message)
-        except ValueError:
-            pass  # not one of ours: stop listening; the helper then fails to write, and ends
-        finally:
-            self.messages.put({})  # the process has ended
-
-    def _answer(self, tick):
+        """Its tables by part number, once it has converted its parts."""
         while True:
             try:
                 message = self.messages.get(timeout=PART_PROGRESS_SECONDS)
@@ -1297,7 +1364,53 @@ class _PartProcess:
                 raise _part_error(message["error"])
             if not message:  # ended without answering
                 raise _SplitFailed()
-            return message
+            return dict(message["finished"])
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        with contextlib.suppress(OSError):
+            self.process.stdin.close()
+
+    def _send(self, message):
+        try:
+            with self.lock:
+                self.process.stdin.write(json.dumps(message) + "\n")
+                self.process.stdin.flush()
+        except OSError as e:  # it has ended
+            raise _SplitFailed() from e
+
+    def _listen(self):
+        try:
+            with self.process.stdout:
+                for line in self.process.stdout:
+                    self._heard(json.loads(line))
+        except (ValueError, _SplitFailed):
+            pass  # not one of ours, or it has ended: stop listening, and it ends
+        finally:
+            self.done.set()
+            self.messages.put({})  # the process has ended
+
+    def _heard(self, message):
+        if "progress" in message:
+            self.rows, self.bytes_read = message["progress"]
+        elif "error" in message:
+            error = message["error"]
+            if error.get("part") is not None:
+                self.parts.failed(error["part"], self.number, _part_error(error))
+            self.messages.put(message)
+            self.done.set()
+        elif "staged" in message or "ready" in message:
+            if "staged" in message:
+                number, summary = message["staged"]
+                self.parts.staged(number, self.number, summary)
+            part = self.parts.claim()
+            self._send({"part": part})
+            if part is None:
+                self.done.set()
+        else:
+            self.messages.put(message)
 
 
 def _part_error(error):
@@ -1314,7 +1427,7 @@ def _part_error(error):
 def _read_part():
     """A helper process's side of _PartProcess: JSON lines in on stdin and out on stdout."""
     job = json.loads(sys.stdin.readline())
-    sent = 0.0
+    sent, done, number = 0.0, [0, 0], None
 
     def send(message):
         sys.stdout.write(json.dumps(message) + "\n")
@@ -1324,44 +1437,40 @@ def _read_part():
         nonlocal sent
         if time.monotonic() - sent >= PART_PROGRESS_SECONDS:
             sent = time.monotonic()
-            send({"progress": [rows, bytes_read]})
+            send({"progress": [done[0] + rows, done[1] + bytes_read]})
 
     plan = CSVPlan(job["encoding"], job["delimiter"])
     try:
-        with contextlib.closing(_open_staging(job["staging_path"], job["db_encoding"])) as conn, \
-                contextlib.closing(_CSVReader(job["path"], plan, job["start"], job["end"])) as reader:
-            part = _StagedPart(conn, 1, job["detect_types"])
-            part.read(reader, progress)
-            send({"staged": {"rows": part.rows, "width": part.staging.width, "types": part.types}})
+        with contextlib.closing(_open_staging(job["staging_path"], job["db_encoding"])) as conn:
+            conn.execute("BEGIN")
+            mine = []
+            send({"ready": True})
+            while True:
+                claim = json.loads(sys.stdin.readline() or "{}").get("part")
+                if not claim:
+                    break
+                number, start, end = claim
+                with contextlib.closing(_CSVReader(job["path"], plan, start, end)) as reader:
+                    part = _StagedPart(conn, number, 1, job["detect_types"])
+                    part.read(reader, progress)
+                    done[0] += part.rows
+                    done[1] += reader.bytes_read
+                mine.append(part)
+                send({"staged": [number, part.summary()]})
+            number = None  # errors from here on belong to no one part
             whole = json.loads(sys.stdin.readline() or "null")
             if whole:
-                send({"finished": part.finish(whole["columns"], whole["types"])})
+                tables = [[part.number, part.finish(whole["columns"], whole["types"])] for part in mine]
+                conn.execute("COMMIT")
+                send({"finished": tables})
     except _SplitFailed:
-        send({"error": {"kind": "split"}})
+        send({"error": {"kind": "split", "part": number}})
     except CSVError as e:
-        send({"error": {"kind": "csv", "message": str(e)}})
+        send({"error": {"kind": "csv", "part": number, "message": str(e)}})
     except sqlite3.Error as e:
-        send({"error": {"kind": "sqlite", "message": str(e)}})
+        send({"error": {"kind": "sqlite", "part": number, "message": str(e)}})
     except OSError as e:
-        send({"error": {"kind": "os", "errno": e.errno, "message": e.strerror or str(e)}})
-
-
-def _convert_staged(conn, columns, types):
-    """Give the staged rows their column types; return the table that holds them.
-
-    Empty cells become NULL in number columns. Text-only files need nothing.
-    """
-    if all(kind == _TEXT for kind in types):
-        return _StagingTable.NAME
-    # CASE, not nullif(): a function's result is a copy of the value, and
-    # copying every cell of a number column cost a third of the conversion.
-    values = ", ".join(
-        f"c{n}" if kind == _TEXT else f"CASE WHEN c{n} <> '' THEN c{n} END"
-        for n, kind in enumerate(types, 1)
-    )
-    conn.execute(_create_table_sql("typed", columns, types))
-    conn.execute(f"INSERT INTO typed SELECT {values} FROM {_StagingTable.NAME}")
-    return "typed"
+        send({"error": {"kind": "os", "part": number, "errno": e.errno, "message": e.strerror or str(e)}})
 
 
 def _copy_in(conn, staged, wanted_table, shared_cache=False):
@@ -1374,8 +1483,8 @@ def _copy_in(conn, staged, wanted_table, shared_cache=False):
     """
     attached = 0
     try:
-        for path, _ in staged.parts:
-            conn.execute(f"ATTACH DATABASE ? AS app_support_part{attached}", [path])
+        for path in _staging_aliases(staged):
+            conn.execute(f"ATTACH DATABASE ? AS app_support_staging{attached}", [path])
             attached += 1
         if not shared_cache:
             return _in_transaction(conn, lambda: _create_and_copy(conn, staged, wanted_table))
@@ -1394,7 +1503,7 @@ def _copy_in(conn, staged, wanted_table, shared_cache=False):
         return result
     finally:
         for number in range(attached):
-            conn.execute(f"DETACH DATABASE app_support_part{number}")
+            conn.execute(f"DETACH DATABASE app_support_staging{number}")
 
 
 def _import_result(conn, staged, wanted_table):
@@ -1409,11 +1518,18 @@ def _create_and_copy(conn, staged, wanted_table):
     return result
 
 
+def _staging_aliases(staged):
+    """The staging databases that hold the parts, and the names they are attached as."""
+    paths = dict.fromkeys(path for path, _ in staged.parts)
+    return {path: f"app_support_staging{number}" for number, path in enumerate(paths)}
+
+
 def _copy_rows(conn, staged, table):
     # SELECT * from a table of the same column types: SQLite copies the
     # records as they are, much faster than value by value.
-    for number, (_, source) in enumerate(staged.parts):
-        conn.execute(f"INSERT INTO main.{_quote(table)} SELECT * FROM app_support_part{number}.{source}")
+    aliases = _staging_aliases(staged)
+    for path, source in staged.parts:
+        conn.execute(f"INSERT INTO main.{_quote(table)} SELECT * FROM {aliases[path]}.{source}")
 
 
 def _in_transaction(conn, step):

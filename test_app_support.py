@@ -1695,11 +1695,25 @@ PARTS_SEED = 21_11_2026
 PARTS_FILES = 40
 
 
-def read_in_parts(monkeypatch, parts=3):
-    """Read CSV files in parts however small they are: parts - 1 helper processes each."""
+def read_in_parts(monkeypatch, parts=3, only_first_here=True):
+    """Read CSV files in parts however small they are: parts - 1 helper processes each.
+
+    A small file has as many parts as processes. This process reads the
+    first part and, unless only_first_here is false, only that: it would
+    otherwise be done with a small file before the helpers have started.
+    """
     monkeypatch.setattr(app_support, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(app_support, "HEAD_START_BYTES", 0)
     monkeypatch.setattr(app_support, "_cpu_count", lambda: parts)
+    if only_first_here:
+        claim = app_support._Parts.claim
+        here = threading.get_ident()
+
+        def claim_only_the_first_here(self):
+            if threading.get_ident() == here and self.next > 0:
+                return None
+            return claim(self)
+
+        monkeypatch.setattr(app_support._Parts, "claim", claim_only_the_first_here)
 
 
 @pytest.fixture
@@ -1739,7 +1753,7 @@ def helper_processes():
     return found
 
 
-def test_csv_engine_in_parts_matches_csv_module_on_generated_files(tmp_path, in_parts):
+def test_csv_engine_in_parts_matches_csv_module_on_generated_files(tmp_path, in_parts, monkeypatch):
     failures, files, index = [], 0, 0
     while files < PARTS_FILES:
         content, params, _ = random_csv(PARTS_SEED, index)
@@ -1749,12 +1763,15 @@ def test_csv_engine_in_parts_matches_csv_module_on_generated_files(tmp_path, in_
             continue
         files += 1
         path, params, header, rows = check_generated_file(tmp_path, index - 1, PARTS_SEED)
+        # Half the files in one part per process, half in about 8 parts for 3 processes.
+        many = files % 2 == 0
+        monkeypatch.setattr(app_support, "PART_BYTES", path.stat().st_size // 8 if many else 2**40)
         conn = sqlite3.connect(":memory:", isolation_level=None)
         try:
             parts, table = import_counting_parts(conn, path, tmp_path / f"work{index}")
             problem = compare_import(params, header, rows, *stored_table(conn, table))
-            if parts < 2:
-                problem = f"seed {PARTS_SEED} file {index - 1} {params}: read in {parts} part"
+            if parts < (4 if many else 2):
+                problem = f"seed {PARTS_SEED} file {index - 1} {params}: read in {parts} parts"
         except Exception as e:
             problem = f"seed {PARTS_SEED} file {index - 1} {params}: {type(e).__name__}: {e}"
         finally:
@@ -1763,6 +1780,32 @@ def test_csv_engine_in_parts_matches_csv_module_on_generated_files(tmp_path, in_
             failures.append(problem)
     shown = "\n".join(failures[:10])
     assert not failures, f"{len(failures)} of {PARTS_FILES} files differ:\n{shown}"
+
+
+def test_csv_parts_go_to_whichever_process_is_free(tmp_path, monkeypatch):
+    # This process is slowed down, as a busy machine might: the helpers,
+    # which are not, then read most of the parts, and the rows still come
+    # out in file order.
+    read_in_parts(monkeypatch, only_first_here=False)
+    read = app_support._StagedPart.read
+
+    def slow_read(self, reader, on_progress=None):
+        time.sleep(0.5)
+        read(self, reader, on_progress)
+
+    monkeypatch.setattr(app_support._StagedPart, "read", slow_read)
+    path = tmp_path / "rows.csv"
+    path.write_text("n,word\n" + "".join(f"{i},w{i}\n" for i in range(3000)))
+    monkeypatch.setattr(app_support, "PART_BYTES", path.stat().st_size // 12)
+    (tmp_path / "work").mkdir()
+    staged = app_support.stage_csv(str(path), str(tmp_path / "work" / "staging.db"))
+    readers = [Path(database).name for database, _ in staged.parts]
+    assert len(readers) >= 12 and readers[0] == "staging.db"
+    assert set(readers) - {"staging.db"}, "no helper read a part"
+    assert readers.count("staging.db") < len(readers) // 2
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    table = app_support._copy_in(conn, staged, "t").table
+    assert stored_table(conn, table) == (["n", "word"], ["INTEGER", "TEXT"], [(i, f"w{i}") for i in range(3000)])
 
 
 def test_csv_in_parts_merges_late_types_and_wider_rows(tmp_path, in_parts):
