@@ -1035,16 +1035,19 @@ def stage_csv(
 
 def _stage(path, staging_path, detect_types, on_progress, charset, encoding):
     plan = plan_csv(path, charset)
-    splits = _split_points(path, plan)
-    if splits:
+    processes = _process_count(os.path.getsize(path), plan)
+    if processes > 1:
         try:
-            return _stage_parts(path, plan, splits, staging_path, detect_types, on_progress, encoding)
+            with contextlib.closing(_split_points(path, plan, processes)) as splits:
+                return _stage_parts(
+                    path, plan, splits, processes, staging_path, detect_types, on_progress, encoding
+                )
         except _SplitFailed:
             # Rare: a quote inside an unquoted cell misled a split, or a helper could not run.
-            for number in range(MAX_PROCESSES):
+            for number in range(processes):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(_staging_path(staging_path, number))
-    return _stage_parts(path, plan, [], staging_path, detect_types, on_progress, encoding)
+    return _stage_parts(path, plan, [], 1, staging_path, detect_types, on_progress, encoding)
 
 
 def _open_staging(path, encoding):
@@ -1139,8 +1142,9 @@ def _staging_path(staging_path, process):
     return f"{staging_path}-{process}" if process else staging_path
 
 
-def _split_points(path, plan):
-    """Byte offsets where the second and later parts of the file start: [] for one part.
+def _split_points(path, plan, processes):
+    """Byte offsets where the second and later parts of the file start, each
+    found as it is asked for, so that reading starts at once.
 
     At least one part per process, and parts of about PART_BYTES. Each is
     just past an LF that the quotes before it say is outside a quoted cell:
@@ -1149,29 +1153,25 @@ def _split_points(path, plan):
     inside a quote, which its _CSVReader notices.
     """
     size = os.path.getsize(path)
-    processes = _process_count(size, plan)
-    if processes < 2:
-        return []
     share = size // max(processes, size // PART_BYTES)
-    points, quotes, position = [], 0, 0
+    quotes, position = 0, 0
     with open(path, "rb") as f:
         for aim in range(share, size - share // 2, share):
             while position < aim:
                 chunk = f.read(min(READ_BUFFER_BYTES, aim - position))
                 if not chunk:
-                    return points
+                    return
                 quotes += chunk.count(b'"')
                 position += len(chunk)
             window = f.read(SPLIT_SEARCH_BYTES)
             point = _unquoted_line_end(window, quotes)
             if point is not None and position + point < size:
-                points.append(position + point)
+                yield position + point
             # The next aim counts on from here: its part starts after this one.
             passed = len(window) if point is None else point
             quotes += window.count(b'"', 0, passed)
             position += passed
             f.seek(position)
-    return points
 
 
 def _unquoted_line_end(window, quotes):
@@ -1189,26 +1189,32 @@ def _unquoted_line_end(window, quotes):
 
 class _Parts:
     """The file's parts, handed out in file order to whichever process asks
-    next, and what became of each: shared by this process's threads."""
+    next, and what became of each: shared by this process's threads.
+
+    splits are where the second and later parts start; the last part ends
+    with the file.
+    """
 
     def __init__(self, splits):
-        bounds = [0] + splits + [None]
-        self.bounds = list(zip(bounds, bounds[1:]))
-        self.next = 0
+        self.splits = iter(splits)
+        self.start = 0  # of the next part; None once the last is handed out
+        self.next = 0  # its number
         self.stopped = False
         self.outcomes = {}  # part number: (process, summary) or (process, exception)
         self.lock = threading.Lock()
 
     def __len__(self):
-        return len(self.bounds)
+        """How many parts have been handed out."""
+        return self.next
 
     def claim(self):
         """The next part to read, as [number, start, end], or None once there are none."""
         with self.lock:
-            if self.stopped or self.next == len(self.bounds):
+            if self.stopped or self.start is None:
                 return None
+            start, self.start = self.start, next(self.splits, None)
             self.next += 1
-            return [self.next - 1, *self.bounds[self.next - 1]]
+            return [self.next - 1, start, self.start]
 
     def staged(self, number, process, summary):
         with self.lock:
@@ -1236,13 +1242,14 @@ class _Parts:
         return outcomes
 
 
-def _stage_parts(path, plan, splits, staging_path, detect_types, on_progress, encoding):
+def _stage_parts(path, plan, splits, processes, staging_path, detect_types, on_progress, encoding):
     """Read the file's parts here and in helper processes; with no splits, read it here whole."""
     parts = _Parts(splits)
     first = parts.claim()  # here, before any helper can ask: it holds the header
     helpers, mine = [], {}
     try:
-        processes = min(_process_count(os.path.getsize(path), plan), len(parts)) if splits else 1
+        if first[2] is None:  # the whole file
+            processes = 1
         for process in range(1, processes):
             helpers.append(_PartProcess(parts, process, {
                 "path": path, "encoding": plan.encoding, "delimiter": plan.delimiter,

@@ -1722,7 +1722,9 @@ def in_parts(monkeypatch):
 
 
 def split_points(path):
-    return app_support._split_points(str(path), app_support.plan_csv(str(path)))
+    plan = app_support.plan_csv(str(path))
+    processes = app_support._process_count(path.stat().st_size, plan)
+    return list(app_support._split_points(str(path), plan, processes)) if processes > 1 else []
 
 
 def import_counting_parts(conn, path, folder, table="t", detect_types=True):
