@@ -1054,7 +1054,9 @@ def _open_staging(path, encoding):
     if encoding not in SQLITE_ENCODINGS:  # PRAGMA takes no bound parameters
         raise ValueError(f"Unknown SQLite text encoding: {encoding}")
     conn = sqlite3.connect(path, isolation_level=None)
-    for pragma in (f"encoding = '{encoding}'", "journal_mode = off", "synchronous = off"):
+    # Larger pages: a quarter of the writes to the operating system.
+    pragmas = (f"encoding = '{encoding}'", "page_size = 16384", "journal_mode = off", "synchronous = off")
+    for pragma in pragmas:
         conn.execute(f"PRAGMA {pragma}")
     return conn
 
