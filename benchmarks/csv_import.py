@@ -11,7 +11,8 @@ flags, counts that are mostly zero, blank cells in number columns, codes
 with leading zeros, decimals, short text with non-ASCII and quoted commas,
 and a column that turns from numbers to text after 90% of the rows), then
 times --runs rounds of these, one after another, each plugin run in a fresh
-process, and compares each plugin time with the shell's in the same round:
+process and between two shell runs, and compares each plugin time with the
+mean of the shell times just before and after it:
   - `sqlite3 file.db ".import --csv data.csv t"`, which types every column
     TEXT: the baseline;
   - POST /-/import-csv-file into a file database, types detected;
@@ -175,10 +176,11 @@ def describe(csv_path, rows):
 
 
 def benchmark(rows, runs):
-    """Rounds of shell, file database, `temporary`, one after another.
+    """Rounds of shell, file database, shell, `temporary`, one after another, and a last shell.
 
-    These machines are shared, and their speed drifts over a minute, so each
-    plugin time is compared with the shell's time of the same round.
+    These machines are shared, and their speed drifts within seconds, so
+    each plugin time is compared with the mean of the shell times just
+    before and just after it.
     """
     problems = []
     targets = [("file", "/-/import-csv-file, file db"), ("temporary", "/-/open-csv-file, temporary")]
@@ -186,26 +188,28 @@ def benchmark(rows, runs):
         csv_path = Path(folder) / "data.csv"
         write_csv(csv_path, rows)
         describe(csv_path, rows)
-        shell_times, results = [], {target: [] for target, _ in targets}
+        shell_times, results = [time_shell(csv_path, folder)], {target: [] for target, _ in targets}
         for _ in range(runs):
-            shell_times.append(time_shell(csv_path, folder))
             for target, _ in targets:
-                results[target].append(time_plugin(str(csv_path), folder, target))
-        shell_s = statistics.median(shell_times)
-        print(f"sqlite3 .import --csv (all TEXT):    {shell_s:7.2f} s (median of {runs}: "
-              + ", ".join(f"{t:.2f}" for t in shell_times) + ")")
+                result = time_plugin(str(csv_path), folder, target)
+                shell_times.append(time_shell(csv_path, folder))
+                result["shell"] = (shell_times[-2] + shell_times[-1]) / 2
+                results[target].append(result)
+        print(f"sqlite3 .import --csv (all TEXT):    {statistics.median(shell_times):7.2f} s "
+              f"(median of {len(shell_times)}: " + ", ".join(f"{t:.2f}" for t in shell_times) + ")")
         for target, label in targets:
             wrong = [w for w in (check(r, rows) for r in results[target]) if w]
-            good = [(r, shell) for r, shell in zip(results[target], shell_times) if "error" not in r]
+            good = [r for r in results[target] if "error" not in r]
             line = f"{label + ':':<37}"
             if good:
-                seconds = statistics.median(r["seconds"] for r, _ in good)
-                ratios = [r["seconds"] / shell for r, shell in good]
-                peak = max(r["peak_rss_mb"] for r, _ in good)
-                helper = max(r["helper_peak_rss_mb"] for r, _ in good)
+                seconds = statistics.median(r["seconds"] for r in good)
+                ratios = [r["seconds"] / r["shell"] for r in good]
+                peak = max(r["peak_rss_mb"] for r in good)
+                helper = max(r["helper_peak_rss_mb"] for r in good)
                 line += (
-                    f"{seconds:7.2f} s; per round {min(ratios):.2f}-{max(ratios):.2f}x the shell, "
-                    f"median {statistics.median(ratios):.2f}x; peak RSS {peak:.0f} MB, helpers {helper:.0f} MB"
+                    f"{seconds:7.2f} s; each run {min(ratios):.2f}-{max(ratios):.2f}x the shell runs "
+                    f"around it, median {statistics.median(ratios):.2f}x; peak RSS {peak:.0f} MB, "
+                    f"helpers {helper:.0f} MB"
                 )
             print(line + (f"  [{wrong[0]}]" if wrong else "  [types and rows as intended]"))
             problems += wrong
