@@ -1890,25 +1890,6 @@ def test_csv_in_parts_reads_the_file_whole_when_helpers_cannot_run(tmp_path, in_
     assert stored_table(conn, table)[1:] == (["INTEGER", "INTEGER"], [(i, i * 2) for i in range(2000)])
 
 
-def test_csv_in_parts_a_helper_that_dies_before_converting_leaves_nothing(tmp_path, in_parts):
-    path = tmp_path / "data.csv"
-    path.write_text("a,b\n" + "".join(f"{i},{i * 2}\n" for i in range(3000)))
-    (tmp_path / "work").mkdir()
-    staged = app_support.stage_csv(str(path), str(tmp_path / "work" / "staging.db"))
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    try:
-        assert staged.owners[0] == 0 and max(staged.owners) > 0, "no helper read a part"
-        staged.helpers[max(staged.owners) - 1].process.kill()
-        with pytest.raises(app_support.APIError) as error:
-            app_support._copy_in(conn, staged, "t")
-    finally:
-        staged.close()
-    assert error.value.status == 500
-    assert "stopped, so nothing was imported. Try again." in error.value.message
-    assert conn.execute("SELECT name FROM sqlite_master").fetchall() == []
-    assert conn.execute("PRAGMA database_list").fetchall() == [(0, "main", "")]
-
-
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds helper processes in /proc")
 @pytest.mark.parametrize("database", ["temporary", "target"])
 async def test_import_csv_file_in_parts(ds, tmp_path, in_parts, database):
