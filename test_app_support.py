@@ -1708,10 +1708,10 @@ def read_in_parts(monkeypatch, parts=3, only_first_here=True):
         claim = app_support._Parts.claim
         here = threading.get_ident()
 
-        def claim_only_the_first_here(self, from_back=False):
-            if threading.get_ident() == here and self.front > 0:
+        def claim_only_the_first_here(self):
+            if threading.get_ident() == here and self.next > 0:
                 return None
-            return claim(self, from_back)
+            return claim(self)
 
         monkeypatch.setattr(app_support._Parts, "claim", claim_only_the_first_here)
 
@@ -1732,10 +1732,7 @@ def import_counting_parts(conn, path, folder, table="t", detect_types=True):
     folder.mkdir(exist_ok=True)
     encoding = conn.execute("PRAGMA encoding").fetchone()[0]
     staged = app_support.stage_csv(str(path), str(folder / "staging.db"), detect_types, encoding=encoding)
-    try:
-        return len(staged.owners), app_support._copy_in(conn, staged, table).table
-    finally:
-        staged.close()
+    return len(staged.parts), app_support._copy_in(conn, staged, table).table
 
 
 def stage_error(path, folder):
@@ -1804,15 +1801,12 @@ def test_csv_parts_go_to_whichever_process_is_free(tmp_path, monkeypatch):
     monkeypatch.setattr(app_support, "PART_BYTES", path.stat().st_size // 12)
     (tmp_path / "work").mkdir()
     staged = app_support.stage_csv(str(path), str(tmp_path / "work" / "staging.db"))
-    try:
-        readers = staged.owners  # 0: this process
-        assert len(readers) >= 12 and readers[0] == 0
-        assert set(readers) - {0}, "no helper read a part"
-        assert readers.count(0) < len(readers) // 2
-        conn = sqlite3.connect(":memory:", isolation_level=None)
-        table = app_support._copy_in(conn, staged, "t").table
-    finally:
-        staged.close()
+    readers = [Path(database).name for database, _ in staged.parts]
+    assert len(readers) >= 12 and readers[0] == "staging.db"
+    assert set(readers) - {"staging.db"}, "no helper read a part"
+    assert readers.count("staging.db") < len(readers) // 2
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    table = app_support._copy_in(conn, staged, "t").table
     assert stored_table(conn, table) == (["n", "word"], ["INTEGER", "TEXT"], [(i, f"w{i}") for i in range(3000)])
 
 
