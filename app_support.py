@@ -1235,9 +1235,12 @@ class _Parts:
 
         A part's failure counts only if every part before it was read: a
         part after one that ended inside a quote started in the wrong place.
-        A part whose helper died counts as a misplaced split.
+        A part whose helper died, or that no one read, counts as a misplaced
+        split.
         """
         with self.lock:
+            if not self.stopped and self.start is not None:  # parts left that no one read
+                raise _SplitFailed()
             missing = (None, _SplitFailed())
             outcomes = [self.outcomes.get(number, missing) for number in range(len(self))]
         for _, outcome in outcomes:

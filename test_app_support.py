@@ -1810,6 +1810,20 @@ def test_csv_parts_go_to_whichever_process_is_free(tmp_path, monkeypatch):
     assert stored_table(conn, table) == (["n", "word"], ["INTEGER", "TEXT"], [(i, f"w{i}") for i in range(3000)])
 
 
+def test_csv_parts_no_process_read_count_as_a_failed_split():
+    parts = app_support._Parts(iter([10, 20]))
+    assert parts.claim() == [0, 0, 10]
+    parts.staged(0, 0, {"rows": 1, "width": 1, "types": [None]})
+    with pytest.raises(app_support._SplitFailed):  # parts 1 and 2 were never handed out
+        parts.in_order()
+    assert parts.claim() == [1, 10, 20] and parts.claim() == [2, 20, None] and parts.claim() is None
+    with pytest.raises(app_support._SplitFailed):  # handed out, never staged: its helper died
+        parts.in_order()
+    parts.staged(1, 1, {"rows": 1, "width": 1, "types": [None]})
+    parts.staged(2, 1, {"rows": 1, "width": 2, "types": [None, None]})
+    assert [process for process, _ in parts.in_order()] == [0, 1, 1]
+
+
 def test_csv_in_parts_merges_late_types_and_wider_rows(tmp_path, in_parts):
     lines = ["id,code,amount"] + [f"{i},{i % 7},{i}.25" for i in range(3000)]
     lines[2990] = "2989,seven,,extra,more"  # in the last part only: TEXT, and two more columns
