@@ -1474,7 +1474,8 @@ def _read_part():
             number = None  # errors from here on belong to no one part
             whole = json.loads(sys.stdin.readline() or "null")
             if whole:
-                tables = [[part.number, part.finish(whole["columns"], whole["types"])] for part in mine]
+                columns, types = whole["columns"], whole["types"]
+                tables = [[part.number, part.finish(columns, types)] for part in mine]
                 conn.execute("COMMIT")
                 send({"finished": tables})
     except _SplitFailed:
@@ -1484,7 +1485,8 @@ def _read_part():
     except sqlite3.Error as e:
         send({"error": {"kind": "sqlite", "part": number, "message": str(e)}})
     except OSError as e:
-        send({"error": {"kind": "os", "part": number, "errno": e.errno, "message": e.strerror or str(e)}})
+        error = {"kind": "os", "part": number, "errno": e.errno, "message": e.strerror or str(e)}
+        send({"error": error})
 
 
 def _copy_in(conn, staged, wanted_table, shared_cache=False):
