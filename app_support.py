@@ -1057,7 +1057,9 @@ def _open_staging(path, encoding):
         raise ValueError(f"Unknown SQLite text encoding: {encoding}")
     conn = sqlite3.connect(path, isolation_level=None)
     # Larger pages: a quarter of the writes to the operating system.
-    pragmas = (f"encoding = '{encoding}'", "page_size = 16384", "journal_mode = off", "synchronous = off")
+    pragmas = (
+        f"encoding = '{encoding}'", "page_size = 16384", "journal_mode = off", "synchronous = off"
+    )
     for pragma in pragmas:
         conn.execute(f"PRAGMA {pragma}")
     return conn
