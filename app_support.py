@@ -219,9 +219,13 @@ def _check_token(request):
         raise APIError("Missing or invalid API token.", status=401)
 
 
+def _is_app_user(request):
+    return bool(request and request.actor and request.actor.get("id") == ROOT_ACTOR["id"])
+
+
 def _check_token_or_app_user(request):
     """The API token, or the cookie /-/auth-app-user gives the desktop user."""
-    if request.actor and request.actor.get("id") == ROOT_ACTOR["id"]:
+    if _is_app_user(request):
         return
     if request.actor and "authorization" not in request.headers:
         raise APIError("Only the desktop user can see or cancel imports.", status=403)
@@ -1119,6 +1123,22 @@ class _StagedPart:
         return table
 
 
+def _stage_part(conn, path, plan, claim, detect_types, done, progress):
+    """Stage a claimed part of the file; return it, and the header if it is the first part.
+
+    done counts the rows and bytes of this process's earlier parts; it is
+    brought up to date. progress(rows, bytes_read) is told about this part.
+    """
+    number, start, end = claim
+    with contextlib.closing(_CSVReader(path, plan, start, end)) as reader:
+        header = reader.header() if number == 0 else None
+        part = _StagedPart(conn, number, len(header) if header else 1, detect_types)
+        part.read(reader, progress)
+        done[0] += part.rows
+        done[1] += reader.bytes_read
+    return part, header
+
+
 # Large files are read in parts by several processes, because one Python
 # process parses CSV no faster than one CPU allows. Each part starts just
 # after a line break and is staged like a whole file, in file order by
@@ -1266,35 +1286,31 @@ def _stage_parts(path, plan, splits, processes, staging_path, detect_types, on_p
                 "detect_types": detect_types,
             }))
         with contextlib.closing(_open_staging(staging_path, encoding)) as conn:
-            done = {"rows": 0, "bytes": 0}  # in this process's finished parts
+            done = [0, 0]  # rows and bytes of this process's finished parts
 
             def progress(rows=0, bytes_read=0):
                 if on_progress:
                     on_progress(
-                        done["rows"] + rows + sum(helper.rows for helper in helpers),
-                        done["bytes"] + bytes_read + sum(helper.bytes_read for helper in helpers),
+                        done[0] + rows + sum(helper.rows for helper in helpers),
+                        done[1] + bytes_read + sum(helper.bytes_read for helper in helpers),
                     )
 
             conn.execute("BEGIN")
-            for number, start, end in itertools.chain([first], iter(parts.claim, None)):
+            for claim in itertools.chain([first], iter(parts.claim, None)):
+                number = claim[0]
                 try:
-                    with contextlib.closing(_CSVReader(path, plan, start, end)) as reader:
-                        width = 1  # until its rows say
-                        if number == 0:
-                            header = reader.header()
-                            width = len(header)
-                        part = _StagedPart(conn, number, width, detect_types)
-                        part.read(reader, progress)
-                        done["rows"] += part.rows
-                        done["bytes"] += reader.bytes_read
+                    part, first_row = _stage_part(conn, path, plan, claim, detect_types, done, progress)
                 except (CSVError, _SplitFailed) as e:
                     parts.failed(number, 0, e)
                     break
+                if number == 0:
+                    header = first_row
                 mine[number] = part
                 parts.staged(number, 0, part.summary())
             for helper in helpers:
                 helper.wait_until_done(progress)
-            summaries = [summary for _, summary in parts.in_order()]
+            outcomes = parts.in_order()
+            summaries = [summary for _, summary in outcomes]
             width = max(summary["width"] for summary in summaries)
             types = [None] * width
             for summary in summaries:
@@ -1311,11 +1327,11 @@ def _stage_parts(path, plan, splits, processes, staging_path, detect_types, on_p
     finally:
         for helper in helpers:
             helper.stop()
-    owners = [process for process, _ in parts.in_order()]
-    return Staged(
-        [(_staging_path(staging_path, owners[number]), tables[number]) for number in range(len(parts))],
-        columns, types, sum(summary["rows"] for summary in summaries),
-    )
+    located = [
+        (_staging_path(staging_path, process), tables[number])
+        for number, (process, _) in enumerate(outcomes)
+    ]
+    return Staged(located, columns, types, sum(summary["rows"] for summary in summaries))
 
 
 class _PartProcess:
@@ -1443,7 +1459,7 @@ def _part_error(error):
 def _read_part():
     """A helper process's side of _PartProcess: JSON lines in on stdin and out on stdout."""
     job = json.loads(sys.stdin.readline())
-    sent, done, number = 0.0, [0, 0], None
+    sent, done, number = 0.0, [0, 0], None  # done: rows and bytes of finished parts
 
     def send(message):
         sys.stdout.write(json.dumps(message) + "\n")
@@ -1465,12 +1481,9 @@ def _read_part():
                 claim = json.loads(sys.stdin.readline() or "{}").get("part")
                 if not claim:
                     break
-                number, start, end = claim
-                with contextlib.closing(_CSVReader(job["path"], plan, start, end)) as reader:
-                    part = _StagedPart(conn, number, 1, job["detect_types"])
-                    part.read(reader, progress)
-                    done[0] += part.rows
-                    done[1] += reader.bytes_read
+                number = claim[0]
+                detect_types = job["detect_types"]
+                part, _ = _stage_part(conn, job["path"], plan, claim, detect_types, done, progress)
                 mine.append(part)
                 send({"staged": [number, part.summary()]})
             number = None  # errors from here on belong to no one part
@@ -2668,10 +2681,6 @@ def _asset_view(body, content_type):
         )
 
     return view
-
-
-def _is_app_user(request):
-    return bool(request and request.actor and request.actor.get("id") == ROOT_ACTOR["id"])
 
 
 def _csrftoken(request):

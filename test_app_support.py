@@ -2650,7 +2650,7 @@ async def test_cancel_import_stops_it_and_leaves_nothing(ds, tmp_path, database,
     response = await cancel(ds, item["id"])
     assert response.status_code == 200, response.text
     cancelled = response.json()["import"]
-    assert (cancelled["id"], cancelled["state"], cancelled["path"]) == (item["id"], "cancelled", None)
+    assert (cancelled["id"], cancelled["state"], cancelled["path"]) == (item["id"], "cancelled", None), cancelled
     assert_error(await task, 400, "Import cancelled: " + item["source"])
     (final,) = await progress(ds)
     assert final["state"] == "cancelled" and final["error"] == "Import cancelled: " + item["source"]
