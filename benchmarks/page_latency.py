@@ -16,6 +16,7 @@ another table of the target, and a table of another database.
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -30,6 +31,11 @@ import csv_import  # noqa: E402
 import test_app_support as t  # noqa: E402
 
 
+def percentile(values, fraction):
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)]
+
+
 def measure(database, rows, folder):
     process, port = t.serve_with_databases(folder)
     try:
@@ -41,14 +47,15 @@ def measure(database, rows, folder):
             endpoint, body = "/-/open-csv-file", {"path": str(csv_path)}
         else:
             endpoint, body = "/-/import-csv-file", {"path": str(csv_path), "database": database}
-        (status, _, answer), polls = t.poll_during(port, pages, lambda: t.call(port, endpoint, body))
+        pollers = {page: t.page_loader(port, page) for page in pages}
+        (status, _, answer), polls = t.poll_during(lambda: t.call(port, endpoint, body), pollers)
         assert status == 200 and json.loads(answer)["rows"] == rows, answer
     finally:
         process.terminate()
         process.wait(10)
-    seconds = [s for page in pages for status, s in polls[page]]
-    statuses = {status for page in pages for status, _ in polls[page]}
-    return len(seconds), statuses, t.percentile(seconds, 0.5), t.percentile(seconds, 0.99), max(seconds)
+    seconds = [end - start for page in pages for _, start, end in polls[page]]
+    statuses = {status for page in pages for status, _, _ in polls[page]}
+    return len(seconds), statuses, percentile(seconds, 0.5), percentile(seconds, 0.99), max(seconds)
 
 
 def main():
