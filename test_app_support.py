@@ -2668,6 +2668,7 @@ def test_pages_and_the_target_file_never_wait_for_a_large_import(tmp_path, datab
         f"no load inside {last - first:.2f} s of reading: {({p: len(inside[p]) for p in pages})}, slowest {slowest}"
     )
 
+
 # POST /-/cancel-import, and the progress panel on the desktop user's pages
 
 
