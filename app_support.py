@@ -1224,14 +1224,10 @@ class _Parts:
     def __init__(self, splits):
         self.splits = iter(splits)
         self.start = 0  # of the next part; None once the last is handed out
-        self.next = 0  # its number
+        self.next = 0  # its number: how many have been handed out
         self.stopped = False
         self.outcomes = {}  # part number: (process, summary) or (process, exception)
         self.lock = threading.Lock()
-
-    def __len__(self):
-        """How many parts have been handed out."""
-        return self.next
 
     def claim(self):
         """The next part to read, as [number, start, end], or None once there are none."""
@@ -1264,7 +1260,7 @@ class _Parts:
             if not self.stopped and self.start is not None:  # parts left that no one read
                 raise _SplitFailed()
             missing = (None, _SplitFailed())
-            outcomes = [self.outcomes.get(number, missing) for number in range(len(self))]
+            outcomes = [self.outcomes.get(number, missing) for number in range(self.next)]
         for _, outcome in outcomes:
             if isinstance(outcome, Exception):
                 raise outcome
@@ -1476,13 +1472,13 @@ def _read_part():
         with contextlib.closing(_open_staging(job["staging_path"], job["db_encoding"])) as conn:
             conn.execute("BEGIN")
             mine = []
+            detect_types = job["detect_types"]
             send({"ready": True})
             while True:
                 claim = json.loads(sys.stdin.readline() or "{}").get("part")
                 if not claim:
                     break
                 number = claim[0]
-                detect_types = job["detect_types"]
                 part, _ = _stage_part(conn, job["path"], plan, claim, detect_types, done, progress)
                 mine.append(part)
                 send({"staged": [number, part.summary()]})
@@ -1512,11 +1508,11 @@ def _copy_in(conn, staged, wanted_table, shared_cache=False):
     in autocommit, and dropped again should filling it fail. Readers' locks
     fail a writer at once there too, so each step waits them out.
     """
-    attached = 0
+    attached = []
     try:
-        for path in _staging_aliases(staged):
-            conn.execute(f"ATTACH DATABASE ? AS app_support_staging{attached}", [path])
-            attached += 1
+        for path, alias in _staging_aliases(staged).items():
+            conn.execute(f"ATTACH DATABASE ? AS {alias}", [path])
+            attached.append(alias)
         if not shared_cache:
             return _in_transaction(conn, lambda: _create_and_copy(conn, staged, wanted_table))
         # Only Datasette's write thread writes to `temporary`: the name stays free.
@@ -1533,8 +1529,8 @@ def _copy_in(conn, staged, wanted_table, shared_cache=False):
             raise
         return result
     finally:
-        for number in range(attached):
-            conn.execute(f"DETACH DATABASE app_support_staging{number}")
+        for alias in attached:
+            conn.execute(f"DETACH DATABASE {alias}")
 
 
 def _import_result(conn, staged, wanted_table):

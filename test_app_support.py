@@ -2620,6 +2620,7 @@ def reading_window(polls):
 
 def still_reading(port, rows):
     status, _, body = call(port, "/-/import-progress", None)
+    assert status == 200, body
     latest = json.loads(body)["imports"][0]
     return latest["state"] == "running" and latest["rows"] < rows
 
