@@ -46,7 +46,7 @@ import urllib.request
 import uuid
 import weakref
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -95,6 +95,8 @@ SPLIT_SEARCH_BYTES = 1024 * 1024
 # How often helper processes report progress, and the import checks for Cancel.
 PART_PROGRESS_SECONDS = 0.2
 SNIFF_CHARACTERS = 64 * 1024
+# The csv module's field size limit while this plugin reads: no limit, in effect.
+CSV_FIELD_SIZE_LIMIT = min(sys.maxsize, 2**31 - 1)
 # Rows of the sample that vote for a delimiter.
 SNIFF_ROWS = 100
 READ_BUFFER_BYTES = 256 * 1024
@@ -134,9 +136,6 @@ UTF8_FALLBACK = "app_support_utf8_fallback"
 # app_support_<pid>_<random> in the temp directory, so a later start can
 # remove the ones whose process died without cleaning up.
 WORK_FOLDER_PREFIX = "app_support_"
-
-csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-
 
 class APIError(Exception):
     """A failure to report to the desktop app as {"ok": false, "error": ...}."""
@@ -230,6 +229,16 @@ def _check_token_or_app_user(request):
     if request.actor and "authorization" not in request.headers:
         raise APIError("Only the desktop user can see or cancel imports.", status=403)
     _check_token(request)
+
+
+# Who may call a route: the desktop app, with the API token; the app or the
+# desktop user's pages, which send the cookie /-/auth-app-user gives; anyone.
+APP, APP_OR_USER, ANYONE = "app", "app or desktop user", "anyone"
+_AUTHENTICATE = {
+    APP: _check_token,
+    APP_OR_USER: _check_token_or_app_user,
+    ANYONE: lambda request: None,
+}
 
 
 async def _read_body(request, limit=MAX_BODY_BYTES):
@@ -560,16 +569,28 @@ def _memory_database(datasette, memory_name):
     return Database(datasette, memory_name=memory_name)
 
 
-# The CSV engine
+# The import engine
 #
-# A CSV file is read once. Its rows go, as the exact strings the csv module
-# gives, into a staging database of their own while the column types are
-# learned batch by batch. SQLite then converts the rows to those types inside
-# the staging database, and a last INSERT ... SELECT * copies them into the
-# target, which SQLite does record by record without decoding one. Only that
-# last copy touches the user's database, so its readers wait for a fraction
-# of a second, never for the whole import. Large files are read in parts by
-# several processes at once (see _stage_parts).
+# Every import takes one path. A reader turns the file into a header and
+# batches of rows; for CSV each cell is the exact string the csv module gives.
+# The rows go, as they are, into a staging database of their own while the
+# column types are learned batch by batch. SQLite then converts them to those
+# types inside the staging database, and a last INSERT ... SELECT * copies
+# them into the target, which SQLite does record by record without decoding
+# one. Only that last copy touches the user's database, so its readers wait
+# for a fraction of a second, never for the whole import.
+#
+# The sections below follow that path: readers, column names and types,
+# staging, copying in. Large CSV files are also read in parts by several
+# processes at once; that speed-up has a section of its own after them, and
+# nothing above it knows of parts.
+
+
+class ReadError(APIError):
+    """A file that cannot be imported; the message names the file and the line."""
+
+
+# Readers: text encodings
 
 
 def _latin1_fallback(error):
@@ -586,36 +607,6 @@ def _utf8_fallback(error):
 
 codecs.register_error(LATIN1_FALLBACK, _latin1_fallback)
 codecs.register_error(UTF8_FALLBACK, _utf8_fallback)
-
-
-class CSVError(APIError):
-    """A CSV file that cannot be imported; the message names the file and line."""
-
-
-@dataclass
-class CSVPlan:
-    """How to read a CSV file, decided from its start."""
-
-    encoding: str = "utf-8-sig"
-    delimiter: str = ","
-
-
-@dataclass
-class ImportResult:
-    table: str
-    rows: int
-    columns: list
-    types: list
-
-    @property
-    def schema(self):
-        return _create_table_sql(self.table, self.columns, self.types)
-
-
-def _create_table_sql(table, columns, types):
-    return "CREATE TABLE {} (\n{}\n)".format(
-        _quote(table), ",\n".join(f"   {_quote(c)} {kind}" for c, kind in zip(columns, types))
-    )
 
 
 def _codec(charset):
@@ -664,6 +655,52 @@ def _decode_errors(encoding):
     return UTF8_FALLBACK if encoding in ("utf-8-sig", "utf-8") else "strict"
 
 
+def _file_head(path):
+    """The file's first bytes from its first non-blank one on, and the encoding they suggest."""
+    with open(path, "rb") as f:
+        head = f.read(BINARY_SNIFF_BYTES)
+        while head and not head.strip():
+            head = f.read(BINARY_SNIFF_BYTES)  # blank lines before the header
+    if not head:
+        raise ReadError(f"File is empty: {path}")
+    return head
+
+
+def plan_file(path, charset=None):
+    """Decide from the file's start how to read it; return the plan of its reader.
+
+    charset is a declared text encoding, such as a download's Content-Type gives.
+    """
+    head = _file_head(path)
+    encoding = sniff_encoding(head, charset)
+    if b"\x00" in head and not _is_wide(encoding):
+        raise ReadError(f"This looks like a binary file, not CSV or TSV text: {path}")
+    return plan_csv(path, encoding)
+
+
+# Readers: CSV
+
+
+@dataclass
+class CSVPlan:
+    """How to read a CSV file, decided from its start."""
+
+    encoding: str = "utf-8-sig"
+    delimiter: str = ","
+
+    @property
+    def format(self):
+        return "tsv" if self.delimiter == "\t" else "csv"
+
+    @property
+    def splittable(self):
+        """Whether the file can be cut into parts at any LF byte (see _process_count)."""
+        return self.encoding in SPLITTABLE_ENCODINGS
+
+    def open(self, path, start=0, end=None):
+        return CSVReader(path, self, start, end)
+
+
 def _is_blank(row):
     return not any(cell.strip() for cell in row)
 
@@ -694,74 +731,40 @@ def detect_delimiter(sample, complete=True):
     return best
 
 
-def clean_headers(names, width):
-    """Unique, non-empty column names: blanks become column_N, repeats a_2, a_3."""
-    names = list(names) + [""] * (width - len(names))
-    result, seen = [], set()
-    for position, name in enumerate(names, 1):
-        base = (name or "").strip() or f"column_{position}"
-        candidate, suffix = base, 2
-        while candidate.lower() in seen:
-            candidate = f"{base}_{suffix}"
-            suffix += 1
-        seen.add(candidate.lower())
-        result.append(candidate)
-    return result
+def _text_sample(path, encoding):
+    """Up to SNIFF_CHARACTERS of text from the first non-blank line on; and whether that is all."""
+    with open(path, encoding=encoding, errors=_decode_errors(encoding), newline="") as f:
+        text = ""
+        while not text.strip():  # blank lines before the header, however many
+            text = f.read(SNIFF_CHARACTERS)
+            if not text:
+                return "", True
+        first = len(text) - len(text.lstrip())
+        text = text[max(text.rfind("\n", 0, first), text.rfind("\r", 0, first)) + 1 :]
+        more = f.read(SNIFF_CHARACTERS)
+        return text + more, not more
 
 
-_INTEGER, _REAL, _TEXT = "INTEGER", "REAL", "TEXT"
-_RANK = {None: 0, _INTEGER: 1, _REAL: 2, _TEXT: 3}
-_DIGITS_AS_NINES = bytes.maketrans(b"012345678", b"999999999")
-_DIGITS_AS_ONES = bytes.maketrans(b"23456789", b"11111111")
-_LONG_NUMBER = b"9" * (MAX_INTEGER_DIGITS + 1)
+def plan_csv(path, encoding):
+    """Decide how to read a CSV file in a known encoding: its delimiter."""
+    try:
+        sample, complete = _text_sample(path, encoding)
+    except UnicodeDecodeError:
+        raise ReadError(f"{path} is not valid {encoding} text.")
+    if not sample.strip():
+        raise ReadError(f"File is empty: {path}")
+    return CSVPlan(encoding, detect_delimiter(sample, complete))
 
 
-def column_type(values):
-    """The narrowest of INTEGER, REAL, TEXT that holds every value exactly.
+def _allow_large_csv_fields():
+    """Let the csv module read fields of any size, not only up to 128 KB.
 
-    Returns None when every value is empty or None. Works on the whole batch
-    at once with C-speed string operations, because a check per value costs
-    more than the insert; test_app_support.py checks it against a plain
-    per-value rule on generated columns. Leading zeros, a sign or exponent
-    SQLite would rewrite, and integers too long for 64 bits make it TEXT.
+    The limit is process-wide and has no per-reader form. Raising it is safe
+    for any other code in the process: it changes no parse, only whether a
+    field that large is an error.
     """
-    try:
-        joined = "\n" + "\n".join(values) + "\n"
-    except TypeError:  # None, past the end of a short row: rare, so not looked for first
-        values = [v for v in values if v is not None]
-        if not values:
-            return None
-        joined = "\n" + "\n".join(values) + "\n"
-    if len(joined) == len(values) + 1:
-        return None
-    try:
-        b = joined.encode("ascii")
-    except UnicodeEncodeError:
-        return _TEXT
-    if b.translate(None, b"0123456789-.\n") or b.count(b"\n") != len(values) + 1:
-        return _TEXT
-    # A sign only at the start of a value, never alone.
-    if b"-" in b and (b.count(b"-") != b.count(b"\n-") or b"\n-\n" in b):
-        return _TEXT
-    # No zero before another digit at the start of a value ("007"), and no "-0".
-    if b"\n0" in b or b"\n-0" in b:
-        ones = b.translate(_DIGITS_AS_ONES)
-        if b"\n00" in ones or b"\n01" in ones or b"\n-00" in ones or b"\n-01" in ones or b"\n-0\n" in b:
-            return _TEXT
-    if _LONG_NUMBER in b.translate(_DIGITS_AS_NINES) and any(
-        "." not in v and len(v.lstrip("-")) > MAX_INTEGER_DIGITS for v in values
-    ):
-        return _TEXT
-    if b"." not in b:
-        return _INTEGER
-    # Without digits and signs, a value with two dots shows as "..".
-    if b".." in b.translate(None, b"0123456789-") or b"\n.\n" in b or b"\n-.\n" in b:
-        return _TEXT
-    return _REAL
-
-
-def _wider(a, b):
-    return a if _RANK[a] >= _RANK[b] else b
+    if csv.field_size_limit() < CSV_FIELD_SIZE_LIMIT:
+        csv.field_size_limit(CSV_FIELD_SIZE_LIMIT)
 
 
 def _line_breaks(text):
@@ -812,7 +815,7 @@ class _NulGuard(io.RawIOBase):
             line = self.lines + chunk.count(b"\n", 0, nul) + 1
             if self.start:
                 line += _lines_before(self.path, self.start)
-            raise CSVError(
+            raise ReadError(
                 f"{self.path} contains a NUL byte on line {line}, so it is not CSV text."
             )
         self.lines += chunk.count(b"\n")
@@ -833,23 +836,29 @@ class _SplitFailed(Exception):
     """
 
 
-class _CSVReader:
-    """Streams a CSV file, or the part of it from byte start to end, as batches of rows.
+class CSVReader:
+    """Streams a CSV file, or the part of it from byte start to end, as a header and batches of rows.
 
-    The csv module quietly ends a quoted field at the end of the file, so a
-    marker line is read after the last one: it comes back as a row of its own
-    when every quote closed, and inside the last cell when one did not. A
-    part that is not the last one ends at a line break; if that break was
-    inside a quoted cell, the part is misplaced rather than the file wrong.
+    The header is the first non-blank row of a whole file (or of its first
+    part); it is known once the first batch has come. The csv module quietly
+    ends a quoted field at the end of the file, so a marker line is read
+    after the last one: it comes back as a row of its own when every quote
+    closed, and inside the last cell when one did not. A part that is not the
+    last one ends at a line break; if that break was inside a quoted cell, the
+    part is misplaced rather than the file wrong.
     """
 
     END = "\uffffapp_support end of file\uffff"
+    typed_cells = False  # every cell is text, as written; its type is learned from it
 
     def __init__(self, path, plan, start=0, end=None):
+        _allow_large_csv_fields()
         self.path = path
         self.plan = plan
+        self.format = plan.format
         self.start = start
         self.last = end is None
+        self.header = []
         if _is_wide(plan.encoding):
             self.guard = open(path, "rb", buffering=0)
         else:
@@ -871,15 +880,20 @@ class _CSVReader:
     def bytes_read(self):
         return self.guard.tell()
 
-    def header(self):
-        for batch in self.batches(1):
+    def batches(self, size=BATCH_ROWS):
+        if self.start == 0:
+            self.header = self._first_row()
+        yield from self._batches(size)
+
+    def _first_row(self):
+        for batch in self._batches(1):
             if not _is_blank(batch[0]):
                 return batch[0]
         if not self.last:  # blank lines past the first part's end
             raise _SplitFailed()
-        raise CSVError(f"No header row found in {self.path}: the file has no columns.")
+        raise ReadError(f"No header row found in {self.path}: the file has no columns.")
 
-    def batches(self, size=BATCH_ROWS):
+    def _batches(self, size):
         while True:
             # islice straight over the csv reader: a generator around it
             # would cost a Python frame per row.
@@ -908,7 +922,7 @@ class _CSVReader:
         # The marker is a line of its own, and so is the last line of the file.
         lines = sum(map(_line_breaks, row)) + 1 + (not row[-1].endswith(("\n", "\r")))
         opened = self.reader.line_num - lines + 1 + sum(map(_line_breaks, row[:-1]))
-        return CSVError(
+        return ReadError(
             f"{self.path} has a quote that is never closed: it opens on line {self._line(opened)}. "
             "Close it, or remove it, and try again."
         )
@@ -918,48 +932,87 @@ class _CSVReader:
         try:
             yield
         except csv.Error as e:
-            raise CSVError(
+            raise ReadError(
                 f"Could not read {self.path} as CSV at line {self._line(self.reader.line_num)}: {e}."
             )
         except UnicodeDecodeError:
-            raise CSVError(
+            raise ReadError(
                 f"{self.path} is not valid {self.plan.encoding} text "
                 f"(line {self._line(self.reader.line_num + 1)})."
             )
 
 
-def _text_sample(path, encoding):
-    """Up to SNIFF_CHARACTERS of text from the first non-blank line on; and whether that is all."""
-    with open(path, encoding=encoding, errors=_decode_errors(encoding), newline="") as f:
-        text = ""
-        while not text.strip():  # blank lines before the header, however many
-            text = f.read(SNIFF_CHARACTERS)
-            if not text:
-                return "", True
-        first = len(text) - len(text.lstrip())
-        text = text[max(text.rfind("\n", 0, first), text.rfind("\r", 0, first)) + 1 :]
-        more = f.read(SNIFF_CHARACTERS)
-        return text + more, not more
+# Column names and types
 
 
-def plan_csv(path, charset=None):
-    """Decide how to read the file from its start: encoding and delimiter."""
-    with open(path, "rb") as f:
-        head = f.read(BINARY_SNIFF_BYTES)
-        while head and not head.strip():
-            head = f.read(BINARY_SNIFF_BYTES)  # blank lines before the header
-    if not head:
-        raise CSVError(f"File is empty: {path}")
-    encoding = sniff_encoding(head, charset)
-    if b"\x00" in head and not _is_wide(encoding):
-        raise CSVError(f"This looks like a binary file, not CSV or TSV text: {path}")
+def clean_headers(names, width):
+    """Unique, non-empty column names: blanks become column_N, repeats a_2, a_3."""
+    names = list(names) + [""] * (width - len(names))
+    result, seen = [], set()
+    for position, name in enumerate(names, 1):
+        base = (name or "").strip() or f"column_{position}"
+        candidate, suffix = base, 2
+        while candidate.lower() in seen:
+            candidate = f"{base}_{suffix}"
+            suffix += 1
+        seen.add(candidate.lower())
+        result.append(candidate)
+    return result
+
+
+_INTEGER, _REAL, _TEXT = "INTEGER", "REAL", "TEXT"
+_RANK = {None: 0, _INTEGER: 1, _REAL: 2, _TEXT: 3}
+_DIGITS_AS_NINES = bytes.maketrans(b"012345678", b"999999999")
+_DIGITS_AS_ONES = bytes.maketrans(b"23456789", b"11111111")
+_LONG_NUMBER = b"9" * (MAX_INTEGER_DIGITS + 1)
+
+
+def column_type(values):
+    """The narrowest of INTEGER, REAL, TEXT that holds every text value exactly.
+
+    Returns None when every value is empty or None. Works on the whole batch
+    at once with C-speed string operations, because a check per value costs
+    more than the insert; test_app_support.py checks it against a plain
+    per-value rule on generated columns. Leading zeros, a sign or exponent
+    SQLite would rewrite, and integers too long for 64 bits make it TEXT.
+    """
     try:
-        sample, complete = _text_sample(path, encoding)
-    except UnicodeDecodeError:
-        raise CSVError(f"{path} is not valid {encoding} text.")
-    if not sample.strip():
-        raise CSVError(f"File is empty: {path}")
-    return CSVPlan(encoding, detect_delimiter(sample, complete))
+        joined = "\n" + "\n".join(values) + "\n"
+    except TypeError:  # None, past the end of a short row: rare, so not looked for first
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        joined = "\n" + "\n".join(values) + "\n"
+    if len(joined) == len(values) + 1:
+        return None
+    try:
+        b = joined.encode("ascii")
+    except UnicodeEncodeError:
+        return _TEXT
+    if b.translate(None, b"0123456789-.\n") or b.count(b"\n") != len(values) + 1:
+        return _TEXT
+    # A sign only at the start of a value, never alone.
+    if b"-" in b and (b.count(b"-") != b.count(b"\n-") or b"\n-\n" in b):
+        return _TEXT
+    # No zero before another digit at the start of a value ("007"), and no "-0".
+    if b"\n0" in b or b"\n-0" in b:
+        ones = b.translate(_DIGITS_AS_ONES)
+        if b"\n00" in ones or b"\n01" in ones or b"\n-00" in ones or b"\n-01" in ones or b"\n-0\n" in b:
+            return _TEXT
+    if _LONG_NUMBER in b.translate(_DIGITS_AS_NINES) and any(
+        "." not in v and len(v.lstrip("-")) > MAX_INTEGER_DIGITS for v in values
+    ):
+        return _TEXT
+    if b"." not in b:
+        return _INTEGER
+    # Without digits and signs, a value with two dots shows as "..".
+    if b".." in b.translate(None, b"0123456789-") or b"\n.\n" in b or b"\n-.\n" in b:
+        return _TEXT
+    return _REAL
+
+
+def _wider(a, b):
+    return a if _RANK[a] >= _RANK[b] else b
 
 
 def _pad(batch, width):
@@ -973,87 +1026,57 @@ def _pad(batch, width):
     return max(lengths)
 
 
-def _max_variables(conn):
-    """How many ? a statement may hold: 999 before SQLite 3.32."""
-    if hasattr(conn, "getlimit"):  # Python 3.11+
-        return conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
-    return 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
-
-
-class _StagingTable:
-    """A table of TEXT columns c1, c2 ... that takes batches of rows as they are."""
-
-    def __init__(self, conn, name, width):
-        self.conn = conn
-        self.name = name
-        self.width = 0
-        conn.execute(f"CREATE TABLE {name} (c1 TEXT)")
-        self.widen(width)
-
-    def widen(self, width):
-        if width > MAX_COLUMNS:
-            raise CSVError(
-                f"The file has {width:,} columns; SQLite tables hold at most {MAX_COLUMNS:,}."
-            )
-        for n in range(max(self.width, 1) + 1, width + 1):
-            self.conn.execute(f"ALTER TABLE {self.name} ADD COLUMN c{n} TEXT")
-        self.width = max(width, 1)
-        row = "(" + ", ".join("?" * self.width) + ")"
-        self.per_statement = max(1, min(ROWS_PER_INSERT, _max_variables(self.conn) // self.width))
-        self.one = f"INSERT INTO {self.name} VALUES {row}"
-        self.many = f"INSERT INTO {self.name} VALUES " + ", ".join([row] * self.per_statement)
-
-    def insert(self, batch):
-        whole = len(batch) - len(batch) % self.per_statement
-        if whole:
-            flat = list(itertools.chain.from_iterable(batch[:whole]))
-            step = self.width * self.per_statement
-            statements = [flat[i : i + step] for i in range(0, len(flat), step)]
-            self.conn.executemany(self.many, statements)
-        if whole < len(batch):
-            self.conn.executemany(self.one, batch[whole:])
+# Staging
 
 
 @dataclass
 class Staged:
-    """A CSV file read into staging databases, in tables ready to copy in file order."""
+    """A file read into staging databases, in tables ready to copy in file order."""
 
-    parts: list  # (database path, table name) pairs
+    tables: list  # (database path, table name) pairs
     columns: list
     types: list
     rows: int
+    format: str
 
 
-def stage_csv(
+def stage_file(
     path, staging_path, detect_types=True, on_progress=None, charset=None, encoding="UTF-8"
 ):
-    """Read the CSV at path once into a new database at staging_path; return a Staged.
+    """Read the file at path once into a new database at staging_path; return a Staged.
 
-    A large file is read in parts by several processes at once, into
-    staging_path and databases beside it. encoding is the target database's
-    text encoding: SQLite can only attach databases that share it.
+    on_progress(rows, bytes_read) is called after every batch. encoding is the
+    target database's text encoding: SQLite only attaches databases that
+    share it. A large CSV file is read in parts, into staging_path and
+    databases beside it.
     """
     try:
-        return _stage(path, staging_path, detect_types, on_progress, charset, encoding)
-    except OSError as e:  # the staging database reports its own failures as sqlite3 errors
-        raise CSVError(f"Could not read {_shorten(path)}: {e.strerror or e}.") from e
-
-
-def _stage(path, staging_path, detect_types, on_progress, charset, encoding):
-    plan = plan_csv(path, charset)
-    processes = _process_count(os.path.getsize(path), plan)
-    if processes > 1:
-        try:
-            with contextlib.closing(_split_points(path, plan, processes)) as splits:
-                return _stage_parts(
-                    path, plan, splits, processes, staging_path, detect_types, on_progress, encoding
+        plan = plan_file(path, charset)
+        processes = _process_count(os.path.getsize(path), plan)
+        if processes > 1:
+            try:
+                return _stage_in_parts(
+                    path, plan, processes, staging_path, detect_types, on_progress, encoding
                 )
-        except _SplitFailed:
-            # Rare: a quote inside an unquoted cell misled a split, or a helper could not run.
-            for number in range(processes):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(_staging_path(staging_path, number))
-    return _stage_parts(path, plan, [], 1, staging_path, detect_types, on_progress, encoding)
+            except _SplitFailed:
+                # Rare: a quote inside an unquoted cell misled a split, or a helper could not run.
+                _remove_part_databases(staging_path, processes)
+        with contextlib.closing(plan.open(path)) as reader:
+            return _stage_whole(reader, staging_path, detect_types, on_progress, encoding)
+    except OSError as e:  # the staging database reports its own failures as sqlite3 errors
+        raise ReadError(f"Could not read {_shorten(path)}: {e.strerror or e}.") from e
+
+
+def _stage_whole(reader, staging_path, detect_types, on_progress, encoding):
+    with contextlib.closing(_open_staging(staging_path, encoding)) as conn:
+        conn.execute("BEGIN")
+        rows = _StagedRows(conn, "staged", reader.typed_cells, detect_types)
+        rows.read(reader, on_progress)
+        columns = clean_headers(reader.header, rows.width)
+        types = [kind or _TEXT for kind in rows.types]
+        table = rows.convert(columns, types)
+        conn.execute("COMMIT")
+    return Staged([(staging_path, table)], columns, types, rows.rows, reader.format)
 
 
 def _open_staging(path, encoding):
@@ -1069,83 +1092,265 @@ def _open_staging(path, encoding):
     return conn
 
 
-class _StagedPart:
-    """One part of the file staged as it is, and the column types learned from it.
+def _max_variables(conn):
+    """How many ? a statement may hold: 999 before SQLite 3.32."""
+    if hasattr(conn, "getlimit"):  # Python 3.11+
+        return conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER)
+    return 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 
-    A process stages its parts in one transaction of its staging database,
-    each in tables of its own, and commits once it has finished them all.
+
+def _create_table_sql(table, columns, types):
+    return "CREATE TABLE {} (\n{}\n)".format(
+        _quote(table), ",\n".join(f"   {_quote(c)} {kind}" for c, kind in zip(columns, types))
+    )
+
+
+class _StagingTable:
+    """A table of columns c1, c2 ... that takes batches of rows as they are.
+
+    The columns are TEXT for text cells, and have no type for typed cells,
+    so that SQLite stores every value as it is given.
     """
 
-    def __init__(self, conn, number, width, detect_types):
+    def __init__(self, conn, name, column_type=_TEXT):
         self.conn = conn
-        self.number = number
+        self.name = name
+        self.column_type = column_type
+        self.width = 0
+        conn.execute(f"CREATE TABLE {name} (c1 {column_type})")
+        self.widen(1)
+
+    def widen(self, width):
+        if width <= self.width:
+            return
+        if width > MAX_COLUMNS:
+            raise ReadError(
+                f"The file has {width:,} columns; SQLite tables hold at most {MAX_COLUMNS:,}."
+            )
+        for n in range(max(self.width, 1) + 1, width + 1):
+            self.conn.execute(f"ALTER TABLE {self.name} ADD COLUMN c{n} {self.column_type}")
+        self.width = width
+        row = "(" + ", ".join("?" * width) + ")"
+        self.per_statement = max(1, min(ROWS_PER_INSERT, _max_variables(self.conn) // width))
+        self.one = f"INSERT INTO {self.name} VALUES {row}"
+        self.many = f"INSERT INTO {self.name} VALUES " + ", ".join([row] * self.per_statement)
+
+    def insert(self, batch):
+        whole = len(batch) - len(batch) % self.per_statement
+        if whole:
+            flat = list(itertools.chain.from_iterable(batch[:whole]))
+            step = self.width * self.per_statement
+            statements = [flat[i : i + step] for i in range(0, len(flat), step)]
+            self.conn.executemany(self.many, statements)
+        if whole < len(batch):
+            self.conn.executemany(self.one, batch[whole:])
+
+
+class _StagedRows:
+    """A reader's rows in a staging table, as the reader gives them, and the
+    column types learned from them batch by batch."""
+
+    def __init__(self, conn, name, typed_cells, detect_types):
+        self.conn = conn
+        self.name = name
+        self.typed_cells = typed_cells
         self.detect_types = detect_types
-        self.staging = _StagingTable(conn, f"staged_{number}", width)
-        self.types = [None if detect_types else _TEXT] * self.staging.width
+        self.table = _StagingTable(conn, name, "" if typed_cells else _TEXT)
+        self.types = [self._unknown]
         self.rows = 0
 
+    @property
+    def width(self):
+        return self.table.width
+
+    @property
+    def _unknown(self):
+        return None if self.detect_types else _TEXT
+
     def read(self, reader, on_progress=None):
+        """Stage every batch the reader gives; on_progress(rows, bytes_read) after each."""
         for batch in reader.batches():
-            width = _pad(batch, self.staging.width)
-            if width > self.staging.width:
-                self.staging.widen(width)
-                self.types += [None] * (width - len(self.types))
-                _pad(batch, width)
+            width = _pad(batch, self.width)
+            if width > self.width or len(reader.header) > self.width:
+                self.widen(max(width, len(reader.header)))
+                _pad(batch, self.width)
             if self.detect_types:
                 for i, column in enumerate(zip(*batch)):
                     if self.types[i] != _TEXT:
                         self.types[i] = _wider(self.types[i], column_type(column))
-            self.staging.insert(batch)
+            self.table.insert(batch)
             self.rows += len(batch)
             if on_progress:
                 on_progress(self.rows, reader.bytes_read)
+        self.widen(len(reader.header))  # a header wider than every row, or no rows
 
-    def summary(self):
-        return {"rows": self.rows, "width": self.staging.width, "types": self.types}
+    def widen(self, width):
+        self.table.widen(width)
+        self.types += [self._unknown] * (width - len(self.types))
 
-    def finish(self, columns, types):
-        """Give the rows the whole file's columns and types; return the table that holds them.
+    def convert(self, columns, types):
+        """Copy the rows into a table of these columns and types; return the table that holds them.
 
-        Empty cells become NULL in number columns. Text-only files need nothing.
+        Empty cells become NULL in number columns. Text-only files need no copy.
         """
-        self.staging.widen(len(columns))
+        self.widen(len(columns))
         if all(kind == _TEXT for kind in types):
-            return self.staging.name
+            return self.name
         # CASE, not nullif(): a function's result is a copy of the value, and
         # copying every cell of a number column cost a third of the conversion.
         values = ", ".join(
             f"c{n}" if kind == _TEXT else f"CASE WHEN c{n} <> '' THEN c{n} END"
             for n, kind in enumerate(types, 1)
         )
-        table = f"typed_{self.number}"
-        self.conn.execute(_create_table_sql(table, columns, types))
-        self.conn.execute(f"INSERT INTO {table} SELECT {values} FROM {self.staging.name}")
-        return table
+        typed = f"{self.name}_typed"
+        self.conn.execute(_create_table_sql(typed, columns, types))
+        self.conn.execute(f"INSERT INTO {typed} SELECT {values} FROM {self.name}")
+        return typed
 
 
-def _stage_part(conn, path, plan, claim, detect_types, done, progress):
-    """Stage a claimed part of the file; return it, and the header if it is the first part.
+# Copying into the target
 
-    done counts the rows and bytes of this process's earlier parts; it is
-    brought up to date. progress(rows, bytes_read) is told about this part.
+
+@dataclass
+class ImportResult:
+    table: str
+    rows: int
+    columns: list
+    types: list
+    format: str = "csv"
+
+    @property
+    def schema(self):
+        return _create_table_sql(self.table, self.columns, self.types)
+
+
+def copy_in(conn, staged, wanted_table, shared_cache=False):
+    """Copy a staged file into conn's main database as a new table under a free name, all or nothing.
+
+    In the shared-cache `temporary` database an uncommitted CREATE TABLE
+    fails every reader at once, so there the table is created on its own, in
+    autocommit, and dropped again should filling it fail. Readers' locks fail
+    a writer at once there too, so each step waits them out.
     """
-    number, start, end = claim
-    with contextlib.closing(_CSVReader(path, plan, start, end)) as reader:
-        header = reader.header() if number == 0 else None
-        part = _StagedPart(conn, number, len(header) if header else 1, detect_types)
-        part.read(reader, progress)
-        done[0] += part.rows
-        done[1] += reader.bytes_read
-    return part, header
+    with _attached(conn, staged) as sources:
+        if not shared_cache:
+            with _transaction(conn):
+                result = _new_table(conn, staged, wanted_table)
+                conn.execute(result.schema)
+                _copy_rows(conn, sources, result.table)
+            return result
+        # Only Datasette's write thread writes to `temporary`: the name stays free.
+        result = _new_table(conn, staged, wanted_table)
+        _retry_while_locked(conn.execute, result.schema)
+        try:
+            _retry_while_locked(_fill, conn, sources, result.table)
+        except BaseException:
+            _retry_while_locked(conn.execute, f"DROP TABLE main.{_quote(result.table)}")
+            raise
+        return result
 
 
-# Large files are read in parts by several processes, because one Python
-# process parses CSV no faster than one CPU allows. Each part starts just
-# after a line break and is staged like a whole file, in file order by
-# whichever process is free next: this one, which also reads the header,
-# and helper processes. The types and widths of all parts decide the table,
-# and each process converts its own parts to them before the parts are
-# copied into the target in file order.
+def _new_table(conn, staged, wanted_table):
+    """The new table: a name close to wanted_table that is free now, and what it will hold."""
+    table = _free_table_name(conn, wanted_table)
+    return ImportResult(table, staged.rows, staged.columns, staged.types, staged.format)
+
+
+@contextlib.contextmanager
+def _attached(conn, staged):
+    """Attach the staging databases; yield the staged tables, in file order, as aliased names."""
+    aliases = {}
+    try:
+        for path, _ in staged.tables:
+            if path not in aliases:
+                alias = f"app_support_staging{len(aliases)}"
+                conn.execute(f"ATTACH DATABASE ? AS {alias}", [path])
+                aliases[path] = alias
+        yield [f"{aliases[path]}.{table}" for path, table in staged.tables]
+    finally:
+        for alias in aliases.values():
+            conn.execute(f"DETACH DATABASE {alias}")
+
+
+def _copy_rows(conn, sources, table):
+    # SELECT * from a table of the same column types: SQLite copies the
+    # records as they are, much faster than value by value.
+    for source in sources:
+        conn.execute(f"INSERT INTO main.{_quote(table)} SELECT * FROM {source}")
+
+
+def _fill(conn, sources, table):
+    with _transaction(conn):
+        _copy_rows(conn, sources, table)
+
+
+@contextlib.contextmanager
+def _transaction(conn):
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        _roll_back(conn)
+        raise
+
+
+def _retry_while_locked(step, *args):
+    """step(*args), again while a reader's shared-cache lock refuses it, up to a limit."""
+    deadline = time.monotonic() + SHARED_CACHE_WAIT_SECONDS
+    while True:
+        try:
+            return step(*args)
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.005)
+
+
+def _roll_back(conn):
+    """Leave conn's database as it was before a write that failed.
+
+    After some errors, a full disk among them, SQLite has rolled back by
+    itself but replays its journal only on the next read; Datasette's
+    read-only connections cannot, so that read happens here.
+    """
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+    conn.execute("SELECT count(*) FROM main.sqlite_master").fetchone()
+
+
+def _check_writable(path):
+    """Check, without waiting long, that the database file at path takes writes; return its encoding.
+
+    A connection of its own: Datasette's write thread would wait five seconds
+    for a lock before it ran anything.
+    """
+    uri = "file:" + urllib.parse.quote(path) + "?mode=rw"
+    conn = sqlite3.connect(uri, uri=True, timeout=LOCKED_TIMEOUT_SECONDS, isolation_level=None)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ROLLBACK")
+        return conn.execute("PRAGMA encoding").fetchone()[0]
+    finally:
+        conn.close()
+
+
+# Reading large CSV files in parts
+#
+# One Python process parses CSV no faster than one CPU allows, so a large
+# file is cut into parts of about PART_BYTES, each starting just after a line
+# break, and read by several processes at once: this one, which also reads
+# the header, and helper processes. Parts are handed out in file order to
+# whichever process asks next, so that a process slowed by a busy machine,
+# or by starting Python, reads fewer of them. Each part is staged like a
+# whole file, in a table of its own in its reader's staging database. The
+# widths and types of all parts then decide the table; each process converts
+# its own parts to them, and copy_in copies the parts in file order.
+
+
+_Part = collections.namedtuple("_Part", "number start end")  # end is None for the last part
+# What a process learned from staging a part.
+_PartSummary = collections.namedtuple("_PartSummary", "process rows width types")
 
 
 def _cpu_count():
@@ -1156,16 +1361,22 @@ def _cpu_count():
 
 def _process_count(size, plan):
     """How many processes should read a file of this size: one unless it is large."""
-    if size < PARALLEL_MIN_BYTES or plan.encoding not in SPLITTABLE_ENCODINGS:
+    if size < PARALLEL_MIN_BYTES or not plan.splittable:
         return 1
     if not sys.executable:  # Python embedded somewhere it cannot start itself
         return 1
     return min(_cpu_count(), MAX_PROCESSES)
 
 
-def _staging_path(staging_path, process):
+def _part_database(staging_path, process):
     """The staging database of a process: 0 is this one."""
     return f"{staging_path}-{process}" if process else staging_path
+
+
+def _remove_part_databases(staging_path, processes):
+    for process in range(processes):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(_part_database(staging_path, process))
 
 
 def _split_points(path, plan, processes):
@@ -1176,7 +1387,7 @@ def _split_points(path, plan, processes):
     just past an LF that the quotes before it say is outside a quoted cell:
     counting them is a scan of bytes, not a parse. A quote inside an
     unquoted cell can mislead the count, and then the part before ends
-    inside a quote, which its _CSVReader notices.
+    inside a quote, which its CSVReader notices.
     """
     size = os.path.getsize(path)
     share = size // max(processes, size // PART_BYTES)
@@ -1224,32 +1435,32 @@ class _Parts:
     def __init__(self, splits):
         self.splits = iter(splits)
         self.start = 0  # of the next part; None once the last is handed out
-        self.next = 0  # its number: how many have been handed out
+        self.handed_out = 0
         self.stopped = False
-        self.outcomes = {}  # part number: (process, summary) or (process, exception)
+        self.outcomes = {}  # part number: a _PartSummary, or the exception that stopped it
         self.lock = threading.Lock()
 
     def claim(self):
-        """The next part to read, as [number, start, end], or None once there are none."""
+        """The next _Part to read, or None once there are none."""
         with self.lock:
             if self.stopped or self.start is None:
                 return None
             start, self.start = self.start, next(self.splits, None)
-            self.next += 1
-            return [self.next - 1, start, self.start]
+            self.handed_out += 1
+            return _Part(self.handed_out - 1, start, self.start)
 
-    def staged(self, number, process, summary):
+    def staged(self, number, summary):
         with self.lock:
-            self.outcomes[number] = (process, summary)
+            self.outcomes[number] = summary
 
-    def failed(self, number, process, error):
+    def failed(self, number, error):
         """A part could not be read: no more parts are handed out."""
         with self.lock:
-            self.outcomes[number] = (process, error)
+            self.outcomes[number] = error
             self.stopped = True
 
     def in_order(self):
-        """Each part's (process, summary), in file order.
+        """Each part's _PartSummary, in file order.
 
         A part's failure counts only if every part before it was read: a
         part after one that ended inside a quote started in the wrong place.
@@ -1259,79 +1470,115 @@ class _Parts:
         with self.lock:
             if not self.stopped and self.start is not None:  # parts left that no one read
                 raise _SplitFailed()
-            missing = (None, _SplitFailed())
-            outcomes = [self.outcomes.get(number, missing) for number in range(self.next)]
-        for _, outcome in outcomes:
+            outcomes = [self.outcomes.get(n, _SplitFailed()) for n in range(self.handed_out)]
+        for outcome in outcomes:
             if isinstance(outcome, Exception):
                 raise outcome
         return outcomes
 
 
-def _stage_parts(path, plan, splits, processes, staging_path, detect_types, on_progress, encoding):
-    """Read the file's parts here and in helper processes; with no splits, read it here whole."""
-    parts = _Parts(splits)
+class _Tally:
+    """Rows and bytes a process has read so far, over all its parts, plus its helpers'.
+
+    report(rows, bytes_read) is told of the sum as each batch is read.
+    """
+
+    def __init__(self, report, helpers=()):
+        self.report = report
+        self.helpers = helpers
+        self.rows = self.bytes_read = 0  # of its finished parts
+
+    def reading(self, rows=0, bytes_read=0):
+        """The part being read has reached rows and bytes_read."""
+        if self.report:
+            self.report(
+                self.rows + rows + sum(helper.rows for helper in self.helpers),
+                self.bytes_read + bytes_read + sum(helper.bytes_read for helper in self.helpers),
+            )
+
+    def finished(self, rows, bytes_read):
+        self.rows += rows
+        self.bytes_read += bytes_read
+
+
+def _read_part(conn, path, plan, part, detect_types, tally):
+    """Stage one part of the file in a table of its own in conn; return its rows and the file's header.
+
+    Only the first part has the header; the others give [].
+    """
+    with contextlib.closing(plan.open(path, part.start, part.end)) as reader:
+        rows = _StagedRows(conn, f"part_{part.number}", reader.typed_cells, detect_types)
+        rows.read(reader, tally.reading)
+        tally.finished(rows.rows, reader.bytes_read)
+        return rows, reader.header
+
+
+def _summary(process, rows):
+    return _PartSummary(process, rows.rows, rows.width, rows.types)
+
+
+def _whole_file(header, summaries):
+    """The columns and types of the whole file, from its header and every part's summary."""
+    width = max(summary.width for summary in summaries)
+    types = [None] * width
+    for summary in summaries:
+        for i, kind in enumerate(summary.types):
+            types[i] = _wider(types[i], kind)
+    return clean_headers(header, width), [kind or _TEXT for kind in types]
+
+
+def _stage_in_parts(path, plan, processes, staging_path, detect_types, on_progress, encoding):
+    """Read the file's parts here and in processes - 1 helpers; raise _SplitFailed if that cannot work."""
+    parts = _Parts(_split_points(path, plan, processes))
     first = parts.claim()  # here, before any helper can ask: it holds the header
+    if first.end is None:  # the file is a single part after all
+        raise _SplitFailed()
     helpers, mine = [], {}
     try:
-        if first[2] is None:  # the whole file
-            processes = 1
-        for process in range(1, processes):
-            helpers.append(_PartProcess(parts, process, {
-                "path": path, "encoding": plan.encoding, "delimiter": plan.delimiter,
-                "staging_path": _staging_path(staging_path, process), "db_encoding": encoding,
-                "detect_types": detect_types,
-            }))
+        job = {
+            "path": path, "plan": asdict(plan), "db_encoding": encoding,
+            "detect_types": detect_types,
+        }
+        for number in range(1, processes):
+            job["staging_path"] = _part_database(staging_path, number)
+            helpers.append(_Helper(parts, number, job))
+        tally = _Tally(on_progress, helpers)
         with contextlib.closing(_open_staging(staging_path, encoding)) as conn:
-            done = [0, 0]  # rows and bytes of this process's finished parts
-
-            def progress(rows=0, bytes_read=0):
-                if on_progress:
-                    on_progress(
-                        done[0] + rows + sum(helper.rows for helper in helpers),
-                        done[1] + bytes_read + sum(helper.bytes_read for helper in helpers),
-                    )
-
             conn.execute("BEGIN")
-            for claim in itertools.chain([first], iter(parts.claim, None)):
-                number = claim[0]
+            header = []
+            for part in itertools.chain([first], iter(parts.claim, None)):
                 try:
-                    part, first_row = _stage_part(conn, path, plan, claim, detect_types, done, progress)
-                except (CSVError, _SplitFailed) as e:
-                    parts.failed(number, 0, e)
+                    rows, part_header = _read_part(conn, path, plan, part, detect_types, tally)
+                except (ReadError, _SplitFailed) as e:
+                    parts.failed(part.number, e)
                     break
-                if number == 0:
-                    header = first_row
-                mine[number] = part
-                parts.staged(number, 0, part.summary())
+                if part.number == 0:
+                    header = part_header
+                mine[part.number] = rows
+                parts.staged(part.number, _summary(0, rows))
             for helper in helpers:
-                helper.wait_until_done(progress)
-            outcomes = parts.in_order()
-            summaries = [summary for _, summary in outcomes]
-            width = max(summary["width"] for summary in summaries)
-            types = [None] * width
-            for summary in summaries:
-                for i, kind in enumerate(summary["types"]):
-                    types[i] = _wider(types[i], kind)
-            types = [kind or _TEXT for kind in types]
-            columns = clean_headers(header, width)
+                helper.wait_until_done(tally.reading)
+            summaries = parts.in_order()
+            columns, types = _whole_file(header, summaries)
             for helper in helpers:
-                helper.finish(columns, types)
-            tables = {number: part.finish(columns, types) for number, part in mine.items()}
+                helper.convert(columns, types)
+            tables = {number: rows.convert(columns, types) for number, rows in mine.items()}
             conn.execute("COMMIT")
             for helper in helpers:
-                tables.update(helper.finished(progress))
+                tables.update(helper.converted(tally.reading))
     finally:
         for helper in helpers:
             helper.stop()
     located = [
-        (_staging_path(staging_path, process), tables[number])
-        for number, (process, _) in enumerate(outcomes)
+        (_part_database(staging_path, summary.process), tables[number])
+        for number, summary in enumerate(summaries)
     ]
-    return Staged(located, columns, types, sum(summary["rows"] for summary in summaries))
+    rows = sum(summary.rows for summary in summaries)
+    return Staged(located, columns, types, rows, plan.format)
 
 
-class _PartProcess:
-    """A helper process that stages parts of the file: _read_part runs there.
+class _Helper:
+    """A helper process that stages parts of the file: _helper_main runs there.
 
     They talk in JSON lines. It is sent the job, and asks for parts one at a
     time; this side's listener thread hands them out. It reports progress,
@@ -1348,7 +1595,7 @@ class _PartProcess:
         "spec = importlib.util.spec_from_file_location('app_support_part', sys.argv[1])\n"
         "module = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(module)\n"
-        "module._read_part()\n"
+        "module._helper_main()\n"
     )
 
     def __init__(self, parts, number, job):
@@ -1377,10 +1624,10 @@ class _PartProcess:
         while not self.done.wait(PART_PROGRESS_SECONDS):
             tick()
 
-    def finish(self, columns, types):
+    def convert(self, columns, types):
         self._send({"columns": columns, "types": types})
 
-    def finished(self, tick):
+    def converted(self, tick):
         """Its tables by part number, once it has converted its parts."""
         while True:
             try:
@@ -1389,10 +1636,10 @@ class _PartProcess:
                 tick()
                 continue
             if "error" in message:
-                raise _part_error(message["error"])
+                raise _helper_error(message["error"])
             if not message:  # ended without answering
                 raise _SplitFailed()
-            return dict(message["finished"])
+            return dict(message["converted"])
 
     def stop(self):
         if self.process.poll() is None:
@@ -1426,13 +1673,13 @@ class _PartProcess:
         elif "error" in message:
             error = message["error"]
             if error.get("part") is not None:
-                self.parts.failed(error["part"], self.number, _part_error(error))
+                self.parts.failed(error["part"], _helper_error(error))
             self.messages.put(message)
             self.done.set()
         elif "staged" in message or "ready" in message:
             if "staged" in message:
                 number, summary = message["staged"]
-                self.parts.staged(number, self.number, summary)
+                self.parts.staged(number, _PartSummary(self.number, **summary))
             part = self.parts.claim()
             self._send({"part": part})
             if part is None:
@@ -1441,10 +1688,10 @@ class _PartProcess:
             self.messages.put(message)
 
 
-def _part_error(error):
+def _helper_error(error):
     """The exception a helper process reported, to raise in this one."""
-    if error["kind"] == "csv":
-        return CSVError(error["message"])
+    if error["kind"] == "read":
+        return ReadError(error["message"])
     if error["kind"] == "os":
         return OSError(error["errno"], error["message"])
     if error["kind"] == "sqlite":
@@ -1452,47 +1699,51 @@ def _part_error(error):
     return _SplitFailed()
 
 
-def _read_part():
-    """A helper process's side of _PartProcess: JSON lines in on stdin and out on stdout."""
-    job = json.loads(sys.stdin.readline())
-    sent, done, number = 0.0, [0, 0], None  # done: rows and bytes of finished parts
+def _helper_main():
+    """A helper process's side of _Helper: JSON lines in on stdin and out on stdout."""
 
     def send(message):
         sys.stdout.write(json.dumps(message) + "\n")
         sys.stdout.flush()
 
-    def progress(rows, bytes_read):
+    def receive():
+        return json.loads(sys.stdin.readline() or "null")
+
+    sent = 0.0
+
+    def report(rows, bytes_read):
         nonlocal sent
         if time.monotonic() - sent >= PART_PROGRESS_SECONDS:
             sent = time.monotonic()
-            send({"progress": [done[0] + rows, done[1] + bytes_read]})
+            send({"progress": [rows, bytes_read]})
 
-    plan = CSVPlan(job["encoding"], job["delimiter"])
+    job = receive()
+    plan, detect_types, number = CSVPlan(**job["plan"]), job["detect_types"], None
     try:
         with contextlib.closing(_open_staging(job["staging_path"], job["db_encoding"])) as conn:
             conn.execute("BEGIN")
-            mine = []
-            detect_types = job["detect_types"]
+            tally, mine = _Tally(report), []
             send({"ready": True})
             while True:
-                claim = json.loads(sys.stdin.readline() or "{}").get("part")
+                claim = (receive() or {}).get("part")
                 if not claim:
                     break
                 number = claim[0]
-                part, _ = _stage_part(conn, job["path"], plan, claim, detect_types, done, progress)
-                mine.append(part)
-                send({"staged": [number, part.summary()]})
+                rows, _ = _read_part(conn, job["path"], plan, _Part(*claim), detect_types, tally)
+                mine.append((number, rows))
+                summary = _summary(0, rows)._asdict()
+                del summary["process"]  # the other side knows who sent it
+                send({"staged": [number, summary]})
             number = None  # errors from here on belong to no one part
-            whole = json.loads(sys.stdin.readline() or "null")
+            whole = receive()
             if whole:
-                columns, types = whole["columns"], whole["types"]
-                tables = [[part.number, part.finish(columns, types)] for part in mine]
+                tables = [[n, rows.convert(whole["columns"], whole["types"])] for n, rows in mine]
                 conn.execute("COMMIT")
-                send({"finished": tables})
+                send({"converted": tables})
     except _SplitFailed:
         send({"error": {"kind": "split", "part": number}})
-    except CSVError as e:
-        send({"error": {"kind": "csv", "part": number, "message": str(e)}})
+    except ReadError as e:
+        send({"error": {"kind": "read", "part": number, "message": str(e)}})
     except sqlite3.Error as e:
         send({"error": {"kind": "sqlite", "part": number, "message": str(e)}})
     except OSError as e:
@@ -1500,138 +1751,23 @@ def _read_part():
         send({"error": error})
 
 
-def _copy_in(conn, staged, wanted_table, shared_cache=False):
-    """Copy a staged table into conn's main database under a free name, all or nothing.
-
-    In the shared-cache `temporary` database an uncommitted CREATE TABLE
-    fails every reader at once, so there the table is created on its own,
-    in autocommit, and dropped again should filling it fail. Readers' locks
-    fail a writer at once there too, so each step waits them out.
-    """
-    attached = []
-    try:
-        for path, alias in _staging_aliases(staged).items():
-            conn.execute(f"ATTACH DATABASE ? AS {alias}", [path])
-            attached.append(alias)
-        if not shared_cache:
-            return _in_transaction(conn, lambda: _create_and_copy(conn, staged, wanted_table))
-        # Only Datasette's write thread writes to `temporary`: the name stays free.
-        result = _import_result(conn, staged, wanted_table)
-        _while_shared_cache_locked(lambda: conn.execute(result.schema))
-        try:
-            _while_shared_cache_locked(
-                lambda: _in_transaction(conn, lambda: _copy_rows(conn, staged, result.table))
-            )
-        except BaseException:
-            _while_shared_cache_locked(
-                lambda: conn.execute(f"DROP TABLE main.{_quote(result.table)}")
-            )
-            raise
-        return result
-    finally:
-        for alias in attached:
-            conn.execute(f"DETACH DATABASE {alias}")
+# Running an import for a handler
 
 
-def _import_result(conn, staged, wanted_table):
-    table = _free_table_name(conn, wanted_table)
-    return ImportResult(table, staged.rows, staged.columns, staged.types)
-
-
-def _create_and_copy(conn, staged, wanted_table):
-    result = _import_result(conn, staged, wanted_table)
-    conn.execute(result.schema)
-    _copy_rows(conn, staged, result.table)
-    return result
-
-
-def _staging_aliases(staged):
-    """The staging databases that hold the parts, and the names they are attached as."""
-    paths = dict.fromkeys(path for path, _ in staged.parts)
-    return {path: f"app_support_staging{number}" for number, path in enumerate(paths)}
-
-
-def _copy_rows(conn, staged, table):
-    # SELECT * from a table of the same column types: SQLite copies the
-    # records as they are, much faster than value by value.
-    aliases = _staging_aliases(staged)
-    for path, source in staged.parts:
-        conn.execute(f"INSERT INTO main.{_quote(table)} SELECT * FROM {aliases[path]}.{source}")
-
-
-def _in_transaction(conn, step):
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = step()
-        conn.execute("COMMIT")
-    except BaseException:
-        _roll_back(conn)
-        raise
-    return result
-
-
-def _while_shared_cache_locked(step):
-    """Run step, again while a reader's shared-cache lock refuses it, up to a limit."""
-    deadline = time.monotonic() + SHARED_CACHE_WAIT_SECONDS
-    while True:
-        try:
-            return step()
-        except sqlite3.OperationalError as e:
-            if "locked" not in str(e) or time.monotonic() > deadline:
-                raise
-            time.sleep(0.005)
-
-
-def _roll_back(conn):
-    """Leave conn's database as it was before a write that failed.
-
-    After some errors, a full disk among them, SQLite has rolled back by
-    itself but replays its journal only on the next read; Datasette's
-    read-only connections cannot, so that read happens here.
-    """
-    if conn.in_transaction:
-        conn.execute("ROLLBACK")
-    conn.execute("SELECT count(*) FROM main.sqlite_master").fetchone()
-
-
-def _check_writable(path):
-    """Check, without waiting long, that the database file at path takes writes; return its encoding.
-
-    A connection of its own: Datasette's write thread would wait five seconds
-    for a lock before it ran anything.
-    """
-    uri = "file:" + urllib.parse.quote(path) + "?mode=rw"
-    conn = sqlite3.connect(uri, uri=True, timeout=LOCKED_TIMEOUT_SECONDS, isolation_level=None)
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("ROLLBACK")
-        return conn.execute("PRAGMA encoding").fetchone()[0]
-    finally:
-        conn.close()
-
-
-def import_csv(conn, path, wanted_table, detect_types=True, on_progress=None, charset=None):
-    """Create a new table in conn from the CSV file at path, all or nothing."""
+def import_file(conn, path, wanted_table, detect_types=True, on_progress=None, charset=None):
+    """Create a new table in conn from the file at path, all or nothing: the engine in one call."""
     with _work_folder() as folder:
-        staged = stage_csv(
+        staged = stage_file(
             path, os.path.join(folder, "staging.db"), detect_types, on_progress, charset,
             conn.execute("PRAGMA encoding").fetchone()[0],
         )
-        return _copy_in(conn, staged, wanted_table)
+        return copy_in(conn, staged, wanted_table)
 
 
-def _check_attached(datasette, db):
-    if datasette.databases.get(db.name) is not db:
-        raise APIError(
-            f"The database {db.name} was closed during the import, so nothing was imported. "
-            "Open it again and import the file once more."
-        )
-
-
-async def _import_csv(
+async def _import_into(
     datasette, db, path, wanted_table, detect_types=True, on_progress=None, charset=None
 ):
-    """Import the CSV at path into db: staged in a worker thread, copied in by db's write thread."""
+    """Import the file at path into db: staged in a worker thread, copied in by db's write thread."""
     target = db.path or f"the database {db.name}"
     with _sqlite_failures("import into", target):
         if db.is_memory:
@@ -1642,13 +1778,21 @@ async def _import_csv(
         staging_path = os.path.join(folder, "staging.db")
         with _sqlite_failures("stage the import in", tempfile.gettempdir()):
             staged = await asyncio.to_thread(
-                stage_csv, path, staging_path, detect_types, on_progress, charset, encoding
+                stage_file, path, staging_path, detect_types, on_progress, charset, encoding
             )
         _check_attached(datasette, db)
         with _sqlite_failures("import into", target):
             return await _write_outside_transaction(
-                db, lambda conn: _copy_in(conn, staged, wanted_table, db.is_memory)
+                db, lambda conn: copy_in(conn, staged, wanted_table, db.is_memory)
             )
+
+
+def _check_attached(datasette, db):
+    if datasette.databases.get(db.name) is not db:
+        raise APIError(
+            f"The database {db.name} was closed during the import, so nothing was imported. "
+            "Open it again and import the file once more."
+        )
 
 
 # Downloads
@@ -1822,7 +1966,7 @@ def _copy_limited(source, out, url, limits, folder, packed_size=None):
             raise _sqlite_failure(e, f"save the download from {_shorten(url)} in", folder)
 
 
-def download_csv(url, folder, limits=None, progress=None):
+def download_file(url, folder, limits=None, progress=None):
     """Stream url into a file in folder, uncompressed; return (path, final_url, charset)."""
     limits = limits or DownloadLimits()
     limits.start()
@@ -2058,29 +2202,28 @@ async def new_empty_database_file(datasette, data):
 
 async def open_csv_file(datasette, data):
     values = _keys(data, required={"path": str}, optional={"detect_types": bool})
-    return await _import_csv_file(datasette, values, TEMPORARY)
+    return await _import_local_file(datasette, values["path"], TEMPORARY, values["detect_types"])
 
 
 async def import_csv_file(datasette, data):
     values = _keys(
         data, required={"path": str, "database": str}, optional={"detect_types": bool}
     )
-    return await _import_csv_file(datasette, values, values["database"])
+    return await _import_local_file(
+        datasette, values["path"], values["database"], values["detect_types"]
+    )
 
 
-async def _import_csv_file(datasette, values, database):
-    path = _existing_file(values["path"])
+async def _import_local_file(datasette, raw_path, database, detect_types):
+    path = _existing_file(raw_path)
     db = _writable_database(datasette, database)
     log = _import_log(datasette)
-    with log.track(values["path"], db.name, os.path.getsize(path)) as progress:
-        detect_types = values["detect_types"] is not False
-        result = await _import_csv(
-            datasette, db, path, Path(path).stem, detect_types, progress.update
+    with log.track(raw_path, db.name, os.path.getsize(path)) as progress:
+        result = await _import_into(
+            datasette, db, path, Path(path).stem, detect_types is not False, progress.update
         )
         log.done(progress, result)
-    await _refresh_catalog(datasette)
-    await _report_import(datasette, db, result)
-    return {"ok": True, "path": datasette.urls.table(db.name, result.table), "rows": result.rows}
+    return await _announce_import(datasette, db, result)
 
 
 async def open_csv_from_url(datasette, data):
@@ -2093,19 +2236,23 @@ async def open_csv_from_url(datasette, data):
     db = _writable_database(datasette, values["database"] or TEMPORARY)
     limits = _download_limits(datasette)
     log = _import_log(datasette)
-    detect_types = values["detect_types"] is not False
     with log.track(values["url"], db.name) as progress:
         async with _work_folder_off_loop() as folder:
             path, final_url, charset = await asyncio.to_thread(
-                download_csv, url, folder, limits, progress
+                download_file, url, folder, limits, progress
             )
             wanted = values["table_name"] or _table_name_from_url(final_url)
             # bytes_* describe the download; the import only adds rows.
-            result = await _import_csv(
-                datasette, db, path, wanted, detect_types,
+            result = await _import_into(
+                datasette, db, path, wanted, values["detect_types"] is not False,
                 lambda rows, _: progress.update(rows=rows), charset,
             )
         log.done(progress, result)
+    return await _announce_import(datasette, db, result)
+
+
+async def _announce_import(datasette, db, result):
+    """Make a committed import visible and heard of; return the import handlers' answer."""
     await _refresh_catalog(datasette)
     await _report_import(datasette, db, result)
     return {"ok": True, "path": datasette.urls.table(db.name, result.table), "rows": result.rows}
@@ -2259,93 +2406,6 @@ async def cancel_import(datasette, data):
     if item.state == "done":
         raise APIError(f"The import finished before it could be cancelled: {item.source}")
     return {"ok": True, "import": item.as_json(datasette.urls)}
-
-
-ENDPOINTS = {
-    "/-/auth-app-user": auth_app_user,
-    "/-/open-database-file": open_database_file,
-    "/-/new-empty-database-file": new_empty_database_file,
-    "/-/open-csv-file": open_csv_file,
-    "/-/import-csv-file": import_csv_file,
-    "/-/open-csv-from-url": open_csv_from_url,
-    "/-/dump-temporary-to-file": dump_temporary_to_file,
-    "/-/restore-temporary-from-file": restore_temporary_from_file,
-}
-
-
-def _error_response(message, status):
-    return Response.json({"ok": False, "error": message}, status=status)
-
-
-def _json_endpoint(handler, method="POST", authenticate=_check_token):
-    """Wrap a handler: one method, authentication first, every failure as JSON.
-
-    POST handlers get the request's JSON object as their second argument.
-    """
-
-    async def view(request, datasette):
-        if request.method != method:
-            response = _error_response(f"Use {method} for {request.path}.", 405)
-            response.headers["Allow"] = method
-            return response
-        try:
-            authenticate(request)
-            body = [await _read_json_object(request)] if method == "POST" else []
-            result = await handler(datasette, *body)
-        except APIError as e:
-            return _error_response(e.message, e.status)
-        except Exception as e:
-            fault = _server_fault(e)
-            return _error_response(fault.message, fault.status)
-        return result if isinstance(result, Response) else Response.json(result)
-
-    return view
-
-
-CROSS_SITE_REFUSAL = (
-    "Refused: this looks like a cross-site request from a web page, which Datasette's "
-    "CSRF protection does not allow. The desktop app sends its token and no cookie."
-)
-
-
-def _csrf_refusals_as_json(app):
-    """ASGI middleware: Datasette's HTML "CSRF check failed" page, on these routes, as JSON.
-
-    On Datasette 1.0 the asgi_wrapper hook wraps the CSRF layer, so the
-    refusal is Datasette's own decision; only its form changes. On 0.65
-    skip_csrf leaves these routes to the token check, and nothing here acts.
-    """
-    paths = set(ENDPOINTS) | {"/-/import-progress", "/-/cancel-import"}
-
-    async def wrapped(scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") not in paths:
-            await app(scope, receive, send)
-            return
-        refused = False
-
-        async def send_json_refusal(message):
-            nonlocal refused
-            if message["type"] == "http.response.start" and message["status"] == 403:
-                headers = dict(message.get("headers") or [])
-                refused = headers.get(b"content-type", b"").startswith(b"text/html")
-            if not refused:
-                await send(message)
-            elif message["type"] == "http.response.start":
-                body = json.dumps({"ok": False, "error": CROSS_SITE_REFUSAL}).encode()
-                await send({
-                    "type": "http.response.start",
-                    "status": 403,
-                    "headers": [
-                        (b"content-type", b"application/json; charset=utf-8"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                })
-                await send({"type": "http.response.body", "body": body})
-            # the HTML page's body messages are dropped
-
-        await app(scope, receive, send_json_refusal)
-
-    return wrapped
 
 
 # Page assets: the progress panel and the Import CSV button, for the desktop
@@ -2668,15 +2728,19 @@ button.app-support-button:disabled {
 ASSET_VERSION = hashlib.sha256((PAGE_SCRIPT + PAGE_STYLE).encode("utf-8")).hexdigest()[:12]
 
 
-def _asset_view(body, content_type):
-    async def view(request, datasette):
-        # The URL carries ASSET_VERSION, so a changed asset has a new URL.
-        return Response(
-            body, content_type=content_type,
-            headers={"Cache-Control": "max-age=31536000, immutable"},
-        )
+async def page_script(datasette):
+    return _asset_response(PAGE_SCRIPT, "application/javascript")
 
-    return view
+
+async def page_style(datasette):
+    return _asset_response(PAGE_STYLE, "text/css")
+
+
+def _asset_response(body, content_type):
+    # The URL carries ASSET_VERSION, so a changed asset has a new URL.
+    return Response(
+        body, content_type=content_type, headers={"Cache-Control": "max-age=31536000, immutable"}
+    )
 
 
 def _csrftoken(request):
@@ -2697,6 +2761,112 @@ def _import_target(datasette, database, template, view_name):
         return None
     return database
 
+
+
+# Routes
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    method: str
+    caller: str  # who may call it: APP, APP_OR_USER or ANYONE
+    handler: object  # handler(datasette), or handler(datasette, body) for a POST
+
+
+ROUTES = [
+    Route("/-/auth-app-user", "POST", APP, auth_app_user),
+    Route("/-/open-database-file", "POST", APP, open_database_file),
+    Route("/-/new-empty-database-file", "POST", APP, new_empty_database_file),
+    Route("/-/open-csv-file", "POST", APP, open_csv_file),
+    Route("/-/import-csv-file", "POST", APP, import_csv_file),
+    Route("/-/open-csv-from-url", "POST", APP, open_csv_from_url),
+    Route("/-/dump-temporary-to-file", "POST", APP, dump_temporary_to_file),
+    Route("/-/restore-temporary-from-file", "POST", APP, restore_temporary_from_file),
+    Route("/-/import-progress", "GET", APP_OR_USER, import_progress),
+    Route("/-/cancel-import", "POST", APP_OR_USER, cancel_import),
+    Route("/-/app-support.js", "GET", ANYONE, page_script),
+    Route("/-/app-support.css", "GET", ANYONE, page_style),
+]
+
+
+_APP_ONLY_PATHS = {route.path for route in ROUTES if route.caller == APP}
+
+
+def _error_response(message, status):
+    return Response.json({"ok": False, "error": message}, status=status)
+
+
+def _view(route):
+    """A route's view: its one method, its callers checked first, every failure as JSON.
+
+    A POST handler gets the request's JSON object as its second argument.
+    """
+    authenticate = _AUTHENTICATE[route.caller]
+
+    async def view(request, datasette):
+        if request.method != route.method:
+            response = _error_response(f"Use {route.method} for {request.path}.", 405)
+            response.headers["Allow"] = route.method
+            return response
+        try:
+            authenticate(request)
+            body = [await _read_json_object(request)] if route.method == "POST" else []
+            result = await route.handler(datasette, *body)
+        except APIError as e:
+            return _error_response(e.message, e.status)
+        except Exception as e:
+            fault = _server_fault(e)
+            return _error_response(fault.message, fault.status)
+        return result if isinstance(result, Response) else Response.json(result)
+
+    return view
+
+
+CROSS_SITE_REFUSAL = (
+    "Refused: this looks like a cross-site request from a web page, which Datasette's "
+    "CSRF protection does not allow. The desktop app sends its token and no cookie."
+)
+
+
+def _csrf_refusals_as_json(app):
+    """ASGI middleware: Datasette's HTML "CSRF check failed" page, on these routes, as JSON.
+
+    On Datasette 1.0 the asgi_wrapper hook wraps the CSRF layer, so the
+    refusal is Datasette's own decision; only its form changes. On 0.65
+    skip_csrf leaves these routes to the token check, and nothing here acts.
+    """
+    paths = {route.path for route in ROUTES}
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") not in paths:
+            await app(scope, receive, send)
+            return
+        refused = False
+
+        async def send_json_refusal(message):
+            nonlocal refused
+            if message["type"] == "http.response.start" and message["status"] == 403:
+                headers = dict(message.get("headers") or [])
+                refused = headers.get(b"content-type", b"").startswith(b"text/html")
+            if not refused:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                body = json.dumps({"ok": False, "error": CROSS_SITE_REFUSAL}).encode()
+                await send({
+                    "type": "http.response.start",
+                    "status": 403,
+                    "headers": [
+                        (b"content-type", b"application/json; charset=utf-8"),
+                        (b"content-length", str(len(body)).encode()),
+                    ],
+                })
+                await send({"type": "http.response.body", "body": body})
+            # the HTML page's body messages are dropped
+
+        await app(scope, receive, send_json_refusal)
+
+    return wrapped
 
 
 # Hooks
@@ -2722,26 +2892,16 @@ def startup(datasette):
 
 @hookimpl
 def register_routes():
-    progress = _json_endpoint(import_progress, "GET", _check_token_or_app_user)
-    cancel = _json_endpoint(cancel_import, "POST", _check_token_or_app_user)
-    return [
-        ("^/-/import-progress$", progress),
-        ("^/-/cancel-import$", cancel),
-        (r"^/-/app-support\.js$", _asset_view(PAGE_SCRIPT, "application/javascript")),
-        (r"^/-/app-support\.css$", _asset_view(PAGE_STYLE, "text/css")),
-    ] + [
-        ("^" + re.escape(path) + "$", _json_endpoint(handler))
-        for path, handler in ENDPOINTS.items()
-    ]
+    return [("^" + re.escape(route.path) + "$", _view(route)) for route in ROUTES]
 
 
 @hookimpl
 def skip_csrf(scope):
     # Datasette 0.65's CSRF check would answer a request that carries a cookie
-    # but no Bearer token with an HTML page; these routes need the token
-    # anyway, and answer its absence with JSON. /-/cancel-import is not one
-    # of them: it also takes the desktop user's cookie, so it keeps the check.
-    return scope.get("path") in ENDPOINTS
+    # but no Bearer token with an HTML page; the app's routes need the token
+    # anyway, and answer its absence with JSON. Routes the desktop user's
+    # pages call with the cookie keep the check.
+    return scope.get("path") in _APP_ONLY_PATHS
 
 
 @hookimpl

@@ -32,6 +32,8 @@ if not pm.is_registered(app_support):
     pm.register(app_support, name="app_support")
 
 TOKEN = "5f1e0c9a7b3d2e4f6a8b0c1d2e3f4a5b"
+# The routes only the desktop app may call, with its token.
+APP_ENDPOINTS = [route.path for route in app_support.ROUTES if route.caller == app_support.APP]
 IS_DATASETTE_1 = not __import__("datasette.version").version.__version__.startswith("0.")
 
 
@@ -186,14 +188,14 @@ BAD_AUTH = {
 }
 
 
-@pytest.mark.parametrize("endpoint", list(app_support.ENDPOINTS))
+@pytest.mark.parametrize("endpoint", list(APP_ENDPOINTS))
 @pytest.mark.parametrize("case", list(BAD_AUTH))
 async def test_bad_token_refused_without_side_effects(ds, tmp_path, endpoint, case):
     body = good_bodies(tmp_path)[endpoint]
     await assert_refused(ds, tmp_path, endpoint, body, 401, "API token", token=None, headers=BAD_AUTH[case])
 
 
-@pytest.mark.parametrize("endpoint", list(app_support.ENDPOINTS))
+@pytest.mark.parametrize("endpoint", list(APP_ENDPOINTS))
 @pytest.mark.parametrize("configured", ["", None])
 async def test_no_token_configured_refuses_everything(ds, tmp_path, monkeypatch, endpoint, configured):
     if configured is None:
@@ -205,7 +207,7 @@ async def test_no_token_configured_refuses_everything(ds, tmp_path, monkeypatch,
         await assert_refused(ds, tmp_path, endpoint, body, 401, "DATASETTE_API_TOKEN", token=token)
 
 
-@pytest.mark.parametrize("endpoint", list(app_support.ENDPOINTS))
+@pytest.mark.parametrize("endpoint", list(APP_ENDPOINTS))
 async def test_get_is_405_json(ds, endpoint):
     response = await ds.client.get(endpoint, headers={"Authorization": f"Bearer {TOKEN}"})
     assert_error(response, 405, "POST")
@@ -224,7 +226,7 @@ BAD_BODIES = [
 ]
 
 
-@pytest.mark.parametrize("endpoint", [e for e in app_support.ENDPOINTS if e != "/-/auth-app-user" and e != "/-/open-csv-from-url"])
+@pytest.mark.parametrize("endpoint", [e for e in APP_ENDPOINTS if e != "/-/auth-app-user" and e != "/-/open-csv-from-url"])
 @pytest.mark.parametrize("body,error", BAD_BODIES)
 async def test_bad_bodies_are_400(ds, tmp_path, endpoint, body, error):
     await assert_refused(ds, tmp_path, endpoint, body, 400, error)
@@ -255,7 +257,7 @@ async def broken(datasette, data):
 # A test plugin (a module, as Datasette 0.65 expects): a route with a real bug.
 faulty_route = types.ModuleType("test_faulty_route")
 faulty_route.register_routes = app_support.hookimpl(
-    lambda: [(r"^/-/test-broken$", app_support._json_endpoint(broken))]
+    lambda: [(r"^/-/test-broken$", app_support._view(app_support.Route("/-/test-broken", "POST", app_support.APP, broken)))]
 )
 
 
@@ -1490,7 +1492,7 @@ LATIN_WORDS = ["café", "Zürich", "Ærø", "niño", "façade", "Øst", "ÀÉÎ"
 
 def engine_import(conn, path, table, detect_types=True):
     """Import through the engine's pure function; return the table it created."""
-    return app_support.import_csv(conn, str(path), table, detect_types=detect_types).table
+    return app_support.import_file(conn, str(path), table, detect_types=detect_types).table
 
 
 def random_cell(rng, kind, delimiter, latin):
@@ -1719,7 +1721,7 @@ def read_in_parts(monkeypatch, parts=3, only_first_here=True):
         here = threading.get_ident()
 
         def claim_only_the_first_here(self):
-            if threading.get_ident() == here and self.next > 0:
+            if threading.get_ident() == here and self.handed_out > 0:
                 return None
             return claim(self)
 
@@ -1732,7 +1734,7 @@ def in_parts(monkeypatch):
 
 
 def split_points(path):
-    plan = app_support.plan_csv(str(path))
+    plan = app_support.plan_file(str(path))
     processes = app_support._process_count(path.stat().st_size, plan)
     return list(app_support._split_points(str(path), plan, processes)) if processes > 1 else []
 
@@ -1741,14 +1743,14 @@ def import_counting_parts(conn, path, folder, table="t", detect_types=True):
     """Import through the engine; return how many parts read the file, and the new table."""
     folder.mkdir(exist_ok=True)
     encoding = conn.execute("PRAGMA encoding").fetchone()[0]
-    staged = app_support.stage_csv(str(path), str(folder / "staging.db"), detect_types, encoding=encoding)
-    return len(staged.parts), app_support._copy_in(conn, staged, table).table
+    staged = app_support.stage_file(str(path), str(folder / "staging.db"), detect_types, encoding=encoding)
+    return len(staged.tables), app_support.copy_in(conn, staged, table).table
 
 
 def stage_error(path, folder):
     folder.mkdir(exist_ok=True)
-    with pytest.raises(app_support.CSVError) as error:
-        app_support.stage_csv(str(path), str(folder / "staging.db"))
+    with pytest.raises(app_support.ReadError) as error:
+        app_support.stage_file(str(path), str(folder / "staging.db"))
     return error.value.message
 
 
@@ -1799,39 +1801,39 @@ def test_csv_parts_go_to_whichever_process_is_free(tmp_path, monkeypatch):
     # which are not, then read most of the parts, and the rows still come
     # out in file order.
     read_in_parts(monkeypatch, only_first_here=False)
-    read = app_support._StagedPart.read
+    read = app_support._StagedRows.read
 
     def slow_read(self, reader, on_progress=None):
         time.sleep(0.5)
         read(self, reader, on_progress)
 
-    monkeypatch.setattr(app_support._StagedPart, "read", slow_read)
+    monkeypatch.setattr(app_support._StagedRows, "read", slow_read)
     path = tmp_path / "rows.csv"
     path.write_text("n,word\n" + "".join(f"{i},w{i}\n" for i in range(3000)))
     monkeypatch.setattr(app_support, "PART_BYTES", path.stat().st_size // 12)
     (tmp_path / "work").mkdir()
-    staged = app_support.stage_csv(str(path), str(tmp_path / "work" / "staging.db"))
-    readers = [Path(database).name for database, _ in staged.parts]
+    staged = app_support.stage_file(str(path), str(tmp_path / "work" / "staging.db"))
+    readers = [Path(database).name for database, _ in staged.tables]
     assert len(readers) >= 12 and readers[0] == "staging.db"
     assert set(readers) - {"staging.db"}, "no helper read a part"
     assert readers.count("staging.db") < len(readers) // 2
     conn = sqlite3.connect(":memory:", isolation_level=None)
-    table = app_support._copy_in(conn, staged, "t").table
+    table = app_support.copy_in(conn, staged, "t").table
     assert stored_table(conn, table) == (["n", "word"], ["INTEGER", "TEXT"], [(i, f"w{i}") for i in range(3000)])
 
 
 def test_csv_parts_no_process_read_count_as_a_failed_split():
     parts = app_support._Parts(iter([10, 20]))
-    assert parts.claim() == [0, 0, 10]
-    parts.staged(0, 0, {"rows": 1, "width": 1, "types": [None]})
+    assert parts.claim() == (0, 0, 10)
+    parts.staged(0, app_support._PartSummary(0, 1, 1, [None]))
     with pytest.raises(app_support._SplitFailed):  # parts 1 and 2 were never handed out
         parts.in_order()
-    assert parts.claim() == [1, 10, 20] and parts.claim() == [2, 20, None] and parts.claim() is None
+    assert parts.claim() == (1, 10, 20) and parts.claim() == (2, 20, None) and parts.claim() is None
     with pytest.raises(app_support._SplitFailed):  # handed out, never staged: its helper died
         parts.in_order()
-    parts.staged(1, 1, {"rows": 1, "width": 1, "types": [None]})
-    parts.staged(2, 1, {"rows": 1, "width": 2, "types": [None, None]})
-    assert [process for process, _ in parts.in_order()] == [0, 1, 1]
+    parts.staged(1, app_support._PartSummary(1, 1, 1, [None]))
+    parts.staged(2, app_support._PartSummary(1, 1, 2, [None, None]))
+    assert [summary.process for summary in parts.in_order()] == [0, 1, 1]
 
 
 def test_csv_in_parts_merges_late_types_and_wider_rows(tmp_path, in_parts):
@@ -2450,7 +2452,7 @@ CROSS_SITE = [
 ]
 
 
-@pytest.mark.parametrize("endpoint", list(app_support.ENDPOINTS))
+@pytest.mark.parametrize("endpoint", list(APP_ENDPOINTS))
 @pytest.mark.parametrize("headers", CROSS_SITE, ids=["sec-fetch-site", "origin", "same-site"])
 async def test_cross_site_browser_post_is_refused_as_json(ds, tmp_path, endpoint, headers):
     body = good_bodies(tmp_path)[endpoint]
