@@ -80,16 +80,11 @@ BATCH_ROWS = 500
 ROWS_PER_INSERT = 50
 # SQLite's default SQLITE_MAX_COLUMN.
 MAX_COLUMNS = 2000
-# Files this large are read in parts by several processes, one per CPU up
-# to MAX_PROCESSES: below it, starting a process costs more than it saves.
-# A helper that starts late only reads fewer parts: with 2 CPUs, a 9 MB
-# file gained nothing, 12 MB 9% and 18 MB 22%.
+# Files this large are read in parts, one per process, by up to one process
+# per CPU and at most MAX_PROCESSES: below it, starting a process costs more
+# than it saves.
 PARALLEL_MIN_BYTES = 16 * 1024 * 1024
 MAX_PROCESSES = 4
-# Parts are about this size, and each goes to whichever process is free
-# next, so that processes slowed by a busy machine, or by starting Python,
-# still finish together.
-PART_BYTES = 4 * 1024 * 1024
 # How far past its aim a part boundary may move to reach a line break.
 SPLIT_SEARCH_BYTES = 1024 * 1024
 # How often helper processes report progress, and the import checks for Cancel.
@@ -1338,19 +1333,17 @@ def _check_writable(path):
 # Reading large CSV files in parts
 #
 # One Python process parses CSV no faster than one CPU allows, so a large
-# file is cut into parts of about PART_BYTES, each starting just after a line
-# break, and read by several processes at once: this one, which also reads
-# the header, and helper processes. Parts are handed out in file order to
-# whichever process asks next, so that a process slowed by a busy machine,
-# or by starting Python, reads fewer of them. Each part is staged like a
-# whole file, in a table of its own in its reader's staging database. The
-# widths and types of all parts then decide the table; each process converts
-# its own parts to them, and copy_in copies the parts in file order.
+# file is cut into one part per process, each starting just after a line
+# break, and the parts are read at once: the first, which holds the header,
+# by this process, and each other one by a helper process. Each part is
+# staged like a whole file, in its reader's own staging database. The widths
+# and types of all parts then decide the table; each process converts its
+# part to them, and copy_in copies the parts in file order.
 
 
 _Part = collections.namedtuple("_Part", "number start end")  # end is None for the last part
-# What a process learned from staging a part.
-_PartSummary = collections.namedtuple("_PartSummary", "process rows width types")
+# What staging a part learned: the column types are None where it saw no values.
+_PartSummary = collections.namedtuple("_PartSummary", "rows width types")
 
 
 def _cpu_count():
@@ -1368,47 +1361,40 @@ def _process_count(size, plan):
     return min(_cpu_count(), MAX_PROCESSES)
 
 
-def _part_database(staging_path, process):
-    """The staging database of a process: 0 is this one."""
-    return f"{staging_path}-{process}" if process else staging_path
+def _part_database(staging_path, number):
+    """The staging database of the process that reads part number: 0 is this one."""
+    return f"{staging_path}-{number}" if number else staging_path
 
 
-def _remove_part_databases(staging_path, processes):
-    for process in range(processes):
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(_part_database(staging_path, process))
+def _split_points(path, processes):
+    """Where the second and later parts start: one part per process, of about equal size.
 
-
-def _split_points(path, plan, processes):
-    """Byte offsets where the second and later parts of the file start, each
-    found as it is asked for, so that reading starts at once.
-
-    At least one part per process, and parts of about PART_BYTES. Each is
-    just past an LF that the quotes before it say is outside a quoted cell:
-    counting them is a scan of bytes, not a parse. A quote inside an
-    unquoted cell can mislead the count, and then the part before ends
-    inside a quote, which its CSVReader notices.
+    Each is just past an LF that the quotes before it say is outside a quoted
+    cell: counting them is a scan of bytes, not a parse. A quote inside an
+    unquoted cell can mislead the count, and then the part before ends inside
+    a quote, which its CSVReader notices. Fewer points come back when no such
+    LF is near where one is wanted.
     """
     size = os.path.getsize(path)
-    share = size // max(processes, size // PART_BYTES)
-    quotes, position = 0, 0
+    points, quotes, position = [], 0, 0
     with open(path, "rb") as f:
-        for aim in range(share, size - share // 2, share):
+        for number in range(1, processes):
+            aim = size * number // processes
             while position < aim:
                 chunk = f.read(min(READ_BUFFER_BYTES, aim - position))
                 if not chunk:
-                    return
+                    return points
                 quotes += chunk.count(b'"')
                 position += len(chunk)
             window = f.read(SPLIT_SEARCH_BYTES)
             point = _unquoted_line_end(window, quotes)
-            if point is not None and position + point < size:
-                yield position + point
-            # The next aim counts on from here: its part starts after this one.
-            passed = len(window) if point is None else point
-            quotes += window.count(b'"', 0, passed)
-            position += passed
+            if point is None or position + point >= size:
+                return points
+            points.append(position + point)
+            quotes += window.count(b'"', 0, point)
+            position += point
             f.seek(position)
+    return points
 
 
 def _unquoted_line_end(window, quotes):
@@ -1424,97 +1410,60 @@ def _unquoted_line_end(window, quotes):
         start = end + 1
 
 
-class _Parts:
-    """The file's parts, handed out in file order to whichever process asks
-    next, and what became of each: shared by this process's threads.
+def _read_part(conn, path, plan, part, detect_types, report):
+    """Stage one part of the file in conn; return its _StagedRows and the file's header.
 
-    splits are where the second and later parts start; the last part ends
-    with the file.
-    """
-
-    def __init__(self, splits):
-        self.splits = iter(splits)
-        self.start = 0  # of the next part; None once the last is handed out
-        self.handed_out = 0
-        self.stopped = False
-        self.outcomes = {}  # part number: a _PartSummary, or the exception that stopped it
-        self.lock = threading.Lock()
-
-    def claim(self):
-        """The next _Part to read, or None once there are none."""
-        with self.lock:
-            if self.stopped or self.start is None:
-                return None
-            start, self.start = self.start, next(self.splits, None)
-            self.handed_out += 1
-            return _Part(self.handed_out - 1, start, self.start)
-
-    def staged(self, number, summary):
-        with self.lock:
-            self.outcomes[number] = summary
-
-    def failed(self, number, error):
-        """A part could not be read: no more parts are handed out."""
-        with self.lock:
-            self.outcomes[number] = error
-            self.stopped = True
-
-    def in_order(self):
-        """Each part's _PartSummary, in file order.
-
-        A part's failure counts only if every part before it was read: a
-        part after one that ended inside a quote started in the wrong place.
-        A part whose helper died, or that no one read, counts as a misplaced
-        split.
-        """
-        with self.lock:
-            if not self.stopped and self.start is not None:  # parts left that no one read
-                raise _SplitFailed()
-            outcomes = [self.outcomes.get(n, _SplitFailed()) for n in range(self.handed_out)]
-        for outcome in outcomes:
-            if isinstance(outcome, Exception):
-                raise outcome
-        return outcomes
-
-
-class _Tally:
-    """Rows and bytes a process has read so far, over all its parts, plus its helpers'.
-
-    report(rows, bytes_read) is told of the sum as each batch is read.
-    """
-
-    def __init__(self, report, helpers=()):
-        self.report = report
-        self.helpers = helpers
-        self.rows = self.bytes_read = 0  # of its finished parts
-
-    def reading(self, rows=0, bytes_read=0):
-        """The part being read has reached rows and bytes_read."""
-        if self.report:
-            self.report(
-                self.rows + rows + sum(helper.rows for helper in self.helpers),
-                self.bytes_read + bytes_read + sum(helper.bytes_read for helper in self.helpers),
-            )
-
-    def finished(self, rows, bytes_read):
-        self.rows += rows
-        self.bytes_read += bytes_read
-
-
-def _read_part(conn, path, plan, part, detect_types, tally):
-    """Stage one part of the file in a table of its own in conn; return its rows and the file's header.
-
-    Only the first part has the header; the others give [].
+    Only the first part holds the header; the others give [].
     """
     with contextlib.closing(plan.open(path, part.start, part.end)) as reader:
-        rows = _StagedRows(conn, f"part_{part.number}", reader.typed_cells, detect_types)
-        rows.read(reader, tally.reading)
-        tally.finished(rows.rows, reader.bytes_read)
+        rows = _StagedRows(conn, "staged", reader.typed_cells, detect_types)
+        rows.read(reader, report)
         return rows, reader.header
 
 
-def _summary(process, rows):
-    return _PartSummary(process, rows.rows, rows.width, rows.types)
+def _stage_in_parts(path, plan, processes, staging_path, detect_types, on_progress, encoding):
+    """Read the file's first part here and each other part in a helper process.
+
+    The parts' outcomes are taken in file order, so the first error is the
+    one reported: a part after one that ended inside a quote started in the
+    wrong place, and its own error means nothing. Raises _SplitFailed when
+    reading in parts does not work out for this file.
+    """
+    starts = [0] + _split_points(path, processes)
+    if len(starts) == 1:
+        raise _SplitFailed()
+    parts = [_Part(n, start, end) for n, (start, end) in enumerate(zip(starts, starts[1:] + [None]))]
+    job = {"path": path, "plan": asdict(plan), "db_encoding": encoding, "detect_types": detect_types}
+    helpers = []
+    try:
+        for part in parts[1:]:
+            staging = _part_database(staging_path, part.number)
+            helpers.append(_Helper({**job, "part": part, "staging_path": staging}))
+
+        def reading(rows=0, bytes_read=0):
+            """Report this process's part and the helpers' parts together."""
+            if on_progress:
+                on_progress(
+                    rows + sum(helper.rows for helper in helpers),
+                    bytes_read + sum(helper.bytes_read for helper in helpers),
+                )
+
+        with contextlib.closing(_open_staging(staging_path, encoding)) as conn:
+            conn.execute("BEGIN")
+            rows, header = _read_part(conn, path, plan, parts[0], detect_types, reading)
+            summaries = [_PartSummary(rows.rows, rows.width, rows.types)]
+            summaries += [helper.staged(reading) for helper in helpers]
+            columns, types = _whole_file(header, summaries)
+            for helper in helpers:
+                helper.convert(columns, types)
+            tables = [rows.convert(columns, types)]
+            conn.execute("COMMIT")
+            tables += [helper.converted(reading) for helper in helpers]
+    finally:
+        for helper in helpers:
+            helper.stop()
+    located = [(_part_database(staging_path, n), table) for n, table in enumerate(tables)]
+    return Staged(located, columns, types, sum(s.rows for s in summaries), plan.format)
 
 
 def _whole_file(header, summaries):
@@ -1527,64 +1476,18 @@ def _whole_file(header, summaries):
     return clean_headers(header, width), [kind or _TEXT for kind in types]
 
 
-def _stage_in_parts(path, plan, processes, staging_path, detect_types, on_progress, encoding):
-    """Read the file's parts here and in processes - 1 helpers; raise _SplitFailed if that cannot work."""
-    parts = _Parts(_split_points(path, plan, processes))
-    first = parts.claim()  # here, before any helper can ask: it holds the header
-    if first.end is None:  # the file is a single part after all
-        raise _SplitFailed()
-    helpers, mine = [], {}
-    try:
-        job = {
-            "path": path, "plan": asdict(plan), "db_encoding": encoding,
-            "detect_types": detect_types,
-        }
-        for number in range(1, processes):
-            job["staging_path"] = _part_database(staging_path, number)
-            helpers.append(_Helper(parts, number, job))
-        tally = _Tally(on_progress, helpers)
-        with contextlib.closing(_open_staging(staging_path, encoding)) as conn:
-            conn.execute("BEGIN")
-            header = []
-            for part in itertools.chain([first], iter(parts.claim, None)):
-                try:
-                    rows, part_header = _read_part(conn, path, plan, part, detect_types, tally)
-                except (ReadError, _SplitFailed) as e:
-                    parts.failed(part.number, e)
-                    break
-                if part.number == 0:
-                    header = part_header
-                mine[part.number] = rows
-                parts.staged(part.number, _summary(0, rows))
-            for helper in helpers:
-                helper.wait_until_done(tally.reading)
-            summaries = parts.in_order()
-            columns, types = _whole_file(header, summaries)
-            for helper in helpers:
-                helper.convert(columns, types)
-            tables = {number: rows.convert(columns, types) for number, rows in mine.items()}
-            conn.execute("COMMIT")
-            for helper in helpers:
-                tables.update(helper.converted(tally.reading))
-    finally:
-        for helper in helpers:
-            helper.stop()
-    located = [
-        (_part_database(staging_path, summary.process), tables[number])
-        for number, summary in enumerate(summaries)
-    ]
-    rows = sum(summary.rows for summary in summaries)
-    return Staged(located, columns, types, rows, plan.format)
+def _remove_part_databases(staging_path, processes):
+    for number in range(processes):
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(_part_database(staging_path, number))
 
 
 class _Helper:
-    """A helper process that stages parts of the file: _helper_main runs there.
+    """A helper process that stages one part of the file: _helper_main runs there.
 
-    They talk in JSON lines. It is sent the job, and asks for parts one at a
-    time; this side's listener thread hands them out. It reports progress,
-    and what it staged of each part, until there are no more parts. It is
-    then sent the whole file's columns and types, and answers with the
-    tables that hold its parts converted to them.
+    They talk in JSON lines. It is sent the job, reports its progress, and
+    answers with what it staged. It is then sent the whole file's columns and
+    types, and answers with the table that holds its part converted to them.
     """
 
     CODE = (
@@ -1598,12 +1501,9 @@ class _Helper:
         "module._helper_main()\n"
     )
 
-    def __init__(self, parts, number, job):
-        self.parts = parts
-        self.number = number
+    def __init__(self, job):
         self.rows = self.bytes_read = 0
-        self.done = threading.Event()  # it will read no more parts
-        self.messages = queue.Queue()
+        self.answers = queue.Queue()
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-c", self.CODE, os.path.abspath(__file__)],
@@ -1611,35 +1511,23 @@ class _Helper:
             )
         except OSError as e:
             raise _SplitFailed() from e
-        self.lock = threading.Lock()  # for stdin: the listener thread hands out parts
+        threading.Thread(target=self._listen, daemon=True).start()
         try:
             self._send(job)
         except _SplitFailed:
             self.stop()
             raise
-        threading.Thread(target=self._listen, daemon=True).start()
 
-    def wait_until_done(self, tick):
-        """Wait until it asks for a part when there are none left; tick is called while waiting."""
-        while not self.done.wait(PART_PROGRESS_SECONDS):
-            tick()
+    def staged(self, tick):
+        """The _PartSummary of its part, once staged; tick is called while waiting."""
+        return _PartSummary(*self._answer("staged", tick))
 
     def convert(self, columns, types):
         self._send({"columns": columns, "types": types})
 
     def converted(self, tick):
-        """Its tables by part number, once it has converted its parts."""
-        while True:
-            try:
-                message = self.messages.get(timeout=PART_PROGRESS_SECONDS)
-            except queue.Empty:
-                tick()
-                continue
-            if "error" in message:
-                raise _helper_error(message["error"])
-            if not message:  # ended without answering
-                raise _SplitFailed()
-            return dict(message["converted"])
+        """The table that holds its part, converted."""
+        return self._answer("converted", tick)
 
     def stop(self):
         if self.process.poll() is None:
@@ -1650,42 +1538,37 @@ class _Helper:
 
     def _send(self, message):
         try:
-            with self.lock:
-                self.process.stdin.write(json.dumps(message) + "\n")
-                self.process.stdin.flush()
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
         except OSError as e:  # it has ended
             raise _SplitFailed() from e
+
+    def _answer(self, key, tick):
+        while True:
+            try:
+                message = self.answers.get(timeout=PART_PROGRESS_SECONDS)
+            except queue.Empty:
+                tick()  # progress, and a chance for Cancel
+                continue
+            if "error" in message:
+                raise _helper_error(message["error"])
+            if key not in message:  # it ended without answering
+                raise _SplitFailed()
+            return message[key]
 
     def _listen(self):
         try:
             with self.process.stdout:
                 for line in self.process.stdout:
-                    self._heard(json.loads(line))
-        except (ValueError, _SplitFailed):
-            pass  # not one of ours, or it has ended: stop listening, and it ends
+                    message = json.loads(line)
+                    if "progress" in message:
+                        self.rows, self.bytes_read = message["progress"]
+                    else:
+                        self.answers.put(message)
+        except ValueError:
+            pass  # not one of ours: it ends
         finally:
-            self.done.set()
-            self.messages.put({})  # the process has ended
-
-    def _heard(self, message):
-        if "progress" in message:
-            self.rows, self.bytes_read = message["progress"]
-        elif "error" in message:
-            error = message["error"]
-            if error.get("part") is not None:
-                self.parts.failed(error["part"], _helper_error(error))
-            self.messages.put(message)
-            self.done.set()
-        elif "staged" in message or "ready" in message:
-            if "staged" in message:
-                number, summary = message["staged"]
-                self.parts.staged(number, _PartSummary(self.number, **summary))
-            part = self.parts.claim()
-            self._send({"part": part})
-            if part is None:
-                self.done.set()
-        else:
-            self.messages.put(message)
+            self.answers.put({})  # the process has ended
 
 
 def _helper_error(error):
@@ -1706,9 +1589,6 @@ def _helper_main():
         sys.stdout.write(json.dumps(message) + "\n")
         sys.stdout.flush()
 
-    def receive():
-        return json.loads(sys.stdin.readline() or "null")
-
     sent = 0.0
 
     def report(rows, bytes_read):
@@ -1717,38 +1597,26 @@ def _helper_main():
             sent = time.monotonic()
             send({"progress": [rows, bytes_read]})
 
-    job = receive()
-    plan, detect_types, number = CSVPlan(**job["plan"]), job["detect_types"], None
+    job = json.loads(sys.stdin.readline())
+    plan, part = CSVPlan(**job["plan"]), _Part(*job["part"])
     try:
         with contextlib.closing(_open_staging(job["staging_path"], job["db_encoding"])) as conn:
             conn.execute("BEGIN")
-            tally, mine = _Tally(report), []
-            send({"ready": True})
-            while True:
-                claim = (receive() or {}).get("part")
-                if not claim:
-                    break
-                number = claim[0]
-                rows, _ = _read_part(conn, job["path"], plan, _Part(*claim), detect_types, tally)
-                mine.append((number, rows))
-                summary = _summary(0, rows)._asdict()
-                del summary["process"]  # the other side knows who sent it
-                send({"staged": [number, summary]})
-            number = None  # errors from here on belong to no one part
-            whole = receive()
+            rows, _ = _read_part(conn, job["path"], plan, part, job["detect_types"], report)
+            send({"staged": [rows.rows, rows.width, rows.types]})
+            whole = json.loads(sys.stdin.readline() or "null")
             if whole:
-                tables = [[n, rows.convert(whole["columns"], whole["types"])] for n, rows in mine]
+                table = rows.convert(whole["columns"], whole["types"])
                 conn.execute("COMMIT")
-                send({"converted": tables})
+                send({"converted": table})
     except _SplitFailed:
-        send({"error": {"kind": "split", "part": number}})
+        send({"error": {"kind": "split"}})
     except ReadError as e:
-        send({"error": {"kind": "read", "part": number, "message": str(e)}})
+        send({"error": {"kind": "read", "message": str(e)}})
     except sqlite3.Error as e:
-        send({"error": {"kind": "sqlite", "part": number, "message": str(e)}})
+        send({"error": {"kind": "sqlite", "message": str(e)}})
     except OSError as e:
-        error = {"kind": "os", "part": number, "errno": e.errno, "message": e.strerror or str(e)}
-        send({"error": error})
+        send({"error": {"kind": "os", "errno": e.errno, "message": e.strerror or str(e)}})
 
 
 # Running an import for a handler

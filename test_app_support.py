@@ -1707,25 +1707,10 @@ PARTS_SEED = 21_11_2026
 PARTS_FILES = 40
 
 
-def read_in_parts(monkeypatch, parts=3, only_first_here=True):
-    """Read CSV files in parts however small they are: parts - 1 helper processes each.
-
-    A small file has as many parts as processes. This process reads the
-    first part and, unless only_first_here is false, only that: it would
-    otherwise be done with a small file before the helpers have started.
-    """
+def read_in_parts(monkeypatch, parts=3):
+    """Read CSV files in parts however small they are: one part here, and parts - 1 helper processes."""
     monkeypatch.setattr(app_support, "PARALLEL_MIN_BYTES", 0)
     monkeypatch.setattr(app_support, "_cpu_count", lambda: parts)
-    if only_first_here:
-        claim = app_support._Parts.claim
-        here = threading.get_ident()
-
-        def claim_only_the_first_here(self):
-            if threading.get_ident() == here and self.handed_out > 0:
-                return None
-            return claim(self)
-
-        monkeypatch.setattr(app_support._Parts, "claim", claim_only_the_first_here)
 
 
 @pytest.fixture
@@ -1733,10 +1718,24 @@ def in_parts(monkeypatch):
     read_in_parts(monkeypatch)
 
 
+@pytest.fixture
+def helpers(monkeypatch):
+    """The helper processes this test's imports start, as they are started."""
+    started = []
+    start = app_support._Helper.__init__
+
+    def recording_start(self, job):
+        start(self, job)
+        started.append(self.process)
+
+    monkeypatch.setattr(app_support._Helper, "__init__", recording_start)
+    return started
+
+
 def split_points(path):
     plan = app_support.plan_file(str(path))
     processes = app_support._process_count(path.stat().st_size, plan)
-    return list(app_support._split_points(str(path), plan, processes)) if processes > 1 else []
+    return app_support._split_points(str(path), processes) if processes > 1 else []
 
 
 def import_counting_parts(conn, path, folder, table="t", detect_types=True):
@@ -1754,20 +1753,7 @@ def stage_error(path, folder):
     return error.value.message
 
 
-def helper_processes():
-    """Live helper processes that read parts of CSV files, from Linux's /proc."""
-    found = []
-    for entry in os.listdir("/proc"):
-        try:
-            cmdline = Path("/proc", entry, "cmdline").read_bytes()
-        except OSError:
-            continue
-        if entry.isdigit() and b"app_support_part" in cmdline:
-            found.append(int(entry))
-    return found
-
-
-def test_csv_engine_in_parts_matches_csv_module_on_generated_files(tmp_path, in_parts, monkeypatch):
+def test_csv_engine_in_parts_matches_csv_module_on_generated_files(tmp_path, in_parts, helpers):
     failures, files, index = [], 0, 0
     while files < PARTS_FILES:
         content, params, _ = random_csv(PARTS_SEED, index)
@@ -1777,14 +1763,11 @@ def test_csv_engine_in_parts_matches_csv_module_on_generated_files(tmp_path, in_
             continue
         files += 1
         path, params, header, rows = check_generated_file(tmp_path, index - 1, PARTS_SEED)
-        # Half the files in one part per process, half in about 8 parts for 3 processes.
-        many = files % 2 == 0
-        monkeypatch.setattr(app_support, "PART_BYTES", path.stat().st_size // 8 if many else 2**40)
         conn = sqlite3.connect(":memory:", isolation_level=None)
         try:
             parts, table = import_counting_parts(conn, path, tmp_path / f"work{index}")
             problem = compare_import(params, header, rows, *stored_table(conn, table))
-            if parts < (4 if many else 2):
+            if parts < 2:
                 problem = f"seed {PARTS_SEED} file {index - 1} {params}: read in {parts} parts"
         except Exception as e:
             problem = f"seed {PARTS_SEED} file {index - 1} {params}: {type(e).__name__}: {e}"
@@ -1794,46 +1777,7 @@ def test_csv_engine_in_parts_matches_csv_module_on_generated_files(tmp_path, in_
             failures.append(problem)
     shown = "\n".join(failures[:10])
     assert not failures, f"{len(failures)} of {PARTS_FILES} files differ:\n{shown}"
-
-
-def test_csv_parts_go_to_whichever_process_is_free(tmp_path, monkeypatch):
-    # This process is slowed down, as a busy machine might: the helpers,
-    # which are not, then read most of the parts, and the rows still come
-    # out in file order.
-    read_in_parts(monkeypatch, only_first_here=False)
-    read = app_support._StagedRows.read
-
-    def slow_read(self, reader, on_progress=None):
-        time.sleep(0.5)
-        read(self, reader, on_progress)
-
-    monkeypatch.setattr(app_support._StagedRows, "read", slow_read)
-    path = tmp_path / "rows.csv"
-    path.write_text("n,word\n" + "".join(f"{i},w{i}\n" for i in range(3000)))
-    monkeypatch.setattr(app_support, "PART_BYTES", path.stat().st_size // 12)
-    (tmp_path / "work").mkdir()
-    staged = app_support.stage_file(str(path), str(tmp_path / "work" / "staging.db"))
-    readers = [Path(database).name for database, _ in staged.tables]
-    assert len(readers) >= 12 and readers[0] == "staging.db"
-    assert set(readers) - {"staging.db"}, "no helper read a part"
-    assert readers.count("staging.db") < len(readers) // 2
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    table = app_support.copy_in(conn, staged, "t").table
-    assert stored_table(conn, table) == (["n", "word"], ["INTEGER", "TEXT"], [(i, f"w{i}") for i in range(3000)])
-
-
-def test_csv_parts_no_process_read_count_as_a_failed_split():
-    parts = app_support._Parts(iter([10, 20]))
-    assert parts.claim() == (0, 0, 10)
-    parts.staged(0, app_support._PartSummary(0, 1, 1, [None]))
-    with pytest.raises(app_support._SplitFailed):  # parts 1 and 2 were never handed out
-        parts.in_order()
-    assert parts.claim() == (1, 10, 20) and parts.claim() == (2, 20, None) and parts.claim() is None
-    with pytest.raises(app_support._SplitFailed):  # handed out, never staged: its helper died
-        parts.in_order()
-    parts.staged(1, app_support._PartSummary(1, 1, 1, [None]))
-    parts.staged(2, app_support._PartSummary(1, 1, 2, [None, None]))
-    assert [summary.process for summary in parts.in_order()] == [0, 1, 1]
+    assert helpers and all(helper.poll() is not None for helper in helpers)
 
 
 def test_csv_in_parts_merges_late_types_and_wider_rows(tmp_path, in_parts):
@@ -1910,19 +1854,13 @@ def test_csv_in_parts_reads_the_file_whole_when_helpers_cannot_run(tmp_path, in_
     assert stored_table(conn, table)[1:] == (["INTEGER", "INTEGER"], [(i, i * 2) for i in range(2000)])
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds helper processes in /proc")
 @pytest.mark.parametrize("database", ["temporary", "target"])
-async def test_import_csv_file_in_parts(ds, tmp_path, in_parts, database):
+async def test_import_csv_file_in_parts(ds, tmp_path, in_parts, helpers, database):
     if database != "temporary":
         await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
     path = tmp_path / "people.csv"
     path.write_text("id,zip,score\n" + "".join(f"{i},{i:05d},{i / 4}\n" for i in range(5000)))
-    task = asyncio.ensure_future(post(ds, "/-/import-csv-file", {"path": str(path), "database": database}))
-    helpers = set()
-    while not task.done():  # the import runs in a worker thread
-        helpers.update(helper_processes())
-        await asyncio.sleep(0.01)
-    response = task.result()
+    response = await post(ds, "/-/import-csv-file", {"path": str(path), "database": database})
     assert response.status_code == 200, response.text
     assert response.json()["rows"] == 5000
     assert len(helpers) == 2, "the file was not read in parts"
@@ -1932,22 +1870,26 @@ async def test_import_csv_file_in_parts(ds, tmp_path, in_parts, database):
     assert stored == [(i, f"{i:05d}", i / 4) for i in range(5000)]
     (final,) = await progress(ds)
     assert (final["state"], final["rows"]) == ("done", 5000)
-    assert work_folders() == [] and helper_processes() == []
+    assert work_folders() == [] and all(helper.poll() is not None for helper in helpers)
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds helper processes in /proc")
 @pytest.mark.parametrize("database", ["temporary", "target"])
-async def test_cancel_import_in_parts_stops_the_helpers(ds, tmp_path, in_parts, database):
+async def test_cancel_import_in_parts_stops_the_helpers(ds, tmp_path, in_parts, helpers, database):
     task, item = await start_big_import(ds, tmp_path, database)
-    assert len(helper_processes()) == 2
+    assert len(helpers) == 2 and all(helper.poll() is None for helper in helpers)
     response = await cancel_with_token(ds, item["id"])
     assert response.status_code == 200, response.text
     assert_error(await task, 400, "Import cancelled: " + item["source"])
     assert await tables(ds, database) == []
-    assert work_folders() == [] and helper_processes() == []
+    assert work_folders() == [] and all(helper.poll() is not None for helper in helpers)
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds helper processes in /proc")
+def server_work_files(server):
+    """The files in the work folders of a datasette process this test started."""
+    folders = Path(tempfile.gettempdir()).glob(f"{app_support.WORK_FOLDER_PREFIX}{server.pid}_*")
+    return [path.name for folder in folders for path in folder.glob("*")]
+
+
 @pytest.mark.skipif(app_support._cpu_count() < 2, reason="one CPU: large files are read in one part")
 def test_large_csv_read_in_parts_by_a_server_started_as_the_app_starts_it(tmp_path):
     plugins_dir = tmp_path / "plugins"
@@ -1959,23 +1901,24 @@ def test_large_csv_read_in_parts_by_a_server_started_as_the_app_starts_it(tmp_pa
     # The app's whole environment: no PATH and no HOME for the helpers to rely on.
     process = start_server(plugins_dir, port, {"DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64})
     try:
-        answer, helpers = [], set()
+        answer, seen = [], set()
         thread = threading.Thread(target=lambda: answer.append(call(port, "/-/open-csv-file", {"path": str(big)})))
         thread.start()
         while thread.is_alive():
-            helpers.update(helper_processes())
+            seen.update(server_work_files(process))
             time.sleep(0.02)
         status, _, body = answer[0]
         assert status == 200, body
         assert json.loads(body)["rows"] == 1_400_000
-        assert helpers, "no helper process read a part of the file"
+        # A helper process stages its part in a database of its own.
+        assert "staging.db-1" in seen, f"no helper process read a part of the file: {sorted(seen)}"
+        assert server_work_files(process) == []
         status, _, body = call(port, "/-/dump-temporary-to-file", {"path": str(tmp_path / "dump.db")})
         assert status == 200, body
         conn = sqlite3.connect(tmp_path / "dump.db")
         sums = conn.execute("select count(*), sum(id), sum(score), max(name) from big").fetchone()
         assert sums == (1_400_000, sum(range(1_400_000)), sum(i * 1.5 for i in range(1_400_000)), "name 999999")
         conn.close()
-        assert helper_processes() == []
     finally:
         process.terminate()
         process.wait(10)

@@ -113,6 +113,8 @@ def child(target, csv_path, folder):
 
     import app_support
 
+    if os.environ.get("BENCHMARK_MAX_PROCESSES"):  # --max-processes
+        app_support.MAX_PROCESSES = int(os.environ["BENCHMARK_MAX_PROCESSES"])
     if not pm.is_registered(app_support):
         pm.register(app_support, name="app_support")
     os.environ["DATASETTE_API_TOKEN"] = TOKEN
@@ -243,8 +245,15 @@ def main():
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rss-sweep", action="store_true", help="peak RSS at 100k, 1M and 5M rows")
+    parser.add_argument(
+        "--max-processes", type=int,
+        help="read in parts by at most this many processes; 1 reads every file in one piece",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.max_processes:
+        os.environ["BENCHMARK_MAX_PROCESSES"] = str(args.max_processes)
+        print(f"At most {args.max_processes} processes")
     if args.child:
         child(*args.child)
         return
