@@ -5,12 +5,20 @@ DATASETTE_SECRET set, then drives it through the JSON endpoints below: it
 attaches SQLite files, imports CSV files and URLs, signs the desktop user in
 as root, and carries the in-memory `temporary` database across restarts.
 
-Every endpoint is a POST that needs `Authorization: Bearer <token>`, reads a
-JSON object from the raw body and answers `{"ok": true, ...}` or
-`{"ok": false, "error": "<a sentence for a dialog>"}`.
+Every endpoint but GET /-/import-progress is a POST that needs
+`Authorization: Bearer <token>`, reads a JSON object from the raw body and
+answers `{"ok": true, ...}` or `{"ok": false, "error": "<a sentence for a
+dialog>"}`.
 
 This file imports only the standard library and datasette, so it works when
 copied alone into a --plugins-dir, vendored, or installed with pip.
+
+It reads top to bottom: constants; the one error type; requests; files and
+databases; the differences between Datasette 0.65 and 1.0; the import engine
+(readers, column types, staging, copying in, then reading in parts);
+downloads; import progress; one handler per endpoint; the page assets; the
+route table; the hooks. Names without a leading underscore are the engine's
+entry points, the handlers and the hooks; the test suite calls them.
 """
 
 import asyncio
@@ -132,6 +140,10 @@ UTF8_FALLBACK = "app_support_utf8_fallback"
 # remove the ones whose process died without cleaning up.
 WORK_FOLDER_PREFIX = "app_support_"
 
+
+# Errors
+
+
 class APIError(Exception):
     """A failure to report to the desktop app as {"ok": false, "error": ...}."""
 
@@ -192,11 +204,7 @@ def _sqlite_failures(action, path):
         raise _sqlite_failure(e, action, path) from e
 
 
-# Request helpers
-
-
-def _now():
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+# Requests
 
 
 def _check_token(request):
@@ -311,6 +319,9 @@ def _is_unicode_text(value):
 
 
 _TYPE_NAMES = {str: "string", bool: "boolean (true or false)", int: "whole number"}
+
+
+# Files and databases
 
 
 def _resolve_path(raw):
@@ -449,6 +460,9 @@ def _create_empty_database(path):
     except sqlite3.Error as e:
         os.remove(path)
         raise APIError(f"Could not create a SQLite database at {path}: {e}")
+
+
+# Work folders
 
 
 def _work_folder():
@@ -1916,6 +1930,10 @@ def _unpack(path, url_path, url, limits, folder):
 
 
 # Import progress
+
+
+def _now():
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 class ImportCancelled(APIError):
