@@ -107,9 +107,17 @@ BINARY_SNIFF_BYTES = 8192
 DELIMITERS = ",\t;|"
 # For one-column files: a control character that never splits a value.
 NO_DELIMITER = "\x1f"
+# JSON is read in chunks of this many characters; a single value (a row)
+# may be at most MAX_JSON_VALUE_CHARS.
+JSON_CHUNK_CHARS = 1024 * 1024
+MAX_JSON_VALUE_CHARS = 32 * 1024 * 1024
+# How many objects deep, inside the top-level object, an array of objects is looked for.
+MAX_JSON_DEPTH = 3
 # Encodings a file can be cut in at any LF byte: it is a line break wherever
 # it appears, and no state carries over from one line to the next.
 SPLITTABLE_ENCODINGS = ("utf-8-sig", "cp1252")
+# The files a zip download is looked in for, and the endings a URL's table name loses.
+DATA_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".ndjson", ".jsonl", ".geojson")
 URL_TIMEOUT_SECONDS = 30
 # Whole-download limits; plugin settings url_time_limit and url_size_limit_mb.
 URL_TIME_LIMIT_SECONDS = 600
@@ -664,27 +672,42 @@ def _decode_errors(encoding):
     return UTF8_FALLBACK if encoding in ("utf-8-sig", "utf-8") else "strict"
 
 
-def _file_head(path):
-    """The file's first bytes from its first non-blank one on, and the encoding they suggest."""
+def _file_head(path, source):
+    """The file's first bytes, from the first chunk that is not all blank on."""
     with open(path, "rb") as f:
         head = f.read(BINARY_SNIFF_BYTES)
         while head and not head.strip():
             head = f.read(BINARY_SNIFF_BYTES)  # blank lines before the header
     if not head:
-        raise ReadError(f"File is empty: {path}")
+        raise ReadError(f"File is empty: {source}")
     return head
 
 
-def plan_file(path, charset=None):
-    """Decide from the file's start how to read it; return the plan of its reader.
+_WEB_PAGE = re.compile(r"(<!doctype\s+html|<html)[\s>]", re.IGNORECASE)
+_XML_DOCUMENT = re.compile(r"<\?xml\s")
+# An array whose first item has begun, or an object whose first key has.
+_JSON_START = re.compile(r'\[\s*[\[{"0-9tfn\]-]|\{\s*["}]')
 
-    charset is a declared text encoding, such as a download's Content-Type gives.
+
+def plan_file(path, charset=None, source=None):
+    """Decide from the file's start, not its name, how to read it; return the plan of its reader.
+
+    charset is a declared text encoding, such as a download's Content-Type
+    gives. source names the file in messages: its path, or the URL it came from.
     """
-    head = _file_head(path)
+    source = _shorten(source or path)
+    head = _file_head(path, source)
     encoding = sniff_encoding(head, charset)
     if b"\x00" in head and not _is_wide(encoding):
-        raise ReadError(f"This looks like a binary file, not CSV or TSV text: {path}")
-    return plan_csv(path, encoding)
+        raise ReadError(f"This looks like a binary file, not CSV, TSV or JSON text: {source}")
+    text = head.decode(encoding, "replace").lstrip("\ufeff \t\r\n")
+    if _WEB_PAGE.match(text + " "):
+        raise ReadError(f"{source} is a web page (HTML), not CSV, TSV or JSON data.")
+    if _XML_DOCUMENT.match(text + " "):
+        raise ReadError(f"{source} is an XML document, not CSV, TSV or JSON data.")
+    if _JSON_START.match(text):
+        return plan_json(path, encoding, source)
+    return plan_csv(path, encoding, source)
 
 
 # Readers: CSV
@@ -696,18 +719,30 @@ class CSVPlan:
 
     encoding: str = "utf-8-sig"
     delimiter: str = ","
+    source: str = ""  # the file's name in messages
 
     @property
     def format(self):
         return "tsv" if self.delimiter == "\t" else "csv"
 
     @property
+    def kind(self):
+        return self.format.upper()
+
+    @property
     def splittable(self):
         """Whether the file can be cut into parts at any LF byte (see _process_count)."""
         return self.encoding in SPLITTABLE_ENCODINGS
 
+    def answer(self):
+        """What the import's answer says of the file."""
+        return {"format": self.format}
+
     def open(self, path, start=0, end=None):
         return CSVReader(path, self, start, end)
+
+    def split_points(self, path, processes):
+        return _csv_split_points(path, processes)
 
 
 def _is_blank(row):
@@ -754,15 +789,15 @@ def _text_sample(path, encoding):
         return text + more, not more
 
 
-def plan_csv(path, encoding):
+def plan_csv(path, encoding, source):
     """Decide how to read a CSV file in a known encoding: its delimiter."""
     try:
         sample, complete = _text_sample(path, encoding)
     except UnicodeDecodeError:
-        raise ReadError(f"{path} is not valid {encoding} text.")
+        raise ReadError(f"{source} is not valid {encoding} text.")
     if not sample.strip():
-        raise ReadError(f"File is empty: {path}")
-    return CSVPlan(encoding, detect_delimiter(sample, complete))
+        raise ReadError(f"File is empty: {source}")
+    return CSVPlan(encoding, detect_delimiter(sample, complete), source)
 
 
 def _allow_large_csv_fields():
@@ -798,11 +833,13 @@ def _lines_before(path, offset):
 class _NulGuard(io.RawIOBase):
     """A raw file, or the bytes start to end of it, that refuses NUL bytes.
 
-    Python 3.11's csv module accepts them.
+    Python 3.11's csv module accepts them. plan gives the file's name in
+    messages and the kind of text it should be.
     """
 
-    def __init__(self, path, start=0, end=None):
+    def __init__(self, path, plan, start=0, end=None):
         self.path = path
+        self.plan = plan
         self.raw = open(path, "rb", buffering=0)
         self.raw.seek(start)
         self.start = start
@@ -825,7 +862,8 @@ class _NulGuard(io.RawIOBase):
             if self.start:
                 line += _lines_before(self.path, self.start)
             raise ReadError(
-                f"{self.path} contains a NUL byte on line {line}, so it is not CSV text."
+                f"{self.plan.source} contains a NUL byte on line {line}, "
+                f"so it is not {self.plan.kind} text."
             )
         self.lines += chunk.count(b"\n")
         return n
@@ -864,14 +902,14 @@ class CSVReader:
         _allow_large_csv_fields()
         self.path = path
         self.plan = plan
-        self.format = plan.format
         self.start = start
         self.last = end is None
         self.header = []
+        self.keys = None  # columns are known by their position
         if _is_wide(plan.encoding):
             self.guard = open(path, "rb", buffering=0)
         else:
-            self.guard = _NulGuard(path, start, end)
+            self.guard = _NulGuard(path, plan, start, end)
         self.file = io.TextIOWrapper(
             io.BufferedReader(self.guard, READ_BUFFER_BYTES),
             # A byte order mark can only be at the very start.
@@ -900,7 +938,7 @@ class CSVReader:
                 return batch[0]
         if not self.last:  # blank lines past the first part's end
             raise _SplitFailed()
-        raise ReadError(f"No header row found in {self.path}: the file has no columns.")
+        raise ReadError(f"No header row found in {self.plan.source}: the file has no columns.")
 
     def _batches(self, size):
         while True:
@@ -932,8 +970,8 @@ class CSVReader:
         lines = sum(map(_line_breaks, row)) + 1 + (not row[-1].endswith(("\n", "\r")))
         opened = self.reader.line_num - lines + 1 + sum(map(_line_breaks, row[:-1]))
         return ReadError(
-            f"{self.path} has a quote that is never closed: it opens on line {self._line(opened)}. "
-            "Close it, or remove it, and try again."
+            f"{self.plan.source} has a quote that is never closed: it opens on line "
+            f"{self._line(opened)}. Close it, or remove it, and try again."
         )
 
     @contextlib.contextmanager
@@ -942,24 +980,539 @@ class CSVReader:
             yield
         except csv.Error as e:
             raise ReadError(
-                f"Could not read {self.path} as CSV at line {self._line(self.reader.line_num)}: {e}."
+                f"Could not read {self.plan.source} as CSV at line "
+                f"{self._line(self.reader.line_num)}: {e}."
             )
         except UnicodeDecodeError:
             raise ReadError(
-                f"{self.path} is not valid {self.plan.encoding} text "
+                f"{self.plan.source} is not valid {self.plan.encoding} text "
                 f"(line {self._line(self.reader.line_num + 1)})."
             )
+
+
+# Readers: JSON
+#
+# A JSON file is never loaded whole. _JSONText keeps a buffer of its text and
+# decodes one value at a time from it with the json module's C decoder: a row
+# object, a key, a scalar. Containers around the rows are walked a character
+# at a time. plan_json looks at the file first to learn its shape; for an
+# object that holds arrays of objects, that look walks the whole file once.
+
+
+JSON_SHAPES = (
+    "an array of objects, one object per line (NDJSON), an object that holds an array of "
+    "objects, or a GeoJSON FeatureCollection"
+)
+_JSON_DECODER = json.JSONDecoder()
+_JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
+# Where a part of a file of JSON objects may start: just after an LF that
+# follows an item and comes before the next object. An LF is never inside a
+# JSON string, so no quotes need counting.
+_JSON_SPLITS = {
+    "array": re.compile(rb",[ \t\r]*\n(?=[ \t\r\n]*\{)"),
+    "ndjson": re.compile(rb"\}[ \t\r]*\n(?=[ \t\r\n]*\{)"),
+}
+# GeoJSON features' own members, kept apart from keys in their properties.
+_FEATURE_ID, _FEATURE_GEOMETRY = "\x00id", "\x00geometry"
+
+
+@dataclass
+class JSONPlan:
+    """How to read a JSON file, decided from its start, or from one walk through it."""
+
+    encoding: str = "utf-8-sig"
+    shape: str = "array"  # "array", "ndjson", "nested" (inside objects) or "geojson"
+    source: str = ""  # the file's name in messages
+    json_path: list = None  # the keys that lead to a nested array of objects
+    kind = "JSON"
+
+    @property
+    def format(self):
+        return {"ndjson": "ndjson", "geojson": "geojson"}.get(self.shape, "json")
+
+    @property
+    def splittable(self):
+        """Whether the file can be cut into parts at LF bytes (see _process_count)."""
+        return self.shape in _JSON_SPLITS and self.encoding in SPLITTABLE_ENCODINGS
+
+    def answer(self):
+        answer = {"format": self.format}
+        if self.shape == "nested":
+            answer["json_path"] = ".".join(self.json_path)
+        return answer
+
+    def open(self, path, start=0, end=None):
+        return JSONReader(path, self, start, end)
+
+    def split_points(self, path, processes):
+        """Where the second and later parts start: one part per process, of about equal size.
+
+        A part that starts inside an item, because the LF was inside a nested
+        array, makes the part before it end inside that item, which its
+        JSONReader notices.
+        """
+        size = os.path.getsize(path)
+        points = []
+        with open(path, "rb") as f:
+            for number in range(1, processes):
+                f.seek(size * number // processes)
+                window = f.read(SPLIT_SEARCH_BYTES)
+                found = _JSON_SPLITS[self.shape].search(window)
+                point = size * number // processes + found.end() if found else size
+                if point >= size or (points and point <= points[-1]):
+                    return points
+                points.append(point)
+        return points
+
+
+def plan_json(path, encoding, source):
+    """Decide the shape of a JSON file: from its first item for an array, else by walking it."""
+    with contextlib.closing(_JSONText(path, JSONPlan(encoding, "array", source))) as text:
+        try:
+            if text.peek() == "[":
+                text.pos += 1
+                first = text.peek()
+                if first == "]":
+                    raise ReadError(f"{source} holds an empty JSON array: there is nothing to import.")
+                if first != "{":
+                    raise _not_a_table(source, f"an array of {_json_kind(text.value())}s")
+                return JSONPlan(encoding, "array", source)
+            found, top = [], {}
+            _survey_object(text, [], found, top)
+            after = text.peek()
+            if after == "{":  # a second object: one per line
+                return JSONPlan(encoding, "ndjson", source)
+            if after:
+                raise text.error("Extra data")
+        except RecursionError:
+            raise ReadError(f"{source} holds JSON nested too deeply to read.")
+    if not found:
+        raise _not_a_table(source, "an object with no array of objects in it")
+    json_path, _ = max(found, key=lambda path_and_count: path_and_count[1])  # the first largest
+    if top.get("type") == "FeatureCollection" and json_path == ["features"]:
+        return JSONPlan(encoding, "geojson", source, json_path)
+    return JSONPlan(encoding, "nested", source, json_path)
+
+
+def _survey_object(text, path, found, top):
+    """Walk the object that comes next, adding (keys, items) to found for each array of
+    objects in it or in the objects within it, MAX_JSON_DEPTH objects deep at most.
+
+    top gets the top-level object's scalar members, such as GeoJSON's "type".
+    """
+    for key in text.members():
+        value = text.peek()
+        if value == "{" and len(path) < MAX_JSON_DEPTH:
+            _survey_object(text, path + [key], found, top)
+        elif value == "[":
+            count = _survey_array(text)
+            if count:
+                found.append((path + [key], count))
+        elif value == "{":
+            text.skip()
+        else:
+            scalar = text.value()
+            if not path:
+                top[key] = scalar
+
+
+def _survey_array(text):
+    """Pass the array that comes next; return how many items it has if they are objects, else 0."""
+    text.take("[")
+    if text.peek() != "{":
+        for _ in text.items():
+            text.skip()
+        return 0
+    count = 0
+    for _ in text.items():
+        text.skip()
+        count += 1
+    return count
+
+
+def _json_kind(value):
+    if isinstance(value, bool):
+        return "boolean"
+    names = {dict: "object", list: "array", str: "string", int: "number", float: "number"}
+    return names.get(type(value), "null")
+
+
+def _not_a_table(source, what):
+    return ReadError(
+        f"{source} holds {what}, which cannot be imported as a table. "
+        f"JSON can be imported when it is {JSON_SHAPES}."
+    )
+
+
+def _newlines_before(path, offset):
+    """How many LFs the file at path has before byte offset, as json counts lines: for messages."""
+    count = 0
+    with open(path, "rb") as f:
+        while offset > 0:
+            chunk = f.read(min(READ_BUFFER_BYTES, offset))
+            if not chunk:
+                break
+            offset -= len(chunk)
+            count += chunk.count(b"\n")
+    return count
+
+
+class _JSONText:
+    """The JSON text of a file, or of bytes start to end of it, taken a value at a time.
+
+    The buffer holds text read and not yet passed; pos is where the next
+    value starts. When a value may go on past the buffer's end, as much text
+    again is read, so that a long value costs a few decodes, not one a chunk.
+    In a part that is not the last, a value cut off by the part's end means
+    the part started or ended in the wrong place: _SplitFailed.
+    """
+
+    def __init__(self, path, plan, start=0, end=None):
+        self.path = path
+        self.plan = plan
+        self.start = start
+        self.last = end is None
+        self.guard = _NulGuard(path, plan, start, end)
+        self.file = io.TextIOWrapper(
+            io.BufferedReader(self.guard, READ_BUFFER_BYTES),
+            encoding="utf-8" if start and plan.encoding == "utf-8-sig" else plan.encoding,
+            errors=_decode_errors(plan.encoding),
+        )
+        self.buffer, self.pos, self.eof = "", 0, False
+        self.lines = 0  # line breaks passed before the buffer
+        self.column = 0  # characters passed after the last of them
+        self.passed = 0  # characters passed before the buffer
+        self.after_comma = False  # in objects(): the last item was followed by a comma
+        self.next_run = 0  # in objects(): where to look for a run of lines again
+
+    def close(self):
+        self.file.close()
+
+    @property
+    def bytes_read(self):
+        return self.guard.tell()
+
+    def peek(self):
+        """The next character that is not whitespace, passing the whitespace; "" at the end."""
+        while True:
+            self.pos = _JSON_WHITESPACE.match(self.buffer, self.pos).end()
+            if self.pos < len(self.buffer):
+                return self.buffer[self.pos]
+            if self.eof:
+                return ""
+            self._read_more()
+
+    def take(self, char):
+        if self.peek() != char:
+            raise self.error(f"Expecting '{char}'")
+        self.pos += 1
+
+    def value(self):
+        """The next value, decoded whole."""
+        self.peek()
+        while True:
+            try:
+                value, end = _JSON_DECODER.raw_decode(self.buffer, self.pos)
+            except json.JSONDecodeError as e:
+                cut = e.msg.startswith("Unterminated string") or len(self.buffer) - e.pos < 64
+                if not (cut and not self.eof):
+                    if cut and not self.last:
+                        raise _SplitFailed()
+                    raise self.error(e.msg, e.pos)
+            else:
+                # A number at the very end may go on in the text not read yet.
+                if self.eof or len(self.buffer) - end >= 64:
+                    self.pos = end
+                    return value
+            self._read_more()
+
+    def items(self):
+        """Count off the items of the array whose "[" was just passed, until its "]" is passed.
+
+        The caller takes each item. In a part that is not the last, the items
+        end where the text does, after a comma.
+        """
+        if self.peek() == "]":
+            self.pos += 1
+            return
+        while True:
+            yield
+            after = self.peek()
+            self.pos += 1
+            if after == "]":
+                return
+            if after != ",":
+                self.pos -= 1
+                if after == "" and not self.last:
+                    raise _SplitFailed()
+                raise self.error("Expecting ',' delimiter")
+            if not self.last and self.peek() == "":
+                return
+
+    def objects(self, ndjson):
+        """Yield every object of NDJSON text, or of the array whose "[" was just passed.
+
+        Where the buffer holds whole lines of objects, they are decoded with
+        one call; where that fails, one at a time, which also finds the
+        place of any error. In a part that is not the last, the objects end
+        where the text does.
+        """
+        while True:
+            run = self._run_of_lines(ndjson)
+            if run is not None:
+                yield from run
+                continue
+            item = self._next_object(ndjson)
+            if item is None:
+                return
+            yield item
+
+    def _run_of_lines(self, ndjson):
+        """The objects from pos to the last line break in the buffer that ends one, or None."""
+        if self.passed + self.pos < self.next_run:
+            return None
+        cut = self._last_item_end(ndjson)
+        if cut is None:  # look again once this buffer is passed
+            self.next_run = self.passed + len(self.buffer)
+            return None
+        self.next_run = self.passed + cut
+        body = self.buffer[self.pos : cut].strip()
+        # A blank line gives ",,", which fails, and that run is read one object at a time.
+        body = body.replace("\n", ",") if ndjson else body[:-1]
+        try:
+            items = json.loads("[" + body + "]")
+        except (ValueError, RecursionError):
+            return None
+        if not all(type(item) is dict for item in items):
+            return None
+        self.pos, self.after_comma = cut, True
+        return items
+
+    def _last_item_end(self, ndjson):
+        """Just past the last LF in the buffer that follows an item (and its comma in an array)
+        and comes before an object; or None. Leaves the tail, which may be cut off, alone."""
+        buffer, end = self.buffer, len(self.buffer) - (0 if self.eof else 64)
+        cut = buffer.rfind("\n", self.pos, end)
+        for _ in range(8):
+            if cut <= self.pos:
+                return None
+            before, after = cut - 1, cut + 1
+            while before > self.pos and buffer[before] in " \t\r":
+                before -= 1
+            while after < end and buffer[after] in " \t\r\n":
+                after += 1
+            if buffer[before] == ("}" if ndjson else ",") and buffer[after : after + 1] == "{":
+                return cut + 1
+            cut = buffer.rfind("\n", self.pos, cut)
+        return None
+
+    def _next_object(self, ndjson):
+        """The next object, decoded on its own; None after the last."""
+        start = self.peek()
+        if ndjson and not start:
+            return None
+        if not ndjson and not self.after_comma and start == "]":
+            self.pos += 1
+            return None
+        if not ndjson and self.after_comma and not start and not self.last:
+            return None  # a part ends after a comma, as a split does
+        pos = self.pos
+        item = self.value()
+        if type(item) is not dict:
+            raise self._not_an_object(pos, item, ndjson)
+        if not ndjson:
+            after = self.peek()
+            self.after_comma = after == ","
+            if self.after_comma:
+                self.pos += 1
+            elif after != "]":
+                if not after and not self.last:
+                    raise _SplitFailed()
+                raise self.error("Expecting ',' delimiter")
+        return item
+
+    def _not_an_object(self, pos, item, ndjson):
+        line, _ = self.line_and_column(pos)
+        kind = _json_kind(item)
+        kind = ("an " if kind[0] in "ao" else "a ") + kind
+        where = f"line {line} holds {kind}" if ndjson else f"the array holds {kind} on line {line}"
+        return ReadError(
+            f"{self.plan.source}: {where}, not an object. Each row must be a JSON object."
+        )
+
+    def members(self):
+        """Pass the object that comes next: yield each of its keys, before the caller takes its value."""
+        self.take("{")
+        if self.peek() == "}":
+            self.pos += 1
+            return
+        while True:
+            if self.peek() != '"':
+                raise self.error("Expecting property name enclosed in double quotes")
+            key = self.value()
+            self.take(":")
+            yield key
+            after = self.peek()
+            self.pos += 1
+            if after == "}":
+                return
+            if after != ",":
+                self.pos -= 1
+                raise self.error("Expecting ',' delimiter")
+
+    def skip(self):
+        """Pass the next value; arrays and objects item by item, so that a large one is never held."""
+        start = self.peek()
+        if start == "[":
+            self.pos += 1
+            for _ in self.items():
+                self.skip()
+        elif start == "{":
+            for _ in self.members():
+                self.skip()
+        else:
+            self.value()
+
+    def error(self, message, pos=None):
+        """A ReadError that names the line and column of pos (the next value by default)."""
+        line, column = self.line_and_column(self.pos if pos is None else pos)
+        return ReadError(
+            f"{self.plan.source} is not valid JSON: line {line}, column {column}: {message}."
+        )
+
+    def line_and_column(self, pos):
+        """Where the character at pos of the buffer is in the file, as json counts: for messages."""
+        line_start = self.buffer.rfind("\n", 0, pos) + 1
+        line = self.lines + self.buffer.count("\n", 0, pos) + 1
+        column = pos - line_start + 1 + (self.column if line_start == 0 else 0)
+        if self.start:
+            line += _newlines_before(self.path, self.start)
+        return line, column
+
+    def _read_more(self):
+        passed = self.buffer[: self.pos]
+        self.passed += len(passed)
+        newlines = passed.count("\n")
+        self.lines += newlines
+        self.column = len(passed) - passed.rfind("\n") - 1 if newlines else self.column + len(passed)
+        rest = self.buffer[self.pos :]
+        if len(rest) > MAX_JSON_VALUE_CHARS:
+            raise ReadError(
+                f"{self.plan.source} holds a single JSON value larger than "
+                f"{MAX_JSON_VALUE_CHARS // (1024 * 1024)} MB, at line {self.lines + 1}: "
+                "rows that large cannot be imported."
+            )
+        chunk = self.file.read(max(JSON_CHUNK_CHARS, len(rest)))
+        self.eof = not chunk
+        self.buffer, self.pos = rest + chunk, 0
+
+
+class JSONReader:
+    """Streams the objects of a JSON file, or of the part of it from byte start to end, as batches of rows.
+
+    keys are every key seen so far, in order of first appearance, and header
+    their names; a row has a value for each key seen up to it. Values keep
+    their JSON types: objects and arrays in them are stored as JSON text.
+    """
+
+    typed_cells = True
+
+    def __init__(self, path, plan, start=0, end=None):
+        self.plan = plan
+        self.text = _JSONText(path, plan, start, end)
+        self.first = start == 0
+        self.header, self.keys = [], []
+        self.columns = {}  # key: its column
+        self.order = ()  # the keys, as the common row lists them
+
+    def close(self):
+        self.text.close()
+
+    @property
+    def bytes_read(self):
+        return self.text.bytes_read
+
+    def batches(self, size=BATCH_ROWS):
+        objects = self._objects()
+        if self.plan.shape == "geojson":
+            objects = map(_feature, objects)
+        try:
+            while True:
+                batch = [self._row(item) for item in itertools.islice(objects, size)]
+                if not batch:
+                    return
+                yield batch
+        except RecursionError:
+            raise ReadError(f"{self.plan.source} holds JSON nested too deeply to read.")
+
+    def _objects(self):
+        text, shape = self.text, self.plan.shape
+        if shape == "ndjson":
+            yield from text.objects(ndjson=True)
+            return
+        if shape != "array":
+            self._go_to(self.plan.json_path)
+        elif self.first:
+            text.take("[")
+        yield from text.objects(ndjson=False)
+        if shape == "array" and text.last and text.peek():
+            raise text.error("Extra data")
+
+    def _go_to(self, keys):
+        """Pass the text up to the first item of the array at keys in the objects."""
+        for depth, wanted in enumerate(keys):
+            for key in self.text.members():
+                if key == wanted:
+                    break
+                self.text.skip()
+        self.text.take("[")
+
+    def _row(self, item):
+        if tuple(item) == self.order:  # the same keys as the columns, in their order
+            return list(item.values())
+        row = [None] * len(self.keys)
+        for key, value in item.items():
+            column = self.columns.get(key)
+            if column is None:
+                column = self._add(key)
+                row.append(None)
+            row[column] = value
+        return row
+
+    def _add(self, key):
+        if len(self.keys) == MAX_COLUMNS:
+            raise ReadError(
+                f"{self.plan.source} has more than {MAX_COLUMNS:,} different keys; "
+                f"SQLite tables hold at most {MAX_COLUMNS:,} columns."
+            )
+        self.columns[key] = len(self.keys)
+        self.keys.append(key)
+        self.header.append(key.lstrip("\x00") if key in (_FEATURE_ID, _FEATURE_GEOMETRY) else key)
+        self.order = tuple(self.keys)
+        return self.columns[key]
+
+
+def _feature(feature):
+    """A GeoJSON feature as a row: its id, its properties, and its geometry as JSON."""
+    if type(feature) is not dict:
+        return feature
+    row = {_FEATURE_ID: feature["id"]} if "id" in feature else {}
+    properties = feature.get("properties")
+    if type(properties) is dict:
+        row.update(properties)
+    row[_FEATURE_GEOMETRY] = feature.get("geometry")
+    return row
 
 
 # Column names and types
 
 
 def clean_headers(names, width):
-    """Unique, non-empty column names: blanks become column_N, repeats a_2, a_3."""
+    """Unique, non-empty NFC column names: blanks become column_N, repeats a_2, a_3."""
     names = list(names) + [""] * (width - len(names))
     result, seen = [], set()
     for position, name in enumerate(names, 1):
-        base = (name or "").strip() or f"column_{position}"
+        base = unicodedata.normalize("NFC", name or "").strip() or f"column_{position}"
         candidate, suffix = base, 2
         while candidate.lower() in seen:
             candidate = f"{base}_{suffix}"
@@ -1020,6 +1573,34 @@ def column_type(values):
     return _REAL
 
 
+_TYPED_KINDS = {bool: _INTEGER, int: _INTEGER, float: _REAL, str: _TEXT}
+_SQLITE_INTEGERS = range(-(2**63), 2**63)
+
+
+def typed_column_type(batch, i, column):
+    """The narrowest of INTEGER, REAL, TEXT for column i of typed values, such as JSON's.
+
+    First makes each value one SQLite stores as it is: an object or an array
+    (a dict or list) becomes compact JSON text, and an integer beyond 64 bits
+    its digits. Returns None when every value is None.
+    """
+    kinds = set(map(type, column))
+    if dict in kinds or list in kinds:
+        for row in batch:
+            if type(row[i]) in (dict, list):
+                row[i] = json.dumps(row[i], ensure_ascii=False, separators=(",", ":"))
+        kinds = (kinds - {dict, list}) | {str}
+    if int in kinds:
+        ints = column if kinds == {int} else [value for value in column if type(value) is int]
+        if min(ints) not in _SQLITE_INTEGERS or max(ints) not in _SQLITE_INTEGERS:
+            for row in batch:
+                if type(row[i]) is int and row[i] not in _SQLITE_INTEGERS:
+                    row[i] = str(row[i])
+            kinds.add(str)
+    kinds.discard(type(None))
+    return max(map(_TYPED_KINDS.get, kinds), key=_RANK.get, default=None)
+
+
 def _wider(a, b):
     return a if _RANK[a] >= _RANK[b] else b
 
@@ -1046,21 +1627,22 @@ class Staged:
     columns: list
     types: list
     rows: int
-    format: str
+    answer: dict  # what the import's answer says of the file: its format
 
 
 def stage_file(
-    path, staging_path, detect_types=True, on_progress=None, charset=None, encoding="UTF-8"
+    path, staging_path, *, detect_types=True, on_progress=None, encoding="UTF-8", charset=None,
+    source=None,
 ):
     """Read the file at path once into a new database at staging_path; return a Staged.
 
     on_progress(rows, bytes_read) is called after every batch. encoding is the
     target database's text encoding: SQLite only attaches databases that
-    share it. A large CSV file is read in parts, into staging_path and
-    databases beside it.
+    share it. charset and source are as for plan_file. A large file is read
+    in parts, into staging_path and databases beside it.
     """
     try:
-        plan = plan_file(path, charset)
+        plan = plan_file(path, charset, source)
         processes = _process_count(os.path.getsize(path), plan)
         if processes > 1:
             try:
@@ -1085,7 +1667,7 @@ def _stage_whole(reader, staging_path, detect_types, on_progress, encoding):
         types = [kind or _TEXT for kind in rows.types]
         table = rows.convert(columns, types)
         conn.execute("COMMIT")
-    return Staged([(staging_path, table)], columns, types, rows.rows, reader.format)
+    return Staged([(staging_path, table)], columns, types, rows.rows, reader.plan.answer())
 
 
 def _open_staging(path, encoding):
@@ -1098,6 +1680,8 @@ def _open_staging(path, encoding):
     )
     for pragma in pragmas:
         conn.execute(f"PRAGMA {pragma}")
+    # SQLite writes a REAL as text to 15 digits; Python's repr keeps every one.
+    conn.create_function("app_support_real_text", 1, float.__repr__, deterministic=True)
     return conn
 
 
@@ -1183,10 +1767,15 @@ class _StagedRows:
             if width > self.width or len(reader.header) > self.width:
                 self.widen(max(width, len(reader.header)))
                 _pad(batch, self.width)
-            if self.detect_types:
+            if self.typed_cells or self.detect_types:
                 for i, column in enumerate(zip(*batch)):
-                    if self.types[i] != _TEXT:
-                        self.types[i] = _wider(self.types[i], column_type(column))
+                    if self.typed_cells:  # even when every column is TEXT: it makes them storable
+                        kind = typed_column_type(batch, i, column)
+                    elif self.types[i] != _TEXT:
+                        kind = column_type(column)
+                    else:
+                        continue
+                    self.types[i] = _wider(self.types[i], kind)
             self.table.insert(batch)
             self.rows += len(batch)
             if on_progress:
@@ -1197,24 +1786,36 @@ class _StagedRows:
         self.table.widen(width)
         self.types += [self._unknown] * (width - len(self.types))
 
-    def convert(self, columns, types):
+    def convert(self, columns, types, sources=None):
         """Copy the rows into a table of these columns and types; return the table that holds them.
 
-        Empty cells become NULL in number columns. Text-only files need no copy.
+        sources[j] is the staged column that holds column j (1 for c1), or None
+        for a column these rows never had; by default column j is c{j + 1}.
+        Empty text cells become NULL in number columns. A file of text cells
+        that all stay TEXT needs no copy.
         """
-        self.widen(len(columns))
-        if all(kind == _TEXT for kind in types):
-            return self.name
-        # CASE, not nullif(): a function's result is a copy of the value, and
-        # copying every cell of a number column cost a third of the conversion.
-        values = ", ".join(
-            f"c{n}" if kind == _TEXT else f"CASE WHEN c{n} <> '' THEN c{n} END"
-            for n, kind in enumerate(types, 1)
-        )
+        if sources is None:
+            self.widen(len(columns))
+            sources = range(1, len(columns) + 1)
+            if not self.typed_cells and all(kind == _TEXT for kind in types):
+                return self.name
+        values = ", ".join(self._converted(n, kind) for n, kind in zip(sources, types))
         typed = f"{self.name}_typed"
         self.conn.execute(_create_table_sql(typed, columns, types))
         self.conn.execute(f"INSERT INTO {typed} SELECT {values} FROM {self.name}")
         return typed
+
+    def _converted(self, n, kind):
+        """The SQL for staged column n as a value of type kind."""
+        if n is None:
+            return "NULL"
+        if self.typed_cells:
+            if kind != _TEXT:
+                return f"c{n}"
+            return f"CASE WHEN typeof(c{n}) = 'real' THEN app_support_real_text(c{n}) ELSE c{n} END"
+        # CASE, not nullif(): a function's result is a copy of the value, and
+        # copying every cell of a number column cost a third of the conversion.
+        return f"c{n}" if kind == _TEXT else f"CASE WHEN c{n} <> '' THEN c{n} END"
 
 
 # Copying into the target
@@ -1226,7 +1827,7 @@ class ImportResult:
     rows: int
     columns: list
     types: list
-    format: str = "csv"
+    answer: dict = field(default_factory=dict)  # more for the import's answer: its format
 
     @property
     def schema(self):
@@ -1262,7 +1863,7 @@ def copy_in(conn, staged, wanted_table, shared_cache=False):
 def _new_table(conn, staged, wanted_table):
     """The new table: a name close to wanted_table that is free now, and what it will hold."""
     table = _free_table_name(conn, wanted_table)
-    return ImportResult(table, staged.rows, staged.columns, staged.types, staged.format)
+    return ImportResult(table, staged.rows, staged.columns, staged.types, staged.answer)
 
 
 @contextlib.contextmanager
@@ -1344,20 +1945,22 @@ def _check_writable(path):
         conn.close()
 
 
-# Reading large CSV files in parts
+# Reading large files in parts
 #
-# One Python process parses CSV no faster than one CPU allows, so a large
-# file is cut into one part per process, each starting just after a line
-# break, and the parts are read at once: the first, which holds the header,
-# by this process, and each other one by a helper process. Each part is
-# staged like a whole file, in its reader's own staging database. The widths
-# and types of all parts then decide the table; each process converts its
-# part to them, and copy_in copies the parts in file order.
+# One Python process parses CSV or JSON no faster than one CPU allows, so a
+# large file is cut into one part per process, each starting just after a
+# line break, and the parts are read at once: the first by this process, and
+# each other one by a helper process. Each part is staged like a whole file,
+# in its reader's own staging database. The columns and types of all parts
+# then decide the table; each process converts its part to them, and copy_in
+# copies the parts in file order.
 
 
 _Part = collections.namedtuple("_Part", "number start end")  # end is None for the last part
-# What staging a part learned: the column types are None where it saw no values.
-_PartSummary = collections.namedtuple("_PartSummary", "rows width types")
+# What staging a part learned. types are None where it saw no values; keys
+# are None when columns are known by position, as in CSV.
+_PartSummary = collections.namedtuple("_PartSummary", "rows width types header keys")
+_PLANS = {plan.__name__: plan for plan in (CSVPlan, JSONPlan)}
 
 
 def _cpu_count():
@@ -1380,8 +1983,8 @@ def _part_database(staging_path, number):
     return f"{staging_path}-{number}" if number else staging_path
 
 
-def _split_points(path, processes):
-    """Where the second and later parts start: one part per process, of about equal size.
+def _csv_split_points(path, processes):
+    """Where the second and later parts of a CSV file start: one part per process, of about equal size.
 
     Each is just past an LF that the quotes before it say is outside a quoted
     cell: counting them is a scan of bytes, not a parse. A quote inside an
@@ -1425,14 +2028,14 @@ def _unquoted_line_end(window, quotes):
 
 
 def _read_part(conn, path, plan, part, detect_types, report):
-    """Stage one part of the file in conn; return its _StagedRows and the file's header.
+    """Stage one part of the file in conn; return its _StagedRows and _PartSummary.
 
-    Only the first part holds the header; the others give [].
+    Of a CSV file, only the first part has a header; the others give [].
     """
     with contextlib.closing(plan.open(path, part.start, part.end)) as reader:
         rows = _StagedRows(conn, "staged", reader.typed_cells, detect_types)
         rows.read(reader, report)
-        return rows, reader.header
+        return rows, _PartSummary(rows.rows, rows.width, rows.types, reader.header, reader.keys)
 
 
 def _stage_in_parts(path, plan, processes, staging_path, detect_types, on_progress, encoding):
@@ -1443,11 +2046,14 @@ def _stage_in_parts(path, plan, processes, staging_path, detect_types, on_progre
     wrong place, and its own error means nothing. Raises _SplitFailed when
     reading in parts does not work out for this file.
     """
-    starts = [0] + _split_points(path, processes)
+    starts = [0] + plan.split_points(path, processes)
     if len(starts) == 1:
         raise _SplitFailed()
     parts = [_Part(n, start, end) for n, (start, end) in enumerate(zip(starts, starts[1:] + [None]))]
-    job = {"path": path, "plan": asdict(plan), "db_encoding": encoding, "detect_types": detect_types}
+    job = {
+        "path": path, "plan": [type(plan).__name__, asdict(plan)], "db_encoding": encoding,
+        "detect_types": detect_types,
+    }
     helpers = []
     try:
         for part in parts[1:]:
@@ -1464,30 +2070,51 @@ def _stage_in_parts(path, plan, processes, staging_path, detect_types, on_progre
 
         with contextlib.closing(_open_staging(staging_path, encoding)) as conn:
             conn.execute("BEGIN")
-            rows, header = _read_part(conn, path, plan, parts[0], detect_types, reading)
-            summaries = [_PartSummary(rows.rows, rows.width, rows.types)]
-            summaries += [helper.staged(reading) for helper in helpers]
-            columns, types = _whole_file(header, summaries)
-            for helper in helpers:
-                helper.convert(columns, types)
-            tables = [rows.convert(columns, types)]
+            rows, summary = _read_part(conn, path, plan, parts[0], detect_types, reading)
+            summaries = [summary] + [helper.staged(reading) for helper in helpers]
+            columns, types, sources = _whole_file(summaries)
+            for helper, helper_sources in zip(helpers, sources[1:]):
+                helper.convert(columns, types, helper_sources)
+            tables = [rows.convert(columns, types, sources[0])]
             conn.execute("COMMIT")
             tables += [helper.converted(reading) for helper in helpers]
     finally:
         for helper in helpers:
             helper.stop()
     located = [(_part_database(staging_path, n), table) for n, table in enumerate(tables)]
-    return Staged(located, columns, types, sum(s.rows for s in summaries), plan.format)
+    return Staged(located, columns, types, sum(s.rows for s in summaries), plan.answer())
 
 
-def _whole_file(header, summaries):
-    """The columns and types of the whole file, from its header and every part's summary."""
-    width = max(summary.width for summary in summaries)
-    types = [None] * width
+def _whole_file(summaries):
+    """The whole file's columns and types, from every part's summary, and where each part holds them.
+
+    CSV columns are known by position, and the first part's header names
+    them. JSON columns are known by key, in order of first appearance in the
+    file; each part lists its keys in its own order, so for each part the
+    third answer gives the staged column of each column (see convert).
+    """
+    if summaries[0].keys is None:
+        width = max(summary.width for summary in summaries)
+        types = [None] * width
+        for summary in summaries:
+            for i, kind in enumerate(summary.types):
+                types[i] = _wider(types[i], kind)
+        columns = clean_headers(summaries[0].header, width)
+        return columns, [kind or _TEXT for kind in types], [None] * len(summaries)
+    where, names = {}, []
     for summary in summaries:
-        for i, kind in enumerate(summary.types):
-            types[i] = _wider(types[i], kind)
-    return clean_headers(header, width), [kind or _TEXT for kind in types]
+        for key, name in zip(summary.keys, summary.header):
+            if key not in where:
+                where[key] = len(names)
+                names.append(name)
+    types, sources = [None] * len(names), []
+    for summary in summaries:
+        part_sources = [None] * len(names)
+        for n, (key, kind) in enumerate(zip(summary.keys, summary.types), 1):
+            types[where[key]] = _wider(types[where[key]], kind)
+            part_sources[where[key]] = n
+        sources.append(part_sources)
+    return clean_headers(names, len(names)), [kind or _TEXT for kind in types], sources
 
 
 def _remove_part_databases(staging_path, processes):
@@ -1536,8 +2163,8 @@ class _Helper:
         """The _PartSummary of its part, once staged; tick is called while waiting."""
         return _PartSummary(*self._answer("staged", tick))
 
-    def convert(self, columns, types):
-        self._send({"columns": columns, "types": types})
+    def convert(self, columns, types, sources):
+        self._send({"columns": columns, "types": types, "sources": sources})
 
     def converted(self, tick):
         """The table that holds its part, converted."""
@@ -1612,15 +2239,16 @@ def _helper_main():
             send({"progress": [rows, bytes_read]})
 
     job = json.loads(sys.stdin.readline())
-    plan, part = CSVPlan(**job["plan"]), _Part(*job["part"])
+    kind, fields = job["plan"]
+    plan, part = _PLANS[kind](**fields), _Part(*job["part"])
     try:
         with contextlib.closing(_open_staging(job["staging_path"], job["db_encoding"])) as conn:
             conn.execute("BEGIN")
-            rows, _ = _read_part(conn, job["path"], plan, part, job["detect_types"], report)
-            send({"staged": [rows.rows, rows.width, rows.types]})
+            rows, summary = _read_part(conn, job["path"], plan, part, job["detect_types"], report)
+            send({"staged": summary})
             whole = json.loads(sys.stdin.readline() or "null")
             if whole:
-                table = rows.convert(whole["columns"], whole["types"])
+                table = rows.convert(whole["columns"], whole["types"], whole["sources"])
                 conn.execute("COMMIT")
                 send({"converted": table})
     except _SplitFailed:
@@ -1636,20 +2264,21 @@ def _helper_main():
 # Running an import for a handler
 
 
-def import_file(conn, path, wanted_table, detect_types=True, on_progress=None, charset=None):
+def import_file(conn, path, wanted_table, detect_types=True):
     """Create a new table in conn from the file at path, all or nothing: the engine in one call."""
     with _work_folder() as folder:
+        encoding = conn.execute("PRAGMA encoding").fetchone()[0]
         staged = stage_file(
-            path, os.path.join(folder, "staging.db"), detect_types, on_progress, charset,
-            conn.execute("PRAGMA encoding").fetchone()[0],
+            path, os.path.join(folder, "staging.db"), detect_types=detect_types, encoding=encoding
         )
         return copy_in(conn, staged, wanted_table)
 
 
-async def _import_into(
-    datasette, db, path, wanted_table, detect_types=True, on_progress=None, charset=None
-):
-    """Import the file at path into db: staged in a worker thread, copied in by db's write thread."""
+async def _import_into(datasette, db, path, wanted_table, detect_types, on_progress, **file):
+    """Import the file at path into db: staged in a worker thread, copied in by db's write thread.
+
+    file holds stage_file's charset and source.
+    """
     target = db.path or f"the database {db.name}"
     with _sqlite_failures("import into", target):
         if db.is_memory:
@@ -1660,7 +2289,8 @@ async def _import_into(
         staging_path = os.path.join(folder, "staging.db")
         with _sqlite_failures("stage the import in", tempfile.gettempdir()):
             staged = await asyncio.to_thread(
-                stage_file, path, staging_path, detect_types, on_progress, charset, encoding
+                stage_file, path, staging_path, detect_types=detect_types,
+                on_progress=on_progress, encoding=encoding, **file,
             )
         _check_attached(datasette, db)
         with _sqlite_failures("import into", target):
@@ -1733,7 +2363,7 @@ def _encode_url(parts, url):
 
 def _table_name_from_url(url):
     name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
-    for suffix in (".gz", ".zip", ".csv", ".tsv", ".txt"):
+    for suffix in (".gz", ".zip") + DATA_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
     return name.strip() or "data"
@@ -1862,6 +2492,10 @@ def download_file(url, folder, limits=None, progress=None):
     try:
         with opener.open(request, timeout=limits.timeout) as response:
             final_url = response.geturl()
+            if response.headers.get_content_type() in ("text/html", "application/xhtml+xml"):
+                raise ReadError(
+                    f"{_shorten(final_url)} is a web page (HTML), not CSV, TSV or JSON data."
+                )
             charset = response.headers.get_content_charset()
             if progress and response.length is not None:
                 progress.bytes_total = response.length
@@ -1910,12 +2544,12 @@ def _unpack(path, url_path, url, limits, folder):
             with zipfile.ZipFile(path) as archive:
                 members = [
                     m for m in archive.infolist()
-                    if not m.is_dir() and m.filename.lower().endswith((".csv", ".tsv", ".txt"))
+                    if not m.is_dir() and m.filename.lower().endswith(DATA_SUFFIXES)
                 ]
                 if len(members) != 1:
                     raise APIError(
-                        f"{_shorten(url)} is a zip file holding {len(members)} CSV or TSV files; "
-                        "it must hold exactly one."
+                        f"{_shorten(url)} is a zip file holding {len(members)} CSV, TSV or JSON "
+                        "files; it must hold exactly one."
                     )
                 # The declared sizes are safe to judge by: zipfile never
                 # extracts more than a member's file_size.
@@ -2106,7 +2740,8 @@ async def _import_local_file(datasette, raw_path, database, detect_types):
     log = _import_log(datasette)
     with log.track(raw_path, db.name, os.path.getsize(path)) as progress:
         result = await _import_into(
-            datasette, db, path, Path(path).stem, detect_types is not False, progress.update
+            datasette, db, path, Path(path).stem, detect_types is not False, progress.update,
+            source=path,
         )
         log.done(progress, result)
     return await _announce_import(datasette, db, result)
@@ -2131,7 +2766,7 @@ async def open_csv_from_url(datasette, data):
             # bytes_* describe the download; the import only adds rows.
             result = await _import_into(
                 datasette, db, path, wanted, values["detect_types"] is not False,
-                lambda rows, _: progress.update(rows=rows), charset,
+                lambda rows, _: progress.update(rows=rows), charset=charset, source=final_url,
             )
         log.done(progress, result)
     return await _announce_import(datasette, db, result)
@@ -2141,7 +2776,8 @@ async def _announce_import(datasette, db, result):
     """Make a committed import visible and heard of; return the import handlers' answer."""
     await _refresh_catalog(datasette)
     await _report_import(datasette, db, result)
-    return {"ok": True, "path": datasette.urls.table(db.name, result.table), "rows": result.rows}
+    path = datasette.urls.table(db.name, result.table)
+    return {"ok": True, "path": path, "rows": result.rows, **result.answer}
 
 
 async def dump_temporary_to_file(datasette, data):

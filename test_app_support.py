@@ -426,7 +426,7 @@ async def test_open_csv_file(ds, tmp_path):
     path = tmp_path / "demo.csv"
     path.write_text("name,age\nCleo,5\nPancakes,4\n")
     response = await post(ds, "/-/open-csv-file", {"path": str(path)})
-    assert response.json() == {"ok": True, "path": "/temporary/demo", "rows": 2}
+    assert response.json() == {"ok": True, "path": "/temporary/demo", "rows": 2, "format": "csv"}
     assert await fetch_rows(ds, "/temporary/demo") == [
         {"name": "Cleo", "age": 5},
         {"name": "Pancakes", "age": 4},
@@ -448,7 +448,7 @@ async def test_import_csv_file_into_named_database(ds, tmp_path):
     csv_path = tmp_path / "people.csv"
     csv_path.write_text("name\nAlex\n")
     response = await post(ds, "/-/import-csv-file", {"path": str(csv_path), "database": "target"})
-    assert response.json() == {"ok": True, "path": "/target/people_2", "rows": 1}
+    assert response.json() == {"ok": True, "path": "/target/people_2", "rows": 1, "format": "csv"}
     assert (await ds.client.get("/target/people_2")).status_code == 200
     assert sqlite3.connect(db_path).execute("select name from people_2").fetchall() == [("Alex",)]
     assert sqlite3.connect(db_path).execute("select count(*) from people").fetchone() == (3,)
@@ -805,7 +805,7 @@ async def test_open_csv_from_url(ds, server, name, url_path, routes, table):
     base, server_routes = server
     server_routes.update(routes)
     response = await post(ds, "/-/open-csv-from-url", {"url": base + url_path})
-    assert response.json() == {"ok": True, "path": f"/temporary/{table}", "rows": 2}, response.text
+    assert response.json() == {"ok": True, "path": f"/temporary/{table}", "rows": 2, "format": "csv"}, response.text
     stored = await rows(ds, "temporary", f'select id, name from "{table}"')
     assert stored[0] == (1, "Cleo")
     if name.startswith("latin"):
@@ -820,7 +820,7 @@ async def test_open_csv_from_url_table_name_and_database(ds, server, tmp_path):
     await post(ds, "/-/open-database-file", {"path": str(db_path)})
     body = {"url": base + "/dogs.csv", "table_name": "my table", "database": "target"}
     response = await post(ds, "/-/open-csv-from-url", body)
-    assert response.json() == {"ok": True, "path": ds.urls.table("target", "my table_2"), "rows": 2}
+    assert response.json() == {"ok": True, "path": ds.urls.table("target", "my table_2"), "rows": 2, "format": "csv"}
     null_options = {"url": base + "/dogs.csv", "table_name": None, "database": None}
     assert (await post(ds, "/-/open-csv-from-url", null_options)).json()["path"] == "/temporary/dogs"
 
@@ -1735,14 +1735,14 @@ def helpers(monkeypatch):
 def split_points(path):
     plan = app_support.plan_file(str(path))
     processes = app_support._process_count(path.stat().st_size, plan)
-    return app_support._split_points(str(path), processes) if processes > 1 else []
+    return plan.split_points(str(path), processes) if processes > 1 else []
 
 
 def import_counting_parts(conn, path, folder, table="t", detect_types=True):
     """Import through the engine; return how many parts read the file, and the new table."""
     folder.mkdir(exist_ok=True)
     encoding = conn.execute("PRAGMA encoding").fetchone()[0]
-    staged = app_support.stage_file(str(path), str(folder / "staging.db"), detect_types, encoding=encoding)
+    staged = app_support.stage_file(str(path), str(folder / "staging.db"), detect_types=detect_types, encoding=encoding)
     return len(staged.tables), app_support.copy_in(conn, staged, table).table
 
 
@@ -2135,7 +2135,7 @@ async def test_open_csv_from_url_encodes_non_ascii_as_a_browser_does(ds, server)
     base, routes = server
     routes["/caf%C3%A9%20menu.csv"] = (200, {}, CSV_BODY)
     response = await post(ds, "/-/open-csv-from-url", {"url": base + "/café menu.csv"})
-    assert response.json() == {"ok": True, "path": ds.urls.table("temporary", "café menu"), "rows": 2}
+    assert response.json() == {"ok": True, "path": ds.urls.table("temporary", "café menu"), "rows": 2, "format": "csv"}
     assert app_support._check_url("https://bücher.example/ä.csv?q=é") == (
         "https://xn--bcher-kva.example/%C3%A4.csv?q=%C3%A9"
     )
@@ -3104,7 +3104,7 @@ def test_browser_panel_follows_a_finished_import_to_its_table(desktop, server, t
     assert imports(port)[0]["state"] == "running"
     open_link = browser.wait_for(f"document.querySelector('{PANEL} .app-support-open')?.textContent", timeout=20)
     thread.join(10)
-    assert result == [(200, {"ok": True, "path": "/temporary/dogs", "rows": 40_000})]
+    assert result == [(200, {"ok": True, "path": "/temporary/dogs", "rows": 40_000, "format": "csv"})]
     assert open_link == "Open dogs"
     assert browser.evaluate(f"document.querySelector('{PANEL} .app-support-status').textContent") == (
         "Imported 40,000 rows into dogs."
