@@ -599,13 +599,69 @@ def _memory_database(datasette, memory_name):
 # for a fraction of a second, never for the whole import.
 #
 # The sections below follow that path: readers, column names and types,
-# staging, copying in. Large CSV files are also read in parts by several
+# staging, copying in. Large files are also read in parts by several
 # processes at once; that speed-up has a section of its own after them, and
 # nothing above it knows of parts.
 
 
 class ReadError(APIError):
     """A file that cannot be imported; the message names the file and the line."""
+
+
+# Readers
+#
+# plan_file looks at a file's content, never its name, and returns a plan:
+# how to read the file (CSVPlan, JSONPlan). A plan has
+#   format and answer(): what the import's answer says of the file;
+#   open(path, start=0, end=None): a reader of the file, or of a part of it;
+#   splittable and split_points(path, processes): whether and where the file
+#     can be cut into parts (see "Reading large files in parts").
+# A reader has
+#   batches(): lists of rows, each a list of cells;
+#   header: the column names, complete once the batches are;
+#   keys: None when columns are known by position (CSV), else each column's
+#     key (JSON), by which parts of a file are matched up;
+#   typed_cells: False when every cell is text to learn a type from (CSV),
+#     True when cells are typed values (JSON);
+#   bytes_read and close().
+
+
+def _file_head(path, source):
+    """The file's first bytes, from the first chunk that is not all blank on."""
+    with open(path, "rb") as f:
+        head = f.read(BINARY_SNIFF_BYTES)
+        while head and not head.strip():
+            head = f.read(BINARY_SNIFF_BYTES)  # blank lines before the header
+    if not head:
+        raise ReadError(f"File is empty: {source}")
+    return head
+
+
+_WEB_PAGE = re.compile(r"(<!doctype\s+html|<html)[\s>]", re.IGNORECASE)
+_XML_DOCUMENT = re.compile(r"<\?xml\s")
+# An array whose first item has begun, or an object whose first key has.
+_JSON_START = re.compile(r'\[\s*[\[{"0-9tfn\]-]|\{\s*["}]')
+
+
+def plan_file(path, charset=None, source=None):
+    """Decide from the file's start, not its name, how to read it; return the plan of its reader.
+
+    charset is a declared text encoding, such as a download's Content-Type
+    gives. source names the file in messages: its path, or the URL it came from.
+    """
+    source = _shorten(source or path)
+    head = _file_head(path, source)
+    encoding = sniff_encoding(head, charset)
+    if b"\x00" in head and not _is_wide(encoding):
+        raise ReadError(f"This looks like a binary file, not CSV, TSV or JSON text: {source}")
+    text = head.decode(encoding, "replace").lstrip("\ufeff \t\r\n")
+    if _WEB_PAGE.match(text + " "):
+        raise ReadError(f"{source} is a web page (HTML), not CSV, TSV or JSON data.")
+    if _XML_DOCUMENT.match(text + " "):
+        raise ReadError(f"{source} is an XML document, not CSV, TSV or JSON data.")
+    if _JSON_START.match(text):
+        return plan_json(path, encoding, source)
+    return plan_csv(path, encoding, source)
 
 
 # Readers: text encodings
@@ -671,44 +727,6 @@ def _decode_errors(encoding):
     if encoding == "cp1252":
         return LATIN1_FALLBACK
     return UTF8_FALLBACK if encoding in ("utf-8-sig", "utf-8") else "strict"
-
-
-def _file_head(path, source):
-    """The file's first bytes, from the first chunk that is not all blank on."""
-    with open(path, "rb") as f:
-        head = f.read(BINARY_SNIFF_BYTES)
-        while head and not head.strip():
-            head = f.read(BINARY_SNIFF_BYTES)  # blank lines before the header
-    if not head:
-        raise ReadError(f"File is empty: {source}")
-    return head
-
-
-_WEB_PAGE = re.compile(r"(<!doctype\s+html|<html)[\s>]", re.IGNORECASE)
-_XML_DOCUMENT = re.compile(r"<\?xml\s")
-# An array whose first item has begun, or an object whose first key has.
-_JSON_START = re.compile(r'\[\s*[\[{"0-9tfn\]-]|\{\s*["}]')
-
-
-def plan_file(path, charset=None, source=None):
-    """Decide from the file's start, not its name, how to read it; return the plan of its reader.
-
-    charset is a declared text encoding, such as a download's Content-Type
-    gives. source names the file in messages: its path, or the URL it came from.
-    """
-    source = _shorten(source or path)
-    head = _file_head(path, source)
-    encoding = sniff_encoding(head, charset)
-    if b"\x00" in head and not _is_wide(encoding):
-        raise ReadError(f"This looks like a binary file, not CSV, TSV or JSON text: {source}")
-    text = head.decode(encoding, "replace").lstrip("\ufeff \t\r\n")
-    if _WEB_PAGE.match(text + " "):
-        raise ReadError(f"{source} is a web page (HTML), not CSV, TSV or JSON data.")
-    if _XML_DOCUMENT.match(text + " "):
-        raise ReadError(f"{source} is an XML document, not CSV, TSV or JSON data.")
-    if _JSON_START.match(text):
-        return plan_json(path, encoding, source)
-    return plan_csv(path, encoding, source)
 
 
 # Readers: CSV
