@@ -1006,77 +1006,104 @@ async def test_restore_temporary_errors_leave_temporary_alone(ds, tmp_path, setu
 # The desktop app's restart cycle, against a real datasette process
 
 
-def start_server(plugins_dir, port, env):
-    process = subprocess.Popen(
-        [sys.executable, "-m", "datasette", "--port", str(port), "--plugins-dir", str(plugins_dir)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+class AppServer:
+    """A real datasette process, started as the desktop app starts it.
+
+    The plugin is copied alone into a --plugins-dir, and the process gets the
+    app's whole environment: the token and the secret, and no PATH or HOME.
+    stop() and then start() again keep the port and the secret, as the app's
+    restart does.
+    """
+
+    ENVIRONMENT = {"DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64}
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.plugins_dir = folder / "plugins"
+        self.plugins_dir.mkdir(parents=True)
+        shutil.copy(app_support.__file__, self.plugins_dir / "app_support.py")
+        self.log = folder / "datasette.log"
+        self.port = unused_port()
+        self.process = None
+
+    def url(self, path=""):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def start(self):
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "datasette", "--port", str(self.port), "--plugins-dir", str(self.plugins_dir)],
+                env=self.ENVIRONMENT, stdout=subprocess.DEVNULL, stderr=log,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                urllib.request.urlopen(self.url("/-/versions.json"), timeout=1)
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise AssertionError("datasette did not start: " + self.log.read_text(errors="replace"))
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def call(self, path, body=None, cookie=None):
+        """A request as the desktop app makes it, with the token: (status, headers, body); no redirects followed."""
+        request = urllib.request.Request(
+            self.url(path),
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {TOKEN}", **({"Cookie": cookie} if cookie else {})},
+        )
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/-/versions.json", timeout=1)
-            return process
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise AssertionError("datasette did not start: " + process.stderr.read().decode())
+            with urllib.request.build_opener(_NoRedirect).open(request, timeout=30) as response:
+                return response.status, response.headers, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
 
 
-def call(port, path, body, cookie=None):
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{path}",
-        data=json.dumps(body).encode() if body is not None else None,
-        headers={"Authorization": f"Bearer {TOKEN}", **({"Cookie": cookie} if cookie else {})},
-    )
-
-    class NoRedirect(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, *args):
-            return None
-
-    try:
-        with urllib.request.build_opener(NoRedirect).open(request, timeout=30) as response:
-            return response.status, response.headers, response.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.headers, e.read()
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args):
+        return None
 
 
-def test_restart_cycle_with_real_datasette_process(tmp_path):
-    plugins_dir = tmp_path / "plugins"
-    plugins_dir.mkdir()
-    shutil.copy(app_support.__file__, plugins_dir / "app_support.py")
+@pytest.fixture
+def app_server(tmp_path):
+    """A real datasette process started as the app starts it, stopped at the end of the test."""
+    server = AppServer(tmp_path / "app")
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_restart_cycle_with_real_datasette_process(app_server, tmp_path):
     csv_path = tmp_path / "dogs.csv"
     csv_path.write_text("name,age\nCleo,5\nPancakes,4\n")
-    env = {**os.environ, "DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64}
-    port = unused_port()
+    status, _, body = app_server.call("/-/open-csv-file", {"path": str(csv_path)})
+    assert status == 200 and json.loads(body)["path"] == "/temporary/dogs"
+    status, headers, _ = app_server.call("/-/auth-app-user", {"redirect": "/temporary/dogs"})
+    assert status == 302 and headers["Location"] == "/temporary/dogs"
+    cookie = headers["Set-Cookie"].split(";")[0]
+    backup = tmp_path / "backup.db"
+    status, _, body = app_server.call("/-/dump-temporary-to-file", {"path": str(backup)})
+    assert status == 200, body
 
-    server = start_server(plugins_dir, port, env)
-    try:
-        status, _, body = call(port, "/-/open-csv-file", {"path": str(csv_path)})
-        assert status == 200 and json.loads(body)["path"] == "/temporary/dogs"
-        status, headers, _ = call(port, "/-/auth-app-user", {"redirect": "/temporary/dogs"})
-        assert status == 302 and headers["Location"] == "/temporary/dogs"
-        cookie = headers["Set-Cookie"].split(";")[0]
-        backup = tmp_path / "backup.db"
-        status, _, body = call(port, "/-/dump-temporary-to-file", {"path": str(backup)})
-        assert status == 200, body
-    finally:
-        server.terminate()
-        server.wait(10)
-
-    server = start_server(plugins_dir, port, env)
-    try:
-        status, _, body = call(port, "/-/restore-temporary-from-file", {"path": str(backup)})
-        assert status == 200 and json.loads(body)["restored_tables"] == ["dogs"]
-        status, _, body = call(port, "/temporary/dogs.json?_shape=array", None)
-        assert [(r["name"], r["age"]) for r in json.loads(body)] == [("Cleo", 5), ("Pancakes", 4)]
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/-/actor.json", headers={"Cookie": cookie}
-        )
-        with urllib.request.urlopen(request, timeout=10) as response:
-            assert json.loads(response.read())["actor"] == {"id": "root"}
-    finally:
-        server.terminate()
-        server.wait(10)
+    app_server.stop()
+    app_server.start()
+    status, _, body = app_server.call("/-/restore-temporary-from-file", {"path": str(backup)})
+    assert status == 200 and json.loads(body)["restored_tables"] == ["dogs"]
+    status, _, body = app_server.call("/temporary/dogs.json?_shape=array")
+    assert [(r["name"], r["age"]) for r in json.loads(body)] == [("Cleo", 5), ("Pancakes", 4)]
+    # The cookie alone, without the token, as the app's window sends it.
+    request = urllib.request.Request(app_server.url("/-/actor.json"), headers={"Cookie": cookie})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert json.loads(response.read())["actor"] == {"id": "root"}
 
 
 async def test_open_csv_from_url_honours_declared_charset(ds, server):
@@ -1886,42 +1913,33 @@ async def test_cancel_import_in_parts_stops_the_helpers(ds, tmp_path, in_parts, 
 
 def server_work_files(server):
     """The files in the work folders of a datasette process this test started."""
-    folders = Path(tempfile.gettempdir()).glob(f"{app_support.WORK_FOLDER_PREFIX}{server.pid}_*")
+    folders = Path(tempfile.gettempdir()).glob(f"{app_support.WORK_FOLDER_PREFIX}{server.process.pid}_*")
     return [path.name for folder in folders for path in folder.glob("*")]
 
 
 @pytest.mark.skipif(app_support._cpu_count() < 2, reason="one CPU: large files are read in one part")
-def test_large_csv_read_in_parts_by_a_server_started_as_the_app_starts_it(tmp_path):
-    plugins_dir = tmp_path / "plugins"
-    plugins_dir.mkdir()
-    shutil.copy(app_support.__file__, plugins_dir / "app_support.py")
+def test_large_csv_read_in_parts_by_a_server_started_as_the_app_starts_it(app_server, tmp_path):
     big = write_big_csv(tmp_path / "big.csv", 1_400_000)
     assert big.stat().st_size >= app_support.PARALLEL_MIN_BYTES
-    port = unused_port()
-    # The app's whole environment: no PATH and no HOME for the helpers to rely on.
-    process = start_server(plugins_dir, port, {"DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64})
-    try:
-        answer, seen = [], set()
-        thread = threading.Thread(target=lambda: answer.append(call(port, "/-/open-csv-file", {"path": str(big)})))
-        thread.start()
-        while thread.is_alive():
-            seen.update(server_work_files(process))
-            time.sleep(0.02)
-        status, _, body = answer[0]
-        assert status == 200, body
-        assert json.loads(body)["rows"] == 1_400_000
-        # A helper process stages its part in a database of its own.
-        assert "staging.db-1" in seen, f"no helper process read a part of the file: {sorted(seen)}"
-        assert server_work_files(process) == []
-        status, _, body = call(port, "/-/dump-temporary-to-file", {"path": str(tmp_path / "dump.db")})
-        assert status == 200, body
-        conn = sqlite3.connect(tmp_path / "dump.db")
-        sums = conn.execute("select count(*), sum(id), sum(score), max(name) from big").fetchone()
-        assert sums == (1_400_000, sum(range(1_400_000)), sum(i * 1.5 for i in range(1_400_000)), "name 999999")
-        conn.close()
-    finally:
-        process.terminate()
-        process.wait(10)
+    # The app's whole environment (AppServer.ENVIRONMENT): no PATH and no HOME for the helpers to rely on.
+    answer, seen = [], set()
+    thread = threading.Thread(target=lambda: answer.append(app_server.call("/-/open-csv-file", {"path": str(big)})))
+    thread.start()
+    while thread.is_alive():
+        seen.update(server_work_files(app_server))
+        time.sleep(0.02)
+    status, _, body = answer[0]
+    assert status == 200, body
+    assert json.loads(body)["rows"] == 1_400_000
+    # A helper process stages its part in a database of its own.
+    assert "staging.db-1" in seen, f"no helper process read a part of the file: {sorted(seen)}"
+    assert server_work_files(app_server) == []
+    status, _, body = app_server.call("/-/dump-temporary-to-file", {"path": str(tmp_path / "dump.db")})
+    assert status == 200, body
+    conn = sqlite3.connect(tmp_path / "dump.db")
+    sums = conn.execute("select count(*), sum(id), sum(score), max(name) from big").fetchone()
+    assert sums == (1_400_000, sum(range(1_400_000)), sum(i * 1.5 for i in range(1_400_000)), "name 999999")
+    conn.close()
 
 
 # One test per defect in issue 9
@@ -2508,12 +2526,12 @@ def poll_during(work, pollers, interval=0.05):
     return result, polls
 
 
-def page_loader(port, page):
+def page_loader(app_server, page):
     """Load page as a browser would: its status, or the status and the end of its body when it fails."""
 
     def load():
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{page}", timeout=60) as r:
+            with urllib.request.urlopen(app_server.url(page), timeout=60) as r:
                 r.read()
                 return r.status
         except urllib.error.HTTPError as e:
@@ -2521,22 +2539,6 @@ def page_loader(port, page):
             return f"{e.code}: {body!r}"
 
     return load
-
-
-def serve_with_databases(tmp_path):
-    """A real datasette, started as the app starts it, with two file databases and a temporary table."""
-    plugins_dir = tmp_path / "plugins"
-    plugins_dir.mkdir()
-    shutil.copy(app_support.__file__, plugins_dir / "app_support.py")
-    port = unused_port()
-    env = {**os.environ, "DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64}
-    process = start_server(plugins_dir, port, env)
-    for name in ("target", "elsewhere"):
-        status, _, body = call(port, "/-/open-database-file", {"path": str(make_db(tmp_path / f"{name}.db"))})
-        assert status == 200, body
-    small = write(tmp_path / "small.csv", "a\n1\n")
-    assert call(port, "/-/open-csv-file", {"path": str(small)})[0] == 200
-    return process, port
 
 
 def read_without_waiting(path):
@@ -2563,15 +2565,15 @@ def reading_window(polls):
     return seen[0][1], seen[-1][0]
 
 
-def still_reading(port, rows):
-    status, _, body = call(port, "/-/import-progress", None)
+def still_reading(app_server, rows):
+    status, _, body = app_server.call("/-/import-progress")
     assert status == 200, body
     latest = json.loads(body)["imports"][0]
     return latest["state"] == "running" and latest["rows"] < rows
 
 
 @pytest.mark.parametrize("database", ["target", "temporary"])
-def test_pages_and_the_target_file_never_wait_for_a_large_import(tmp_path, database):
+def test_pages_and_the_target_file_never_wait_for_a_large_import(app_server, tmp_path, database):
     """Importing straight into the file held its lock for the whole import: seconds of stalled pages.
 
     Nothing here is timed, since the machines are shared. Pages, the import's
@@ -2582,24 +2584,24 @@ def test_pages_and_the_target_file_never_wait_for_a_large_import(tmp_path, datab
     How long pages take is measured by benchmarks/page_latency.py.
     """
     rows = 500_000  # 14 MB: its reading leaves room for whole page loads on a busy machine
-    process, port = serve_with_databases(tmp_path)
-    try:
-        big = write_big_csv(tmp_path / "big.csv", rows)
-        other = "t" if database == "target" else "small"
-        pages = ["/", "/-/databases.json", f"/{database}", f"/{database}/{other}", "/elsewhere/t"]
-        pollers = {page: page_loader(port, page) for page in pages}
-        pollers["reading"] = lambda: still_reading(port, rows)
-        pollers["target file"] = lambda: read_without_waiting(tmp_path / "target.db")
-        endpoint, body = (
-            ("/-/import-csv-file", {"path": str(big), "database": database})
-            if database != "temporary"
-            else ("/-/open-csv-file", {"path": str(big)})
-        )
-        (status, _, answer), polls = poll_during(lambda: call(port, endpoint, body), pollers)
-        assert status == 200 and json.loads(answer)["rows"] == rows, answer
-    finally:
-        process.terminate()
-        process.wait(10)
+    for name in ("target", "elsewhere"):
+        status, _, body = app_server.call("/-/open-database-file", {"path": str(make_db(tmp_path / f"{name}.db"))})
+        assert status == 200, body
+    small = write(tmp_path / "small.csv", "a\n1\n")
+    assert app_server.call("/-/open-csv-file", {"path": str(small)})[0] == 200
+    big = write_big_csv(tmp_path / "big.csv", rows)
+    other = "t" if database == "target" else "small"
+    pages = ["/", "/-/databases.json", f"/{database}", f"/{database}/{other}", "/elsewhere/t"]
+    pollers = {page: page_loader(app_server, page) for page in pages}
+    pollers["reading"] = lambda: still_reading(app_server, rows)
+    pollers["target file"] = lambda: read_without_waiting(tmp_path / "target.db")
+    endpoint, body = (
+        ("/-/import-csv-file", {"path": str(big), "database": database})
+        if database != "temporary"
+        else ("/-/open-csv-file", {"path": str(big)})
+    )
+    (status, _, answer), polls = poll_during(lambda: app_server.call(endpoint, body), pollers)
+    assert status == 200 and json.loads(answer)["rows"] == rows, answer
     first, last = reading_window(polls.pop("reading"))
     inside = {
         name: [answer for answer, start, end in answers if first <= start and end <= last]
@@ -2974,31 +2976,19 @@ class Browser:
 
 
 @pytest.fixture
-def desktop(tmp_path):
+def desktop(app_server, tmp_path):
     """A real datasette process with the plugin, and a browser window on it."""
-    plugins_dir = tmp_path / "plugins"
-    plugins_dir.mkdir()
-    shutil.copy(app_support.__file__, plugins_dir / "app_support.py")
-    env = {**os.environ, "DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64}
-    port = unused_port()
-    process = start_server(plugins_dir, port, env)
-    browser = None
-    try:
-        browser = Browser(tmp_path / "profile")
-        yield port, browser
-    finally:
-        if browser:
-            browser.close()
-        process.terminate()
-        process.wait(10)
+    browser = Browser(tmp_path / "profile")
+    yield app_server, browser
+    browser.close()
 
 
-def in_background(port, path, body):
+def in_background(app_server, path, body):
     """Call an endpoint in a thread; the returned list receives (status, JSON body)."""
     result = []
 
     def run():
-        status, _, content = call(port, path, body)
+        status, _, content = app_server.call(path, body)
         result.append((status, json.loads(content)))
 
     thread = threading.Thread(target=run, daemon=True)
@@ -3006,8 +2996,8 @@ def in_background(port, path, body):
     return thread, result
 
 
-def imports(port):
-    return json.loads(call(port, "/-/import-progress", None)[2])["imports"]
+def imports(app_server):
+    return json.loads(app_server.call("/-/import-progress")[2])["imports"]
 
 
 PANEL = ".app-support-panel"
@@ -3017,8 +3007,8 @@ DATASETTE_APP = "window.datasetteApp = {importCsv: (database) => { window.import
 
 @needs_chromium
 def test_browser_panel_shows_progress_and_cancels(desktop, tmp_path):
-    port, browser = desktop
-    base = f"http://127.0.0.1:{port}"
+    app_server, browser = desktop
+    base = app_server.url()
     browser.navigate(base + "/temporary")
     # Anonymous: no script, so no polling and no Import CSV button.
     assert browser.evaluate("typeof window.appSupport") == "undefined"
@@ -3028,8 +3018,8 @@ def test_browser_panel_shows_progress_and_cancels(desktop, tmp_path):
     assert browser.evaluate("!!window.appSupport && !document.querySelector('.app-support-import-csv')")
     browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
     path = write_big_csv(tmp_path / "big.csv", 3_000_000)
-    thread, result = in_background(port, "/-/import-csv-file", {"path": str(path), "database": "temporary"})
-    while not (imports(port) and imports(port)[0]["rows"]):
+    thread, result = in_background(app_server, "/-/import-csv-file", {"path": str(path), "database": "temporary"})
+    while not (imports(app_server) and imports(app_server)[0]["rows"]):
         assert thread.is_alive(), result
         time.sleep(0.02)
     browser.navigate(base + "/temporary")
@@ -3052,8 +3042,8 @@ def test_browser_panel_shows_progress_and_cancels(desktop, tmp_path):
     assert result[0][0] == 400 and result[0][1]["error"] == f"Import cancelled: {path}"
     message = browser.wait_for(f"document.querySelector('{PANEL} .app-support-cancelled .app-support-status')?.textContent")
     assert message == f"Import cancelled: {path}"
-    assert imports(port)[0]["state"] == "cancelled"
-    assert json.loads(call(port, "/temporary.json", None)[2])["tables"] == []
+    assert imports(app_server)[0]["state"] == "cancelled"
+    assert json.loads(app_server.call("/temporary.json")[2])["tables"] == []
     browser.click(f"{PANEL} button")  # Dismiss
     browser.wait_for(f"document.querySelector('{PANEL}').hidden")
     assert browser.errors() == []
@@ -3061,8 +3051,8 @@ def test_browser_panel_shows_progress_and_cancels(desktop, tmp_path):
 
 @needs_chromium
 def test_browser_panel_follows_a_finished_import_to_its_table(desktop, server, tmp_path):
-    port, browser = desktop
-    base = f"http://127.0.0.1:{port}"
+    app_server, browser = desktop
+    base = app_server.url()
     url, routes = server
     chunk = b"1,Cleo,5\n" * 2000
     started = threading.Event()
@@ -3080,7 +3070,7 @@ def test_browser_panel_follows_a_finished_import_to_its_table(desktop, server, t
     browser.click(".app-support-import-csv")
     assert browser.evaluate("window.importedInto") == "temporary"
     polls = len(browser.requests("/-/import-progress"))
-    thread, result = in_background(port, "/-/open-csv-from-url", {"url": url + "/dogs.csv"})
+    thread, result = in_background(app_server, "/-/open-csv-from-url", {"url": url + "/dogs.csv"})
     started.wait(10)
     browser.wait_for(f"!!document.querySelector('{PANEL} .app-support-running')", timeout=10)
     assert len(browser.requests("/-/import-progress")) - polls <= 2, "polled often while idle"
@@ -3101,7 +3091,7 @@ def test_browser_panel_follows_a_finished_import_to_its_table(desktop, server, t
     browser.evaluate(visibility.format("false"))
     time.sleep(0.2)
     assert len(browser.requests("/-/import-progress")) > polls
-    assert imports(port)[0]["state"] == "running"
+    assert imports(app_server)[0]["state"] == "running"
     open_link = browser.wait_for(f"document.querySelector('{PANEL} .app-support-open')?.textContent", timeout=20)
     thread.join(10)
     assert result == [(200, {"ok": True, "path": "/temporary/dogs", "rows": 40_000})]
