@@ -36,17 +36,56 @@ TOKEN = "5f1e0c9a7b3d2e4f6a8b0c1d2e3f4a5b"
 APP_ENDPOINTS = [route.path for route in app_support.ROUTES if route.caller == app_support.APP]
 IS_DATASETTE_1 = not __import__("datasette.version").version.__version__.startswith("0.")
 
+needs_datasette_1 = pytest.mark.skipif(
+    not IS_DATASETTE_1, reason="Datasette 0.65 has no write API, events or SQL permissions"
+)
+
+
+# Helpers: a Datasette with the plugin, and the token the app holds
+
 
 @pytest.fixture(autouse=True)
 def api_token(monkeypatch):
+    """The token the app gives datasette, in this process's environment."""
     monkeypatch.setenv("DATASETTE_API_TOKEN", TOKEN)
 
 
 @pytest.fixture
 async def ds():
+    """A fresh Datasette with the plugin, started up: its temporary database and no _memory."""
     datasette = Datasette(memory=True)
     await datasette.invoke_startup()
     yield datasette
+
+
+async def with_settings(**settings):
+    """A fresh Datasette with these app_support plugin settings."""
+    ds = Datasette(memory=True, metadata={"plugins": {"app_support": settings}})
+    await ds.invoke_startup()
+    return ds
+
+
+class EventCollector:
+    """A plugin that records the events Datasette 1.0 tracks."""
+
+    def __init__(self):
+        self.events = []
+
+    @app_support.hookimpl
+    def track_event(self, datasette, event):
+        self.events.append(event)
+
+
+@pytest.fixture
+def events():
+    """The events tracked while the test runs."""
+    collector = EventCollector()
+    pm.register(collector, name="test_event_collector")
+    yield collector.events
+    pm.unregister(name="test_event_collector")
+
+
+# Helpers: requests and answers
 
 
 async def post(ds, path, body, token=TOKEN, headers=None):
@@ -57,55 +96,14 @@ async def post(ds, path, body, token=TOKEN, headers=None):
     return await ds.client.post(path, content=content, headers=all_headers)
 
 
-def user_databases(ds):
-    """Attached databases, leaving out _internal (listed there on Datasette 0.65)."""
-    return set(ds.databases) - {"_internal"}
-
-
-async def rows(ds, database, sql, params=None):
-    return [tuple(r) for r in (await ds.get_database(database).execute(sql, params or [])).rows]
-
-
-async def tables(ds, database="temporary"):
-    return await ds.get_database(database).table_names()
-
-
-def column_types(conn_or_path, table):
-    conn = sqlite3.connect(conn_or_path) if isinstance(conn_or_path, (str, Path)) else conn_or_path
-    return {r[1]: r[2] for r in conn.execute(f'pragma table_info("{table}")')}
-
-
-def make_db(path, table="t", values=(1, 2, 3)):
-    conn = sqlite3.connect(path)
-    conn.execute(f'create table "{table}" (id integer)')
-    conn.executemany(f'insert into "{table}" values (?)', [(v,) for v in values])
-    conn.commit()
-    conn.close()
-    return path
-
-
-def write(path, content):
-    if isinstance(content, str):
-        content = content.encode("utf-8")
-    path.write_bytes(content)
-    return path
-
-
-async def fetch_rows(ds, path):
-    """A table's rows as dicts, without the rowid that Datasette 1.0 adds."""
-    response = await ds.client.get(path + ".json?_shape=array")
-    assert response.status_code == 200, response.text
-    return [{k: v for k, v in row.items() if k != "rowid"} for row in response.json()]
-
-
-def snapshot(folder):
-    """Every file below folder with its bytes, to prove nothing changed."""
-    return {
-        str(p): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()
-    }
+async def root_cookie(ds):
+    """Sign in through /-/auth-app-user as the app does; the cookie it sets."""
+    response = await post(ds, "/-/auth-app-user", {"redirect": "/"})
+    return {"ds_actor": response.cookies["ds_actor"]}
 
 
 def assert_error(response, status, text):
+    """The response is a JSON error with this status, and its message contains text."""
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
     data = response.json()
@@ -121,6 +119,678 @@ async def assert_refused(ds, folder, endpoint, body, status, error, **kwargs):
     assert "set-cookie" not in response.headers
     assert (snapshot(folder), user_databases(ds), await tables(ds)) == before
     return response
+
+
+async def fetch_rows(ds, path):
+    """A table's rows as dicts, without the rowid that Datasette 1.0 adds."""
+    response = await ds.client.get(path + ".json?_shape=array")
+    assert response.status_code == 200, response.text
+    return [{k: v for k, v in row.items() if k != "rowid"} for row in response.json()]
+
+
+def good_bodies(tmp_path):
+    """A body each app endpoint would accept, naming files made in tmp_path."""
+    csv_path = tmp_path / "auth.csv"
+    csv_path.write_text("a,b\n1,2\n")
+    db_path = make_db(tmp_path / "auth.db")
+    return {
+        "/-/auth-app-user": {"redirect": "/"},
+        "/-/open-database-file": {"path": str(db_path)},
+        "/-/new-empty-database-file": {"path": str(tmp_path / "new.db")},
+        "/-/open-csv-file": {"path": str(csv_path)},
+        "/-/import-csv-file": {"path": str(csv_path), "database": "temporary"},
+        "/-/open-csv-from-url": {"url": "http://127.0.0.1:9/x.csv"},
+        "/-/dump-temporary-to-file": {"path": str(tmp_path / "dump.db")},
+        "/-/restore-temporary-from-file": {"path": str(db_path)},
+    }
+
+
+async def progress(ds, **kwargs):
+    """The imports GET /-/import-progress lists, newest first; with the token unless told otherwise."""
+    kwargs.setdefault("headers", {"Authorization": f"Bearer {TOKEN}"})
+    response = await ds.client.get("/-/import-progress", **kwargs)
+    assert response.status_code == 200, response.text
+    return response.json()["imports"]
+
+
+async def cancel_with_token(ds, import_id):
+    """POST /-/cancel-import as the app does, with the token."""
+    return await post(ds, "/-/cancel-import", {"id": import_id})
+
+
+async def page_csrf(ds, cookies):
+    """What a same-origin page sends with its POSTs: the cookies and the page's csrftoken."""
+    page = await ds.client.get("/", cookies=cookies)
+    config = json.loads(page.text.split("window.appSupport = ", 1)[1].split(";</script>", 1)[0])
+    cookies = {**cookies, **{k: v for k, v in page.cookies.items() if k == "ds_csrftoken"}}
+    return cookies, {"x-csrftoken": config["csrftoken"], "Sec-Fetch-Site": "same-origin"}
+
+
+async def cancel_with_cookie(ds, import_id):
+    """POST /-/cancel-import as the panel does: from a page, with the cookie and the page's csrftoken."""
+    cookies, headers = await page_csrf(ds, await root_cookie(ds))
+    return await ds.client.post(
+        "/-/cancel-import", content=json.dumps({"id": import_id}).encode(), cookies=cookies, headers=headers
+    )
+
+
+def page_assets(html):
+    """The plugin's script and style tags in a page, and its config."""
+    tags = [line.strip() for line in html.splitlines() if "app-support" in line or "appSupport" in line]
+    config = None
+    if "window.appSupport = " in html:
+        config = json.loads(html.split("window.appSupport = ", 1)[1].split(";</script>", 1)[0])
+    return tags, config
+
+
+async def listed_tables(ds, database):
+    """The tables the database page lists, as the app would show them right now."""
+    response = await ds.client.get(f"/{database}.json")
+    assert response.status_code == 200, response.text
+    return {t["name"] for t in response.json()["tables"]}
+
+
+# Helpers: files and databases
+
+
+def user_databases(ds):
+    """Attached databases, leaving out _internal (listed there on Datasette 0.65)."""
+    return set(ds.databases) - {"_internal"}
+
+
+async def tables(ds, database="temporary"):
+    return await ds.get_database(database).table_names()
+
+
+async def rows(ds, database, sql, params=None):
+    return [tuple(r) for r in (await ds.get_database(database).execute(sql, params or [])).rows]
+
+
+def column_types(conn_or_path, table):
+    """{column: declared type} of a table, from a connection or a file's path."""
+    conn = sqlite3.connect(conn_or_path) if isinstance(conn_or_path, (str, Path)) else conn_or_path
+    return {r[1]: r[2] for r in conn.execute(f'pragma table_info("{table}")')}
+
+
+def stored_table(conn, table):
+    """A table's column names, declared types, and rows in rowid order."""
+    info = list(conn.execute(f'pragma table_info("{table}")'))
+    names = [r[1] for r in info]
+    declared = [r[2] for r in info]
+    stored = [tuple(r) for r in conn.execute(f'select * from "{table}" order by rowid')]
+    return names, declared, stored
+
+
+def make_db(path, table="t", values=(1, 2, 3)):
+    """A SQLite file at path with one table of integers."""
+    conn = sqlite3.connect(path)
+    conn.execute(f'create table "{table}" (id integer)')
+    conn.executemany(f'insert into "{table}" values (?)', [(v,) for v in values])
+    conn.commit()
+    conn.close()
+    return path
+
+
+def write(path, content):
+    """Write text (as UTF-8) or bytes to path; return path."""
+    if isinstance(content, str):
+        content = content.encode("utf-8")
+    path.write_bytes(content)
+    return path
+
+
+def snapshot(folder):
+    """Every file below folder with its bytes, to prove nothing changed."""
+    return {
+        str(p): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()
+    }
+
+
+async def import_bytes(ds, tmp_path, content, name="data.csv", **options):
+    """Import content through /-/open-csv-file: (answer, {column: type}, stored rows)."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    response = await post(ds, "/-/open-csv-file", {"path": str(path), **options})
+    assert response.status_code == 200, response.text
+    table = response.json()["path"].split("/")[-1]
+    db = ds.get_database("temporary")
+    types = await db.execute_fn(lambda conn: column_types(conn, table))
+    stored = await rows(ds, "temporary", f'select * from "{table}"')
+    return response.json(), types, stored
+
+
+def _columns(count):
+    """A CSV header line of count columns: c0,c1,..."""
+    return ",".join(f"c{i}" for i in range(count)).encode() + b"\n"
+
+
+async def open_file_database(ds, path):
+    """Attach a SQLite file through /-/open-database-file; return its database's name."""
+    response = await post(ds, "/-/open-database-file", {"path": str(path)})
+    assert response.json()["ok"], response.text
+    return response.json()["path"].strip("/")
+
+
+async def fill_temporary(ds, megabytes):
+    """Tables in temporary whose dump takes about megabytes: random, so it never compresses."""
+
+    def fill(conn):
+        conn.execute("create table big (b blob)")
+        conn.executemany("insert into big values (randomblob(1024 * 1024))", [()] * megabytes)
+        conn.commit()
+
+    await ds.get_database("temporary").execute_write_fn(fill, block=True)
+
+
+# Helpers: large files, and imports that take a while
+
+
+def write_big_csv(path, count):
+    """A CSV file of count rows of id, name and score."""
+    with open(path, "w") as f:
+        f.write("id,name,score\n")
+        for i in range(count):
+            f.write(f"{i},name {i},{i * 1.5}\n")
+    return path
+
+
+def big_csv(tmp_path, megabytes=4):
+    """A CSV file of about megabytes of one repeated row."""
+    path = tmp_path / "big.csv"
+    line = b"12345,some words here,67.5\n"
+    path.write_bytes(b"a,b,c\n" + line * (megabytes * 1024 * 1024 // len(line)))
+    return path
+
+
+async def start_big_import(ds, tmp_path, database, count=1_000_000):
+    """Start a CSV import that takes a second or more; return (task, progress item)."""
+    if database != "temporary":
+        await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / f"{database}.db")})
+    path = write_big_csv(tmp_path / "big.csv", count)
+    task = asyncio.ensure_future(post(ds, "/-/import-csv-file", {"path": str(path), "database": database}))
+    while not task.done():
+        items = await progress(ds)
+        if items and items[0]["state"] == "running" and items[0]["rows"]:
+            return task, items[0]
+        await asyncio.sleep(0.005)
+    raise AssertionError("the import finished before it could be cancelled: " + (await task).text)
+
+
+# Helpers: work folders and small disks
+
+
+def work_folders(folder=None):
+    """This process's staging and download folders in folder, the temp directory by default."""
+    prefix = f"{app_support.WORK_FOLDER_PREFIX}{os.getpid()}_"
+    folder = folder or app_support.tempfile.gettempdir()
+    return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith(prefix))
+
+
+@pytest.fixture
+def temp_dir(tmp_path, monkeypatch):
+    """tempfile.gettempdir() as a fresh folder, to see what downloads leave behind."""
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+    return folder
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tiny file system of its own (tmpfs), so a full disk never touches the real one."""
+    mounts = []
+
+    def mount(name="small", size="2m"):
+        folder = tmp_path / name
+        folder.mkdir()
+        if os.geteuid() != 0 or not shutil.which("mount"):
+            pytest.skip("a small disk needs root to mount a tmpfs")
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            pytest.skip(f"could not mount a tmpfs: {result.stderr.strip()}")
+        mounts.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounts):
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def read_only(folder):
+    """Remount a small disk read-only."""
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+
+
+# Helpers: the HTTP server for URL tests
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Answers GETs from routes: path -> (status, headers, body), or a function of the handler giving one.
+
+    A body may be a function that writes it to the connection, for answers that trickle or never end.
+    """
+
+    routes = {}
+
+    def do_GET(self):
+        route = self.routes.get(self.path.split("?")[0])
+        if route is None:
+            self.send_error(404, "Not Found")
+            return
+        status, headers, body = route(self) if callable(route) else route
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        if body is not None and not callable(body):
+            self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if callable(body):
+            body(self.wfile)
+        elif body:
+            self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+class Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # The plugin hangs up on slow and oversized answers on purpose.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+@pytest.fixture
+def server():
+    """A real HTTP server on 127.0.0.1: (its base URL, the routes it answers, to fill in)."""
+    httpd = Server(("127.0.0.1", 0), Handler)
+    Handler.routes = {}
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", Handler.routes
+    httpd.shutdown()
+    httpd.server_close()
+
+
+CSV_BODY = b"id,name\n1,Cleo\n2,Pancakes\n"
+
+
+def zipped(members):
+    """A zip archive holding {name: content}."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
+
+
+# Helpers: the real server, started as the app starts it
+
+
+def unused_port():
+    """A port nothing listens on: bound once to find it, then released."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AppServer:
+    """A real datasette process, started as the desktop app starts it.
+
+    The plugin is copied alone into a --plugins-dir, and the process gets the
+    app's whole environment: the token and the secret, and no PATH or HOME.
+    stop() and then start() again keep the port and the secret, as the app's
+    restart does.
+    """
+
+    ENVIRONMENT = {"DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64}
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.plugins_dir = folder / "plugins"
+        self.plugins_dir.mkdir(parents=True)
+        shutil.copy(app_support.__file__, self.plugins_dir / "app_support.py")
+        self.log = folder / "datasette.log"
+        self.port = unused_port()
+        self.process = None
+
+    def url(self, path=""):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def start(self):
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "datasette", "--port", str(self.port), "--plugins-dir", str(self.plugins_dir)],
+                env=self.ENVIRONMENT, stdout=subprocess.DEVNULL, stderr=log,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                urllib.request.urlopen(self.url("/-/versions.json"), timeout=1)
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        raise AssertionError("datasette did not start: " + self.log.read_text(errors="replace"))
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def call(self, path, body=None, cookie=None):
+        """A request as the desktop app makes it, with the token: (status, headers, body); no redirects followed."""
+        request = urllib.request.Request(
+            self.url(path),
+            data=json.dumps(body).encode() if body is not None else None,
+            headers={"Authorization": f"Bearer {TOKEN}", **({"Cookie": cookie} if cookie else {})},
+        )
+        try:
+            with urllib.request.build_opener(_NoRedirect).open(request, timeout=30) as response:
+                return response.status, response.headers, response.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers, e.read()
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args):
+        return None
+
+
+@pytest.fixture
+def app_server(tmp_path):
+    """A real datasette process started as the app starts it, stopped at the end of the test."""
+    server = AppServer(tmp_path / "app")
+    server.start()
+    yield server
+    server.stop()
+
+
+# Helpers: generated CSV files and the slow references
+#
+# reference_type is the type rule spelled out one value at a time; the engine's
+# batch-wide column_type must agree with it on generated columns. Whole random
+# CSV files, generated from a fixed seed, are imported and every stored cell
+# is compared with what Python's csv module reads from the same file.
+
+
+REFERENCE_INTEGER = re.compile(r"-?(0|[1-9][0-9]{0,17})")
+REFERENCE_REAL = re.compile(r"-?(0|[1-9][0-9]*)?\.[0-9]*")
+
+
+def reference_value_type(value):
+    """The narrowest type for one non-empty value."""
+    if REFERENCE_INTEGER.fullmatch(value) and value != "-0":
+        return "INTEGER"
+    if REFERENCE_REAL.fullmatch(value) and re.search("[0-9]", value):
+        return "REAL"
+    return "TEXT"
+
+
+def reference_type(values):
+    """The declared type of a column: the widest of its values' types, TEXT when all are empty."""
+    kinds = {reference_value_type(v) for v in values if v is not None and v != ""}
+    for kind in ("TEXT", "REAL", "INTEGER"):
+        if kind in kinds:
+            return kind
+    return "TEXT"
+
+
+TYPE_SEED = 9_2026
+
+
+# Pieces a generated column is made of: the values that decide types.
+TYPE_ATOMS = [
+    "0", "0", "0", "1", "1", "-1", "7", "10", "-0", "00", "007", "0.0", "-0.0", "0.5", "-0.5",
+    ".5", "-.5", "5.", "0.", "00.5", "01.5", "10.25", "-10.25", ".", "-.", "-", "", "", "",
+    "1e5", "1E5", "+5", " 5", "5 ", "1.2.3", "1-2", "5-", "--5", "é", "x",
+    "9" * 18, "-" + "9" * 18, "1" + "0" * 17, "9" * 19, "-" + "9" * 19, "1" + "0" * 18,
+    "9" * 19 + ".5", "0" * 18, "0" + "9" * 17,
+]
+
+
+def random_type_atom(rng):
+    """One generated value: a listed atom, a random integer or a number-like string."""
+    roll = rng.random()
+    if roll < 0.6:
+        return rng.choice(TYPE_ATOMS)
+    if roll < 0.8:
+        return str(rng.randint(-10**rng.randint(1, 19), 10**rng.randint(1, 19)))
+    sign = rng.choice(["", "", "-"])
+    whole = rng.choice(["", "0", "00", str(rng.randint(1, 10**6)), "0" + str(rng.randint(1, 99))])
+    return sign + whole + rng.choice([".", ".", ""]) + rng.choice(["", "0", str(rng.randint(0, 10**4))])
+
+
+def generated_type_columns(seed=TYPE_SEED, count=20_000):
+    """Generated columns: one value repeated, 0/1 flags with blanks, or mixed values."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        shape = rng.random()
+        length = rng.choice([1, 1, 2, 2, 3, 4, 5, 8, 20])
+        if shape < 0.15:  # one repeated value: "0", "0", ...
+            column = [rng.choice(TYPE_ATOMS)] * length
+        elif shape < 0.3:  # 0/1 flags with blanks
+            column = [rng.choice(["0", "1", "0", ""]) for _ in range(length)]
+        else:
+            column = [random_type_atom(rng) for _ in range(length)]
+        yield column
+
+
+CSV_SEED = 9_9_2026
+DIFFERENTIAL_FILES = 3000  # through engine_import
+DIFFERENTIAL_ENDPOINT_FILES = 300  # through POST /-/open-csv-file
+LINE_ENDINGS = {"LF": ["\n"], "CRLF": ["\r\n"], "CR": ["\r"], "mixed": ["\n", "\r\n", "\r"]}
+UNICODE_WORDS = ["São Paulo", "東京", "naïve", "emoji 😀", "e\u0301", "Ελλάδα", "\u2028sep", "tab\there"]
+# Non-ASCII letters that cp1252 encodes at 0xC0-0xFF: no UTF-8 continuation
+# bytes, so a cp1252 file is never accidentally valid UTF-8.
+LATIN_WORDS = ["café", "Zürich", "Ærø", "niño", "façade", "Øst", "ÀÉÎ"]
+
+
+def engine_import(conn, path, table, detect_types=True):
+    """Import through the engine's pure function; return the table it created."""
+    return app_support.import_file(conn, str(path), table, detect_types=detect_types).table
+
+
+def random_cell(rng, kind, delimiter, latin):
+    """One cell of a column whose values are mostly of the given kind."""
+    if rng.random() < 0.12:
+        return ""
+    if rng.random() < 0.03:  # a stray value of any kind
+        kind = rng.choice(["int", "real", "zip", "flag", "count", "text", "awkward"])
+    if kind == "int":
+        return str(rng.randint(-10**rng.randint(1, 18) + 1, 10**rng.randint(1, 18) - 1))
+    if kind == "real":
+        return rng.choice(["", "-"]) + rng.choice(["0", str(rng.randint(1, 99999)), ""]) + "." + str(rng.randint(0, 999))
+    if kind == "zip":
+        return f"{rng.randint(0, 99999):05d}"
+    if kind == "flag":
+        return rng.choice("01")
+    if kind == "count":
+        return "0" if rng.random() < 0.5 else str(rng.randint(1, 500))
+    if kind == "text":
+        words = LATIN_WORDS if latin else UNICODE_WORDS + LATIN_WORDS
+        return rng.choice(["alpha", "beta gamma", rng.choice(words), f"item {rng.randint(0, 99)}"])
+    # awkward: quotes, delimiters and line breaks inside the cell, numbers-ish text
+    return rng.choice([
+        'say "hi"', '"', '""', "a,b", "a;b", "a|b", "a\tb", f"x{delimiter}y", "line\nbreak",
+        "cr\rbreak", "crlf\r\nbreak", "\n", " ", "1e5", "+5", " 5", "007", "-0", "0.0", ".", "NULL",
+    ])
+
+
+def render_cell(cell, delimiter, quote_all):
+    """A cell as it is written in the file: quoted when it must be, or when every cell is."""
+    if quote_all or any(c in cell for c in (delimiter, '"', "\r", "\n")):
+        return '"' + cell.replace('"', '""') + '"'
+    return cell
+
+
+def random_csv(seed, index):
+    """A random CSV file as bytes, the parameters that made it, and its rows as written."""
+    rng = random.Random(f"{seed}:{index}")
+    encoding = rng.choice(["utf-8", "utf-8", "utf-8-sig", "utf-16", "cp1252"])
+    params = {
+        "seed": seed,
+        "index": index,
+        "delimiter": rng.choice([",", "\t", ";", "|"]),
+        "quoting": rng.choice(["minimal", "minimal", "all"]),
+        "line_ending": rng.choice(list(LINE_ENDINGS)),
+        "encoding": encoding,
+        "width": rng.choice([2, 2, 3, 4, 6, 10]),
+        "rows": rng.choice([0, 1, 2, 3, 5, 10, 30, 100]) if index % 300 != 17 else 6000 + rng.randint(0, 500),
+        "ragged": rng.random() < 0.3,
+        "trailing_newline": rng.random() < 0.85,
+        "blank_lines": rng.random() < 0.15,
+    }
+    kinds = [rng.choice(["int", "real", "zip", "flag", "count", "text", "awkward"]) for _ in range(params["width"])]
+    params["kinds"] = kinds
+    latin = encoding == "cp1252"
+    header = [f"c{i}" for i in range(params["width"])]
+    rows = []
+    for _ in range(params["rows"]):
+        row = [random_cell(rng, kind, params["delimiter"], latin) for kind in kinds]
+        if params["ragged"] and rng.random() < 0.2:
+            row = row[: rng.randint(1, len(row) - 1)]
+        rows.append(row)
+    # A late type change: the last row of a long file breaks a number column.
+    if params["rows"] > 5000 and rng.random() < 0.7:
+        rows[-1] = [random_cell(rng, "awkward", params["delimiter"], latin) for _ in kinds]
+    if latin:
+        rows.append([rng.choice(LATIN_WORDS) for _ in kinds])  # make cp1252 matter
+    endings = LINE_ENDINGS[params["line_ending"]]
+    lines = [params["delimiter"].join(render_cell(c, params["delimiter"], params["quoting"] == "all") for c in header)]
+    for row in rows:
+        if params["blank_lines"] and rng.random() < 0.1:
+            lines.append("")
+        if len(row) == 1 and row[0] == "":
+            lines.append('""')  # an unquoted lone empty cell would be a blank line
+        else:
+            lines.append(params["delimiter"].join(render_cell(c, params["delimiter"], params["quoting"] == "all") for c in row))
+    text = ""
+    for number, line in enumerate(lines):
+        if number or text:
+            text += rng.choice(endings)
+        text += line
+    if params["trailing_newline"]:
+        text += rng.choice(endings)
+    return text.encode(encoding), params, rows
+
+
+def csv_module_rows(path, params):
+    """What Python's csv module reads from the file with its known dialect."""
+    with open(path, newline="", encoding=params["encoding"]) as f:
+        rows = [row for row in csv.reader(f, delimiter=params["delimiter"]) if row]
+    return rows[0], rows[1:]
+
+
+def expected_table(header, rows, detect_types=True):
+    """Declared types and stored rows that the type rule asks for."""
+    width = len(header)
+    declared = [
+        reference_type([row[i] for row in rows if i < len(row)]) if detect_types else "TEXT"
+        for i in range(width)
+    ]
+    convert = {"INTEGER": int, "REAL": float, "TEXT": str}
+    stored = []
+    for row in rows:
+        out = []
+        for i in range(width):
+            if i >= len(row):
+                out.append(None)
+            elif row[i] == "" and declared[i] != "TEXT":
+                out.append(None)
+            else:
+                out.append(convert[declared[i]](row[i]))
+        stored.append(tuple(out))
+    return declared, stored
+
+
+def compare_import(params, header, rows, names, declared, stored, detect_types=True):
+    """The first difference between an import and the csv module's reading, or None."""
+    expected_declared, expected_stored = expected_table(header, rows, detect_types)
+    where = f"seed {params['seed']} file {params['index']} {params}"
+    if names != header:
+        return f"{where}: columns {names[:12]} (expected {header[:12]})"
+    if declared != expected_declared:
+        return f"{where}: types {declared} (expected {expected_declared})"
+    if len(stored) != len(expected_stored):
+        return f"{where}: {len(stored)} rows (expected {len(expected_stored)})"
+    for number, (got, want) in enumerate(zip(stored, expected_stored), 1):
+        if got != want or [type(v) for v in got] != [type(v) for v in want]:
+            return f"{where}: data row {number} stored {got!r} (expected {want!r})"
+    return None
+
+
+def check_generated_file(tmp_path, index, seed=CSV_SEED):
+    """Write one generated file; return it, its parameters and the csv module's reading."""
+    content, params, written = random_csv(seed, index)
+    path = tmp_path / f"f{index}.csv"
+    path.write_bytes(content)
+    header, rows = csv_module_rows(path, params)
+    # The generator and the csv module must agree before the engine is judged.
+    assert header == [f"c{i}" for i in range(params["width"])], params
+    assert rows == written, params
+    return path, params, header, rows
+
+
+# Helpers: reading in parts
+#
+# The in_parts fixture makes the engine read any file in three parts, so that
+# small generated files exercise the split points, the helper processes and
+# the merging of their types and widths.
+
+
+PARTS_SEED = 21_11_2026
+PARTS_FILES = 40
+
+
+def read_in_parts(monkeypatch, parts=3):
+    """Read CSV files in parts however small they are: one part here, and parts - 1 helper processes."""
+    monkeypatch.setattr(app_support, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(app_support, "_cpu_count", lambda: parts)
+
+
+@pytest.fixture
+def in_parts(monkeypatch):
+    """Read CSV files in three parts, however small they are."""
+    read_in_parts(monkeypatch)
+
+
+@pytest.fixture
+def helpers(monkeypatch):
+    """The helper processes this test's imports start, as they are started."""
+    started = []
+    start = app_support._Helper.__init__
+
+    def recording_start(self, job):
+        start(self, job)
+        started.append(self.process)
+
+    monkeypatch.setattr(app_support._Helper, "__init__", recording_start)
+    return started
+
+
+def split_points(path):
+    """Where the engine would cut path into parts; [] when it reads the file whole."""
+    plan = app_support.plan_file(str(path))
+    processes = app_support._process_count(path.stat().st_size, plan)
+    return app_support._split_points(str(path), processes) if processes > 1 else []
+
+
+def import_counting_parts(conn, path, folder, table="t", detect_types=True):
+    """Import through the engine; return how many parts read the file, and the new table."""
+    folder.mkdir(exist_ok=True)
+    encoding = conn.execute("PRAGMA encoding").fetchone()[0]
+    staged = app_support.stage_file(str(path), str(folder / "staging.db"), detect_types, encoding=encoding)
+    return len(staged.tables), app_support.copy_in(conn, staged, table).table
 
 
 # Startup
@@ -159,22 +829,6 @@ async def test_two_instances_do_not_share_temporary(tmp_path):
 
 
 # Authentication, methods and bodies, for every endpoint
-
-
-def good_bodies(tmp_path):
-    csv_path = tmp_path / "auth.csv"
-    csv_path.write_text("a,b\n1,2\n")
-    db_path = make_db(tmp_path / "auth.db")
-    return {
-        "/-/auth-app-user": {"redirect": "/"},
-        "/-/open-database-file": {"path": str(db_path)},
-        "/-/new-empty-database-file": {"path": str(tmp_path / "new.db")},
-        "/-/open-csv-file": {"path": str(csv_path)},
-        "/-/import-csv-file": {"path": str(csv_path), "database": "temporary"},
-        "/-/open-csv-from-url": {"url": "http://127.0.0.1:9/x.csv"},
-        "/-/dump-temporary-to-file": {"path": str(tmp_path / "dump.db")},
-        "/-/restore-temporary-from-file": {"path": str(db_path)},
-    }
 
 
 BAD_AUTH = {
@@ -506,18 +1160,6 @@ async def test_open_csv_file_is_a_folder(ds, tmp_path):
 # The CSV engine: what gets stored, and how it is typed
 
 
-async def import_bytes(ds, tmp_path, content, name="data.csv", **options):
-    path = tmp_path / name
-    path.write_bytes(content)
-    response = await post(ds, "/-/open-csv-file", {"path": str(path), **options})
-    assert response.status_code == 200, response.text
-    table = response.json()["path"].split("/")[-1]
-    db = ds.get_database("temporary")
-    types = await db.execute_fn(lambda conn: column_types(conn, table))
-    stored = await rows(ds, "temporary", f'select * from "{table}"')
-    return response.json(), types, stored
-
-
 ENCODINGS = [
     ("utf-8", "São Paulo,Zürich\n".encode("utf-8"), "São Paulo"),
     ("utf-8 with BOM", b"\xef\xbb\xbf" + "city\nSão Paulo\n".encode("utf-8"), "city"),
@@ -734,61 +1376,6 @@ def test_clean_headers_pure():
 # /-/open-csv-from-url
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    routes = {}
-
-    def do_GET(self):
-        route = self.routes.get(self.path.split("?")[0])
-        if route is None:
-            self.send_error(404, "Not Found")
-            return
-        status, headers, body = route(self) if callable(route) else route
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        if body is not None and not callable(body):
-            self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if callable(body):
-            body(self.wfile)
-        elif body:
-            self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
-class Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address):
-        # The plugin hangs up on slow and oversized answers on purpose.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
-@pytest.fixture
-def server():
-    httpd = Server(("127.0.0.1", 0), Handler)
-    Handler.routes = {}
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", Handler.routes
-    httpd.shutdown()
-    httpd.server_close()
-
-
-CSV_BODY = b"id,name\n1,Cleo\n2,Pancakes\n"
-
-
-def zipped(members):
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, content in members.items():
-            archive.writestr(name, content)
-    return buffer.getvalue()
-
-
 URL_CASES = [
     ("plain", "/dogs.csv", {"/dogs.csv": (200, {}, CSV_BODY)}, "dogs"),
     ("redirect", "/old.csv", {"/old.csv": (302, {"Location": "/new/dogs.csv"}, b""), "/new/dogs.csv": (200, {}, CSV_BODY)}, "dogs"),
@@ -823,13 +1410,6 @@ async def test_open_csv_from_url_table_name_and_database(ds, server, tmp_path):
     assert response.json() == {"ok": True, "path": ds.urls.table("target", "my table_2"), "rows": 2}
     null_options = {"url": base + "/dogs.csv", "table_name": None, "database": None}
     assert (await post(ds, "/-/open-csv-from-url", null_options)).json()["path"] == "/temporary/dogs"
-
-
-def unused_port():
-    """A port nothing listens on: bound once to find it, then released."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(
@@ -1006,82 +1586,6 @@ async def test_restore_temporary_errors_leave_temporary_alone(ds, tmp_path, setu
 # The desktop app's restart cycle, against a real datasette process
 
 
-class AppServer:
-    """A real datasette process, started as the desktop app starts it.
-
-    The plugin is copied alone into a --plugins-dir, and the process gets the
-    app's whole environment: the token and the secret, and no PATH or HOME.
-    stop() and then start() again keep the port and the secret, as the app's
-    restart does.
-    """
-
-    ENVIRONMENT = {"DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64}
-
-    def __init__(self, folder):
-        self.folder = folder
-        self.plugins_dir = folder / "plugins"
-        self.plugins_dir.mkdir(parents=True)
-        shutil.copy(app_support.__file__, self.plugins_dir / "app_support.py")
-        self.log = folder / "datasette.log"
-        self.port = unused_port()
-        self.process = None
-
-    def url(self, path=""):
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def start(self):
-        with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "datasette", "--port", str(self.port), "--plugins-dir", str(self.plugins_dir)],
-                env=self.ENVIRONMENT, stdout=subprocess.DEVNULL, stderr=log,
-            )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and self.process.poll() is None:
-            try:
-                urllib.request.urlopen(self.url("/-/versions.json"), timeout=1)
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        raise AssertionError("datasette did not start: " + self.log.read_text(errors="replace"))
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-    def call(self, path, body=None, cookie=None):
-        """A request as the desktop app makes it, with the token: (status, headers, body); no redirects followed."""
-        request = urllib.request.Request(
-            self.url(path),
-            data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"Bearer {TOKEN}", **({"Cookie": cookie} if cookie else {})},
-        )
-        try:
-            with urllib.request.build_opener(_NoRedirect).open(request, timeout=30) as response:
-                return response.status, response.headers, response.read()
-        except urllib.error.HTTPError as e:
-            return e.code, e.headers, e.read()
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args):
-        return None
-
-
-@pytest.fixture
-def app_server(tmp_path):
-    """A real datasette process started as the app starts it, stopped at the end of the test."""
-    server = AppServer(tmp_path / "app")
-    server.start()
-    yield server
-    server.stop()
-
-
 def test_restart_cycle_with_real_datasette_process(app_server, tmp_path):
     csv_path = tmp_path / "dogs.csv"
     csv_path.write_text("name,age\nCleo,5\nPancakes,4\n")
@@ -1137,16 +1641,6 @@ async def test_open_csv_from_url_truncated_body_leaves_nothing(ds, server):
 # Datasette 1.0: the app user's powers, events
 
 
-needs_datasette_1 = pytest.mark.skipif(
-    not IS_DATASETTE_1, reason="Datasette 0.65 has no write API, events or SQL permissions"
-)
-
-
-async def root_cookie(ds):
-    response = await post(ds, "/-/auth-app-user", {"redirect": "/"})
-    return {"ds_actor": response.cookies["ds_actor"]}
-
-
 @needs_datasette_1
 async def test_root_can_create_insert_drop_and_run_sql(ds):
     cookies = await root_cookie(ds)
@@ -1195,23 +1689,6 @@ async def test_nobody_sees_internal(ds):
         assert (await ds.client.get("/_internal", cookies=who)).status_code in (403, 404)
 
 
-class EventCollector:
-    def __init__(self):
-        self.events = []
-
-    @app_support.hookimpl
-    def track_event(self, datasette, event):
-        self.events.append(event)
-
-
-@pytest.fixture
-def events():
-    collector = EventCollector()
-    pm.register(collector, name="test_event_collector")
-    yield collector.events
-    pm.unregister(name="test_event_collector")
-
-
 @needs_datasette_1
 async def test_imports_emit_create_table_and_insert_rows_events(ds, tmp_path, server, events):
     base, routes = server
@@ -1258,21 +1735,6 @@ async def test_events_are_quietly_absent_on_0_65(ds, tmp_path):
 
 
 # GET /-/import-progress
-
-
-async def progress(ds, **kwargs):
-    kwargs.setdefault("headers", {"Authorization": f"Bearer {TOKEN}"})
-    response = await ds.client.get("/-/import-progress", **kwargs)
-    assert response.status_code == 200, response.text
-    return response.json()["imports"]
-
-
-def write_big_csv(path, count):
-    with open(path, "w") as f:
-        f.write("id,name,score\n")
-        for i in range(count):
-            f.write(f"{i},name {i},{i * 1.5}\n")
-    return path
 
 
 @pytest.mark.parametrize("database", ["temporary", "target"])
@@ -1358,13 +1820,6 @@ async def test_import_progress_authentication(ds):
 # The page the app opens the moment an endpoint answers
 
 
-async def listed_tables(ds, database):
-    """The tables the database page lists, as the app would show them right now."""
-    response = await ds.client.get(f"/{database}.json")
-    assert response.status_code == 200, response.text
-    return {t["name"] for t in response.json()["tables"]}
-
-
 async def test_opened_database_lists_its_tables_on_the_first_request(ds, tmp_path):
     path = make_db(tmp_path / "shop.db", table="orders")
     sqlite3.connect(path).execute("create table customers (id integer)").connection.close()
@@ -1403,34 +1858,8 @@ async def test_restored_temporary_lists_its_tables_on_the_first_request(ds, tmp_
     assert response.json()["ok"] is True
     assert await listed_tables(ds, "temporary") == {"saved"}
 
+
 # The CSV engine checked against slow references (issue 9)
-#
-# reference_type is the type rule spelled out one value at a time; the engine's
-# batch-wide column_type must agree with it on generated columns. Then whole
-# random CSV files, generated from a fixed seed, are imported and every stored
-# cell is compared with what Python's csv module reads from the same file.
-
-
-REFERENCE_INTEGER = re.compile(r"-?(0|[1-9][0-9]{0,17})")
-REFERENCE_REAL = re.compile(r"-?(0|[1-9][0-9]*)?\.[0-9]*")
-
-
-def reference_value_type(value):
-    """The narrowest type for one non-empty value."""
-    if REFERENCE_INTEGER.fullmatch(value) and value != "-0":
-        return "INTEGER"
-    if REFERENCE_REAL.fullmatch(value) and re.search("[0-9]", value):
-        return "REAL"
-    return "TEXT"
-
-
-def reference_type(values):
-    """The declared type of a column: the widest of its values' types, TEXT when all are empty."""
-    kinds = {reference_value_type(v) for v in values if v is not None and v != ""}
-    for kind in ("TEXT", "REAL", "INTEGER"):
-        if kind in kinds:
-            return kind
-    return "TEXT"
 
 
 def test_reference_type_follows_the_rule():
@@ -1453,43 +1882,6 @@ def test_reference_type_follows_the_rule():
     assert reference_type([None, ""]) == "TEXT"
 
 
-TYPE_SEED = 9_2026
-
-# Pieces a generated column is made of: the values that decide types.
-TYPE_ATOMS = [
-    "0", "0", "0", "1", "1", "-1", "7", "10", "-0", "00", "007", "0.0", "-0.0", "0.5", "-0.5",
-    ".5", "-.5", "5.", "0.", "00.5", "01.5", "10.25", "-10.25", ".", "-.", "-", "", "", "",
-    "1e5", "1E5", "+5", " 5", "5 ", "1.2.3", "1-2", "5-", "--5", "é", "x",
-    "9" * 18, "-" + "9" * 18, "1" + "0" * 17, "9" * 19, "-" + "9" * 19, "1" + "0" * 18,
-    "9" * 19 + ".5", "0" * 18, "0" + "9" * 17,
-]
-
-
-def random_type_atom(rng):
-    roll = rng.random()
-    if roll < 0.6:
-        return rng.choice(TYPE_ATOMS)
-    if roll < 0.8:
-        return str(rng.randint(-10**rng.randint(1, 19), 10**rng.randint(1, 19)))
-    sign = rng.choice(["", "", "-"])
-    whole = rng.choice(["", "0", "00", str(rng.randint(1, 10**6)), "0" + str(rng.randint(1, 99))])
-    return sign + whole + rng.choice([".", ".", ""]) + rng.choice(["", "0", str(rng.randint(0, 10**4))])
-
-
-def generated_type_columns(seed=TYPE_SEED, count=20_000):
-    rng = random.Random(seed)
-    for _ in range(count):
-        shape = rng.random()
-        length = rng.choice([1, 1, 2, 2, 3, 4, 5, 8, 20])
-        if shape < 0.15:  # one repeated value: "0", "0", ...
-            column = [rng.choice(TYPE_ATOMS)] * length
-        elif shape < 0.3:  # 0/1 flags with blanks
-            column = [rng.choice(["0", "1", "0", ""]) for _ in range(length)]
-        else:
-            column = [random_type_atom(rng) for _ in range(length)]
-        yield column
-
-
 @pytest.mark.parametrize(
     "values", [["0", "0"], ["0.0", "0.0"], ["1", "0", "0"], ["0", "0", "1.5"], ["-0.5", "-0.5"]]
 )
@@ -1505,169 +1897,6 @@ def test_column_type_matches_reference_on_generated_columns():
             wrong.append((column, got, reference_type(column)))
     shown = "\n".join(f"{c!r}: column_type {g}, reference {r}" for c, g, r in wrong[:15])
     assert not wrong, f"{len(wrong)} of 20,000 columns (seed {TYPE_SEED}) differ:\n{shown}"
-
-
-CSV_SEED = 9_9_2026
-DIFFERENTIAL_FILES = 3000  # through engine_import
-DIFFERENTIAL_ENDPOINT_FILES = 300  # through POST /-/open-csv-file
-LINE_ENDINGS = {"LF": ["\n"], "CRLF": ["\r\n"], "CR": ["\r"], "mixed": ["\n", "\r\n", "\r"]}
-UNICODE_WORDS = ["São Paulo", "東京", "naïve", "emoji 😀", "e\u0301", "Ελλάδα", "\u2028sep", "tab\there"]
-# Non-ASCII letters that cp1252 encodes at 0xC0-0xFF: no UTF-8 continuation
-# bytes, so a cp1252 file is never accidentally valid UTF-8.
-LATIN_WORDS = ["café", "Zürich", "Ærø", "niño", "façade", "Øst", "ÀÉÎ"]
-
-
-def engine_import(conn, path, table, detect_types=True):
-    """Import through the engine's pure function; return the table it created."""
-    return app_support.import_file(conn, str(path), table, detect_types=detect_types).table
-
-
-def random_cell(rng, kind, delimiter, latin):
-    """One cell of a column whose values are mostly of the given kind."""
-    if rng.random() < 0.12:
-        return ""
-    if rng.random() < 0.03:  # a stray value of any kind
-        kind = rng.choice(["int", "real", "zip", "flag", "count", "text", "awkward"])
-    if kind == "int":
-        return str(rng.randint(-10**rng.randint(1, 18) + 1, 10**rng.randint(1, 18) - 1))
-    if kind == "real":
-        return rng.choice(["", "-"]) + rng.choice(["0", str(rng.randint(1, 99999)), ""]) + "." + str(rng.randint(0, 999))
-    if kind == "zip":
-        return f"{rng.randint(0, 99999):05d}"
-    if kind == "flag":
-        return rng.choice("01")
-    if kind == "count":
-        return "0" if rng.random() < 0.5 else str(rng.randint(1, 500))
-    if kind == "text":
-        words = LATIN_WORDS if latin else UNICODE_WORDS + LATIN_WORDS
-        return rng.choice(["alpha", "beta gamma", rng.choice(words), f"item {rng.randint(0, 99)}"])
-    # awkward: quotes, delimiters and line breaks inside the cell, numbers-ish text
-    return rng.choice([
-        'say "hi"', '"', '""', "a,b", "a;b", "a|b", "a\tb", f"x{delimiter}y", "line\nbreak",
-        "cr\rbreak", "crlf\r\nbreak", "\n", " ", "1e5", "+5", " 5", "007", "-0", "0.0", ".", "NULL",
-    ])
-
-
-def render_cell(cell, delimiter, quote_all):
-    if quote_all or any(c in cell for c in (delimiter, '"', "\r", "\n")):
-        return '"' + cell.replace('"', '""') + '"'
-    return cell
-
-
-def random_csv(seed, index):
-    """A random CSV file as bytes, the parameters that made it, and its rows as written."""
-    rng = random.Random(f"{seed}:{index}")
-    encoding = rng.choice(["utf-8", "utf-8", "utf-8-sig", "utf-16", "cp1252"])
-    params = {
-        "seed": seed,
-        "index": index,
-        "delimiter": rng.choice([",", "\t", ";", "|"]),
-        "quoting": rng.choice(["minimal", "minimal", "all"]),
-        "line_ending": rng.choice(list(LINE_ENDINGS)),
-        "encoding": encoding,
-        "width": rng.choice([2, 2, 3, 4, 6, 10]),
-        "rows": rng.choice([0, 1, 2, 3, 5, 10, 30, 100]) if index % 300 != 17 else 6000 + rng.randint(0, 500),
-        "ragged": rng.random() < 0.3,
-        "trailing_newline": rng.random() < 0.85,
-        "blank_lines": rng.random() < 0.15,
-    }
-    kinds = [rng.choice(["int", "real", "zip", "flag", "count", "text", "awkward"]) for _ in range(params["width"])]
-    params["kinds"] = kinds
-    latin = encoding == "cp1252"
-    header = [f"c{i}" for i in range(params["width"])]
-    rows = []
-    for _ in range(params["rows"]):
-        row = [random_cell(rng, kind, params["delimiter"], latin) for kind in kinds]
-        if params["ragged"] and rng.random() < 0.2:
-            row = row[: rng.randint(1, len(row) - 1)]
-        rows.append(row)
-    # A late type change: the last row of a long file breaks a number column.
-    if params["rows"] > 5000 and rng.random() < 0.7:
-        rows[-1] = [random_cell(rng, "awkward", params["delimiter"], latin) for _ in kinds]
-    if latin:
-        rows.append([rng.choice(LATIN_WORDS) for _ in kinds])  # make cp1252 matter
-    endings = LINE_ENDINGS[params["line_ending"]]
-    lines = [params["delimiter"].join(render_cell(c, params["delimiter"], params["quoting"] == "all") for c in header)]
-    for row in rows:
-        if params["blank_lines"] and rng.random() < 0.1:
-            lines.append("")
-        if len(row) == 1 and row[0] == "":
-            lines.append('""')  # an unquoted lone empty cell would be a blank line
-        else:
-            lines.append(params["delimiter"].join(render_cell(c, params["delimiter"], params["quoting"] == "all") for c in row))
-    text = ""
-    for number, line in enumerate(lines):
-        if number or text:
-            text += rng.choice(endings)
-        text += line
-    if params["trailing_newline"]:
-        text += rng.choice(endings)
-    return text.encode(encoding), params, rows
-
-
-def csv_module_rows(path, params):
-    """What Python's csv module reads from the file with its known dialect."""
-    with open(path, newline="", encoding=params["encoding"]) as f:
-        rows = [row for row in csv.reader(f, delimiter=params["delimiter"]) if row]
-    return rows[0], rows[1:]
-
-
-def expected_table(header, rows, detect_types=True):
-    """Declared types and stored rows that the type rule asks for."""
-    width = len(header)
-    declared = [
-        reference_type([row[i] for row in rows if i < len(row)]) if detect_types else "TEXT"
-        for i in range(width)
-    ]
-    convert = {"INTEGER": int, "REAL": float, "TEXT": str}
-    stored = []
-    for row in rows:
-        out = []
-        for i in range(width):
-            if i >= len(row):
-                out.append(None)
-            elif row[i] == "" and declared[i] != "TEXT":
-                out.append(None)
-            else:
-                out.append(convert[declared[i]](row[i]))
-        stored.append(tuple(out))
-    return declared, stored
-
-
-def stored_table(conn, table):
-    info = list(conn.execute(f'pragma table_info("{table}")'))
-    names = [r[1] for r in info]
-    declared = [r[2] for r in info]
-    stored = [tuple(r) for r in conn.execute(f'select * from "{table}" order by rowid')]
-    return names, declared, stored
-
-
-def compare_import(params, header, rows, names, declared, stored, detect_types=True):
-    """The first difference between an import and the csv module's reading, or None."""
-    expected_declared, expected_stored = expected_table(header, rows, detect_types)
-    where = f"seed {params['seed']} file {params['index']} {params}"
-    if names != header:
-        return f"{where}: columns {names[:12]} (expected {header[:12]})"
-    if declared != expected_declared:
-        return f"{where}: types {declared} (expected {expected_declared})"
-    if len(stored) != len(expected_stored):
-        return f"{where}: {len(stored)} rows (expected {len(expected_stored)})"
-    for number, (got, want) in enumerate(zip(stored, expected_stored), 1):
-        if got != want or [type(v) for v in got] != [type(v) for v in want]:
-            return f"{where}: data row {number} stored {got!r} (expected {want!r})"
-    return None
-
-
-def check_generated_file(tmp_path, index, seed=CSV_SEED):
-    """Write one generated file; return it, its parameters and the csv module's reading."""
-    content, params, written = random_csv(seed, index)
-    path = tmp_path / f"f{index}.csv"
-    path.write_bytes(content)
-    header, rows = csv_module_rows(path, params)
-    # The generator and the csv module must agree before the engine is judged.
-    assert header == [f"c{i}" for i in range(params["width"])], params
-    assert rows == written, params
-    return path, params, header, rows
 
 
 def test_csv_engine_matches_csv_module_on_generated_files(tmp_path):
@@ -1725,52 +1954,6 @@ def test_csv_columns_a_whole_batch_lacks_keep_their_type(tmp_path):
 
 
 # Large files, read in parts by helper processes
-#
-# The in_parts fixture makes the engine read any file in three parts, so that
-# small generated files exercise the split points, the helper processes and
-# the merging of their types and widths.
-
-PARTS_SEED = 21_11_2026
-PARTS_FILES = 40
-
-
-def read_in_parts(monkeypatch, parts=3):
-    """Read CSV files in parts however small they are: one part here, and parts - 1 helper processes."""
-    monkeypatch.setattr(app_support, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(app_support, "_cpu_count", lambda: parts)
-
-
-@pytest.fixture
-def in_parts(monkeypatch):
-    read_in_parts(monkeypatch)
-
-
-@pytest.fixture
-def helpers(monkeypatch):
-    """The helper processes this test's imports start, as they are started."""
-    started = []
-    start = app_support._Helper.__init__
-
-    def recording_start(self, job):
-        start(self, job)
-        started.append(self.process)
-
-    monkeypatch.setattr(app_support._Helper, "__init__", recording_start)
-    return started
-
-
-def split_points(path):
-    plan = app_support.plan_file(str(path))
-    processes = app_support._process_count(path.stat().st_size, plan)
-    return app_support._split_points(str(path), processes) if processes > 1 else []
-
-
-def import_counting_parts(conn, path, folder, table="t", detect_types=True):
-    """Import through the engine; return how many parts read the file, and the new table."""
-    folder.mkdir(exist_ok=True)
-    encoding = conn.execute("PRAGMA encoding").fetchone()[0]
-    staged = app_support.stage_file(str(path), str(folder / "staging.db"), detect_types, encoding=encoding)
-    return len(staged.tables), app_support.copy_in(conn, staged, table).table
 
 
 def stage_error(path, folder):
@@ -1990,10 +2173,6 @@ async def test_csv_cr_and_mixed_line_endings(ds, tmp_path, name, content):
     assert stored == [(1, "x"), (3, "y")]
 
 
-def _columns(count):
-    return ",".join(f"c{i}" for i in range(count)).encode() + b"\n"
-
-
 REFUSED_CSV = [
     ("quote never closed, opened on line 2", b'a,b\n1,"oops\n3,4\n5,6\n7,8\n', r"\bline 2\b"),
     ("quote never closed, opened after the first batch", b"a,b\n" + b"1,2\n" * 7000 + b'3,"oops\n' + b"5,6\n" * 10, r"\bline 7,?002\b"),
@@ -2065,57 +2244,8 @@ async def test_csv_nfc_and_nfd_file_names_give_two_distinct_nfc_tables(ds, tmp_p
     names = sorted(await tables(ds))
     assert names == ["café", "café_2"], ascii(names)
 
+
 # Faults and hostile input: nothing lost, every failure a JSON sentence
-
-
-def work_folders(folder=None):
-    """This process's staging and download folders in folder, the temp directory by default."""
-    prefix = f"{app_support.WORK_FOLDER_PREFIX}{os.getpid()}_"
-    folder = folder or app_support.tempfile.gettempdir()
-    return sorted(p.name for p in Path(folder).iterdir() if p.name.startswith(prefix))
-
-
-@pytest.fixture
-def temp_dir(tmp_path, monkeypatch):
-    """tempfile.gettempdir() as a fresh folder, to see what downloads leave behind."""
-    folder = tmp_path / "tmp"
-    folder.mkdir()
-    monkeypatch.setattr(tempfile, "tempdir", str(folder))
-    return folder
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tiny file system of its own (tmpfs), so a full disk never touches the real one."""
-    mounts = []
-
-    def mount(name="small", size="2m"):
-        folder = tmp_path / name
-        folder.mkdir()
-        if os.geteuid() != 0 or not shutil.which("mount"):
-            pytest.skip("a small disk needs root to mount a tmpfs")
-        result = subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-            capture_output=True, text=True,
-        )
-        if result.returncode != 0:
-            pytest.skip(f"could not mount a tmpfs: {result.stderr.strip()}")
-        mounts.append(folder)
-        return folder
-
-    yield mount
-    for folder in reversed(mounts):
-        subprocess.run(["umount", "-l", str(folder)], check=False)
-
-
-def read_only(folder):
-    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
-
-
-async def with_settings(**settings):
-    ds = Datasette(memory=True, metadata={"plugins": {"app_support": settings}})
-    await ds.invoke_startup()
-    return ds
 
 
 LONG = "a" * 300_000
@@ -2277,17 +2407,6 @@ async def test_download_limit_settings_must_be_numbers(server):
     assert_error(response, 400, "url_time_limit must be a number")
 
 
-async def fill_temporary(ds, megabytes):
-    """Tables in temporary whose dump takes about megabytes: random, so it never compresses."""
-
-    def fill(conn):
-        conn.execute("create table big (b blob)")
-        conn.executemany("insert into big values (randomblob(1024 * 1024))", [()] * megabytes)
-        conn.commit()
-
-    await ds.get_database("temporary").execute_write_fn(fill, block=True)
-
-
 async def test_dump_temporary_to_a_full_disk_leaves_nothing(ds, small_disk):
     disk = small_disk(size="2m")
     await fill_temporary(ds, 3)
@@ -2427,19 +2546,6 @@ async def test_cross_site_browser_post_is_refused_as_json(ds, tmp_path, endpoint
 
 
 # Import faults
-
-
-def big_csv(tmp_path, megabytes=4):
-    path = tmp_path / "big.csv"
-    line = b"12345,some words here,67.5\n"
-    path.write_bytes(b"a,b,c\n" + line * (megabytes * 1024 * 1024 // len(line)))
-    return path
-
-
-async def open_file_database(ds, path):
-    response = await post(ds, "/-/open-database-file", {"path": str(path)})
-    assert response.json()["ok"], response.text
-    return response.json()["path"].strip("/")
 
 
 async def test_import_into_a_file_database_on_a_full_disk(ds, tmp_path, small_disk):
@@ -2620,39 +2726,6 @@ def test_pages_and_the_target_file_never_wait_for_a_large_import(app_server, tmp
 # POST /-/cancel-import, and the progress panel on the desktop user's pages
 
 
-async def start_big_import(ds, tmp_path, database, count=1_000_000):
-    """Start a CSV import that takes a second or more; return (task, progress item)."""
-    if database != "temporary":
-        await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / f"{database}.db")})
-    path = write_big_csv(tmp_path / "big.csv", count)
-    task = asyncio.ensure_future(post(ds, "/-/import-csv-file", {"path": str(path), "database": database}))
-    while not task.done():
-        items = await progress(ds)
-        if items and items[0]["state"] == "running" and items[0]["rows"]:
-            return task, items[0]
-        await asyncio.sleep(0.005)
-    raise AssertionError("the import finished before it could be cancelled: " + (await task).text)
-
-
-async def page_csrf(ds, cookies):
-    """What a same-origin page sends with its POSTs: the cookies and the page's csrftoken."""
-    page = await ds.client.get("/", cookies=cookies)
-    config = json.loads(page.text.split("window.appSupport = ", 1)[1].split(";</script>", 1)[0])
-    cookies = {**cookies, **{k: v for k, v in page.cookies.items() if k == "ds_csrftoken"}}
-    return cookies, {"x-csrftoken": config["csrftoken"], "Sec-Fetch-Site": "same-origin"}
-
-
-async def cancel_with_cookie(ds, import_id):
-    cookies, headers = await page_csrf(ds, await root_cookie(ds))
-    return await ds.client.post(
-        "/-/cancel-import", content=json.dumps({"id": import_id}).encode(), cookies=cookies, headers=headers
-    )
-
-
-async def cancel_with_token(ds, import_id):
-    return await post(ds, "/-/cancel-import", {"id": import_id})
-
-
 @pytest.mark.parametrize("database", ["temporary", "target"])
 @pytest.mark.parametrize("cancel", [cancel_with_token, cancel_with_cookie])
 async def test_cancel_import_stops_it_and_leaves_nothing(ds, tmp_path, database, cancel):
@@ -2756,15 +2829,6 @@ async def test_progress_carries_what_the_panel_needs(ds, tmp_path):
     }
     assert first["path"] == "/temporary/dogs"
     assert (await ds.client.get(newest["path"])).status_code == 200
-
-
-def page_assets(html):
-    """The plugin's script and style tags in a page, and its config."""
-    tags = [line.strip() for line in html.splitlines() if "app-support" in line or "appSupport" in line]
-    config = None
-    if "window.appSupport = " in html:
-        config = json.loads(html.split("window.appSupport = ", 1)[1].split(";</script>", 1)[0])
-    return tags, config
 
 
 async def test_page_script_only_for_the_desktop_user(ds, tmp_path):
