@@ -451,6 +451,11 @@ def unused_port():
         return s.getsockname()[1]
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args):
+        return None
+
+
 class AppServer:
     """A real datasette process, started as the desktop app starts it.
 
@@ -483,7 +488,7 @@ class AppServer:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and self.process.poll() is None:
             try:
-                urllib.request.urlopen(self.url("/-/versions.json"), timeout=1)
+                urllib.request.urlopen(self.url("/-/versions.json"), timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.1)
@@ -499,23 +504,18 @@ class AppServer:
                 self.process.kill()
                 self.process.wait()
 
-    def call(self, path, body=None, cookie=None):
+    def call(self, path, body=None):
         """A request as the desktop app makes it, with the token: (status, headers, body); no redirects followed."""
         request = urllib.request.Request(
             self.url(path),
             data=json.dumps(body).encode() if body is not None else None,
-            headers={"Authorization": f"Bearer {TOKEN}", **({"Cookie": cookie} if cookie else {})},
+            headers={"Authorization": f"Bearer {TOKEN}"},
         )
         try:
             with urllib.request.build_opener(_NoRedirect).open(request, timeout=30) as response:
                 return response.status, response.headers, response.read()
         except urllib.error.HTTPError as e:
             return e.code, e.headers, e.read()
-
-
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args):
-        return None
 
 
 @pytest.fixture
@@ -1202,7 +1202,7 @@ async def test_import_csv_file_into_named_database(ds, tmp_path):
     assert sqlite3.connect(db_path).execute("select count(*) from people").fetchone() == (3,)
 
 
-async def test_import_csv_file_null_optional_key(ds, tmp_path):
+async def test_open_csv_file_null_optional_key(ds, tmp_path):
     csv_path = tmp_path / "n.csv"
     csv_path.write_text("a\n01\n")
     response = await post(ds, "/-/open-csv-file", {"path": str(csv_path), "detect_types": None})
@@ -1968,8 +1968,7 @@ async def test_open_csv_from_url_timeout_from_plugin_config(server):
         return 200, {}, body
 
     routes["/slow.csv"] = slow
-    ds = Datasette(memory=True, metadata={"plugins": {"app_support": {"url_timeout": 0.5}}})
-    await ds.invoke_startup()
+    ds = await with_settings(url_timeout=0.5)
     start = time.monotonic()
     response = await post(ds, "/-/open-csv-from-url", {"url": base + "/slow.csv"})
     released.set()
@@ -1993,8 +1992,7 @@ async def test_open_csv_from_url_connect_timeout(tmp_path):
             filler.connect(("127.0.0.1", port))
     except OSError:
         pass
-    ds = Datasette(memory=True, metadata={"plugins": {"app_support": {"url_timeout": 0.5}}})
-    await ds.invoke_startup()
+    ds = await with_settings(url_timeout=0.5)
     try:
         start = time.monotonic()
         response = await post(ds, "/-/open-csv-from-url", {"url": f"http://127.0.0.1:{port}/x.csv"})
@@ -2216,6 +2214,7 @@ def test_dump_never_moves_over_a_file_that_appeared(tmp_path):
 
 
 def corrupt_middle_page(path):
+    """A database of 20,000 rows with a page in its middle overwritten."""
     make_db(path, values=range(20_000))
     with open(path, "r+b") as f:
         f.seek(4096 * (os.path.getsize(path) // 4096 // 2))
@@ -2224,6 +2223,7 @@ def corrupt_middle_page(path):
 
 
 def utf16_db(path):
+    """A database that stores its text as UTF-16le."""
     conn = sqlite3.connect(path)
     conn.execute("pragma encoding = 'UTF-16le'")
     conn.execute("create table t (a text)")
@@ -2234,6 +2234,7 @@ def utf16_db(path):
 
 
 def cut_short(path):
+    """A database of 20,000 rows with its second half cut off."""
     make_db(path, values=range(20_000))
     with open(path, "r+b") as f:
         f.truncate(os.path.getsize(path) // 2 + 100)
@@ -2281,6 +2282,7 @@ async def test_restore_temporary_from_other_page_sizes_and_wal(ds, tmp_path, jou
 
 
 def test_restart_cycle_with_real_datasette_process(app_server, tmp_path):
+    """The app dumps temporary, restarts datasette on the same port with the same secret, and restores it."""
     csv_path = tmp_path / "dogs.csv"
     csv_path.write_text("name,age\nCleo,5\nPancakes,4\n")
     status, _, body = app_server.call("/-/open-csv-file", {"path": str(csv_path)})
