@@ -39,8 +39,13 @@ def percentile(values, fraction):
 
 
 def measure(database, rows, folder):
-    process, port = t.serve_with_databases(folder)
+    server = t.AppServer(folder / "app")
+    server.start()
     try:
+        for name in ("target", "elsewhere"):
+            status, _, body = server.call("/-/open-database-file", {"path": str(t.make_db(folder / f"{name}.db"))})
+            assert status == 200, body
+        assert server.call("/-/open-csv-file", {"path": str(t.write(folder / "small.csv", "a\n1\n"))})[0] == 200
         csv_path = folder / "data.csv"
         csv_import.write_csv(csv_path, rows)
         other = "t" if database == "target" else "small"
@@ -49,7 +54,7 @@ def measure(database, rows, folder):
             endpoint, body = "/-/open-csv-file", {"path": str(csv_path)}
         else:
             endpoint, body = "/-/import-csv-file", {"path": str(csv_path), "database": database}
-        pollers = {page: t.page_loader(port, page) for page in pages}
+        pollers = {page: t.page_loader(server, page) for page in pages}
         # A page's first load compiles its templates, import or not: load
         # each once on the idle server, so the figures are the import's.
         cold = []
@@ -57,11 +62,10 @@ def measure(database, rows, folder):
             start = time.monotonic()
             assert pollers[page]() == 200, page
             cold.append(time.monotonic() - start)
-        (status, _, answer), polls = t.poll_during(lambda: t.call(port, endpoint, body), pollers)
+        (status, _, answer), polls = t.poll_during(lambda: server.call(endpoint, body), pollers)
         assert status == 200 and json.loads(answer)["rows"] == rows, answer
     finally:
-        process.terminate()
-        process.wait(10)
+        server.stop()
     seconds = [end - start for page in pages for _, start, end in polls[page]]
     statuses = {status for page in pages for status, _, _ in polls[page]}
     return len(seconds), statuses, percentile(seconds, 0.5), percentile(seconds, 0.99), max(seconds), max(cold)
