@@ -834,8 +834,12 @@ def _line_breaks(text):
     return text.count("\n") + text.count("\r") - text.count("\r\n")
 
 
-def _lines_before(path, offset):
-    """How many lines the file at path has before byte offset, as csv counts them: for messages."""
+def _lines_before(path, offset, lf_only=False):
+    """How many lines the file at path has before byte offset, for messages.
+
+    As csv counts them, a CR alone ends a line too; as json counts them
+    (lf_only), only an LF does.
+    """
     count, previous = 0, b""
     with open(path, "rb") as f:
         while offset > 0:
@@ -843,8 +847,10 @@ def _lines_before(path, offset):
             if not chunk:
                 break
             offset -= len(chunk)
-            count += chunk.count(b"\n") + chunk.count(b"\r") - chunk.count(b"\r\n")
-            count -= previous == b"\r" and chunk.startswith(b"\n")  # a CRLF cut in two
+            count += chunk.count(b"\n")
+            if not lf_only:
+                count += chunk.count(b"\r") - chunk.count(b"\r\n")
+                count -= previous == b"\r" and chunk.startswith(b"\n")  # a CRLF cut in two
             previous = chunk[-1:]
     return count
 
@@ -1163,19 +1169,6 @@ def _not_a_table(source, what):
     )
 
 
-def _newlines_before(path, offset):
-    """How many LFs the file at path has before byte offset, as json counts lines: for messages."""
-    count = 0
-    with open(path, "rb") as f:
-        while offset > 0:
-            chunk = f.read(min(READ_BUFFER_BYTES, offset))
-            if not chunk:
-                break
-            offset -= len(chunk)
-            count += chunk.count(b"\n")
-    return count
-
-
 class _JSONText:
     """The JSON text of a file, or of bytes start to end of it, taken a value at a time.
 
@@ -1256,16 +1249,7 @@ class _JSONText:
             return
         while True:
             yield
-            after = self.peek()
-            self.pos += 1
-            if after == "]":
-                return
-            if after != ",":
-                self.pos -= 1
-                if after == "" and not self.last:
-                    raise _SplitFailed()
-                raise self.error("Expecting ',' delimiter")
-            if not self.last and self.peek() == "":
+            if self._closed("]") or (not self.last and self.peek() == ""):
                 return
 
     def objects(self, ndjson):
@@ -1371,13 +1355,21 @@ class _JSONText:
             key = self.value()
             self.take(":")
             yield key
-            after = self.peek()
-            self.pos += 1
-            if after == "}":
+            if self._closed("}"):
                 return
-            if after != ",":
-                self.pos -= 1
-                raise self.error("Expecting ',' delimiter")
+
+    def _closed(self, close):
+        """Pass the comma after an item or member, or the close; whether it was the close."""
+        after = self.peek()
+        if after == close:
+            self.pos += 1
+            return True
+        if after != ",":
+            if after == "" and not self.last:
+                raise _SplitFailed()  # a part that ends inside an item
+            raise self.error("Expecting ',' delimiter")
+        self.pos += 1
+        return False
 
     def skip(self):
         """Pass the next value; arrays and objects item by item, so that a large one is never held."""
@@ -1405,7 +1397,7 @@ class _JSONText:
         line = self.lines + self.buffer.count("\n", 0, pos) + 1
         column = pos - line_start + 1 + (self.column if line_start == 0 else 0)
         if self.start:
-            line += _newlines_before(self.path, self.start)
+            line += _lines_before(self.path, self.start, lf_only=True)
         return line, column
 
     def _read_more(self):
