@@ -2941,8 +2941,10 @@ async def cancel_import(datasette, data):
     return {"ok": True, "import": item.as_json(datasette.urls)}
 
 
-# Page assets: the progress panel and the Import CSV button, for the desktop
-# user's pages only (see the hooks below). Plain script and style, no build.
+# Page assets
+#
+# The progress panel and the Import CSV button, for the desktop user's pages
+# only (see the hooks below). Plain script and style, no build.
 
 PAGE_SCRIPT = r"""/* app_support: import progress, Cancel and Import CSV for Datasette Desktop. */
 (function () {
