@@ -42,7 +42,7 @@ try:
     )
     answer = json.load(urllib.request.urlopen(request, timeout=30))
     print("open-csv-file:", answer)
-    assert answer == {"ok": True, "path": "/temporary/dogs", "rows": 1}, answer
+    assert answer == {"ok": True, "path": "/temporary/dogs", "rows": 1, "format": "csv"}, answer
     page = json.load(urllib.request.urlopen(base + "/temporary/dogs.json?_shape=array", timeout=10))
     assert page[0]["name"] == "Cleo", page
     databases = json.load(urllib.request.urlopen(base + "/-/databases.json", timeout=10))
