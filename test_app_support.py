@@ -13,8 +13,10 @@ import engine itself; /-/open-csv-from-url; /-/dump-temporary-to-file and
 import asyncio
 import base64
 import csv
+import datetime
 import functools
 import gzip
+import html
 import http.server
 import io
 import json
@@ -34,6 +36,7 @@ import unicodedata
 import urllib.request
 import zipfile
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 from datasette.app import Datasette
@@ -230,7 +233,8 @@ def engine_problem(path, where, check, **options):
     result) finds wrong, or what went wrong on the way, after where; None when all is well."""
     conn = sqlite3.connect(":memory:", isolation_level=None)
     try:
-        return check(conn, app_support.import_file(conn, str(path), path.stem, **options))
+        (result,) = app_support.import_file(conn, str(path), path.stem, **options)
+        return check(conn, result)
     except Exception as e:
         return f"{where}: {type(e).__name__}: {e}"
     finally:
@@ -629,7 +633,8 @@ LATIN_WORDS = ["café", "Zürich", "Ærø", "niño", "façade", "Øst", "ÀÉÎ"
 
 def engine_import(conn, path, table, detect_types=True):
     """Import through the engine's pure function; return the table it created."""
-    return app_support.import_file(conn, str(path), table, detect_types=detect_types).table
+    (result,) = app_support.import_file(conn, str(path), table, detect_types=detect_types)
+    return result.table
 
 
 def random_cell(rng, kind, delimiter, latin):
@@ -992,6 +997,383 @@ def generated_json_file(tmp_path, index, seed=JSON_SEED, **kwargs):
     return path, params, objects
 
 
+# Helpers: workbooks, written by LibreOffice and by hand
+#
+# Random workbooks, from a fixed seed, are written as flat OpenDocument
+# (.fods) and saved as .xlsx by LibreOffice, a real spreadsheet program;
+# LibreOffice's own CSV export of each sheet is then the oracle for every
+# cell the engine stores. Edge cases LibreOffice would not write, or writes
+# its own way, are built by hand from their XML parts.
+
+SOFFICE = shutil.which("soffice")
+needs_libreoffice = pytest.mark.skipif(
+    not SOFFICE and not os.environ.get("CI"),
+    reason="needs LibreOffice (apt-get install libreoffice-calc-nogui); with CI set, its absence fails instead",
+)
+XLSX_SEED = 21_2026
+XLSX_WORKBOOKS = 12
+LO_CSV_EXPORT = "csv:Text - txt - csv (StarCalc):44,34,76,1,,0,false,true,false,false,false,-1"
+
+
+def libreoffice(folder, *arguments):
+    """Run LibreOffice headless, with a profile of its own in folder, as this test's own process."""
+    if not SOFFICE:
+        pytest.fail("CI is set, so the workbook tests must run, but LibreOffice is not installed")
+    profile = Path(folder) / "libreoffice-profile"
+    result = subprocess.run(
+        [SOFFICE, f"-env:UserInstallation=file://{profile}", "--headless", *map(str, arguments)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HOME": str(folder)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+FODS_START = """<?xml version="1.0" encoding="UTF-8"?>
+<office:document xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0"
+ xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0" xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0"
+ xmlns:style="urn:oasis:names:tc:opendocument:xmlns:style:1.0" xmlns:number="urn:oasis:names:tc:opendocument:xmlns:datastyle:1.0"
+ xmlns:fo="urn:oasis:names:tc:opendocument:xmlns:xsl-fo-compatible:1.0" xmlns:of="urn:oasis:names:tc:opendocument:xmlns:of:1.2"
+ office:version="1.2" office:mimetype="application/vnd.oasis.opendocument.spreadsheet">
+<office:automatic-styles>
+ <number:date-style style:name="D"><number:year number:style="long"/><number:text>-</number:text><number:month number:style="long"/><number:text>-</number:text><number:day number:style="long"/></number:date-style>
+ <number:date-style style:name="DT"><number:year number:style="long"/><number:text>-</number:text><number:month number:style="long"/><number:text>-</number:text><number:day number:style="long"/><number:text> </number:text><number:hours number:style="long"/><number:text>:</number:text><number:minutes number:style="long"/><number:text>:</number:text><number:seconds number:style="long"/></number:date-style>
+ <number:time-style style:name="T"><number:hours number:style="long"/><number:text>:</number:text><number:minutes number:style="long"/><number:text>:</number:text><number:seconds number:style="long"/></number:time-style>
+ <style:style style:name="date" style:family="table-cell" style:data-style-name="D"/>
+ <style:style style:name="datetime" style:family="table-cell" style:data-style-name="DT"/>
+ <style:style style:name="time" style:family="table-cell" style:data-style-name="T"/>
+ <style:style style:name="bold" style:family="text"><style:text-properties fo:font-weight="bold"/></style:style>
+</office:automatic-styles>
+<office:body><office:spreadsheet>
+"""
+FODS_END = "</office:spreadsheet></office:body></office:document>\n"
+XLSX_WORDS = ["Cleo", "Pancakes & co", 'say "hi"', "<tag>", "naïve café", "東京", "02134", "12", "1e5", " padded ", "TRUE"]
+XLSX_SHEET_NAMES = ["Dogs", "Cats 2024", "Ünïcode", "data & notes", "Sheet1"]
+
+
+def fods_cell(rng, kind, row_number):
+    """One cell of a column of the given kind, as flat OpenDocument XML."""
+    if rng.random() < 0.1:
+        return "<table:table-cell/>"  # a gap
+    if kind == "int":
+        value = rng.randint(-10**9, 10**9)
+        return f'<table:table-cell office:value-type="float" office:value="{value}"/>'
+    if kind == "decimal":
+        value = rng.choice([round(rng.uniform(-10**5, 10**5), rng.randint(1, 4)), rng.randint(0, 99)])
+        return f'<table:table-cell office:value-type="float" office:value="{value!r}"/>'
+    if kind == "text":
+        word = html.escape(rng.choice(XLSX_WORDS), quote=False)
+        if rng.random() < 0.2:  # rich text: two runs
+            return f'<table:table-cell office:value-type="string"><text:p>{word}<text:span text:style-name="bold">!</text:span></text:p></table:table-cell>'
+        return f'<table:table-cell office:value-type="string"><text:p>{word}</text:p></table:table-cell>'
+    if kind == "bool":
+        value = rng.choice(["true", "false"])
+        return f'<table:table-cell office:value-type="boolean" office:boolean-value="{value}"/>'
+    if kind in ("date", "datetime"):
+        moment = datetime.datetime(1900, 3, 1) + datetime.timedelta(seconds=rng.randint(0, 200 * 365 * 86400))
+        value = moment.date().isoformat() if kind == "date" else moment.isoformat()
+        return f'<table:table-cell table:style-name="{kind}" office:value-type="date" office:date-value="{value}"/>'
+    if kind == "time":
+        seconds = rng.randint(0, 86399)
+        value = f"PT{seconds // 3600:02d}H{seconds // 60 % 60:02d}M{seconds % 60:02d}S"
+        return f'<table:table-cell table:style-name="time" office:value-type="time" office:time-value="{value}"/>'
+    if kind == "formula":
+        choice = rng.random()
+        if choice < 0.5:
+            return f'<table:table-cell table:formula="of:={rng.randint(1, 99)}*{rng.randint(1, 99)}" office:value-type="float" office:value="0"/>'
+        if choice < 0.7:
+            return '<table:table-cell table:formula="of:=&quot;a&quot;&amp;&quot;b&quot;" office:value-type="string" office:string-value=""/>'
+        return f'<table:table-cell table:formula="of:={rng.choice(["1/0", "NA()"])}"/>'
+    raise ValueError(kind)
+
+
+def random_fods(seed, index):
+    """A random workbook as flat OpenDocument text, and the parameters that made it."""
+    rng = random.Random(f"{seed}:{index}")
+    names = rng.sample(XLSX_SHEET_NAMES, rng.randint(1, 4))
+    params = {"seed": seed, "index": index, "sheets": []}
+    tables = []
+    for name in names:
+        if rng.random() < 0.15:
+            params["sheets"].append((name, "empty"))
+            tables.append(f'<table:table table:name="{html.escape(name)}"><table:table-row><table:table-cell/></table:table-row></table:table>')
+            continue
+        kinds = [rng.choice(["int", "decimal", "text", "bool", "date", "datetime", "time", "formula", "int", "text"]) for _ in range(rng.randint(1, 7))]
+        above, left = rng.choice([0, 0, 0, 2]), rng.choice([0, 0, 1])
+        rows = ["<table:table-row><table:table-cell/></table:table-row>"] * above
+        blank = "<table:table-cell/>" * left
+        header = "".join(f'<table:table-cell office:value-type="string"><text:p>col {i}</text:p></table:table-cell>' for i in range(len(kinds)))
+        rows.append(f"<table:table-row>{blank}{header}</table:table-row>")
+        for number in range(rng.choice([0, 1, 3, 10, 40])):
+            if rng.random() < 0.05:
+                rows.append("<table:table-row><table:table-cell/></table:table-row>")  # an empty row between
+            cells = "".join(fods_cell(rng, kind, number) for kind in kinds)
+            rows.append(f"<table:table-row>{blank}{cells}</table:table-row>")
+        params["sheets"].append((name, kinds, above, left))
+        tables.append(f'<table:table table:name="{html.escape(name)}">{"".join(rows)}</table:table>')
+    return FODS_START + "".join(tables) + FODS_END, params
+
+
+def libreoffice_sheets(folder, workbook):
+    """LibreOffice's CSV export of each sheet of the workbook: {sheet name: rows}."""
+    out = Path(folder) / f"{workbook.stem}-csv"
+    libreoffice(folder, "--convert-to", LO_CSV_EXPORT, "--outdir", out, workbook)
+    sheets = {}
+    for path in out.glob("*.csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            sheets[path.stem[len(workbook.stem) + 1 :]] = list(csv.reader(f))
+    return sheets
+
+
+LO_ERRORS = {"#DIV/0!", "#N/A", "#VALUE!", "#NAME?", "#REF!", "#NUM!", "#NULL!"}
+
+
+def libreoffice_cell(text):
+    """A cell as LibreOffice's CSV export shows it, in the form the engine stores it as text."""
+    if text in LO_ERRORS or text.startswith("Err:"):
+        return ""
+    clock = re.fullmatch(r"(\d\d):(\d\d):(\d\d) (AM|PM)", text)
+    if clock:  # LibreOffice shows a time read back from .xlsx on a 12-hour clock
+        hour = int(clock[1]) % 12 + (12 if clock[4] == "PM" else 0)
+        return f"{hour:02d}:{clock[2]}:{clock[3]}"
+    return text
+
+
+def stored_cell(value):
+    """A stored value as the text LibreOffice's CSV export shows for it."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value).removesuffix(".0") if value.is_integer() else repr(value)
+    return str(value)
+
+
+def same_number(value, text):
+    try:
+        return isinstance(value, (int, float)) and float(text) == value
+    except ValueError:
+        return False
+
+
+def same_moment(got, shown):
+    """Whether two ISO 8601 dates or times are the same to a second.
+
+    A time is stored as a fraction of a day, so 12:11:07 comes back as
+    12:11:06.99999...; the engine rounds that to the nearest second, where
+    LibreOffice's CSV export cuts it off.
+    """
+    for form in ("%Y-%m-%d %H:%M:%S", "%H:%M:%S"):
+        try:
+            difference = datetime.datetime.strptime(got, form) - datetime.datetime.strptime(shown, form)
+        except ValueError:
+            continue
+        return abs(difference.total_seconds()) <= 1
+    return False
+
+
+def reference_xlsx_type(values):
+    """A column's declared type by the rule, value by value: whole numbers INTEGER, any other number REAL."""
+    kinds = {"INTEGER" if isinstance(v, int) else "REAL" if isinstance(v, float) else "TEXT" for v in values if v is not None}
+    return next((kind for kind in ("TEXT", "REAL", "INTEGER") if kind in kinds), "TEXT")
+
+
+def compare_with_libreoffice(where, lo_rows, names, declared, stored):
+    """The first difference between a stored sheet and LibreOffice's export of it, or None."""
+    while lo_rows and not any(lo_rows[0]):
+        lo_rows = lo_rows[1:]  # empty rows above the header
+    while lo_rows and not any(lo_rows[-1]):
+        lo_rows = lo_rows[:-1]
+    header = [libreoffice_cell(cell) for cell in lo_rows[0]]
+    width = max(map(len, lo_rows))
+    if names != reference_names([name or f"column_{n}" for n, name in enumerate(header + [""] * (width - len(header)), 1)]):
+        return f"{where}: columns {names} (LibreOffice: {header})"
+    if len(stored) != len(lo_rows) - 1:
+        return f"{where}: {len(stored)} rows (LibreOffice: {len(lo_rows) - 1})"
+    for number, (row, lo_row) in enumerate(zip(stored, lo_rows[1:]), 1):
+        lo_row = [libreoffice_cell(cell) for cell in lo_row] + [""] * (len(row) - len(lo_row))
+        got = [stored_cell(value) for value in row]
+        for got_cell, lo_cell, value in zip(got, lo_row, row):
+            if not (got_cell == lo_cell or same_number(value, lo_cell) or same_moment(got_cell, lo_cell)):
+                return f"{where}: row {number} stored {row!r} (LibreOffice: {lo_row!r})"
+    for column, kind in enumerate(declared):
+        expected = reference_xlsx_type([row[column] for row in stored])
+        if kind != expected:
+            return f"{where}: column {names[column]} declared {kind} (the rule: {expected})"
+    return None
+
+
+XLSX_PARTS = {
+    "[Content_Types].xml": (
+        '<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
+        '<Default Extension="xml" ContentType="application/xml"/></Types>'
+    ),
+}
+XLSX_MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+XLSX_RELATIONSHIPS = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+
+
+def make_xlsx(path, sheets, strings=(), date1904=False, number_formats=(), styles=(), extra=None, prefix=""):
+    """Write a workbook by hand: sheets are (name, sheetData XML); strings the shared strings' text.
+
+    styles are the number format ids of cell styles 1, 2, ... (style 0 is General);
+    number_formats are (id, code) pairs of custom formats. prefix writes the
+    main namespace with a prefix, as some programs do.
+    """
+    p = f"{prefix}:" if prefix else ""
+    xmlns = f'xmlns{":" + prefix if prefix else ""}="{XLSX_MAIN}"'
+    sheet_list = "".join(
+        f'<{p}sheet name="{html.escape(name)}" sheetId="{n}" r:id="rId{n}"/>' for n, (name, _) in enumerate(sheets, 1)
+    )
+    parts = dict(XLSX_PARTS)
+    parts["xl/workbook.xml"] = (
+        f'<?xml version="1.0" encoding="UTF-8"?><{p}workbook {xmlns} xmlns:r="{XLSX_RELATIONSHIPS}">'
+        f'<{p}workbookPr date1904="{"1" if date1904 else "0"}"/><{p}sheets>{sheet_list}</{p}sheets></{p}workbook>'
+    )
+    relationships = "".join(
+        f'<Relationship Id="rId{n}" Type="{XLSX_RELATIONSHIPS}/worksheet" Target="worksheets/sheet{n}.xml"/>'
+        for n in range(1, len(sheets) + 1)
+    )
+    parts["xl/_rels/workbook.xml.rels"] = (
+        '<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
+        f"{relationships}</Relationships>"
+    )
+    formats = "".join(f'<{p}numFmt numFmtId="{n}" formatCode="{html.escape(code)}"/>' for n, code in number_formats)
+    xfs = "".join(f'<{p}xf numFmtId="{n}"/>' for n in (0, *styles))
+    parts["xl/styles.xml"] = (
+        f'<?xml version="1.0" encoding="UTF-8"?><{p}styleSheet {xmlns}><{p}numFmts>{formats}</{p}numFmts>'
+        f"<{p}cellXfs>{xfs}</{p}cellXfs></{p}styleSheet>"
+    )
+    items = "".join(f"<{p}si><{p}t>{html.escape(s)}</{p}t></{p}si>" for s in strings)
+    parts["xl/sharedStrings.xml"] = f'<?xml version="1.0" encoding="UTF-8"?><{p}sst {xmlns}>{items}</{p}sst>'
+    parts.update(extra or {})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in parts.items():
+            archive.writestr(name, content)
+        for n, (_, data) in enumerate(sheets, 1):
+            # A sheet's data may be an iterable of XML strings, written as they come.
+            with archive.open(f"xl/worksheets/sheet{n}.xml", "w") as out:
+                out.write(f'<?xml version="1.0" encoding="UTF-8"?><{p}worksheet {xmlns} xmlns:r="{XLSX_RELATIONSHIPS}"><{p}sheetData>'.encode())
+                for piece in [data] if isinstance(data, str) else data:
+                    out.write(piece.encode())
+                out.write(f"</{p}sheetData></{p}worksheet>".encode())
+    return path
+
+
+def reference_sheet_rows(sheet_xml, strings, date_styles=None, date1904=False):
+    """The rows of a worksheet's XML as ElementTree reads them, value by value: the slow reference
+    for the engine's pattern-cut reading. Rows are lists, gaps None, trailing gaps left out."""
+    root = ElementTree.fromstring(sheet_xml)
+    local = lambda element: element.tag.rpartition("}")[2]  # noqa: E731
+    data = next(child for child in root if local(child) == "sheetData")
+    rows, expected = [], 1
+    for row in data:
+        number = int(row.get("r") or expected)
+        rows.extend([] for _ in range(expected, number))
+        expected = number + 1
+        cells = []
+        for cell in row:
+            kind, style = cell.get("t", "n"), cell.get("s")
+            if kind == "inlineStr":
+                item = next((child for child in cell if local(child) == "is"), None)
+                value = "" if item is None else "".join(
+                    text.text or "" for part in item if local(part) in ("t", "r")
+                    for text in ([part] if local(part) == "t" else [t for t in part if local(t) == "t"])
+                )
+                value = re.sub(r"_x([0-9A-Fa-f]{4})_", lambda m: chr(int(m.group(1), 16)), value)
+            else:
+                text = next((child.text for child in cell if local(child) == "v"), None)
+                if not text or kind == "e":
+                    continue
+                if kind == "s":
+                    value = strings[int(text)]
+                elif kind == "b":
+                    value = text == "1"
+                elif kind in ("str", "d"):
+                    value = re.sub(r"_x([0-9A-Fa-f]{4})_", lambda m: chr(int(m.group(1), 16)), text)
+                elif (date_styles or {}).get(style):
+                    value = app_support._excel_date(float(text), date_styles[style], date1904)
+                else:
+                    number = float(text)
+                    value = int(number) if number.is_integer() and abs(number) < 2**63 else number
+            reference = cell.get("r")
+            column = app_support._column_number(reference.rstrip("0123456789").encode()) if reference else len(cells)
+            cells.extend([None] * (column + 1 - len(cells)))
+            cells[column] = value
+        while cells and cells[-1] is None:
+            cells.pop()
+        rows.append(cells)
+    return rows
+
+
+def random_sheet_xml(rng, strings):
+    """Random worksheet XML in the ways programs write it: prefixes, attribute orders, quotes,
+    formulas, inline and rich strings, gaps, and rows and cells without references."""
+    prefix = rng.choice(["", "", "x:"])
+    quote = rng.choice(['"', '"', "'"])
+    rows = []
+    number = 0
+    for _ in range(rng.randint(1, 25)):
+        step = rng.choice([1, 1, 1, 2, 5])
+        number += step
+        cells, column = [], 0
+        for _ in range(rng.randint(0, 8)):
+            column += rng.choice([1, 1, 1, 2])
+            letters = ""
+            n = column
+            while n:
+                n, rest = divmod(n - 1, 26)
+                letters = chr(65 + rest) + letters
+            attributes = {"r": f"{letters}{number}"} if rng.random() < 0.9 else {}
+            kind = rng.choice(["n", "n", "s", "b", "e", "str", "inlineStr", "none", "d"])
+            if rng.random() < 0.3:
+                attributes["s"] = str(rng.randint(0, 3))
+            inner = ""
+            if kind == "n":
+                value = rng.choice([str(rng.randint(-10**6, 10**6)), repr(rng.uniform(-1e6, 1e6)), "3.0", "1E+20", "-0", "4.2000000000000002"])
+                inner = f"<{prefix}v>{value}</{prefix}v>"
+                if rng.random() < 0.5:
+                    attributes["t"] = "n"
+            elif kind == "s":
+                attributes["t"] = "s"
+                inner = f"<{prefix}v>{rng.randrange(len(strings))}</{prefix}v>"
+            elif kind == "b":
+                attributes["t"] = "b"
+                inner = f"<{prefix}v>{rng.choice('01')}</{prefix}v>"
+            elif kind == "e":
+                attributes["t"] = "e"
+                inner = f"<{prefix}v>{rng.choice(['#N/A', '#DIV/0!'])}</{prefix}v>"
+            elif kind == "str":
+                attributes["t"] = "str"
+                text = html.escape(rng.choice(XLSX_WORDS + ["line_x000D_break", "a &amp; b"]), quote=False)
+                inner = f"<{prefix}f>A1&amp;B1</{prefix}f><{prefix}v>{text}</{prefix}v>"
+            elif kind == "d":
+                attributes["t"] = "d"
+                inner = f"<{prefix}v>2024-03-01T14:30:00</{prefix}v>"
+            elif kind == "inlineStr":
+                attributes["t"] = "inlineStr"
+                words = [html.escape(rng.choice(XLSX_WORDS), quote=False) for _ in range(rng.randint(1, 3))]
+                if len(words) == 1 and rng.random() < 0.5:
+                    inner = f"<{prefix}is><{prefix}t>{words[0]}</{prefix}t></{prefix}is>"
+                else:
+                    runs = "".join(f"<{prefix}r><{prefix}rPr><{prefix}b/></{prefix}rPr><{prefix}t xml:space={quote}preserve{quote}>{w}</{prefix}t></{prefix}r>" for w in words)
+                    phonetic = f"<{prefix}rPh sb=\"0\" eb=\"1\"><{prefix}t>ふりがな</{prefix}t></{prefix}rPh>" if rng.random() < 0.3 else ""
+                    inner = f"<{prefix}is>{runs}{phonetic}</{prefix}is>"
+            order = list(attributes.items())
+            if rng.random() < 0.2:
+                rng.shuffle(order)
+            attrs = "".join(f" {k}={quote}{v}{quote}" for k, v in order)
+            if rng.random() < 0.1:
+                attrs += f' cm={quote}1{quote}'
+            if inner:
+                cells.append(f"<{prefix}c{attrs}>{inner}</{prefix}c>")
+            else:
+                cells.append(f"<{prefix}c{attrs}/>")
+        # A row without r is the one after the row before it.
+        row_attributes = "" if step == 1 and rng.random() < 0.15 else f" r={quote}{number}{quote}"
+        row_attributes += ' spans="1:8" ht="12.8"' if rng.random() < 0.5 else ""
+        rows.append(f"<{prefix}row{row_attributes}>{''.join(cells)}</{prefix}row>" if cells else f"<{prefix}row{row_attributes}/>")
+    return prefix, "".join(rows)
+
+
 # Helpers: reading in parts
 #
 # The in_parts fixture makes the engine read any file in three parts, so that
@@ -1043,7 +1425,8 @@ def import_counting_parts(conn, path, folder, table="t", detect_types=True):
     staged = app_support.stage_file(
         str(path), str(folder / "staging.db"), detect_types=detect_types, encoding=encoding
     )
-    return len(staged.tables), app_support.copy_in(conn, staged, table).table
+    (result,) = app_support.copy_in(conn, staged, table)
+    return len(staged[0].tables), result.table
 
 
 # Startup
@@ -1873,6 +2256,244 @@ async def test_import_csv_file_json_into_a_file_database(ds, tmp_path):
     assert column_types(conn, "dogs") == {"id": "TEXT", "name": "TEXT"}
 
 
+# /-/open-csv-file: Excel workbooks
+
+
+@needs_libreoffice
+async def test_open_csv_file_matches_libreoffice_on_generated_workbooks(ds, tmp_path):
+    books = tmp_path / "books"
+    books.mkdir()
+    made = []
+    for index in range(XLSX_WORKBOOKS):
+        text, params = random_fods(XLSX_SEED, index)
+        (books / f"book{index}.fods").write_text(text, encoding="utf-8")
+        made.append(params)
+    # LibreOffice saves every workbook as .xlsx, then exports each sheet of each as CSV.
+    libreoffice(tmp_path, "--convert-to", "xlsx", "--outdir", tmp_path / "xlsx", *sorted(books.glob("*.fods")))
+    libreoffice(tmp_path, "--convert-to", LO_CSV_EXPORT, "--outdir", tmp_path / "csv", *sorted((tmp_path / "xlsx").glob("*.xlsx")))
+    db = ds.get_database("temporary")
+    problems = []
+    for params in made:
+        stem = f"book{params['index']}"
+        where = f"seed {XLSX_SEED} workbook {params['index']} {params}"
+        response = await post(ds, "/-/open-csv-file", {"path": str(tmp_path / "xlsx" / f"{stem}.xlsx")})
+        answer = response.json()
+        sheets = [sheet[0] for sheet in params["sheets"] if sheet[1] != "empty"]
+        if not sheets:
+            problems.append(None if "no data" in answer.get("error", "") else f"{where}: {response.text}")
+            continue
+        if response.status_code != 200 or answer["format"] != "xlsx" or len(answer["tables"]) != len(sheets):
+            problems.append(f"{where}: {response.status_code} {response.text}")
+            continue
+        for entry, sheet in zip(answer["tables"], sheets):
+            with open(tmp_path / "csv" / f"{stem}-{sheet}.csv", newline="", encoding="utf-8") as f:
+                lo_rows = list(csv.reader(f))
+            got = await db.execute_fn(lambda conn: stored_table(conn, entry["table"]))
+            problem = compare_with_libreoffice(f"{where} sheet {sheet}", lo_rows, *got)
+            if not problem and entry["rows"] != len(got[2]):
+                problem = f"{where} sheet {sheet}: answered rows {entry['rows']}"
+            problems.append(problem)
+    assert_none_differ(problems, "sheets")
+
+
+def test_xlsx_sheet_reading_matches_elementtree_on_generated_xml(tmp_path):
+    rng = random.Random(XLSX_SEED)
+    strings = ["Cleo", "02134", "a & b", "東京", "<tag>", ""]
+    problems = []
+    for index in range(300):
+        prefix, data = random_sheet_xml(rng, strings)
+        path = make_xlsx(tmp_path / f"sheet{index}.xlsx", [("Data", data)], strings, prefix=prefix.rstrip(":"))
+        with zipfile.ZipFile(path) as archive:
+            expected = reference_sheet_rows(archive.read("xl/worksheets/sheet1.xml"), strings)
+        plan = app_support.plan_file(str(path))
+        (_, reader), = plan.readers(str(path))
+        try:
+            got = list(reader._rows())
+        finally:
+            reader.close()
+        if got != expected or [[type(v) for v in row] for row in got] != [[type(v) for v in row] for row in expected]:
+            problems.append(f"sheet {index}: {got} (ElementTree: {expected})\n{data}")
+        else:
+            problems.append(None)
+    assert_none_differ(problems, "sheets")
+
+
+EXCEL_DATES = [
+    # serial, number format, 1900 system, 1904 system
+    (1, 14, "1900-01-01", "1904-01-02"),
+    (59, 14, "1900-02-28", "1904-02-29"),
+    (60, 14, "1900-02-29", "1904-03-01"),  # 1900's fictitious day
+    (61, 14, "1900-03-01", "1904-03-02"),
+    (45352, 14, "2024-03-01", "2028-03-02"),
+    (45352.604166666664, 22, "2024-03-01 14:30:00", "2028-03-02 14:30:00"),
+    (0.604224537037037, 21, "14:30:05", "14:30:05"),
+    (1.5, 46, "36:00:00", "36:00:00"),  # [h]:mm:ss, elapsed
+    (45352, 165, "2024-03-01", "2028-03-02"),  # yyyy\-mm\-dd
+    (45352.25, 166, "2024-03-01 06:00:00", "2028-03-02 06:00:00"),  # d/m/yy h:mm
+    (45352, 167, "2024-03-01", "2028-03-02"),  # mmm-yy
+    (0.75, 168, "18:00:00", "18:00:00"),  # [$-409]h:mm AM/PM
+    (45352.5, 169, 45352.5, 45352.5),  # "days" 0.0: quoted text is not a date
+    (45352.5, 2, 45352.5, 45352.5),  # 0.00
+    (-1, 14, -1, -1),  # no date: Excel shows none either
+]
+EXCEL_CUSTOM_FORMATS = [
+    (165, "yyyy\\-mm\\-dd"), (166, "d/m/yy h:mm"), (167, "mmm\\-yy"), (168, "[$-409]h:mm AM/PM"), (169, '"days" 0.0'),
+]
+
+
+@pytest.mark.parametrize("date1904", [False, True], ids=["1900", "1904"])
+async def test_open_csv_file_xlsx_dates_in_both_date_systems(ds, tmp_path, date1904):
+    formats = [number_format for _, number_format, _, _ in EXCEL_DATES]
+    styles = list(dict.fromkeys(formats))
+    sheet = '<row r="1"><c r="A1" t="inlineStr"><is><t>when</t></is></c></row>' + "".join(
+        f'<row r="{n}"><c r="A{n}" s="{styles.index(number_format) + 1}"><v>{serial!r}</v></c></row>'
+        for n, (serial, number_format, _, _) in enumerate(EXCEL_DATES, 2)
+    )
+    path = make_xlsx(tmp_path / "dates.xlsx", [("Dates", sheet)], date1904=date1904, number_formats=EXCEL_CUSTOM_FORMATS, styles=styles)
+    answer = (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()
+    assert answer["path"] == "/temporary/dates", answer
+    # A number among dates is kept as its text: the column is TEXT.
+    expected = [str(row[3] if date1904 else row[2]) for row in EXCEL_DATES]
+    assert await rows(ds, "temporary", 'select "when" from dates') == [(value,) for value in expected]
+    types = await ds.get_database("temporary").execute_fn(lambda conn: column_types(conn, "dates"))
+    assert types == {"when": "TEXT"}
+
+
+SPARSE_SHEET = (
+    '<row r="2"><c r="B2" t="s"><v>0</v></c><c r="C2" t="s"><v>1</v></c><c r="E2" t="inlineStr"><is><t>rich</t></is></c></row>'
+    '<row r="3"><c r="B3"><v>1</v></c><c r="C3" t="s"><v>2</v></c><c r="D3" t="b"><v>1</v></c><c r="E3" t="e"><v>#N/A</v></c><c r="F3" s="1"/></row>'
+    '<row r="4"><c r="B4"><v>2.0</v></c><c r="C4" t="inlineStr"><is><r><t>Pan</t></r><r><rPr><b/></rPr><t xml:space="preserve">cakes</t></r><rPh sb="0" eb="1"><t>パ</t></rPh></is></c><c r="D4" t="b"><v>0</v></c><c r="E4" t="str"><f>C4&amp;"!"</f><v>Pancakes!</v></c></row>'
+    '<row r="6"><c r="B6"><f>B3+B4</f><v>3</v></c><c r="C6" t="s"><v>3</v></c><c r="E6" t="e"><f>1/0</f><v>#DIV/0!</v></c></row>'
+    '<row r="7"><c r="G7" s="1"/></row><row r="9"/>'
+)
+
+
+async def test_open_csv_file_xlsx_cells_go_where_their_references_say(ds, tmp_path):
+    path = make_xlsx(tmp_path / "sparse.xlsx", [("Only", SPARSE_SHEET)], ["id", "name", "Cleo", "02134"], styles=[2])
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert response.json() == {
+        "ok": True, "path": "/temporary/sparse", "rows": 4, "format": "xlsx",
+        "tables": [{"table": "sparse", "path": "/temporary/sparse", "rows": 4}],
+    }
+    types = await ds.get_database("temporary").execute_fn(lambda conn: column_types(conn, "sparse"))
+    # Column A is empty but stays where the references put B; empty trailing rows and cells go.
+    assert types == {"column_1": "TEXT", "id": "INTEGER", "name": "TEXT", "column_4": "INTEGER", "rich": "TEXT"}
+    assert await rows(ds, "temporary", "select * from sparse") == [
+        (None, 1, "Cleo", 1, None),
+        (None, 2, "Pancakes", 0, "Pancakes!"),
+        (None, None, None, None, None),  # row 5, between others: kept empty
+        (None, 3, "02134", None, None),
+    ]
+
+
+async def test_open_csv_file_xlsx_whole_numbers_and_numbers_as_text(ds, tmp_path):
+    sheet = '<row r="1"><c r="A1" t="inlineStr"><is><t>whole</t></is></c><c r="B1" t="inlineStr"><is><t>mixed</t></is></c><c r="C1" t="inlineStr"><is><t>text</t></is></c><c r="D1" t="inlineStr"><is><t>big</t></is></c></row>' + "".join(
+        f'<row r="{n}"><c r="A{n}"><v>{whole}</v></c><c r="B{n}"><v>{mixed}</v></c><c r="C{n}" t="s"><v>{n - 2}</v></c><c r="D{n}"><v>{big}</v></c></row>'
+        for n, (whole, mixed, big) in enumerate([("3.0", "1", "1E+20"), ("-7", "0.1", "2"), ("1E+3", "4.2000000000000002", "3")], 2)
+    )
+    path = make_xlsx(tmp_path / "numbers.xlsx", [("Only", sheet)], ["12", "007", "3.5"])
+    assert (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()["rows"] == 3
+    types = await ds.get_database("temporary").execute_fn(lambda conn: column_types(conn, "numbers"))
+    assert types == {"whole": "INTEGER", "mixed": "REAL", "text": "TEXT", "big": "REAL"}
+    assert await rows(ds, "temporary", "select * from numbers") == [
+        (3, 1.0, "12", 1e20), (-7, 0.1, "007", 2.0), (1000, 4.2, "3.5", 3.0),
+    ]
+
+
+async def test_open_csv_file_xlsx_many_sheets_in_one_transaction(ds, tmp_path):
+    names = [f"Sheet {n}" for n in range(1, 29)] + ["Data", "data"]
+    sheets = [(name, f'<row r="1"><c r="A1" t="inlineStr"><is><t>n</t></is></c></row><row r="2"><c r="A2"><v>{i}</v></c></row>') for i, name in enumerate(names)]
+    sheets.insert(3, ("Chart-ish", ""))  # empty: no table
+    path = make_xlsx(tmp_path / "book.xlsx", sheets)
+    answer = (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()
+    tables = [entry["table"] for entry in answer["tables"]]
+    assert tables == [f"book_Sheet {n}" for n in range(1, 29)] + ["book_Data", "book_data_2"]
+    assert answer["path"] == ds.urls.table("temporary", "book_Sheet 1") and answer["rows"] == 1
+    for i, table in enumerate(tables):
+        assert await rows(ds, "temporary", f'select n from "{table}"') == [(i,)]
+
+
+def ole2_file(path):
+    path.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(range(256)) * 40)
+    return path
+
+
+def xlsb_file(path):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("[Content_Types].xml", "<Types/>")
+        archive.writestr("xl/workbook.bin", b"\x83\x01\x00")
+    return path
+
+
+def zip_bomb_workbook(path):
+    sheet = "<row r='1'><c r='A1'><v>1</v></c></row>" + "<row/>" * 3_000_000
+    return make_xlsx(path, [("Bomb", sheet)])
+
+
+def bad_string_workbook(path):
+    good = '<row r="1"><c r="A1" t="inlineStr"><is><t>n</t></is></c></row><row r="2"><c r="A2"><v>1</v></c></row>'
+    bad = '<row r="1"><c r="A1" t="s"><v>7</v></c></row>'
+    return make_xlsx(path, [("Good", good), ("Bad", bad)], ["only one"])
+
+
+XLSX_REFUSED = [
+    ("Excel 97-2003", lambda p: ole2_file(p / "old.xls"), "old.xls is an Excel 97-2003 workbook (.xls) or an encrypted workbook, which cannot be read here. Open it in Excel or LibreOffice, save it as an Excel workbook (.xlsx)"),
+    ("encrypted, named .xlsx", lambda p: ole2_file(p / "secret.xlsx"), "secret.xlsx is an Excel 97-2003 workbook (.xls) or an encrypted workbook"),
+    ("binary workbook", lambda p: xlsb_file(p / "book.xlsb"), "book.xlsb is an Excel binary workbook (.xlsb), which cannot be read here."),
+    ("no data", lambda p: make_xlsx(p / "empty.xlsx", [("One", ""), ("Two", '<row r="1"><c r="A1" s="1"/></row>')]), "empty.xlsx is a workbook with no data in any of its sheets."),
+    ("zip bomb", lambda p: zip_bomb_workbook(p / "bomb.xlsx"), "expands more than 200 times"),
+    ("a missing shared string, in the second sheet", lambda p: bad_string_workbook(p / "bad.xlsx"), "bad.xlsx is a damaged Excel workbook: sheet Bad names shared string 7, which it does not have."),
+    ("not a workbook's parts", lambda p: make_xlsx(p / "broken.xlsx", [("One", "")], extra={"xl/workbook.xml": "<workbook"}), "broken.xlsx is a damaged Excel workbook: xl/workbook.xml is not valid XML"),
+]
+
+
+@pytest.mark.parametrize("name,setup,error", XLSX_REFUSED, ids=[r[0] for r in XLSX_REFUSED])
+async def test_open_csv_file_refuses_workbooks_it_cannot_read(ds, tmp_path, name, setup, error):
+    path = setup(tmp_path)
+    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
+    for endpoint, body in [
+        ("/-/open-csv-file", {"path": str(path)}),
+        ("/-/import-csv-file", {"path": str(path), "database": "target"}),
+    ]:
+        await assert_refused(ds, tmp_path, endpoint, body, 400, error)
+        assert await tables(ds, "target") == []
+    assert work_folders() == []
+
+
+async def test_open_csv_file_xlsm_macros_are_never_run(ds, tmp_path):
+    path = make_xlsx(
+        tmp_path / "macros.xlsm",
+        [("Dogs", '<row r="1"><c r="A1" t="inlineStr"><is><t>name</t></is></c></row><row r="2"><c r="A2" t="inlineStr"><is><t>Cleo</t></is></c></row>')],
+        extra={"xl/vbaProject.bin": b"Attribute VB_Name = \"Evil\"\nShell \"touch pwned\""},
+    )
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert response.json()["path"] == "/temporary/macros"
+    assert await rows(ds, "temporary", "select name from macros") == [("Cleo",)]
+
+
+def large_sheet(count):
+    """A sheet of count numbered rows, with a shared string saying whether each is odd, as it is written."""
+    yield '<row r="1"><c r="A1" t="inlineStr"><is><t>n</t></is></c><c r="B1" t="inlineStr"><is><t>parity</t></is></c></row>'
+    for start in range(2, count + 2, 10_000):
+        yield "".join(
+            f'<row r="{n}"><c r="A{n}"><v>{n - 2}</v></c><c r="B{n}" t="s"><v>{n % 2}</v></c></row>'
+            for n in range(start, min(start + 10_000, count + 2))
+        )
+
+
+async def test_open_csv_file_xlsx_large_sheet(ds, tmp_path):
+    count = 1_000_000
+    path = make_xlsx(tmp_path / "large.xlsx", [("Big", large_sheet(count))], ["even", "odd"])
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert response.json()["rows"] == count, response.text
+    assert await rows(ds, "temporary", "select count(*), sum(n), min(n), max(n), sum(parity = 'odd') from large") == [
+        (count, count * (count - 1) // 2, 0, count - 1, count // 2)
+    ]
+    assert await rows(ds, "temporary", "select n, parity from large where rowid in (1, 500000, 1000000) order by rowid") == [
+        (0, "even"), (499_999, "odd"), (999_999, "odd"),
+    ]
+
+
 # /-/import-csv-file: full disks, locks and databases that go away
 
 
@@ -2469,6 +3090,33 @@ async def test_open_csv_from_url_refuses_a_web_page_naming_the_final_url(ds, ser
     assert await tables(ds) == [] and work_folders() == []
 
 
+def pets_workbook(path):
+    dogs = '<row r="1"><c r="A1" t="s"><v>0</v></c></row><row r="2"><c r="A2" t="s"><v>1</v></c></row><row r="3"><c r="A3" t="s"><v>2</v></c></row>'
+    cats = '<row r="1"><c r="A1" t="s"><v>0</v></c></row><row r="2"><c r="A2" t="s"><v>3</v></c></row>'
+    return make_xlsx(path, [("Dogs", dogs), ("Cats", cats)], ["name", "Cleo", "Pancakes", "Milo"])
+
+
+async def test_open_csv_from_url_xlsx(ds, server, tmp_path):
+    base, routes = server
+    content = pets_workbook(tmp_path / "pets.xlsx").read_bytes()
+    routes["/files/pets.xlsx"] = (
+        200, {"Content-Type": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"}, content,
+    )
+    # A workbook is a zip, but never unpacked as a zip holding one data file.
+    routes["/download"] = (200, {"Content-Type": "application/octet-stream"}, content)
+    for url_path, wanted in (("/files/pets.xlsx", "pets"), ("/download", "animals")):
+        body = {"url": base + url_path, **({"table_name": wanted} if wanted == "animals" else {})}
+        answer = (await post(ds, "/-/open-csv-from-url", body)).json()
+        assert answer == {
+            "ok": True, "path": f"/temporary/{wanted}_Dogs", "rows": 2, "format": "xlsx",
+            "tables": [
+                {"table": f"{wanted}_Dogs", "path": f"/temporary/{wanted}_Dogs", "rows": 2},
+                {"table": f"{wanted}_Cats", "path": f"/temporary/{wanted}_Cats", "rows": 1},
+            ],
+        }
+        assert await rows(ds, "temporary", f'select name from "{wanted}_Cats"') == [("Milo",)]
+
+
 async def test_open_csv_from_url_refuses_a_directory_listing(ds, tmp_path):
     (tmp_path / "dogs.csv").write_bytes(b"id\n1\n")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
@@ -2877,6 +3525,22 @@ async def test_import_progress_and_events_for_json(ds, tmp_path, events):
         assert events[1].num_rows == 6000
 
 
+async def test_import_progress_for_a_workbook_counts_every_sheet(ds, tmp_path):
+    sheets = [(f"S{n}", large_sheet(20_000)) for n in range(3)]
+    path = make_xlsx(tmp_path / "three.xlsx", sheets, ["even", "odd"])
+    task = asyncio.ensure_future(post(ds, "/-/open-csv-file", {"path": str(path)}))
+    seen = []
+    while not task.done():
+        seen += [item for item in await progress(ds) if item["state"] == "running"]
+        await asyncio.sleep(0.005)
+    assert (await task).json()["rows"] == 20_000
+    for before, after in zip(seen, seen[1:]):
+        assert after["rows"] >= before["rows"] and after["bytes_read"] >= before["bytes_read"]
+    (final,) = await progress(ds)
+    assert (final["state"], final["table"], final["rows"]) == ("done", "three_S0", 60_000)
+    assert final["bytes_read"] == final["bytes_total"] == path.stat().st_size
+
+
 # POST /-/cancel-import
 
 
@@ -2975,20 +3639,28 @@ async def test_cancel_after_the_table_is_committed_changes_nothing(ds):
         cancel = asyncio.ensure_future(cancel_with_token(ds, item.id))
         await asyncio.sleep(0.2)  # the Cancel is waiting for the import to stop
         # The engine has committed and calls no further update: done wins.
-        log.done(item, app_support.ImportResult("late", 10, ["a"], ["TEXT"]))
+        log.done(item, [app_support.ImportResult("late", 10, ["a"], ["TEXT"])])
     assert_error(await cancel, 400, "The import finished before it could be cancelled: late.csv")
     assert (await progress(ds))[0]["state"] == "done"
     assert_error(await cancel_with_token(ds, item.id), 400, "Import 1 has already finished (done): late.csv")
 
 
-@pytest.mark.parametrize("database", ["temporary", "target"])
-async def test_cancel_import_of_json(ds, tmp_path, database):
-    if database != "temporary":
-        await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
-    path = tmp_path / "big.ndjson"
+def big_ndjson(path):
     with open(path, "w") as f:
         for i in range(600_000):
             f.write(json.dumps({"id": i, "name": f"name {i}", "score": i * 1.5}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("database", ["temporary", "target"])
+@pytest.mark.parametrize("make", [
+    lambda folder: big_ndjson(folder / "big.ndjson"),
+    lambda folder: make_xlsx(folder / "big.xlsx", [("One", large_sheet(300_000)), ("Two", large_sheet(300_000))], ["even", "odd"]),
+], ids=["ndjson", "workbook"])
+async def test_cancel_import_of_json_and_workbooks(ds, tmp_path, database, make):
+    if database != "temporary":
+        await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
+    path = make(tmp_path)
     task = asyncio.ensure_future(post(ds, "/-/import-csv-file", {"path": str(path), "database": database}))
     while True:
         items = await progress(ds)
@@ -3305,6 +3977,17 @@ async def test_imports_emit_create_table_and_insert_rows_events(ds, tmp_path, se
         assert create.schema == (await rows(ds, database, "select sql from sqlite_master where name = ?", [table]))[0][0]
         assert (insert.database, insert.table, insert.num_rows) == (database, table, count)
         assert create.actor == {"id": "root"}
+
+
+@needs_datasette_1
+async def test_workbook_imports_emit_events_for_each_table(ds, tmp_path, events):
+    path = pets_workbook(tmp_path / "pets.xlsx")
+    assert (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()["ok"]
+    assert [(e.name, e.table) for e in events] == [
+        ("create-table", "pets_Dogs"), ("insert-rows", "pets_Dogs"),
+        ("create-table", "pets_Cats"), ("insert-rows", "pets_Cats"),
+    ]
+    assert [e.num_rows for e in events if e.name == "insert-rows"] == [2, 1]
 
 
 @needs_datasette_1
