@@ -7,6 +7,8 @@ measure:
     python benchmarks/csv_import.py --rss-sweep     # peak RSS at 100k, 1M, 5M rows
     python benchmarks/csv_import.py --json [--rows 1000000] [--runs 3]
     python benchmarks/csv_import.py --json --rss-sweep
+    python benchmarks/csv_import.py --xlsx [--rows 1000000] [--runs 3]
+    python benchmarks/csv_import.py --xlsx --rss-sweep --sizes 100000,1000000
 
 It writes a CSV shaped like files people really open (see COLUMNS: 0/1
 flags, counts that are mostly zero, blank cells in number columns, codes
@@ -32,6 +34,11 @@ numbers until it turns to words. Each round imports the CSV, the NDJSON and
 the array into a file database, each in a fresh process, and compares each
 JSON time with the CSV time of the same round; the types and row count are
 checked as for CSV.
+
+With --xlsx, LibreOffice (soffice, from Debian's libreoffice-calc-nogui)
+saves the same CSV as an Excel workbook, reading the codes with leading
+zeros as text, as a person would set them; each round then imports the CSV
+and the workbook into a file database.
 """
 
 import argparse
@@ -110,6 +117,17 @@ def write_json(csv_path, path, ndjson):
             if ndjson:
                 out.write("\n")
         out.write("" if ndjson else "\n]\n")
+
+
+def write_xlsx(csv_path, path):
+    """The CSV at csv_path saved as an Excel workbook by LibreOffice, the zip codes as text."""
+    folder = Path(path).parent
+    subprocess.run(
+        ["soffice", f"-env:UserInstallation=file://{folder}/libreoffice-profile", "--headless",
+         "--infilter=CSV:44,34,76,1,5/2", "--convert-to", "xlsx", "--outdir", str(folder), str(csv_path)],
+        check=True, capture_output=True, env={**os.environ, "HOME": str(folder)},
+    )
+    Path(folder, Path(csv_path).stem + ".xlsx").rename(path)
 
 
 def time_shell(csv_path, folder):
@@ -253,16 +271,23 @@ def benchmark(rows, runs):
     return problems
 
 
-def json_benchmark(rows, runs):
-    """Rounds of CSV, NDJSON and array imports into a file database, one after another."""
+def write_format(csv_path, path, kind):
+    if kind == "xlsx":
+        write_xlsx(csv_path, path)
+    else:
+        write_json(csv_path, path, ndjson=kind == "ndjson")
+
+
+def other_formats_benchmark(rows, runs, kinds):
+    """Rounds of CSV and other formats' imports into a file database, one after another."""
     problems = []
     with tempfile.TemporaryDirectory() as folder:
-        paths = {kind: Path(folder) / f"data.{kind}" for kind in ("csv", "ndjson", "json")}
+        paths = {kind: Path(folder) / f"data.{kind}" for kind in ("csv",) + kinds}
         write_csv(paths["csv"], rows)
-        write_json(paths["csv"], paths["ndjson"], ndjson=True)
-        write_json(paths["csv"], paths["json"], ndjson=False)
+        for kind in kinds:
+            write_format(paths["csv"], paths[kind], kind)
         describe(paths["csv"], rows)
-        for kind in ("ndjson", "json"):
+        for kind in kinds:
             print(f"{kind.upper()}: {paths[kind].stat().st_size / 1e6:.1f} MB")
         results = {kind: [] for kind in paths}
         for _ in range(runs):
@@ -292,7 +317,7 @@ def json_benchmark(rows, runs):
     return problems
 
 
-def rss_sweep(sizes, json_too=False):
+def rss_sweep(sizes, kinds=()):
     problems = []
     print("Peak RSS of the plugin process (one run each; RSS before the import in brackets)")
     for rows in sizes:
@@ -300,15 +325,15 @@ def rss_sweep(sizes, json_too=False):
             csv_path = Path(folder) / "data.csv"
             write_csv(csv_path, rows)
             runs = [("file", csv_path), ("temporary", csv_path)]
-            if json_too:
+            if kinds:
                 runs = [("file", csv_path)]
-                for kind in ("ndjson", "json"):
-                    write_json(csv_path, Path(folder) / f"data.{kind}", ndjson=kind == "ndjson")
+                for kind in kinds:
+                    write_format(csv_path, Path(folder) / f"data.{kind}", kind)
                     runs.append(("file", Path(folder) / f"data.{kind}"))
             line = f"{rows:>10,} rows, {csv_path.stat().st_size / 1e6:6.0f} MB:"
             for target, path in runs:
                 result = time_plugin(str(path), folder, target)
-                target = f"{target} {path.suffix[1:]}" if json_too else target
+                target = f"{target} {path.suffix[1:]}" if kinds else target
                 wrong = check(result, rows)
                 problems += [wrong] if wrong else []
                 if "error" in result:
@@ -330,6 +355,7 @@ def main():
         "--sizes", default="100000,1000000,5000000", help="the row counts of --rss-sweep, comma-separated"
     )
     parser.add_argument("--json", action="store_true", help="the same rows as NDJSON and a JSON array")
+    parser.add_argument("--xlsx", action="store_true", help="the same rows as an Excel workbook")
     parser.add_argument(
         "--max-processes", type=int,
         help="read in parts by at most this many processes; 1 reads every file in one piece",
@@ -342,10 +368,11 @@ def main():
     if args.child:
         child(*args.child)
         return
+    kinds = ("ndjson", "json") * args.json + ("xlsx",) * args.xlsx
     if args.rss_sweep:
-        problems = rss_sweep([int(size) for size in args.sizes.split(",")], json_too=args.json)
-    elif args.json:
-        problems = json_benchmark(args.rows, args.runs)
+        problems = rss_sweep([int(size) for size in args.sizes.split(",")], kinds)
+    elif kinds:
+        problems = other_formats_benchmark(args.rows, args.runs, kinds)
     else:
         problems = benchmark(args.rows, args.runs)
     if problems:
