@@ -2,8 +2,9 @@
 
 The Electron app starts `datasette` with DATASETTE_API_TOKEN and
 DATASETTE_SECRET set, then drives it through the JSON endpoints below: it
-attaches SQLite files, imports CSV files and URLs, signs the desktop user in
-as root, and carries the in-memory `temporary` database across restarts.
+attaches SQLite files, imports CSV, JSON and Excel files from disk or URLs,
+signs the desktop user in as root, and carries the in-memory `temporary`
+database across restarts.
 
 Every endpoint but GET /-/import-progress is a POST that needs
 `Authorization: Bearer <token>`, reads a JSON object from the raw body and
@@ -132,7 +133,7 @@ URL_TIMEOUT_SECONDS = 30
 # Whole-download limits; plugin settings url_time_limit and url_size_limit_mb.
 URL_TIME_LIMIT_SECONDS = 600
 URL_SIZE_LIMIT_MB = 1024
-# No real CSV file expands more than this when gunzipped or unzipped; a file
+# No real data file expands more than this when gunzipped or unzipped; a file
 # that does is a decompression bomb. Checked once past a few megabytes, where
 # a real file's ratio has settled.
 MAX_EXPANSION_RATIO = 200
@@ -2959,7 +2960,7 @@ class DownloadLimits:
         ):
             raise APIError(
                 f"Stopped unpacking {_shorten(url)}: it expands more than {MAX_EXPANSION_RATIO} "
-                "times, which no real CSV file does, so it looks like a decompression bomb."
+                "times, which no real data file does, so it looks like a decompression bomb."
             )
         _check_free_space(folder)
 
