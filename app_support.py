@@ -1168,15 +1168,11 @@ def _survey_object(text, path, found, top):
 def _survey_array(text):
     """Pass the array that comes next; return how many items it has if they are objects, else 0."""
     text.take("[")
-    if text.peek() != "{":
-        for _ in text.items():
-            text.skip()
-        return 0
-    count = 0
+    objects, count = text.peek() == "{", 0
     for _ in text.items():
         text.skip()
         count += 1
-    return count
+    return count if objects else 0
 
 
 def _json_kind(value):
@@ -2369,6 +2365,7 @@ class ImportResult:
     columns: list
     types: list
     answer: dict = field(default_factory=dict)  # more for the import's answer: its format
+    sheet: str = None  # the worksheet of a workbook the table comes from
 
     @property
     def schema(self):
@@ -2413,7 +2410,9 @@ def copy_in(conn, staged, wanted_table, shared_cache=False):
 def _new_table(conn, staged, wanted_table):
     """Create the new table under a name close to wanted_table that is free now; return what it will hold."""
     table = _free_table_name(conn, wanted_table)
-    result = ImportResult(table, staged.rows, staged.columns, staged.types, staged.answer)
+    result = ImportResult(
+        table, staged.rows, staged.columns, staged.types, staged.answer, staged.sheet
+    )
     conn.execute(result.schema)
     return result
 
@@ -3346,7 +3345,7 @@ async def _announce_import(datasette, db, results):
     first = results[0]
     answer = {"ok": True, "path": datasette.urls.table(db.name, first.table), "rows": first.rows}
     answer.update(first.answer)
-    if len(results) > 1 or first.answer.get("format") == "xlsx":
+    if first.sheet is not None:  # a workbook: every sheet's table
         answer["tables"] = [
             {"table": result.table, "path": datasette.urls.table(db.name, result.table), "rows": result.rows}
             for result in results
