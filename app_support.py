@@ -1787,7 +1787,7 @@ class _SheetXML:
 
     Cutting XML with patterns is a shortcut, for speed: a sheet of 1M rows
     of 9 cells, as LibreOffice writes it, took 46 s to import with
-    ElementTree, and takes 19 s so. It relies on what every program that
+    ElementTree, and takes about 20 s so. It relies on what every program that
     writes .xlsx does (no comments or CDATA among the cells);
     test_app_support.py checks it against ElementTree on generated sheets.
     """
