@@ -1110,6 +1110,8 @@ class JSONPlan:
                 point = size * number // processes + found.end() if found else size
                 if point >= size or (points and point <= points[-1]):
                     return points
+                if b"\x00" in window[: found.end()]:  # refused there: see _csv_split_points
+                    return points
                 points.append(point)
         return points
 
@@ -2542,7 +2544,8 @@ def _csv_split_points(path, processes):
     cell: counting them is a scan of bytes, not a parse. A quote inside an
     unquoted cell can mislead the count, and then the part before ends inside
     a quote, which its CSVReader notices. Fewer points come back when no such
-    LF is near where one is wanted.
+    LF is near where one is wanted, and none past a NUL byte: the file is
+    refused there, which reading it whole finds sooner than a scan of the rest.
     """
     size = os.path.getsize(path)
     points, quotes, position = [], 0, 0
@@ -2551,13 +2554,13 @@ def _csv_split_points(path, processes):
             aim = size * number // processes
             while position < aim:
                 chunk = f.read(min(READ_BUFFER_BYTES, aim - position))
-                if not chunk:
+                if not chunk or b"\x00" in chunk:
                     return points
                 quotes += chunk.count(b'"')
                 position += len(chunk)
             window = f.read(SPLIT_SEARCH_BYTES)
             point = _unquoted_line_end(window, quotes)
-            if point is None or position + point >= size:
+            if point is None or position + point >= size or b"\x00" in window[:point]:
                 return points
             points.append(position + point)
             quotes += window.count(b'"', 0, point)

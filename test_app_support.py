@@ -2786,11 +2786,38 @@ def test_csv_in_parts_errors_name_the_same_line_as_in_one_piece(tmp_path, monkey
     path.write_bytes("".join(row + ("\r\n" if i % 3 else "\n") for i, row in enumerate(["id,name"] + rows)).encode())
     whole = stage_error(path, tmp_path / "whole")
     read_in_parts(monkeypatch)
-    # Quotes are counted to place the splits: past a quote that never closes, there are none.
-    splits = {600: 0, 1500: 1, 2950: 2}[line] if case == "unclosed quote" else 2
+    # Quotes are counted to place the splits: past a quote that never closes,
+    # or a NUL byte, there are none.
+    splits = {600: 0, 1500: 1, 2950: 2}[line] if case != "too many columns" else 2
     assert len(split_points(path)) == splits
     assert stage_error(path, tmp_path / "parts") == whole
     assert f"line {line + 2}" in whole or case == "too many columns"
+
+
+def bytes_read_by_this_process():
+    """What this process has read from files and pipes so far (Linux's rchar)."""
+    with open("/proc/self/io") as f:
+        return int(next(line for line in f if line.startswith("rchar:")).split()[1])
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/io"), reason="counts reads with Linux's /proc/self/io")
+@pytest.mark.parametrize("shape", ["csv", "ndjson", "json array"])
+def test_a_bad_byte_deep_in_a_huge_file_is_found_without_reading_the_rest(tmp_path, helpers, shape):
+    # Valid rows, then 64 GB of NUL bytes: a sparse file, as a download
+    # the disk preallocated looks. The first bad byte is at offset N, and
+    # the refusal must cost a read of about N bytes, not of the file.
+    rows = [f"{i},name {i}" for i in range(100_000)] if shape == "csv" else [json.dumps({"id": i, "name": f"name {i}"}) for i in range(100_000)]
+    text = {"csv": "id,name\n" + "\n".join(rows) + "\n", "ndjson": "\n".join(rows) + "\n", "json array": "[" + ",\n".join(rows) + ",\n"}[shape]
+    path = tmp_path / "huge.data"
+    with open(path, "wb") as f:
+        f.write(text.encode())
+        f.truncate(64 * 2**30)
+    assert path.stat().st_blocks * 512 < 64 * 2**20, "this file system has no sparse files"
+    before = bytes_read_by_this_process()
+    error = stage_error(path, tmp_path / "work")
+    assert "NUL byte" in error and f"line {text.count(chr(10)) + 1}" in error
+    assert bytes_read_by_this_process() - before < 16 * len(text) + 64 * 2**20
+    assert helpers == []  # nothing to split at: no part past the NUL bytes
 
 
 @pytest.mark.parametrize("python", ["/nonexistent/python3", "/usr/bin/python3"])
