@@ -348,7 +348,15 @@ def _resolve_path(raw):
         raise APIError("path must not be empty.")
     if "\x00" in raw:
         raise APIError("path must not contain a NUL character.")
-    return os.path.abspath(os.path.expanduser(raw))
+    # "~" is the user's home folder, from the password database when, as in
+    # the app, the server has no HOME.
+    expanded = os.path.expanduser(raw)
+    if not os.path.isabs(expanded):
+        raise APIError(
+            f"path must be a full path, such as /Users/me/data.csv, not {_shorten(raw)}: "
+            "a relative path would be looked for in the server's own working folder."
+        )
+    return os.path.normpath(expanded)
 
 
 def _existing_file(raw):
@@ -443,8 +451,15 @@ def _table_names(conn):
 def _check_sqlite_file(path):
     """Raise APIError unless path is a readable SQLite database file."""
     with open(path, "rb") as f:
-        if f.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
-            raise APIError(f"Not a SQLite database: {_shorten(path)}")
+        header = f.read(100)
+    if not header.startswith(SQLITE_HEADER):
+        raise APIError(f"Not a SQLite database: {_shorten(path)}")
+    shortfall = _cut_short(header, os.path.getsize(path))
+    if shortfall:
+        raise APIError(
+            f"Not a valid SQLite database: {_shorten(path)} is cut short (it {shortfall}), "
+            "as an unfinished copy or download leaves a file."
+        )
     try:
         conn = _connect_readonly(path)
         try:
@@ -459,6 +474,24 @@ def _check_sqlite_file(path):
         raise APIError(f"Could not read the SQLite database {_shorten(path)}: {e}")
     except sqlite3.DatabaseError as e:
         raise APIError(f"Not a valid SQLite database ({e}): {_shorten(path)}")
+
+
+def _cut_short(header, size):
+    """What a database file of size bytes holds, when that is less than its header says; else None.
+
+    The header's page count is trusted only when its version-valid-for
+    number matches its change counter, as SQLite itself does.
+    """
+    if len(header) < 100:
+        return f"holds {size:,} bytes, less than a database header"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if header[92:96] != header[24:28]:
+        return None
+    expected = int.from_bytes(header[28:32], "big") * page_size
+    if size >= expected:
+        return None
+    return f"holds {size:,} of its {expected:,} bytes"
 
 
 def _create_empty_database(path):
@@ -3452,14 +3485,17 @@ def _prepare_restore(path, copy_path, page_size):
     The copy gets page_size, which the backup API needs to write into an
     in-memory database. Returns the backup's table names.
     """
-    _check_sqlite_file(path)
     damaged = f"The backup {_shorten(path)} is damaged, so nothing was restored"
+    with open(path, "rb") as f:
+        header = f.read(100)
+    shortfall = header.startswith(SQLITE_HEADER) and _cut_short(header, os.path.getsize(path))
+    if shortfall:
+        raise APIError(f"{damaged}: the file is cut short (it {shortfall}).")
+    _check_sqlite_file(path)
     try:
         source = _connect_readonly(path)
         try:
             own_page_size = source.execute("pragma page_size").fetchone()[0]
-            if os.path.getsize(path) % own_page_size:
-                raise APIError(f"{damaged}: the file is cut short.")
             encoding = source.execute("pragma encoding").fetchone()[0]
             if encoding != "UTF-8":
                 raise APIError(

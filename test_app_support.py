@@ -267,6 +267,14 @@ def make_db(path, table="t", values=(1, 2, 3)):
     return path
 
 
+def cut_short(path, size=None):
+    """A database of 20,000 rows cut to size bytes, or to just over half."""
+    make_db(path, values=range(20_000))
+    with open(path, "r+b") as f:
+        f.truncate(size or os.path.getsize(path) // 2 + 100)
+    return path
+
+
 def write(path, content):
     """Write text (as UTF-8) or bytes to path; return path."""
     if isinstance(content, str):
@@ -1725,7 +1733,12 @@ async def test_open_database_file_awkward_names(ds, tmp_path, name):
         (lambda p: make_db(p / "a#b.db"), "contains #"),
         (lambda p: make_db(p / "100%.db"), "contains %"),
         (lambda p: p / "a?b.db", "File not found"),
+        (lambda p: cut_short(p / "cut.db", 5000), "is cut short (it holds 5,000 of its "),
+        (lambda p: "data.db", "path must be a full path, such as /Users/me/data.csv, not data.db"),
+        (lambda p: "../data.db", "a relative path would be looked for in the server's own working folder"),
+        (lambda p: "~/no-such-folder-for-app-support/x.db", "File not found: " + os.path.expanduser("~/no-such-folder-for-app-support/x.db")),
     ],
+    ids=["missing", "folder", "empty", "text", "fake header", "?", "#", "%", "missing ?", "cut short", "relative", "parent", "home"],
 )
 async def test_open_database_file_errors(ds, tmp_path, setup, error):
     path = setup(tmp_path)
@@ -3369,14 +3382,6 @@ def utf16_db(path):
     return path
 
 
-def cut_short(path):
-    """A database of 20,000 rows with its second half cut off."""
-    make_db(path, values=range(20_000))
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2 + 100)
-    return path
-
-
 @pytest.mark.parametrize(
     "setup,error",
     [
@@ -3386,9 +3391,11 @@ def cut_short(path):
         (lambda p: write(p / "zero.db", b""), "File is empty"),
         (lambda p: corrupt_middle_page(p / "backup.db"), "is damaged, so nothing was restored"),
         (lambda p: utf16_db(p / "backup.db"), "stores its text as UTF-16le; only UTF-8 databases can be restored"),
-        (lambda p: cut_short(p / "backup.db"), "database disk image is malformed"),
+        (lambda p: cut_short(p / "backup.db"), "is damaged, so nothing was restored: the file is cut short (it holds "),
+        (lambda p: cut_short(p / "backup.db", 5000), "is damaged, so nothing was restored: the file is cut short (it holds 5,000 of its "),
+        (lambda p: cut_short(p / "backup.db", 60), "is damaged, so nothing was restored: the file is cut short (it holds 60 bytes, less than a database header)."),
     ],
-    ids=["missing", "folder", "not SQLite", "empty", "corrupt middle page", "UTF-16", "cut short"],
+    ids=["missing", "folder", "not SQLite", "empty", "corrupt middle page", "UTF-16", "cut short", "head -c 5000", "cut in the header"],
 )
 async def test_restore_temporary_errors(ds, tmp_path, setup, error):
     csv_path = tmp_path / "keep.csv"
