@@ -420,7 +420,8 @@ def _free_table_name(conn, wanted):
     wanted = unicodedata.normalize("NFC", wanted)
     # Datasette 0.65 puts table names in [brackets] when it reads a schema, so
     # one "]" would break every page; the same name is used on 1.0 too.
-    wanted = wanted.replace("]", "_").strip() or "data"
+    # SQLite cannot take a NUL in SQL text, and a URL's "%00" decodes to one.
+    wanted = wanted.replace("]", "_").replace("\x00", "_").strip() or "data"
     if wanted.lower().startswith("sqlite_"):
         wanted = "_" + wanted  # SQLite reserves sqlite_* names
     taken = {
@@ -3355,6 +3356,8 @@ async def open_csv_from_url(datasette, data):
         optional={"table_name": str, "database": str, "detect_types": bool},
     )
     url = _check_url(values["url"])
+    if "\x00" in (values["table_name"] or ""):
+        raise APIError("table_name must not contain a NUL character.")
     db = _writable_database(datasette, values["database"] or TEMPORARY)
     limits = _download_limits(datasette)
     log = _import_log(datasette)

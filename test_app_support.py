@@ -1605,9 +1605,10 @@ LONG = "a" * 300_000
         ("/-/dump-temporary-to-file", {"path": "/tmp/\udfff.db"}, 400, "path contains a lone surrogate"),
         ("/-/open-csv-from-url", {"url": "http://127.0.0.1:9/x.csv", "table_name": "a\ud800"}, 400, "table_name contains a lone surrogate"),
         ("/-/import-csv-file", {"path": "/tmp/x.csv", "database": "\ud800"}, 400, "database contains a lone surrogate"),
+        ("/-/open-csv-from-url", {"url": "http://127.0.0.1:9/x.csv", "table_name": "x\u0000y"}, 400, "table_name must not contain a NUL character."),
     ],
     ids=["deep object", "deep array", "100 MB body", "long path", "long url", "long http url",
-         "surrogate path", "surrogate dump path", "surrogate table name", "surrogate database"],
+         "surrogate path", "surrogate dump path", "surrogate table name", "surrogate database", "NUL table name"],
 )
 async def test_hostile_bodies_are_short_json_sentences(ds, tmp_path, endpoint, body, status, error):
     if callable(body):
@@ -2930,6 +2931,7 @@ URL_CASES = [
     ("zip with one csv", "/a.zip", {"/a.zip": (200, {}, zipped({"inner.csv": CSV_BODY, "README": b"x"}))}, "a"),
     ("latin-1 with charset", "/l.csv", {"/l.csv": (200, {"Content-Type": "text/csv; charset=latin-1"}, b"id,name\n1,Cleo\n2,S\xe3o\n")}, "l"),
     ("no path segment", "/", {"/": (200, {}, CSV_BODY)}, "data"),
+    ("NUL in the name", "/a%00b.csv", {"/a%00b.csv": (200, {}, CSV_BODY)}, "a_b"),
 ]
 
 
