@@ -42,7 +42,9 @@ import posixpath
 import queue
 import re
 import shutil
+import socket
 import sqlite3
+import ssl
 import stat
 import subprocess
 import sys
@@ -3113,11 +3115,52 @@ def download_file(url, folder, limits=None, progress=None):
             raise APIError(_redirect_error(url, e.headers.get("Location") or ""))
         raise APIError(f"{shown} returned HTTP {e.code} {e.reason}")
     except urllib.error.URLError as e:
-        raise APIError(f"Could not download {shown}: {e.reason}")
+        raise APIError(f"Could not download {shown}: {_download_failure(url, e.reason, limits)}")
     except (TimeoutError, OSError, EOFError, http.client.HTTPException) as e:
-        raise APIError(f"Could not download {shown}: {e}")
+        raise APIError(f"Could not download {shown}: {_download_failure(url, e, limits)}")
     url_path = urllib.parse.urlsplit(final_url).path.lower()
     return _unpack(target, url_path, url, limits, folder), final_url, charset
+
+
+def _download_failure(url, reason, limits):
+    """Why a download failed, in words rather than an [Errno …]."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or url
+    if isinstance(reason, socket.gaierror):
+        return (
+            f"the host {host} could not be found. Check the address, and that this "
+            "computer is online."
+        )
+    if isinstance(reason, ConnectionRefusedError):
+        return (
+            f"{parts.netloc} refused the connection: no web server is answering there. "
+            "Check the address, and that the server is running."
+        )
+    if isinstance(reason, (TimeoutError, socket.timeout)):
+        return (
+            f"{host} did not answer within {limits.timeout:g} seconds. Try again later; "
+            "the app_support setting url_timeout changes this limit."
+        )
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return (
+            f"the secure connection to {host} failed because its certificate could not be "
+            f"trusted ({reason.verify_message}). Check the address, and the computer's date."
+        )
+    if isinstance(reason, ssl.SSLError):
+        why = (reason.reason or str(reason)).replace("_", " ").lower()
+        return (
+            f"the secure (https) connection to {host} failed ({why}). Check the address: "
+            "a site that does not offer https needs an http:// address."
+        )
+    if isinstance(reason, gzip.BadGzipFile):
+        return f"the server marked its answer as gzip-compressed, but it is not ({reason})."
+    if isinstance(reason, (ConnectionResetError, ConnectionAbortedError, EOFError, http.client.HTTPException)):
+        return f"the connection to {host} broke off during the download. Try again."
+    if isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN):
+        return f"{host} cannot be reached: this computer may be offline."
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror[0].lower() + reason.strerror[1:] + "."
+    return str(reason)
 
 
 def _unpack(path, url_path, url, limits, folder):
