@@ -4006,17 +4006,43 @@ def _view(route):
 
 
 CROSS_SITE_REFUSAL = (
-    "Refused: this looks like a cross-site request from a web page, which Datasette's "
-    "CSRF protection does not allow. The desktop app sends its token and no cookie."
+    "Refused: this is a cross-site request, from a page on another origin (its "
+    "Sec-Fetch-Site or Origin header says so), which Datasette's CSRF protection does "
+    "not allow. The desktop app sends its token and no cookie."
 )
+MISSING_CSRF_TOKEN_REFUSAL = (
+    "Refused: this request carries the desktop user's cookie but no CSRF token. A page "
+    "must send the value of its ds_csrftoken cookie in an x-csrftoken header, as the "
+    "import panel does; the desktop app sends its token instead."
+)
+STALE_CSRF_TOKEN_REFUSAL = (
+    "Refused: the request's x-csrftoken header does not match its ds_csrftoken cookie, "
+    "or the cookie is missing. Reload the page and try again."
+)
+
+
+def _csrf_refusal(scope):
+    """Why Datasette's CSRF check refused this request, as a sentence."""
+    headers = {name.lower(): value for name, value in scope.get("headers") or []}
+    site = headers.get(b"sec-fetch-site", b"").decode("latin-1")
+    origin = headers.get(b"origin", b"").decode("latin-1")
+    host = headers.get(b"host", b"").decode("latin-1")
+    if site not in ("", "same-origin", "none") or (
+        origin and urllib.parse.urlsplit(origin).netloc != host
+    ):
+        return CROSS_SITE_REFUSAL
+    if b"x-csrftoken" not in headers:
+        return MISSING_CSRF_TOKEN_REFUSAL
+    return STALE_CSRF_TOKEN_REFUSAL
 
 
 def _csrf_refusals_as_json(app):
     """ASGI middleware: Datasette's HTML "CSRF check failed" page, on these routes, as JSON.
 
-    On Datasette 1.0 the asgi_wrapper hook wraps the CSRF layer, so the
-    refusal is Datasette's own decision; only its form changes. On 0.65
-    skip_csrf leaves these routes to the token check, and nothing here acts.
+    The asgi_wrapper hook wraps Datasette's CSRF layer, so the refusal is
+    Datasette's own decision; only its form changes. Datasette 1.0 checks the
+    request's origin, 0.65 its CSRF token, and only on the routes the desktop
+    user's pages call (skip_csrf leaves the app's routes to the token check).
     """
     paths = {route.path for route in ROUTES}
 
@@ -4034,7 +4060,7 @@ def _csrf_refusals_as_json(app):
             if not refused:
                 await send(message)
             elif message["type"] == "http.response.start":
-                body = json.dumps({"ok": False, "error": CROSS_SITE_REFUSAL}).encode()
+                body = json.dumps({"ok": False, "error": _csrf_refusal(scope)}).encode()
                 await send({
                     "type": "http.response.start",
                     "status": 403,

@@ -3651,6 +3651,26 @@ async def test_cancel_import_refused_from_another_site(ds, tmp_path):
     assert (await progress(ds))[0]["state"] == "done"
 
 
+@pytest.mark.parametrize(
+    "headers,refusal",
+    [
+        ({"Sec-Fetch-Site": "cross-site"}, app_support.CROSS_SITE_REFUSAL),
+        ({}, app_support.MISSING_CSRF_TOKEN_REFUSAL),
+        ({"x-csrftoken": "stale"}, app_support.STALE_CSRF_TOKEN_REFUSAL),
+    ],
+    ids=["cross-site", "no token", "stale token"],
+)
+async def test_cancel_import_refusals_say_what_is_missing(ds, headers, refusal):
+    response = await ds.client.post(
+        "/-/cancel-import", content=b'{"id": 99}', cookies=await root_cookie(ds), headers=headers
+    )
+    if IS_DATASETTE_1 and refusal != app_support.CROSS_SITE_REFUSAL:
+        # 1.0 checks only where a request comes from, and this one is same-origin.
+        assert_error(response, 400, "No import has the id 99.")
+    else:
+        assert_error(response, 403, refusal)
+
+
 async def test_cancel_import_errors(ds, tmp_path):
     csv_path = write(tmp_path / "done.csv", "a\n1\n")
     await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
