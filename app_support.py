@@ -156,6 +156,12 @@ PROGRESS_HISTORY = 50
 CANCEL_WAIT_SECONDS = 5
 LATIN1_FALLBACK = "app_support_latin1_fallback"
 UTF8_FALLBACK = "app_support_utf8_fallback"
+# The temporary database lives in memory: an import or restore into it must
+# leave this much memory free, besides what its tables take. A table takes
+# about a tenth more in memory than on disk, for SQLite's page cache: a
+# 148 MB table grew the process by 161 MB.
+MEMORY_MARGIN_BYTES = 64 * 1024 * 1024
+MEMORY_PER_TABLE_BYTE = 1.1
 # Work folders (staging databases, downloads) are named
 # app_support_<pid>_<random> in the temp directory, so a later start can
 # remove the ones whose process died without cleaning up.
@@ -570,6 +576,127 @@ def _process_alive(pid):
     except (OSError, OverflowError):  # another user's process, or no such pid number
         return True
     return True
+
+
+# Memory for the temporary database
+#
+# temporary is in memory, so a table too large for it would make the kernel
+# end the server, and every table in temporary with it. Imports and restores
+# into it first compare what they need with what this process may still use.
+
+
+@dataclass
+class FreeMemory:
+    bytes: int
+    sentence: str  # how to say so, with {} for the amount
+
+
+def _free_memory():
+    """The memory this process may still use, as a FreeMemory; None when unknown."""
+    free = _available_on_linux()
+    if free is None:
+        try:  # elsewhere, all the standard library can learn is the physical memory
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+        return FreeMemory(total, "this computer has {} of memory in all") if total > 0 else None
+    limited = _cgroup_room()
+    if limited is not None and limited < free:
+        return FreeMemory(limited, "the server's memory limit (its cgroup) leaves about {} free")
+    return FreeMemory(free, "this computer has about {} free")
+
+
+def _available_on_linux():
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _cgroup_room():
+    """What this process's memory cgroups (v1 or v2) still allow it, page cache aside; None without a limit."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    rooms = []
+    for _, controllers, path in (line for line in lines if len(line) == 3):
+        if controllers == "":  # v2
+            mount, files = "/sys/fs/cgroup", ("memory.max", "memory.current", "")
+        elif "memory" in controllers.split(","):
+            mount, files = "/sys/fs/cgroup/memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_")
+        else:
+            continue
+        # In a container the cgroup's own folder may be the mount itself.
+        folder = os.path.join(mount, path.lstrip("/"))
+        if not os.path.isdir(folder):
+            folder = mount
+        while folder.startswith(mount):
+            room = _cgroup_folder_room(folder, *files)
+            if room is not None:
+                rooms.append(room)
+            if folder == mount:
+                break
+            folder = os.path.dirname(folder)
+    return min(rooms) if rooms else None
+
+
+def _cgroup_folder_room(folder, limit_file, usage_file, stat_prefix):
+    """What one cgroup folder's limit leaves; its usage counts the page cache, which the kernel can drop."""
+    try:
+        with open(os.path.join(folder, limit_file)) as f:
+            limit = f.read().strip()
+        with open(os.path.join(folder, usage_file)) as f:
+            usage = int(f.read())
+        reclaimable = 0
+        with open(os.path.join(folder, "memory.stat")) as f:
+            for line in f:
+                key, _, value = line.partition(" ")
+                # Files' pages only: tmpfs files (shmem) stay in memory.
+                if key in (stat_prefix + "active_file", stat_prefix + "inactive_file"):
+                    reclaimable += int(value)
+    except (OSError, ValueError):
+        return None
+    if limit == "max" or int(limit) >= 2**60:  # no limit
+        return None
+    return max(0, int(limit) - usage + reclaimable)
+
+
+def _check_room_in_memory(need, refusal):
+    """Refuse what would not fit in memory with MEMORY_MARGIN_BYTES to spare.
+
+    refusal is a sentence with {need} and {free} to fill in.
+    """
+    free = _free_memory()
+    if free is not None and need + MEMORY_MARGIN_BYTES > free.bytes:
+        raise APIError(
+            refusal.format(need=_amount(need), free=free.sentence.format(_amount(free.bytes)))
+        )
+
+
+def _amount(size):
+    """A size in words: 21 GB, 850 MB."""
+    if size >= 10 * 1024**3:
+        return f"{size / 1024**3:.0f} GB"
+    if size >= 1024**3:
+        return f"{size / 1024**3:.1f} GB"
+    return f"{max(1, round(size / 1024**2))} MB"
+
+
+def _table_bytes(path, table):
+    """The bytes a table's pages take in the database at path; the whole file's size without dbstat."""
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("select sum(pgsize) from dbstat where name = ?", [table]).fetchone()[0] or 0
+    except sqlite3.OperationalError:  # SQLite built without the dbstat table
+        return os.path.getsize(path)
+    finally:
+        conn.close()
 
 
 # Differences between Datasette 0.65 and 1.0
@@ -2889,10 +3016,22 @@ async def _import_into(datasette, db, path, wanted_table, detect_types, on_progr
                 on_progress=on_progress, encoding=encoding, **file,
             )
         _check_attached(datasette, db)
+        if db.is_memory:
+            await asyncio.to_thread(_check_room_for_import, staged, file.get("source") or path)
         with _sqlite_failures("import into", target):
             return await _write_outside_transaction(
                 db, lambda conn: copy_in(conn, staged, wanted_table, db.is_memory)
             )
+
+
+def _check_room_for_import(staged, source):
+    need = MEMORY_PER_TABLE_BYTE * sum(_table_bytes(*located) for one in staged for located in one.tables)
+    name = _shorten(posixpath.basename(urllib.parse.urlsplit(source).path) if "://" in source else os.path.basename(source))
+    _check_room_in_memory(need, (
+        f"{name} needs about {{need}} of memory to open in the temporary database, and "
+        "{free}. Create a database file (File → New Empty Database…) and use Import CSV "
+        "on it instead."
+    ))
 
 
 def _check_attached(datasette, db):
@@ -3497,7 +3636,14 @@ def _remove_partial(partial):
 async def restore_temporary_from_file(datasette, data):
     path = _existing_file(_keys(data, required={"path": str}, optional={})["path"])
     db = datasette.get_database(TEMPORARY)
-    page_size = (await db.execute("pragma page_size")).first()[0]
+    page_size, pages = (await db.execute("select * from pragma_page_size, pragma_page_count")).first()
+    # The backup takes the place of what temporary holds now.
+    need = MEMORY_PER_TABLE_BYTE * (os.path.getsize(path) - page_size * pages)
+    await asyncio.to_thread(_check_room_in_memory, need, (
+        f"The backup {_shorten(path)} needs about {{need}} more memory to restore into the "
+        "temporary database, and {free}, so nothing was restored. Open it as a database "
+        "file instead (File → Open Database…)."
+    ))
     async with _work_folder_off_loop() as folder:
         # temporary is replaced only from a checked copy that already has its
         # page size and encoding, so the last step has nothing left to fail on.

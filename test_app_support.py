@@ -12,6 +12,7 @@ import engine itself; /-/open-csv-from-url; /-/dump-temporary-to-file and
 
 import asyncio
 import base64
+import contextlib
 import csv
 import datetime
 import functools
@@ -34,6 +35,7 @@ import time
 import types
 import unicodedata
 import urllib.request
+import uuid
 import zipfile
 from pathlib import Path
 from xml.etree import ElementTree
@@ -507,6 +509,7 @@ class AppServer:
         self.log = folder / "datasette.log"
         self.port = unused_port()
         self.process = None
+        self.cgroup_procs = None  # a cgroup's cgroup.procs file, to start the server in
 
     def url(self, path=""):
         return f"http://127.0.0.1:{self.port}{path}"
@@ -516,6 +519,7 @@ class AppServer:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "datasette", "--port", str(self.port), "--plugins-dir", str(self.plugins_dir)],
                 env=self.ENVIRONMENT, stdout=subprocess.DEVNULL, stderr=log,
+                preexec_fn=self._join_cgroup if self.cgroup_procs else None,
             )
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and self.process.poll() is None:
@@ -527,6 +531,10 @@ class AppServer:
         self.stop()
         raise AssertionError("datasette did not start: " + self.log.read_text(errors="replace"))
 
+    def _join_cgroup(self):
+        with open(self.cgroup_procs, "w") as f:
+            f.write(str(os.getpid()))
+
     def stop(self):
         if self.process.poll() is None:
             self.process.terminate()
@@ -536,7 +544,7 @@ class AppServer:
                 self.process.kill()
                 self.process.wait()
 
-    def call(self, path, body=None):
+    def call(self, path, body=None, timeout=30):
         """A request as the desktop app makes it, with the token: (status, headers, body); no redirects followed."""
         request = urllib.request.Request(
             self.url(path),
@@ -544,10 +552,16 @@ class AppServer:
             headers={"Authorization": f"Bearer {TOKEN}"},
         )
         try:
-            with urllib.request.build_opener(_NoRedirect).open(request, timeout=30) as response:
+            with urllib.request.build_opener(_NoRedirect).open(request, timeout=timeout) as response:
                 return response.status, response.headers, response.read()
         except urllib.error.HTTPError as e:
             return e.code, e.headers, e.read()
+
+
+def server_work_files(server):
+    """The files in the work folders of a datasette process this test started."""
+    folders = Path(tempfile.gettempdir()).glob(f"{app_support.WORK_FOLDER_PREFIX}{server.process.pid}_*")
+    return [path.name for folder in folders for path in folder.glob("*")]
 
 
 @pytest.fixture
@@ -2568,6 +2582,102 @@ async def test_detaching_the_target_during_an_import_is_not_a_server_fault(ds, t
     assert response.headers["content-type"].startswith("application/json")
 
 
+# /-/open-csv-file and /-/restore-temporary-from-file: more than memory can hold
+
+
+def memory_cgroup_parents():
+    """Where this process's memory cgroups are (v1, then v2), with their limit files."""
+    with open("/proc/self/cgroup") as f:
+        lines = [line.rstrip("\n").split(":", 2) for line in f]
+    for _, controllers, path in lines:
+        if "memory" in controllers.split(","):
+            folder = os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"))
+            yield (folder if os.path.isdir(folder) else "/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
+        elif controllers == "":
+            yield os.path.join("/sys/fs/cgroup", path.lstrip("/")), "memory.max"
+
+
+@pytest.fixture
+def memory_cgroup():
+    """limit(bytes): a memory cgroup of this test's own, limited so; its cgroup.procs file."""
+    made = []
+
+    def limit(size):
+        for parent, limit_file in memory_cgroup_parents() if os.path.exists("/proc/self/cgroup") else []:
+            folder = os.path.join(parent, f"app_support_test_{uuid.uuid4().hex}")
+            try:
+                os.mkdir(folder)
+                made.append(folder)
+                with open(os.path.join(folder, limit_file), "w") as f:
+                    f.write(str(size))
+            except OSError:
+                continue
+            return os.path.join(folder, "cgroup.procs")
+        pytest.skip("this machine lets only root, or a delegated user, make a memory cgroup")
+
+    yield limit
+    for folder in made:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+def write_backup(path, megabytes):
+    """A valid database of about this many megabytes."""
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "create table saved as with recursive n(i) as (select 1 union all select i + 1 from n where i < ?) "
+        "select i, randomblob(1000) as b from n", [megabytes * 1000]
+    )
+    conn.commit()
+    conn.close()
+    return path
+
+
+def write_wide_csv(path, megabytes):
+    """A CSV file of about this many megabytes, in rows of 250 bytes."""
+    with open(path, "w") as f:
+        f.write("id,text\n")
+        for block in range(megabytes * 4):
+            f.write("".join(f"{block * 1000 + i},{'x' * 240}\n" for i in range(1000)))
+    return path
+
+
+def test_files_too_big_for_memory_leave_temporary_as_it_was(tmp_path, memory_cgroup):
+    """A server in a 300 MB memory cgroup, started as the app starts it.
+
+    Without the check, the 300 MB file and the 300 MB backup each make the
+    kernel end the server, and every table in temporary with it.
+    """
+    server = AppServer(tmp_path / "server")
+    server.cgroup_procs = memory_cgroup(300 * 2**20)
+    server.start()
+    try:
+        small = write_wide_csv(tmp_path / "small.csv", 20)
+        status, _, body = server.call("/-/open-csv-file", {"path": str(small)}, timeout=300)
+        assert status == 200, body
+        big = write_wide_csv(tmp_path / "big.csv", 300)
+        status, _, body = server.call("/-/open-csv-file", {"path": str(big)}, timeout=600)
+        assert status == 400, body
+        assert re.fullmatch(
+            r"big\.csv needs about \d+ MB of memory to open in the temporary database, and the server's "
+            r"memory limit \(its cgroup\) leaves about \d+ MB free\. Create a database file "
+            r"\(File → New Empty Database…\) and use Import CSV on it instead\.",
+            json.loads(body)["error"],
+        ), body
+        backup = write_backup(tmp_path / "backup.db", 300)
+        status, _, body = server.call("/-/restore-temporary-from-file", {"path": str(backup)}, timeout=300)
+        assert status == 400, body
+        assert json.loads(body)["error"].startswith(f"The backup {backup} needs about "), body
+        assert "so nothing was restored. Open it as a database file instead" in json.loads(body)["error"]
+        status, _, body = server.call("/temporary/small.json?_shape=array&_size=1")
+        assert status == 200 and json.loads(body)[0]["id"] == 0, body
+        status, _, body = server.call("/temporary.json")
+        assert [t["name"] for t in json.loads(body)["tables"]] == ["small"], body
+        assert server_work_files(server) == []
+    finally:
+        server.stop()
+
+
 # The import engine: column types and names, checked against the slow references
 
 
@@ -2867,12 +2977,6 @@ async def test_import_csv_file_in_parts(ds, tmp_path, in_parts, helpers, databas
     (final,) = await progress(ds)
     assert (final["state"], final["rows"]) == ("done", 5000)
     assert work_folders() == [] and all(helper.poll() is not None for helper in helpers)
-
-
-def server_work_files(server):
-    """The files in the work folders of a datasette process this test started."""
-    folders = Path(tempfile.gettempdir()).glob(f"{app_support.WORK_FOLDER_PREFIX}{server.process.pid}_*")
-    return [path.name for folder in folders for path in folder.glob("*")]
 
 
 @pytest.mark.skipif(app_support._cpu_count() < 2, reason="one CPU: large files are read in one part")
