@@ -10,6 +10,7 @@ import engine itself; /-/open-csv-from-url; /-/dump-temporary-to-file and
 /-/cancel-import; the pages. The import panel in a real browser comes last.
 """
 
+import ast
 import asyncio
 import base64
 import contextlib
@@ -1643,6 +1644,55 @@ async def test_content_type_is_ignored(ds, tmp_path):
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     )
     assert response.json()["ok"] is True
+
+
+def module_messages():
+    """Each string literal of app_support.py as a pattern: where an f-string or a format template puts a value, any text.
+
+    Literals with fewer than six characters of their own are left out: they
+    would match almost anything.
+    """
+    patterns = set()
+    for node in ast.walk(ast.parse(Path(app_support.__file__).read_text())):
+        if isinstance(node, ast.JoinedStr):
+            own = [part.value for part in node.values if isinstance(part, ast.Constant)]
+            pieces = [re.escape(p.value) if isinstance(p, ast.Constant) else "(.+?)" for p in node.values]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            own, pieces = [node.value], [re.escape(node.value)]
+        else:
+            continue
+        if len("".join(own)) >= 6:
+            # A str.format template's fields ({need}, {}) are values too.
+            patterns.add(re.sub(r"\\\{[a-z_]*\\\}", "(.+?)", "".join(pieces)))
+    return [re.compile(pattern, re.S) for pattern in patterns]
+
+
+def readme_messages():
+    """The sentences the README quotes in backticks: what the plugin says, with examples for its values."""
+    spans = re.findall(r"`([^`\n]+)`", (Path(__file__).parent / "README.md").read_text())
+    return sorted({
+        span for span in spans
+        if re.match(r"[A-Z…]|[a-z_]+ must", span) and span.count(" ") >= 2
+        and (span.endswith(".") or ": " in span) and not re.search(r"[{}=$]", span)
+    })
+
+
+def said_by_the_module(message, patterns, parts=2):
+    """Whether message is one of the module's messages, or two of them end to end (as "{damaged}: {why}" builds)."""
+    if any(pattern.fullmatch(message) for pattern in patterns):
+        return True
+    return parts > 1 and any(
+        any(pattern.fullmatch(message[:cut]) for pattern in patterns)
+        and said_by_the_module(message[cut:], patterns, parts - 1)
+        for cut in range(1, len(message))
+    )
+
+
+def test_every_message_the_readme_quotes_is_the_modules():
+    messages = readme_messages()
+    assert len(messages) >= 50, messages  # the README's error lists are all still found
+    patterns = module_messages()
+    assert [message for message in messages if not said_by_the_module(message, patterns)] == []
 
 
 # A test plugin (a module, as Datasette 0.65 expects): a route with a real bug.
