@@ -164,8 +164,10 @@ PLUGINS_TABLE = "plugins"
 # Plugin settings plugin_directory_url and example_csvs_url.
 PLUGIN_DIRECTORY_URL = "https://datasette.io/content/plugins.json?_shape=array&_size=max"
 EXAMPLE_CSVS_URL = "https://datasette.io/content/example_csvs.json?_shape=array"
-# A list older than this is fetched again, in the background, when a page shows it.
+# A list older than this is fetched again, in the background, when a page
+# shows it; after a failed fetch, not before the Retry wait has passed.
 LIST_MAX_AGE_SECONDS = 60 * 60
+LIST_RETRY_SECONDS = 5 * 60
 # Copies of fetched lists are kept in this folder of the temp directory. It
 # is not a work folder, so a later start keeps it.
 LIST_COPIES_FOLDER = "app-support-lists"
@@ -260,7 +262,7 @@ def _check_token_or_app_user(request):
     if _is_app_user(request):
         return
     if request.actor and "authorization" not in request.headers:
-        raise APIError("Only the desktop user can see or cancel imports.", status=403)
+        raise APIError("Only the desktop user of Datasette Desktop can do this.", status=403)
     _check_token(request)
 
 
@@ -3294,6 +3296,7 @@ class RemoteList:
         self.items = None
         self.fetched_at = None
         self.error = None
+        self.failed_at = None
         self._fetch = None
 
     @property
@@ -3308,8 +3311,10 @@ class RemoteList:
 
     def refresh_if_stale(self):
         """Start a fetch in the background when the copy is missing or old; never wait for it."""
-        stale = self.fetched_at is None or time.time() - self.fetched_at > LIST_MAX_AGE_SECONDS
-        if stale and self._fetch is None:
+        now = time.time()
+        stale = self.fetched_at is None or now - self.fetched_at > LIST_MAX_AGE_SECONDS
+        waiting = self.failed_at is not None and now - self.failed_at < LIST_RETRY_SECONDS
+        if stale and not waiting and self._fetch is None:
             self._fetch = asyncio.ensure_future(self._fetch_and_show())
 
     async def refresh(self):
@@ -3323,7 +3328,7 @@ class RemoteList:
             self.items, self.fetched_at = await asyncio.to_thread(
                 _fetch_and_keep, self.url, self.limits(), self.what
             )
-            self.error = None
+            self.error = self.failed_at = None
             await self.on_change(self.items)
             return True
         except APIError as e:
@@ -3332,6 +3337,7 @@ class RemoteList:
             self.error = _server_fault(e).message
         finally:
             self._fetch = None
+        self.failed_at = time.time()
         return False
 
 
