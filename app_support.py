@@ -3497,17 +3497,21 @@ def plugin_rows(plugins, installed, defaults):
     columns = dict.fromkeys(PLUGIN_LIST_COLUMNS)
     for plugin in plugins:
         columns.update((key, None) for key in plugin if key not in PLUGIN_STATUS_COLUMNS)
+    columns = list(columns)
     rows = []
     for plugin in plugins:
         key = _normalized_name(plugin["name"])
         version = installed.get(key)
-        rows.append([_cell(plugin.get(column)) for column in columns] + [
+        status = [
             "installed" if key in installed else "not installed",
             version,
             "upgrade available" if key in installed and _is_newer(plugin.get("tag_name"), version) else None,
             int(key in defaults),
-        ])
-    return list(columns) + list(PLUGIN_STATUS_COLUMNS), rows
+        ]
+        cells = [_cell(plugin.get(column)) for column in columns]
+        rows.append(cells[:1] + status + cells[1:])
+    # The status next to the name, where its buttons are seen without scrolling.
+    return columns[:1] + list(PLUGIN_STATUS_COLUMNS) + columns[1:], rows
 
 
 def _cell(value):
@@ -3548,12 +3552,13 @@ class _Lists:
     examples: RemoteList
 
 
-_remote_lists = weakref.WeakKeyDictionary()
-
-
 def _lists(datasette):
-    """The plugin list and the example CSVs of this Datasette, from its settings."""
-    if datasette not in _remote_lists:
+    """The plugin list and the example CSVs of this Datasette, from its settings.
+
+    Kept on the Datasette itself, so that two copies of this module loaded
+    into one server (pip-installed and in --plugins-dir) share them.
+    """
+    if getattr(datasette, "_app_support_lists", None) is None:
         config = datasette.plugin_config(PLUGIN_NAME) or {}
 
         def limits():
@@ -3565,7 +3570,7 @@ def _lists(datasette):
         async def nothing_to_show(items):
             pass
 
-        _remote_lists[datasette] = _Lists(
+        datasette._app_support_lists = _Lists(
             plugins=RemoteList(
                 "plugin list", str(config.get("plugin_directory_url") or PLUGIN_DIRECTORY_URL),
                 limits, show_plugins,
@@ -3575,7 +3580,15 @@ def _lists(datasette):
                 limits, nothing_to_show,
             ),
         )
-    return _remote_lists[datasette]
+    return datasette._app_support_lists
+
+
+_THIS_COPY = object()
+
+
+def _acts_for(datasette):
+    """False in the second of two copies of this module loaded into one server, whose output would repeat the first's."""
+    return datasette.__dict__.setdefault("_app_support_copy", _THIS_COPY) is _THIS_COPY
 
 
 def _directory_status(datasette):
@@ -4701,7 +4714,7 @@ def extra_body_script(template, database, table, view_name, request, datasette):
 @hookimpl
 def top_homepage(datasette, request):
     # Datasette 1.0 only; on 0.65 the page script places the welcome section.
-    if not _is_app_user(request):
+    if not _is_app_user(request) or not _acts_for(datasette):
         return None
     return _welcome_html(datasette)
 

@@ -3859,8 +3859,8 @@ def test_plugin_rows_mark_installed_upgrades_and_defaults():
     installed = {"datasette-fake-old": "0.9", "datasette-fake-default": "1.0", "datasette-local": None}
     plugins = LISTED + [{"name": "Datasette_Local", "tag_name": "2.0", "extra": {"a": [1]}}, {"no": "name"}]
     columns, rows = app_support.plugin_rows(plugins, installed, {"datasette-fake-default"})
-    assert columns[: len(app_support.PLUGIN_LIST_COLUMNS)] == list(app_support.PLUGIN_LIST_COLUMNS)
-    assert columns[-5:] == ["extra", "installed", "installed_version", "upgrade", "is_default"]
+    assert columns == ["name", "installed", "installed_version", "upgrade", "is_default",
+                       *app_support.PLUGIN_LIST_COLUMNS[1:], "extra"]
     table = [dict(zip(columns, row)) for row in rows]
     assert [(r["name"], r["installed"], r["installed_version"], r["upgrade"], r["is_default"]) for r in table] == [
         ("datasette-fake-old", "installed", "0.9", "upgrade available", 0),
@@ -4459,7 +4459,8 @@ class Browser:
     def click(self, selector):
         """A real mouse click in the middle of the element."""
         box = self.evaluate(
-            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+            " e.scrollIntoView({block: 'center', inline: 'center'}); const r = e.getBoundingClientRect();"
             " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()"
         )
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
@@ -4520,8 +4521,15 @@ def imports(app_server):
 
 
 PANEL = ".app-support-panel"
-# What the desktop app's preload script gives its windows, as a stand-in.
-DATASETTE_APP = "window.datasetteApp = {importCsv: (database) => { window.importedInto = database; }};"
+# What the desktop app's preload script gives its windows, as a stand-in
+# that records each call: its function, arguments, and the link's dataset.
+DATASETTE_APP = """window.appCalls = [];
+window.datasetteApp = {
+  importCsv: (database) => { window.importedInto = database; },
+  importCsvFromUrl: (url, link) => appCalls.push(["importCsvFromUrl", url, link.tagName, {...link.dataset}]),
+  installPlugin: (plugin, link) => appCalls.push(["installPlugin", plugin, link.tagName]),
+  uninstallPlugin: (plugin, link) => appCalls.push(["uninstallPlugin", plugin, link.tagName]),
+};"""
 
 
 @needs_chromium
@@ -4629,4 +4637,263 @@ def test_browser_panel_follows_a_finished_import_to_its_table(desktop, server, t
     browser.wait_for(f"!!document.querySelector('{PANEL}')")
     time.sleep(0.5)
     assert browser.evaluate(f"document.querySelector('{PANEL}').hidden") is True
+    assert browser.errors() == []
+
+
+# The browser: the plugin directory and the welcome section
+
+
+PLUGINS_PAGE = "/plugin_directory/plugins?_sort_desc=stargazers_count&_facet=installed&_facet=upgrade"
+
+
+@pytest.fixture
+def directory(tmp_path, lists):
+    """A real datasette with two plugins installed, its lists from a ListServer, and a browser window on it."""
+    lists.lists["plugins"] = LISTED + generated_plugins()
+    app_server = AppServer(
+        tmp_path / "app", settings=lists.settings(),
+        environment={"PYTHONPATH": install_plugins(tmp_path / "site"), "DATASETTE_DEFAULT_PLUGINS": DEFAULT_PLUGINS},
+    )
+    app_server.start()
+    browser = Browser(tmp_path / "profile")
+    yield app_server, browser, lists
+    browser.close()
+    app_server.stop()
+
+
+def loads(browser):
+    return sum(1 for e in list(browser.events) if e["method"] == "Page.loadEventFired")
+
+
+def open_directory(browser, base, path=PLUGINS_PAGE):
+    """Open the plugin page; with no copy of the list yet, wait for the page script to fetch one and reload."""
+    before = loads(browser)
+    browser.navigate(base + path)
+    if browser.evaluate("!document.querySelector('.app-support-plugin')"):
+        deadline = time.monotonic() + 20
+        while loads(browser) < before + 2:
+            assert time.monotonic() < deadline, "the page did not reload with the list"
+            time.sleep(0.05)
+
+
+def cells(browser, column):
+    return browser.evaluate(f"[...document.querySelectorAll('table.rows-and-columns td.col-{column}')].map(td => td.textContent.trim())")
+
+
+def facet(browser, column):
+    return browser.evaluate(
+        f"[...document.querySelectorAll('#facet-{column} li')].map(li => li.textContent.trim().replace(/\\s+/g, ' '))"
+    )
+
+
+def status_line(browser):
+    return browser.evaluate("document.querySelector('.app-support-directory-status p').textContent")
+
+
+@needs_chromium
+def test_browser_plugin_directory_facets_sort_and_search(directory):
+    app_server, browser, lists = directory
+    base = app_server.url()
+    browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
+    browser.sign_in(base, "/")
+    open_directory(browser, base)
+    plugins = lists.lists["plugins"]
+    assert status_line(browser) == f"{len(plugins)} plugins, listed by 127.0.0.1 just now. Refresh"
+    assert cells(browser, "name")[:3] == [p["name"] for p in LISTED]  # the most stars
+    assert facet(browser, "installed") == [f"not installed {len(plugins) - 2}", "installed 2"]
+    assert facet(browser, "upgrade") == ["upgrade available 1"]
+    browser.screenshot(os.environ.get("APP_SUPPORT_SCREENSHOT_DIRECTORY") or app_server.folder / "directory.png")
+    for column in ("stargazers_count", "downloads_this_week", "latest_release_at"):
+        browser.navigate(base + f"/plugin_directory/plugins?_sort_desc={column}&_size=max")
+        values = [p[column] for p in plugins if column in p]
+        expected = [str(v) for v in sorted(values, reverse=True)] + [""] * (len(plugins) - len(values))
+        assert [v.replace("\xa0", "") for v in cells(browser, column)] == expected, column
+    browser.navigate(base + PLUGINS_PAGE)
+    after = len(browser.events)
+    browser.click("#facet-installed li:last-child a")  # "installed"
+    browser.event("Page.loadEventFired", after)
+    assert browser.evaluate("location.search").endswith("&installed=installed")
+    assert sorted(cells(browser, "name")) == ["datasette-fake-default", "datasette-fake-old"]
+    browser.navigate(base + "/plugin_directory/plugins?_search=geojson&_size=max")
+    words = lambda p: set(re.findall(r"[a-z0-9]+", (p["name"] + " " + p["description"]).lower()))
+    assert sorted(cells(browser, "name")) == sorted(p["name"] for p in plugins if "geojson" in words(p))
+    assert browser.errors() == []
+
+
+@needs_chromium
+def test_browser_plugin_buttons_call_the_preload_functions(directory):
+    app_server, browser, lists = directory
+    base = app_server.url()
+    browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
+    browser.sign_in(base, "/")
+    open_directory(browser, base)
+    buttons = browser.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('.app-support-plugin')].map(c =>"
+        " [c.dataset.name, [c.firstChild.textContent, ...[...c.querySelectorAll('button')].map(b => b.textContent)]]))"
+    )
+    assert buttons["datasette-fake-old"] == ["installed 0.9", "Upgrade to 0.10", "Uninstall"]
+    assert buttons["datasette-fake-default"] == ["installed 1.0"]  # a default plugin, and 1.0a2 is older
+    assert buttons["datasette-cluster-map"] == ["not installed", "Install"]
+    assert all(b == ["not installed", "Install"] for name, b in buttons.items() if name.startswith("datasette-") and "fake" not in name)
+    row = "[data-name='{}'] button:nth-of-type({})"
+    for selector, busy in [
+        (row.format("datasette-cluster-map", 1), "Installing…"),
+        (row.format("datasette-fake-old", 1), "Upgrading…"),
+    ]:
+        browser.click(selector)
+        assert browser.evaluate(f"(b => [b.disabled, b.textContent])(document.querySelector(\"{selector}\"))") == [True, busy]
+    open_directory(browser, base)  # the app reloads the page once pip is done
+    browser.click(row.format("datasette-fake-old", 2))
+    assert browser.evaluate("appCalls") == [["uninstallPlugin", "datasette-fake-old", "BUTTON"]]
+    browser.navigate(base + PLUGINS_PAGE)
+    assert browser.evaluate("appCalls") == []
+    assert browser.errors() == []
+
+
+@needs_chromium
+def test_browser_plugin_directory_records_each_call(directory):
+    app_server, browser, lists = directory
+    base = app_server.url()
+    browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
+    browser.sign_in(base, "/")
+    open_directory(browser, base)
+    browser.click("[data-name='datasette-cluster-map'] button")
+    browser.click("[data-name='datasette-fake-old'] button")
+    assert browser.evaluate("appCalls") == [
+        ["installPlugin", "datasette-cluster-map", "BUTTON"],
+        ["installPlugin", "datasette-fake-old==0.10", "BUTTON"],
+    ]
+
+
+@needs_chromium
+def test_browser_plugin_directory_is_read_only_for_others(directory):
+    app_server, browser, lists = directory
+    base = app_server.url()
+    assert app_server.call("/-/refresh-plugin-directory", {})[0] == 200
+    browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
+    someone = Datasette(secret=AppServer.ENVIRONMENT["DATASETTE_SECRET"]).sign({"a": {"id": "someone"}}, "actor")
+    for cookie in (None, someone):
+        if cookie:
+            browser.command("Network.setCookie", name="ds_actor", value=cookie, url=base)
+        browser.navigate(base + PLUGINS_PAGE)
+        assert len(cells(browser, "name")) == len(lists.lists["plugins"])
+        assert browser.evaluate("document.querySelectorAll('.app-support-plugin button, .app-support-directory-status').length") == 0
+        assert browser.requests("/-/app-support") == []
+    # The desktop user in a plain browser, without the app's preload functions: the status, no buttons.
+    browser.command("Page.removeScriptToEvaluateOnNewDocument", identifier="1")
+    browser.sign_in(base, PLUGINS_PAGE)
+    browser.wait_for("!!document.querySelector('.app-support-directory-status')")
+    assert browser.evaluate("typeof window.datasetteApp") == "undefined"
+    assert browser.evaluate("document.querySelectorAll('.app-support-plugin button').length") == 0
+    assert browser.errors() == []
+
+
+@needs_chromium
+def test_browser_plugin_directory_offline_keeps_its_copy_and_refresh_picks_up_a_changed_list(directory):
+    app_server, browser, lists = directory
+    base = app_server.url()
+    browser.sign_in(base, "/")
+    open_directory(browser, base)
+    count = len(lists.lists["plugins"])
+    lists.stop()
+    browser.click(".app-support-directory-status button")
+    error = browser.wait_for("(e => !e.hidden && e.textContent)(document.querySelector('.app-support-error'))")
+    assert error == f"Could not download {lists.url('plugins')}: [Errno 111] Connection refused"
+    assert browser.evaluate("document.querySelector('.app-support-directory-status button').textContent") == "Refresh"
+    browser.navigate(base + PLUGINS_PAGE)
+    assert len(cells(browser, "name")) == count
+    assert browser.evaluate("document.querySelector('.app-support-error').textContent") == (
+        "The last attempt to fetch it failed. " + error
+    )
+    lists.lists["plugins"] = lists.lists["plugins"] + [{"name": "datasette-brand-new", "tag_name": "0.1", "stargazers_count": 9999}]
+    lists.start()
+    after = loads(browser)
+    browser.click(".app-support-directory-status button")
+    browser.wait_for("document.readyState === 'complete' && !!document.querySelector('[data-name=datasette-brand-new]')")
+    assert loads(browser) > after
+    assert cells(browser, "name")[0] == "datasette-brand-new"
+    assert browser.evaluate("document.querySelector('.app-support-error').hidden") is True
+    assert status_line(browser) == f"{count + 1} plugins, listed by 127.0.0.1 just now. Refresh"
+
+
+@needs_chromium
+def test_browser_plugin_directory_offline_with_no_copy_offers_retry(directory):
+    app_server, browser, lists = directory
+    base = app_server.url()
+    lists.stop()
+    browser.sign_in(base, PLUGINS_PAGE)
+    error = browser.wait_for("(e => !e.hidden && e.textContent)(document.querySelector('.app-support-error'))")
+    assert error == f"Could not download {lists.url('plugins')}: [Errno 111] Connection refused"
+    assert status_line(browser).startswith("Fetching the plugin list from 127.0.0.1…")
+    browser.navigate(base + PLUGINS_PAGE)
+    assert status_line(browser) == "There is no copy of the plugin list yet: it comes from 127.0.0.1. Retry"
+    assert cells(browser, "name") == []
+    lists.start()
+    browser.click(".app-support-directory-status button")
+    browser.wait_for("document.readyState === 'complete' && document.querySelectorAll('.app-support-plugin').length > 0")
+    assert len(cells(browser, "name")) == len(lists.lists["plugins"])
+    assert browser.errors() == [] or all("502" in str(e) for e in browser.errors())
+
+
+@needs_chromium
+def test_browser_plugin_directory_survives_the_restart_cycle(directory, tmp_path):
+    app_server, browser, lists = directory
+    base = app_server.url()
+    assert app_server.call("/-/refresh-plugin-directory", {})[0] == 200
+    backup = tmp_path / "backup.db"
+    assert app_server.call("/-/dump-temporary-to-file", {"path": str(backup)})[0] == 200
+    app_server.stop()
+    lists.stop()  # offline from now on
+    app_server.start()
+    assert app_server.call("/-/restore-temporary-from-file", {"path": str(backup)})[0] == 200
+    browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
+    browser.sign_in(base, PLUGINS_PAGE)
+    assert len(cells(browser, "name")) == len(lists.lists["plugins"])
+    assert status_line(browser) == f"{len(lists.lists['plugins'])} plugins, listed by 127.0.0.1 just now. Refresh"
+    assert browser.evaluate("document.querySelector('.app-support-error').hidden") is True
+    assert facet(browser, "installed") == [f"not installed {len(lists.lists['plugins']) - 2}", "installed 2"]
+    assert lists.requests == [lists.prefix + "/plugins.json"]
+    assert browser.errors() == []
+
+
+@needs_chromium
+def test_browser_welcome_page_imports_examples_and_links_imported_ones(directory, server):
+    app_server, browser, lists = directory
+    base = app_server.url()
+    url, routes = server
+    routes["/dogs.csv"] = (200, {}, CSV_BODY)
+    lists.lists["examples"] = [
+        {"name": "Dogs", "table_name": "good_dogs", "url": url + "/dogs.csv", "description": "Some good dogs",
+         "source": "The kennel", "source_url": "https://example.com/kennel"},
+        {"name": "Cats", "table_name": "cats", "url": url + "/cats.csv", "description": "Cats", "source": "x", "source_url": "https://example.com/"},
+    ]
+    browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
+    browser.sign_in(base, "/")
+    assert browser.evaluate("!!document.querySelector('.app-support-run-sql a[href=\"/temporary\"]')")
+    # The examples were fetched in the background; the next visit shows them.
+    deadline = time.monotonic() + 20
+    while not browser.evaluate("!!document.querySelector('.app-support-examples')"):
+        assert time.monotonic() < deadline, "no examples"
+        time.sleep(0.2)
+        browser.navigate(base + "/")
+    shown = browser.evaluate(
+        "[...document.querySelectorAll('.app-support-examples li')].map(li => [li.querySelector('h3').textContent,"
+        " li.querySelector('p').textContent, li.querySelector('a').href, li.querySelector('button').textContent])"
+    )
+    assert shown == [["Dogs", "Some good dogs", "https://example.com/kennel", "Import"],
+                     ["Cats", "Cats", "https://example.com/", "Import"]]
+    browser.click(".app-support-examples li:first-child button")
+    assert browser.evaluate("appCalls") == [
+        ["importCsvFromUrl", url + "/dogs.csv", "BUTTON", {"csvurl": url + "/dogs.csv", "name": "Dogs", "tablename": "good_dogs"}]
+    ]
+    assert browser.evaluate("document.querySelector('.app-support-examples li:first-child button').disabled") is True
+    # What the app does next: it imports the URL under that table name.
+    status, _, body = app_server.call("/-/open-csv-from-url", {"url": url + "/dogs.csv", "table_name": "good_dogs"})
+    assert status == 200, body
+    browser.navigate(base + "/")
+    imported = "document.querySelector('.app-support-examples li:first-child p:last-of-type')"
+    assert browser.evaluate(f"{imported}.textContent") == "Already imported: good_dogs"
+    assert browser.evaluate(f"{imported}.querySelector('a').getAttribute('href')") == "/temporary/good_dogs"
+    assert browser.evaluate("document.querySelectorAll('.app-support-examples li:first-child button').length") == 0
+    assert browser.evaluate("!document.querySelector('.app-support-run-sql')")
     assert browser.errors() == []
