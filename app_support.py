@@ -4,7 +4,11 @@ The Electron app starts `datasette` with DATASETTE_API_TOKEN and
 DATASETTE_SECRET set, then drives it through the JSON endpoints below: it
 attaches SQLite files, imports CSV, JSON and Excel files from disk or URLs,
 signs the desktop user in as root, and carries the in-memory `temporary`
-database across restarts.
+database across restarts. For the app's window it serves the plugin
+directory (the `plugin_directory` database, with Install, Upgrade and
+Uninstall buttons that call the app's preload functions) and a welcome
+section on the home page, from lists fetched in the background and kept on
+disk.
 
 Every endpoint but GET /-/import-progress is a POST that needs
 `Authorization: Bearer <token>`, reads a JSON object from the raw body and
@@ -17,7 +21,8 @@ copied alone into a --plugins-dir, vendored, or installed with pip.
 It reads top to bottom: constants; the one error type; requests; files and
 databases; the differences between Datasette 0.65 and 1.0; the import engine
 (readers, column types, staging, copying in, then reading in parts);
-downloads; import progress; one handler per endpoint; the page assets; the
+downloads; import progress; the plugin directory and the example CSVs;
+one handler per endpoint; the page assets; the
 route table; the hooks. Names without a leading underscore are the engine's
 entry points, the handlers and the hooks; the test suite calls them.
 """

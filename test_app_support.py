@@ -7,7 +7,9 @@ for every endpoint; /-/auth-app-user; /-/open-database-file;
 /-/new-empty-database-file; /-/open-csv-file and /-/import-csv-file; the
 import engine itself; /-/open-csv-from-url; /-/dump-temporary-to-file and
 /-/restore-temporary-from-file; GET /-/import-progress; POST
-/-/cancel-import; the pages. The import panel in a real browser comes last.
+/-/cancel-import; POST /-/refresh-plugin-directory, with the plugin
+directory and the welcome section; the pages. The import panel, the plugin
+directory and the welcome section in a real browser come last.
 """
 
 import asyncio
@@ -4702,6 +4704,7 @@ def test_browser_plugin_directory_facets_sort_and_search(directory):
     assert cells(browser, "name")[:3] == [p["name"] for p in LISTED]  # the most stars
     assert facet(browser, "installed") == [f"not installed {len(plugins) - 2}", "installed 2"]
     assert facet(browser, "upgrade") == ["upgrade available 1"]
+    browser.evaluate("document.querySelector('table.rows-and-columns').scrollIntoView()")
     browser.screenshot(os.environ.get("APP_SUPPORT_SCREENSHOT_DIRECTORY") or app_server.folder / "directory.png")
     for column in ("stargazers_count", "downloads_this_week", "latest_release_at"):
         browser.navigate(base + f"/plugin_directory/plugins?_sort_desc={column}&_size=max")
