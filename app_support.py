@@ -4,7 +4,11 @@ The Electron app starts `datasette` with DATASETTE_API_TOKEN and
 DATASETTE_SECRET set, then drives it through the JSON endpoints below: it
 attaches SQLite files, imports CSV, JSON and Excel files from disk or URLs,
 signs the desktop user in as root, and carries the in-memory `temporary`
-database across restarts.
+database across restarts. For the app's window it serves the plugin
+directory (the `plugin_directory` database, with Install, Upgrade and
+Uninstall buttons that call the app's preload functions) and a welcome
+section on the home page, from lists fetched in the background and kept on
+disk.
 
 Every endpoint but GET /-/import-progress is a POST that needs
 `Authorization: Bearer <token>`, reads a JSON object from the raw body and
@@ -17,7 +21,8 @@ copied alone into a --plugins-dir, vendored, or installed with pip.
 It reads top to bottom: constants; the one error type; requests; files and
 databases; the differences between Datasette 0.65 and 1.0; the import engine
 (readers, column types, staging, copying in, then reading in parts);
-downloads; import progress; one handler per endpoint; the page assets; the
+downloads; import progress; the plugin directory and the example CSVs;
+one handler per endpoint; the page assets; the
 route table; the hooks. Names without a leading underscore are the engine's
 entry points, the handlers and the hooks; the test suite calls them.
 """
@@ -64,7 +69,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from xml.etree import ElementTree
 
-from datasette import hookimpl
+from datasette import hookimpl, hookspecs
 from datasette.database import Database
 from datasette.utils.asgi import Response
 
@@ -166,6 +171,19 @@ MEMORY_PER_TABLE_BYTE = 1.1
 # app_support_<pid>_<random> in the temp directory, so a later start can
 # remove the ones whose process died without cleaning up.
 WORK_FOLDER_PREFIX = "app_support_"
+# The app's Plugins menu opens /plugin_directory/plugins.
+PLUGIN_DIRECTORY = "plugin_directory"
+PLUGINS_TABLE = "plugins"
+# Plugin settings plugin_directory_url and example_csvs_url.
+PLUGIN_DIRECTORY_URL = "https://datasette.io/content/plugins.json?_shape=array&_size=max"
+EXAMPLE_CSVS_URL = "https://datasette.io/content/example_csvs.json?_shape=array"
+# A list older than this is fetched again, in the background, when a page
+# shows it; after a failed fetch, not before the Retry wait has passed.
+LIST_MAX_AGE_SECONDS = 60 * 60
+LIST_RETRY_SECONDS = 5 * 60
+# Copies of fetched lists are kept in this folder of the temp directory. It
+# is not a work folder, so a later start keeps it.
+LIST_COPIES_FOLDER = "app-support-lists"
 
 
 # Errors
@@ -257,7 +275,7 @@ def _check_token_or_app_user(request):
     if _is_app_user(request):
         return
     if request.actor and "authorization" not in request.headers:
-        raise APIError("Only the desktop user can see or cancel imports.", status=403)
+        raise APIError("Only the desktop user of Datasette Desktop can do this.", status=403)
     _check_token(request)
 
 
@@ -758,6 +776,15 @@ def _file_database(datasette, path):
 
 def _memory_database(datasette, memory_name):
     return Database(datasette, memory_name=memory_name)
+
+
+def _welcome_in_page_script():
+    """Whether the page script must place the welcome section on the home page.
+
+    Datasette 1.0 has a top_homepage hook for it; 0.65 has none.
+    """
+    return not hasattr(hookspecs, "top_homepage")
+
 
 
 # The import engine
@@ -3466,6 +3493,348 @@ def _import_log(datasette):
     return _import_logs[datasette]
 
 
+# The plugin directory and the example CSVs
+#
+# The app's Plugins menu opens the plugin_directory database's plugins table,
+# and its home page offers example CSVs. Both lists come from datasette.io
+# (the plugin settings plugin_directory_url and example_csvs_url). A list is
+# fetched in a worker thread, never while startup or a page waits, and a copy
+# is kept on disk: the app restarts the server after every plugin install,
+# and the list must be there at once, online or not.
+
+
+class RemoteList:
+    """A JSON list of objects at a URL, fetched in a worker thread, its last copy kept on disk.
+
+    items is the last copy, or None; fetched_at when it was fetched (seconds
+    since the epoch); error why the last fetch failed, or None. One fetch
+    runs at a time, and callers of refresh() share it. on_change(items) is
+    awaited whenever a copy arrives.
+    """
+
+    def __init__(self, what, url, limits, on_change):
+        self.what = what  # "plugin list", for messages
+        self.url = url
+        self.limits = limits  # limits(): the DownloadLimits, from the settings
+        self.on_change = on_change
+        self.items = None
+        self.fetched_at = None
+        self.error = None
+        self.failed_at = None
+        self._fetch = None
+
+    @property
+    def fetching(self):
+        return self._fetch is not None
+
+    async def load_copy(self):
+        copy = await asyncio.to_thread(_read_list_copy, self.url)
+        if copy is not None:
+            self.items, self.fetched_at = copy
+        await self.on_change(self.items or [])
+
+    def refresh_if_stale(self):
+        """Start a fetch in the background when the copy is missing or old; never wait for it."""
+        now = time.time()
+        stale = self.fetched_at is None or now - self.fetched_at > LIST_MAX_AGE_SECONDS
+        waiting = self.failed_at is not None and now - self.failed_at < LIST_RETRY_SECONDS
+        if stale and not waiting and self._fetch is None:
+            self._fetch = asyncio.ensure_future(self._fetch_and_show())
+
+    async def refresh(self):
+        """Fetch the list now, or wait for the fetch under way; True when a new copy arrived."""
+        if self._fetch is None:
+            self._fetch = asyncio.ensure_future(self._fetch_and_show())
+        return await asyncio.shield(self._fetch)
+
+    async def _fetch_and_show(self):
+        try:
+            self.items, self.fetched_at = await asyncio.to_thread(
+                _fetch_and_keep, self.url, self.limits(), self.what
+            )
+            self.error = self.failed_at = None
+            await self.on_change(self.items)
+            return True
+        except APIError as e:
+            self.error = e.message
+        except Exception as e:
+            self.error = _server_fault(e).message
+        finally:
+            self._fetch = None
+        self.failed_at = time.time()
+        return False
+
+
+def _fetch_and_keep(url, limits, what):
+    """Fetch the list at url and keep a copy on disk: (items, fetched_at)."""
+    url = _check_url(url)
+    with _work_folder() as folder:
+        path, _, _ = download_file(url, folder, limits)
+        try:
+            with open(path, "rb") as f:
+                items = json.load(f)
+        except (ValueError, RecursionError):
+            raise APIError(f"The {what} at {_shorten(url)} is not JSON.")
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise APIError(f"The {what} at {_shorten(url)} is not a JSON array of objects.")
+    fetched_at = time.time()
+    _write_list_copy(url, items, fetched_at)
+    return items, fetched_at
+
+
+def _list_copies_folder():
+    """The folder for copies of fetched lists, or None when it is not safely this user's own."""
+    folder = os.path.join(tempfile.gettempdir(), LIST_COPIES_FOLDER)
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError:
+        return None
+    # In a shared /tmp another user could have made it, to plant a list.
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != getattr(os, "getuid", lambda: info.st_uid)():
+        return None
+    return folder
+
+
+def _list_copy_path(folder, url):
+    # Named for the URL: servers with different settings never share a copy.
+    return os.path.join(folder, hashlib.sha256(url.encode("utf-8")).hexdigest()[:32] + ".json")
+
+
+def _write_list_copy(url, items, fetched_at):
+    """Keep a copy of a fetched list, written whole or not at all. A copy is a convenience: failing to write one is no error."""
+    folder = _list_copies_folder()
+    if folder is None:
+        return
+    partial = None
+    try:
+        fd, partial = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".json")
+        with open(fd, "w", encoding="utf-8") as f:
+            json.dump({"url": url, "fetched_at": fetched_at, "items": items}, f)
+        os.replace(partial, _list_copy_path(folder, url))
+    except OSError:
+        if partial:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+
+
+def _read_list_copy(url):
+    """The kept copy of the list at url, as (items, fetched_at), or None."""
+    folder = _list_copies_folder()
+    if folder is None:
+        return None
+    try:
+        url = _check_url(url)
+        with open(_list_copy_path(folder, url), encoding="utf-8") as f:
+            copy = json.load(f)
+        items, fetched_at = copy["items"], float(copy["fetched_at"])
+    except (OSError, ValueError, KeyError, TypeError, APIError):
+        return None
+    if copy.get("url") != url or not isinstance(items, list):
+        return None
+    return [item for item in items if isinstance(item, dict)], fetched_at
+
+
+def _age(seconds):
+    """How long ago, in words: "just now", "5 minutes ago", "2 days ago"."""
+    minutes = int(max(seconds, 0) // 60)
+    for size, unit in ((24 * 60, "day"), (60, "hour"), (1, "minute")):
+        if minutes >= size:
+            count = minutes // size
+            return f"{count} {unit}{'' if count == 1 else 's'} ago"
+    return "just now"
+
+
+# A PEP 440 version: epoch, release, pre-, post- and dev-release, local label.
+_VERSION = re.compile(
+    r"v?(?:(\d+)!)?(\d+(?:\.\d+)*)"
+    r"(?:[-_.]?(a|b|c|rc|alpha|beta|pre|preview)[-_.]?(\d*))?"
+    r"(?:-(\d+)|[-_.]?(?:post|rev|r)[-_.]?(\d*))?"
+    r"(?:[-_.]?dev[-_.]?(\d*))?"
+    r"(?:\+[a-z0-9]+(?:[-_.][a-z0-9]+)*)?",
+    re.IGNORECASE,
+)
+_PRE_RELEASES = {"a": 0, "alpha": 0, "b": 1, "beta": 1, "c": 2, "rc": 2, "pre": 2, "preview": 2}
+
+
+def version_key(text):
+    """A sort key for a PEP 440 version, or None if it is not one: 0.10 > 0.9, 1.0a2 < 1.0."""
+    match = _VERSION.fullmatch((text or "").strip())
+    if not match:
+        return None
+    epoch, release, pre, pre_number, post_dash, post, dev = match.groups()
+    numbers = [int(n) for n in release.split(".")]
+    while len(numbers) > 1 and numbers[-1] == 0:
+        numbers.pop()  # 1.0 is 1
+    is_post = post_dash is not None or post is not None
+    if pre:
+        stage = (1, _PRE_RELEASES[pre.lower()], int(pre_number or 0))
+    elif dev is not None and not is_post:
+        stage = (0, 0, 0)  # 1.0.dev1 comes before 1.0a1
+    else:
+        stage = (2, 0, 0)
+    return (
+        int(epoch or 0),
+        tuple(numbers),
+        stage,
+        (1, int(post_dash or post or 0)) if is_post else (0, 0),
+        (0, int(dev or 0)) if dev is not None else (1, 0),
+    )
+
+
+def _is_newer(latest, version):
+    new, old = version_key(latest), version_key(version)
+    return new is not None and old is not None and new > old
+
+
+def _normalized_name(name):
+    """A distribution name as PEP 503 compares them: Datasette_Vega is datasette-vega."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _installed_plugins(datasette):
+    """{normalized name: version, or None for a --plugins-dir module}, as /-/plugins.json lists them."""
+    return {_normalized_name(p["name"]): p.get("version") for p in datasette._plugins()}
+
+
+def _default_plugins():
+    """The plugins the app installs itself, named in DATASETTE_DEFAULT_PLUGINS: no Uninstall."""
+    return {_normalized_name(name) for name in os.environ.get("DATASETTE_DEFAULT_PLUGINS", "").split()}
+
+
+# datasette.io's columns: the table has them even before there is a list.
+PLUGIN_LIST_COLUMNS = (
+    "name", "full_name", "owner", "description", "stargazers_count", "tag_name",
+    "latest_release_at", "created_at", "openGraphImageUrl", "usesCustomOpenGraphImage",
+    "downloads_this_week", "is_plugin", "is_tool",
+)
+# What the table adds to each plugin of the list.
+PLUGIN_STATUS_COLUMNS = ("installed", "installed_version", "upgrade", "is_default")
+
+
+def plugin_rows(plugins, installed, defaults):
+    """The plugins table for a list: (columns, rows), each plugin with its installed version and status.
+
+    installed maps normalized names to versions, defaults is a set of normalized names.
+    """
+    plugins = [p for p in plugins if isinstance(p.get("name"), str)]
+    columns = dict.fromkeys(PLUGIN_LIST_COLUMNS)
+    for plugin in plugins:
+        columns.update((key, None) for key in plugin if key not in PLUGIN_STATUS_COLUMNS)
+    columns = list(columns)
+    rows = []
+    for plugin in plugins:
+        key = _normalized_name(plugin["name"])
+        version = installed.get(key)
+        status = [
+            "installed" if key in installed else "not installed",
+            version,
+            "upgrade available" if key in installed and _is_newer(plugin.get("tag_name"), version) else None,
+            int(key in defaults),
+        ]
+        cells = [_cell(plugin.get(column)) for column in columns]
+        rows.append(cells[:1] + status + cells[1:])
+    # The status next to the name, where its buttons are seen without scrolling.
+    return columns[:1] + list(PLUGIN_STATUS_COLUMNS) + columns[1:], rows
+
+
+def _cell(value):
+    """A JSON value as SQLite stores it: arrays and objects as JSON text."""
+    return json.dumps(value) if isinstance(value, (dict, list)) else value
+
+
+def _fill_plugins_table(conn, columns, rows):
+    """Replace the plugins table and its full-text index, in one transaction."""
+    fts = _quote(PLUGINS_TABLE + "_fts")
+    with _transaction(conn):
+        conn.execute(f"DROP TABLE IF EXISTS {fts}")
+        conn.execute(f"DROP TABLE IF EXISTS {_quote(PLUGINS_TABLE)}")
+        conn.execute(f"CREATE TABLE {_quote(PLUGINS_TABLE)} ({', '.join(map(_quote, columns))})")
+        marks = ", ".join("?" * len(columns))
+        conn.executemany(f"INSERT INTO {_quote(PLUGINS_TABLE)} VALUES ({marks})", rows)
+        # Datasette offers _search on a table whose FTS table names it as content.
+        with contextlib.suppress(sqlite3.OperationalError):  # a SQLite without FTS5
+            conn.execute(
+                f"CREATE VIRTUAL TABLE {fts} USING fts5(name, description, "
+                f"content={_quote(PLUGINS_TABLE)})"
+            )
+            conn.execute(f"INSERT INTO {fts}({fts}) VALUES ('rebuild')")
+
+
+async def _show_plugin_list(datasette, plugins):
+    columns, rows = plugin_rows(plugins, _installed_plugins(datasette), _default_plugins())
+    db = datasette.get_database(PLUGIN_DIRECTORY)
+    await _write_outside_transaction(
+        db, lambda conn: _retry_while_locked(_fill_plugins_table, conn, columns, rows)
+    )
+    await _refresh_catalog(datasette)
+
+
+@dataclass
+class _Lists:
+    plugins: RemoteList
+    examples: RemoteList
+
+
+def _lists(datasette):
+    """The plugin list and the example CSVs of this Datasette, from its settings.
+
+    Kept on the Datasette itself, so that two copies of this module loaded
+    into one server (pip-installed and in --plugins-dir) share them.
+    """
+    if getattr(datasette, "_app_support_lists", None) is None:
+        config = datasette.plugin_config(PLUGIN_NAME) or {}
+
+        def limits():
+            return _download_limits(datasette)
+
+        async def show_plugins(items):
+            await _show_plugin_list(datasette, items)
+
+        async def nothing_to_show(items):
+            pass
+
+        datasette._app_support_lists = _Lists(
+            plugins=RemoteList(
+                "plugin list", str(config.get("plugin_directory_url") or PLUGIN_DIRECTORY_URL),
+                limits, show_plugins,
+            ),
+            examples=RemoteList(
+                "list of example CSVs", str(config.get("example_csvs_url") or EXAMPLE_CSVS_URL),
+                limits, nothing_to_show,
+            ),
+        )
+    return datasette._app_support_lists
+
+
+_THIS_COPY = object()
+
+
+def _acts_for(datasette):
+    """False in the second of two copies of this module loaded into one server, whose output would repeat the first's."""
+    return datasette.__dict__.setdefault("_app_support_copy", _THIS_COPY) is _THIS_COPY
+
+
+def _directory_status(datasette):
+    """What the plugin directory page says of its list, for the page script."""
+    plugins = _lists(datasette).plugins
+    host = urllib.parse.urlsplit(plugins.url).hostname or plugins.url
+    if plugins.items is not None:
+        count = len(plugins.items)
+        message = f"{count:,} plugin{'' if count == 1 else 's'}, listed by {host} {_age(time.time() - plugins.fetched_at)}."
+    elif plugins.fetching:
+        message = f"Fetching the plugin list from {host}…"
+    else:
+        message = f"There is no copy of the plugin list yet: it comes from {host}."
+    return {
+        "message": message,
+        "error": plugins.error and f"The last attempt to fetch it failed. {plugins.error}",
+        "hasCopy": plugins.items is not None,
+        "fetching": plugins.fetching,
+        "refreshUrl": datasette.urls.path("/-/refresh-plugin-directory"),
+    }
+
+
 # Endpoints
 
 
@@ -3734,6 +4103,15 @@ async def cancel_import(datasette, data):
     return {"ok": True, "import": item.as_json(datasette.urls)}
 
 
+async def refresh_plugin_directory(datasette, data):
+    _keys(data, required={}, optional={})
+    plugins = _lists(datasette).plugins
+    if not await plugins.refresh():
+        # The page keeps the last copy; this says why there is no newer one.
+        raise APIError(plugins.error, status=502)
+    return {"ok": True, "plugins": len(plugins.items), "path": datasette.urls.table(PLUGIN_DIRECTORY, PLUGINS_TABLE)}
+
+
 # Page assets
 #
 # The progress panel and the Import CSV button, for the desktop user's pages
@@ -3970,7 +4348,148 @@ PAGE_SCRIPT = r"""/* app_support: import progress, Cancel and Import CSV for Dat
 })();
 """
 
-PAGE_STYLE = """/* app_support: the import panel and the Import CSV button. */
+# The plugin directory's status line and buttons, and the welcome section's
+# Import buttons, for the desktop user's pages. The buttons call the app's
+# preload functions, as datasette-app-support 0.11.8's did: only the app's
+# window has them, so a plain browser shows the list read-only.
+DIRECTORY_SCRIPT = r"""/* app_support: the plugin directory and the welcome section, for Datasette Desktop. */
+(function () {
+  var config = null;
+
+  function element(tag, className, text) {
+    var el = document.createElement(tag);
+    if (className) {
+      el.className = className;
+    }
+    if (text) {
+      el.textContent = text;
+    }
+    return el;
+  }
+
+  function busy(button, text) {
+    button.disabled = true;
+    button.textContent = text;
+  }
+
+  function button(label, working, action) {
+    var b = element("button", "app-support-button", label);
+    b.type = "button";
+    b.addEventListener("click", function () {
+      b.parentNode.querySelectorAll("button").forEach(function (other) {
+        other.disabled = true;
+      });
+      busy(b, working);
+      action(b);
+    });
+    return b;
+  }
+
+  function addPluginButtons(app) {
+    document.querySelectorAll(".app-support-plugin").forEach(function (cell) {
+      var plugin = cell.dataset;
+      var actions = element("span", "app-support-plugin-actions");
+      if (plugin.installed !== "1") {
+        actions.append(button("Install", "Installing…", function (b) {
+          app.installPlugin(plugin.name, b);
+        }));
+      }
+      if (plugin.upgrade === "1") {
+        actions.append(button("Upgrade to " + plugin.latest, "Upgrading…", function (b) {
+          app.installPlugin(plugin.name + "==" + plugin.latest, b);
+        }));
+      }
+      if (plugin.installed === "1" && plugin.isDefault !== "1") {
+        actions.append(button("Uninstall", "Uninstalling…", function (b) {
+          app.uninstallPlugin(plugin.name, b);
+        }));
+      }
+      cell.append(actions);
+    });
+  }
+
+  function showStatus(status) {
+    var box = element("div", "app-support-directory-status");
+    var line = element("p", "", status.message + " ");
+    var error = element("p", "app-support-error", status.error);
+    error.hidden = !status.error;
+    var label = status.hasCopy ? "Refresh" : "Retry";
+    var refresh = element("button", "app-support-button", label);
+    refresh.type = "button";
+    refresh.addEventListener("click", function () {
+      fetchList(refresh, label, error);
+    });
+    line.append(refresh);
+    box.append(line, error);
+    var header = document.querySelector(".page-header") || document.querySelector("h1");
+    header.after(box);
+    if (status.fetching && !status.hasCopy) {
+      fetchList(refresh, label, error);  // the first copy is on its way: show it when it comes
+    }
+  }
+
+  function fetchList(refresh, label, error) {
+    busy(refresh, "Fetching…");
+    fetch(config.directory.refreshUrl, {
+      method: "POST",
+      credentials: "same-origin",
+      // Datasette 0.65 checks this header against its ds_csrftoken cookie.
+      headers: { "x-csrftoken": config.csrftoken },
+      body: "{}",
+    })
+      .then(function (response) {
+        return response.json();
+      })
+      .then(function (answer) {
+        if (answer.ok) {
+          location.reload();
+          return;
+        }
+        throw new Error(answer.error);
+      })
+      .catch(function (e) {
+        error.textContent = e.message || "The plugin list could not be fetched.";
+        error.hidden = false;
+        refresh.disabled = false;
+        refresh.textContent = label;
+      });
+  }
+
+  function addWelcome(app) {
+    var h1 = document.querySelector("h1");
+    if (config.welcomeHtml && h1) {
+      h1.insertAdjacentHTML("afterend", config.welcomeHtml);
+    }
+    if (!app || typeof app.importCsvFromUrl !== "function") {
+      return;
+    }
+    document.querySelectorAll(".app-support-import-example").forEach(function (b) {
+      b.hidden = false;
+      b.addEventListener("click", function () {
+        busy(b, "Importing…");
+        app.importCsvFromUrl(b.dataset.csvurl, b);
+      });
+    });
+  }
+
+  document.addEventListener("DOMContentLoaded", function () {
+    config = window.appSupportDirectory;
+    if (!config) {
+      return;
+    }
+    var app = window.datasetteApp;
+    if (config.directory) {
+      showStatus(config.directory);
+      if (app && typeof app.installPlugin === "function") {
+        addPluginButtons(app);
+      }
+    }
+    addWelcome(app);
+  });
+})();
+"""
+
+PAGE_STYLE = """/* app_support: the import panel, the Import CSV button, the plugin directory and the welcome section. */
 .app-support-panel {
   position: fixed;
   right: 1rem;
@@ -4052,12 +4571,45 @@ button.app-support-button:disabled {
 .app-support-import-csv-row {
   margin: 0.5rem 0 1rem;
 }
+.app-support-directory-status p {
+  margin: 0.5rem 0;
+}
+.app-support-error {
+  color: #c0392b;
+}
+.app-support-error[hidden] {
+  display: none;
+}
+.app-support-plugin-actions {
+  display: inline-flex;
+  flex-wrap: wrap;
+  gap: 0.4rem;
+  margin-left: 0.5rem;
+}
+.app-support-welcome li {
+  margin-bottom: 0.75rem;
+}
+.app-support-welcome h3 {
+  margin: 0.5rem 0 0.25rem;
+}
+.app-support-welcome p {
+  margin: 0.25rem 0;
+}
+button.app-support-button[hidden] {
+  display: none;
+}
 """
-ASSET_VERSION = hashlib.sha256((PAGE_SCRIPT + PAGE_STYLE).encode("utf-8")).hexdigest()[:12]
+ASSET_VERSION = hashlib.sha256(
+    (PAGE_SCRIPT + DIRECTORY_SCRIPT + PAGE_STYLE).encode("utf-8")
+).hexdigest()[:12]
 
 
 async def page_script(datasette):
     return _asset_response(PAGE_SCRIPT, "application/javascript")
+
+
+async def directory_script(datasette):
+    return _asset_response(DIRECTORY_SCRIPT, "application/javascript")
 
 
 async def page_style(datasette):
@@ -4085,9 +4637,115 @@ def _import_target(datasette, database, template, view_name):
     if view_name != "database" or not database or template.startswith("query"):
         return None
     db = datasette.databases.get(database)
-    if db is None or not db.is_mutable or database == "_internal":
+    if db is None or not db.is_mutable or database in ("_internal", PLUGIN_DIRECTORY):
         return None
     return database
+
+
+def _page_globals(**values):
+    """Script that sets window.<name> to each value that is not None."""
+    # "<" escaped, so no value can close the script element.
+    return "".join(
+        "window.{} = {};".format(name, json.dumps(value).replace("<", "\\u003c"))
+        for name, value in values.items()
+        if value is not None
+    )
+
+
+class _HTML(str):
+    """Markup that Datasette's templates insert as it is (Jinja's __html__ protocol)."""
+
+    def __html__(self):
+        return self
+
+
+def _attribute(value):
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def _is_plugin_directory_page(database, table, view_name):
+    return database == PLUGIN_DIRECTORY and table == PLUGINS_TABLE and view_name in ("table", "row")
+
+
+def _plugin_cell(row):
+    """The installed column's cell: its text, and for the page script the plugin's name, versions and status."""
+    keys = row.keys()
+    plugin = {key: row[key] if key in keys else None for key in (
+        "name", "tag_name", "installed", "installed_version", "upgrade", "is_default"
+    )}
+    if plugin["name"] is None:
+        return None  # a page showing only some columns: the cell as it is
+    installed = plugin["installed"] == "installed"
+    text = "installed " + (plugin["installed_version"] or "") if installed else "not installed"
+    data = {
+        "name": plugin["name"],
+        "latest": plugin["tag_name"],
+        "installed": int(installed),
+        "upgrade": int(plugin["upgrade"] is not None),
+        "is-default": int(bool(plugin["is_default"])),
+    }
+    attributes = "".join(f' data-{key}="{_attribute(value)}"' for key, value in data.items())
+    return _HTML(f'<span class="app-support-plugin"{attributes}>{html.escape(text.strip())}</span>')
+
+
+def _href(url):
+    """A link from a fetched list, if it is a web address (never javascript: or data:)."""
+    if isinstance(url, str) and urllib.parse.urlsplit(url).scheme.lower() in ("http", "https"):
+        return _attribute(url)
+    return None
+
+
+async def _welcome_html(datasette):
+    """The welcome section of the desktop user's home page: the File menu, Run SQL, example CSVs."""
+    examples = _lists(datasette).examples
+    examples.refresh_if_stale()
+    tables = set(await datasette.get_database(TEMPORARY).table_names())
+    parts = [
+        '<section class="app-support-welcome">',
+        "<p>Welcome to Datasette Desktop. Get started by opening a <strong>CSV file</strong> or "
+        "<strong>SQLite database file</strong> using the <em>File</em> menu.</p>",
+    ]
+    if not tables:
+        parts.append(
+            f'<p class="app-support-run-sql"><strong><a href="{_attribute(datasette.urls.database(TEMPORARY))}">'
+            "Run SQL</a></strong> against a temporary database</p>"
+        )
+    shown = [
+        _example_html(datasette, example, tables) for example in examples.items or []
+        if all(isinstance(example.get(key), str) for key in ("name", "table_name"))
+        and _href(example.get("url"))
+    ]
+    if shown:
+        parts += [
+            '<details class="app-support-examples" open>',
+            "<summary>Or try importing an example CSV</summary>",
+            "<ul>", *shown, "</ul>", "</details>",
+        ]
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _example_html(datasette, example, tables):
+    table = example["table_name"]
+    parts = [f"<li><h3>{html.escape(example['name'])}</h3>"]
+    if isinstance(example.get("description"), str):
+        parts.append(f"<p>{html.escape(example['description'])}</p>")
+    source = _href(example.get("source_url"))
+    if source:
+        label = example.get("source") if isinstance(example.get("source"), str) else example["source_url"]
+        parts.append(f'<p><strong>Source</strong>: <a href="{source}">{html.escape(label)}</a></p>')
+    if table in tables:
+        link = _attribute(datasette.urls.table(TEMPORARY, table))
+        parts.append(f'<p><strong>Already imported</strong>: <a href="{link}">{html.escape(table)}</a></p>')
+    else:
+        # Hidden until the page script finds the app's importCsvFromUrl.
+        parts.append(
+            '<button type="button" class="app-support-button app-support-import-example" hidden '
+            f'data-csvurl="{_href(example["url"])}" data-name="{_attribute(example["name"])}" '
+            f'data-tablename="{_attribute(table)}">Import</button>'
+        )
+    parts.append("</li>")
+    return "".join(parts)
 
 
 
@@ -4113,7 +4771,9 @@ ROUTES = [
     Route("/-/restore-temporary-from-file", "POST", APP, restore_temporary_from_file),
     Route("/-/import-progress", "GET", APP_OR_USER, import_progress),
     Route("/-/cancel-import", "POST", APP_OR_USER, cancel_import),
+    Route("/-/refresh-plugin-directory", "POST", APP_OR_USER, refresh_plugin_directory),
     Route("/-/app-support.js", "GET", ANYONE, page_script),
+    Route("/-/app-support-directory.js", "GET", ANYONE, directory_script),
     Route("/-/app-support.css", "GET", ANYONE, page_style),
 ]
 
@@ -4235,13 +4895,20 @@ def startup(datasette):
         # a write thread still holds a connection to it.
         memory_name = f"{TEMPORARY}_{uuid.uuid4().hex}"
         datasette.add_database(_memory_database(datasette, memory_name), name=TEMPORARY)
+    if PLUGIN_DIRECTORY not in datasette.databases:
+        memory_name = f"{PLUGIN_DIRECTORY}_{uuid.uuid4().hex}"
+        datasette.add_database(_memory_database(datasette, memory_name), name=PLUGIN_DIRECTORY)
     if "_memory" in datasette.databases:
         datasette.remove_database("_memory")
 
-    async def remove_leftovers():
+    async def remove_leftovers_and_load_lists():
         await asyncio.to_thread(_remove_leftover_work_folders)
+        # The copies kept on disk, at once; the network only when a page asks.
+        lists = _lists(datasette)
+        await lists.plugins.load_copy()
+        await lists.examples.load_copy()
 
-    return remove_leftovers
+    return remove_leftovers_and_load_lists
 
 
 @hookimpl
@@ -4272,14 +4939,17 @@ def extra_css_urls(request, datasette):
 
 
 @hookimpl
-def extra_js_urls(request, datasette):
+def extra_js_urls(database, table, view_name, request, datasette):
     if not _is_app_user(request):
         return []
-    return [datasette.urls.path(f"/-/app-support.js?v={ASSET_VERSION}")]
+    urls = [datasette.urls.path(f"/-/app-support.js?v={ASSET_VERSION}")]
+    if view_name == "index" or _is_plugin_directory_page(database, table, view_name):
+        urls.append(datasette.urls.path(f"/-/app-support-directory.js?v={ASSET_VERSION}"))
+    return urls
 
 
 @hookimpl
-def extra_body_script(template, database, view_name, request, datasette):
+def extra_body_script(template, database, table, view_name, request, datasette):
     if not _is_app_user(request):
         return None
     config = {
@@ -4288,8 +4958,34 @@ def extra_body_script(template, database, view_name, request, datasette):
         "csrftoken": _csrftoken(request),
         "importDatabase": _import_target(datasette, database, template, view_name),
     }
-    # "<" escaped, so no value can close the script element.
-    return "window.appSupport = {};".format(json.dumps(config).replace("<", "\\u003c"))
+    directory = None
+    if _is_plugin_directory_page(database, table, view_name):
+        _lists(datasette).plugins.refresh_if_stale()
+        directory = {"csrftoken": config["csrftoken"], "directory": _directory_status(datasette)}
+    elif view_name == "index":
+        directory = {"welcomeHtml": None}
+
+    async def script():
+        if directory and "welcomeHtml" in directory and _welcome_in_page_script():
+            directory["welcomeHtml"] = await _welcome_html(datasette)
+        return _page_globals(appSupport=config, appSupportDirectory=directory)
+
+    return script
+
+
+@hookimpl
+def top_homepage(datasette, request):
+    # Datasette 1.0 only; on 0.65 the page script places the welcome section.
+    if not _is_app_user(request) or not _acts_for(datasette):
+        return None
+    return _welcome_html(datasette)
+
+
+@hookimpl
+def render_cell(row, value, column, table, database, datasette):
+    if database == PLUGIN_DIRECTORY and table == PLUGINS_TABLE and column == "installed":
+        return _plugin_cell(row)
+    return None
 
 
 @hookimpl

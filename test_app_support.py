@@ -7,7 +7,9 @@ for every endpoint; /-/auth-app-user; /-/open-database-file;
 /-/new-empty-database-file; /-/open-csv-file and /-/import-csv-file; the
 import engine itself; /-/open-csv-from-url; /-/dump-temporary-to-file and
 /-/restore-temporary-from-file; GET /-/import-progress; POST
-/-/cancel-import; the pages. The import panel in a real browser comes last.
+/-/cancel-import; POST /-/refresh-plugin-directory, with the plugin
+directory and the welcome section; the pages. The import panel, the plugin
+directory and the welcome section in a real browser come last.
 """
 
 import ast
@@ -180,7 +182,7 @@ async def cancel_with_token(ds, import_id):
 async def page_csrf(ds, cookies):
     """What a same-origin page sends with its POSTs: the cookies and the page's csrftoken."""
     page = await ds.client.get("/", cookies=cookies)
-    config = json.loads(page.text.split("window.appSupport = ", 1)[1].split(";</script>", 1)[0])
+    config = page_global(page.text, "appSupport")
     cookies = {**cookies, **{k: v for k, v in page.cookies.items() if k == "ds_csrftoken"}}
     return cookies, {"x-csrftoken": config["csrftoken"], "Sec-Fetch-Site": "same-origin"}
 
@@ -195,11 +197,18 @@ async def cancel_with_cookie(ds, import_id):
 
 def page_assets(html):
     """The plugin's script and style tags in a page, and its config."""
-    tags = [line.strip() for line in html.splitlines() if "app-support" in line or "appSupport" in line]
-    config = None
-    if "window.appSupport = " in html:
-        config = json.loads(html.split("window.appSupport = ", 1)[1].split(";</script>", 1)[0])
-    return tags, config
+    tags = [
+        line.strip() for line in html.splitlines()
+        if ("app-support" in line or "appSupport" in line) and line.strip().startswith(("<link", "<script"))
+    ]
+    return tags, page_global(html, "appSupport")
+
+
+def page_global(html, name):
+    """The value a page's script gives window.<name>, or None."""
+    if f"window.{name} = " not in html:
+        return None
+    return json.JSONDecoder().raw_decode(html.split(f"window.{name} = ", 1)[1])[0]
 
 
 async def listed_tables(ds, database):
@@ -213,8 +222,8 @@ async def listed_tables(ds, database):
 
 
 def user_databases(ds):
-    """Attached databases, leaving out _internal (listed there on Datasette 0.65)."""
-    return set(ds.databases) - {"_internal"}
+    """Attached databases, leaving out _internal (listed there on Datasette 0.65) and the plugin directory."""
+    return set(ds.databases) - {"_internal", app_support.PLUGIN_DIRECTORY}
 
 
 async def tables(ds, database="temporary"):
@@ -502,11 +511,19 @@ class AppServer:
 
     ENVIRONMENT = {"DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64}
 
-    def __init__(self, folder):
+    def __init__(self, folder, settings=None, environment=None):
+        """settings: app_support plugin settings, given in a metadata file (-m);
+        environment: variables added to the app's."""
         self.folder = folder
         self.plugins_dir = folder / "plugins"
         self.plugins_dir.mkdir(parents=True)
         shutil.copy(app_support.__file__, self.plugins_dir / "app_support.py")
+        self.arguments = []
+        if settings is not None:
+            metadata = folder / "metadata.json"
+            metadata.write_text(json.dumps({"plugins": {"app_support": settings}}))
+            self.arguments = ["-m", str(metadata)]
+        self.environment = {**self.ENVIRONMENT, **(environment or {})}
         self.log = folder / "datasette.log"
         self.port = unused_port()
         self.process = None
@@ -518,8 +535,9 @@ class AppServer:
     def start(self):
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "datasette", "--port", str(self.port), "--plugins-dir", str(self.plugins_dir)],
-                env=self.ENVIRONMENT, stdout=subprocess.DEVNULL, stderr=log,
+                [sys.executable, "-m", "datasette", "--port", str(self.port), "--plugins-dir", str(self.plugins_dir),
+                 *self.arguments],
+                env=self.environment, stdout=subprocess.DEVNULL, stderr=log,
                 preexec_fn=self._join_cgroup if self.cgroup_procs else None,
             )
         deadline = time.monotonic() + 30
@@ -572,6 +590,137 @@ def app_server(tmp_path):
     server.start()
     yield server
     server.stop()
+
+
+# Helpers: the plugin directory's lists, and plugins installed as pip installs them
+
+
+def refused_download(url):
+    """What a download from url says when nothing listens there."""
+    return (
+        f"Could not download {url}: {urllib.parse.urlsplit(url).netloc} refused the connection: "
+        "no web server is answering there. Check the address, and that the server is running."
+    )
+
+
+class ListServer:
+    """A real HTTP server on 127.0.0.1 for the plugin list and the example CSVs.
+
+    Its paths are unique to the test, so no other test or run shares its
+    lists' copies on disk. stop() takes it offline; start() brings it back
+    on the same port.
+    """
+
+    def __init__(self):
+        self.prefix = "/" + uuid.uuid4().hex
+        self.lists = {"plugins": [], "examples": []}
+        self.requests = []
+        self.port = 0
+        self.httpd = None
+        self.start()
+
+    def url(self, name):
+        return f"http://127.0.0.1:{self.port}{self.prefix}/{name}.json"
+
+    def settings(self):
+        return {"plugin_directory_url": self.url("plugins"), "example_csvs_url": self.url("examples")}
+
+    def start(self):
+        server = self
+
+        class ListHandler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(self.path)
+                name = self.path[len(server.prefix) + 1:].split(".json")[0]
+                if not self.path.startswith(server.prefix + "/") or name not in server.lists:
+                    self.send_error(404, "Not Found")
+                    return
+                body = json.dumps(server.lists[name]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = Server(("127.0.0.1", self.port), ListHandler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def stop(self):
+        if self.httpd:
+            self.httpd.shutdown()
+            self.httpd.server_close()
+            self.httpd = None
+
+    def copies(self):
+        return list_copies(self.url(name) for name in self.lists)
+
+
+def list_copies(urls):
+    """Where the copies of the lists at urls are kept, by this process and by a server started with no TMPDIR."""
+    folders = {os.path.join(folder, app_support.LIST_COPIES_FOLDER) for folder in (tempfile.gettempdir(), "/tmp")}
+    return [Path(app_support._list_copy_path(folder, url)) for folder in folders for url in urls]
+
+
+@pytest.fixture
+def lists():
+    """A ListServer, stopped at the end of the test, its copies on disk removed."""
+    server = ListServer()
+    yield server
+    server.stop()
+    for copy in server.copies():
+        copy.unlink(missing_ok=True)
+
+
+async def with_lists(lists):
+    return await with_settings(**lists.settings())
+
+
+WORDS = ["maps", "charts", "export", "search", "auth", "tables", "images", "graphs", "sql", "yaml", "markdown"]
+
+
+def generated_plugins(seed=20_2026, count=30):
+    """A plugin list like datasette.io's: every fifth plugin's description mentions GeoJSON."""
+    rng = random.Random(seed)
+    plugins = []
+    for i in range(count):
+        words = rng.sample(WORDS, 3)
+        description = "Plugin for " + " and ".join(words) + (", reads GeoJSON" if i % 5 == 0 else "")
+        plugins.append({
+            "name": f"datasette-{words[0]}-{i}", "full_name": f"someone/datasette-{words[0]}-{i}",
+            "owner": "someone", "description": description, "stargazers_count": rng.randrange(1000),
+            "tag_name": f"0.{rng.randrange(20)}", "downloads_this_week": rng.randrange(10_000),
+            "latest_release_at": f"2024-{rng.randrange(1, 13):02}-{rng.randrange(1, 29):02}T10:00:00Z",
+            "openGraphImageUrl": "https://example.com/image.png", "usesCustomOpenGraphImage": False,
+            "topics": ["datasette-plugin", words[0]],
+        })
+    return plugins
+
+
+# Installed as the list's versions say: 0.10 is newer than 0.9, 1.0a2 older than 1.0.
+INSTALLED = {"datasette-fake-old": "0.9", "datasette-fake-default": "1.0"}
+LISTED = [
+    {"name": "datasette-fake-old", "tag_name": "0.10", "description": "Installed, and upgradeable", "stargazers_count": 5000},
+    {"name": "datasette-fake-default", "tag_name": "1.0a2", "description": "Installed by the app itself", "stargazers_count": 4000},
+    {"name": "datasette-cluster-map", "tag_name": "0.18", "description": "Maps in GeoJSON", "stargazers_count": 3000},
+]
+DEFAULT_PLUGINS = "datasette datasette-app-support datasette-fake-default"
+
+
+def install_plugins(folder, plugins=INSTALLED):
+    """Plugins laid out as pip installs them, a module and its dist-info, in folder: for PYTHONPATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, version in plugins.items():
+        module = name.replace("-", "_")
+        (folder / f"{module}.py").write_text("")
+        info = folder / f"{module}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[datasette]\n{module} = {module}\n")
+    return str(folder)
 
 
 # Helpers: generated CSV files and the slow references
@@ -3888,6 +4037,190 @@ async def test_cancel_import_of_json_and_workbooks(ds, tmp_path, database, make)
     assert await tables(ds, database) == [] and work_folders() == []
 
 
+# POST /-/refresh-plugin-directory: the plugin directory and the welcome section
+
+
+def reference_versions(rng):
+    """Versions in PEP 440's order, built so: for each release, its dev, pre-, final and post-releases."""
+    releases = sorted({tuple(rng.randrange(12) for _ in range(rng.randrange(1, 4))) for _ in range(15)},
+                      key=lambda r: tuple(reversed([*reversed(r)][next((i for i, n in enumerate(reversed(r)) if n), len(r)):])) or (0,))
+    versions = []
+    for release in releases:
+        spelled = lambda: ".".join(map(str, release)) + ".0" * rng.randrange(2)  # 1.2 is 1.2.0
+        stages = [[".dev1"], ["a1.dev1", "a1", "a1.post1", "a2"], ["b1", "rc1"], [""], [".post1.dev1", ".post1", ".post2"]]
+        group = []
+        for suffixes in stages:
+            group += [[spelled() + suffix for _ in range(2)] for suffix in suffixes]
+        versions.append(group)
+    return versions
+
+
+def test_version_key_orders_generated_versions_as_pep_440():
+    rng = random.Random(2026_20)
+    assert app_support.version_key("0.10") > app_support.version_key("0.9")
+    assert app_support.version_key("1.0a2") < app_support.version_key("1.0")
+    assert app_support.version_key("1.0") == app_support.version_key("1.0.0") == app_support.version_key("v1")
+    for text in ("", "latest", "1.0 beta", None, "1..0"):
+        assert app_support.version_key(text) is None
+    ranked = [(r, s, spelling) for r, group in enumerate(reference_versions(rng))
+              for s, spellings in enumerate(group) for spelling in spellings]
+    # Alternative spellings PEP 440 allows, kept in their place.
+    respell = {"a1": "-alpha1", "b1": ".beta.1", "rc1": "c1", ".post1": "-1", ".dev1": "-dev1"}
+    for _ in range(5000):
+        (r1, s1, a), (r2, s2, b) = rng.choice(ranked), rng.choice(ranked)
+        if rng.random() < 0.3:
+            for old, new in respell.items():
+                if a.endswith(old):
+                    a = a[: -len(old)] + new
+                    break
+        expected = (r1, s1) > (r2, s2)
+        assert (app_support.version_key(a) > app_support.version_key(b)) == expected, (a, b)
+        assert (app_support.version_key(a) == app_support.version_key(b)) == ((r1, s1) == (r2, s2)), (a, b)
+
+
+def test_plugin_rows_mark_installed_upgrades_and_defaults():
+    installed = {"datasette-fake-old": "0.9", "datasette-fake-default": "1.0", "datasette-local": None}
+    plugins = LISTED + [{"name": "Datasette_Local", "tag_name": "2.0", "extra": {"a": [1]}}, {"no": "name"}]
+    columns, rows = app_support.plugin_rows(plugins, installed, {"datasette-fake-default"})
+    assert columns == ["name", "installed", "installed_version", "upgrade", "is_default",
+                       *app_support.PLUGIN_LIST_COLUMNS[1:], "extra"]
+    table = [dict(zip(columns, row)) for row in rows]
+    assert [(r["name"], r["installed"], r["installed_version"], r["upgrade"], r["is_default"]) for r in table] == [
+        ("datasette-fake-old", "installed", "0.9", "upgrade available", 0),
+        ("datasette-fake-default", "installed", "1.0", None, 1),
+        ("datasette-cluster-map", "not installed", None, None, 0),
+        ("Datasette_Local", "installed", None, None, 0),  # a --plugins-dir module has no version
+    ]
+    assert table[3]["extra"] == '{"a": [1]}'
+    assert app_support.plugin_rows([], {}, set())[1] == []
+
+
+async def wait_for_fetch(ds, which="plugins"):
+    remote = getattr(app_support._lists(ds), which)
+    while remote.fetching:
+        await asyncio.sleep(0.01)
+    return remote
+
+
+async def directory_config(ds, cookies):
+    page = await ds.client.get("/plugin_directory/plugins", cookies=cookies)
+    assert page.status_code == 200
+    return page_global(page.text, "appSupportDirectory")
+
+
+async def test_plugin_directory_exists_before_any_list_and_says_why_there_is_none(lists):
+    lists.stop()  # offline from the start
+    ds = await with_lists(lists)
+    for cookies in ({}, await root_cookie(ds)):
+        page = await ds.client.get("/plugin_directory/plugins?_sort_desc=stargazers_count&_facet=installed&_facet=upgrade", cookies=cookies)
+        assert page.status_code == 200
+    rows_json = await ds.client.get("/plugin_directory/plugins.json?_shape=array")
+    assert rows_json.json() == []
+    # The desktop user's view started a fetch in the background; the page did not wait for it.
+    cookies = await root_cookie(ds)
+    status = (await directory_config(ds, cookies))["directory"]
+    assert status["hasCopy"] is False
+    await wait_for_fetch(ds)
+    response = await post(ds, "/-/refresh-plugin-directory", {})
+    assert_error(response, 502, refused_download(lists.url('plugins')))
+    status = (await directory_config(ds, cookies))["directory"]
+    assert status["message"] == "There is no copy of the plugin list yet: it comes from 127.0.0.1."
+    assert status["error"].startswith("The last attempt to fetch it failed. Could not download")
+
+
+async def test_refresh_plugin_directory_fills_the_table_and_keeps_a_copy(lists):
+    lists.lists["plugins"] = generated_plugins()
+    ds = await with_lists(lists)
+    response = await post(ds, "/-/refresh-plugin-directory", {})
+    assert response.json() == {"ok": True, "plugins": 30, "path": "/plugin_directory/plugins"}
+    names = [r["name"] for r in await fetch_rows(ds, "/plugin_directory/plugins")]
+    assert names == [p["name"] for p in lists.lists["plugins"]]
+    copy = next(path for path in lists.copies() if path.exists())
+    assert json.loads(copy.read_text())["items"] == lists.lists["plugins"]
+    assert not [p for p in copy.parent.iterdir() if p.name.startswith(".partial-")]
+    # Another server with the same settings shows the copy at startup, offline.
+    lists.stop()
+    again = await with_lists(lists)
+    rows_again = await fetch_rows(again, "/plugin_directory/plugins")
+    assert [r["name"] for r in rows_again] == names
+    assert lists.requests == [lists.prefix + "/plugins.json"]
+    status = (await directory_config(again, await root_cookie(again)))["directory"]
+    assert status == {**status, "hasCopy": True, "fetching": False, "error": None,
+                      "message": "30 plugins, listed by 127.0.0.1 just now."}
+
+
+def not_an_array(handler):
+    return 200, {"Content-Type": "application/json"}, b'{"plugins": []}'
+
+
+REFRESH_FAILURES = [
+    ("missing", (404, {}, b"gone"), "{url} returned HTTP 404 Not Found"),
+    ("web page", (200, {"Content-Type": "text/html"}, b"<html></html>"), "{url} is a web page (HTML), not CSV, TSV or JSON data."),
+    ("not JSON", (200, {}, b"{oops"), "The plugin list at {url} is not JSON."),
+    ("not an array", not_an_array, "The plugin list at {url} is not a JSON array of objects."),
+    ("array of numbers", (200, {}, b"[1, 2]"), "The plugin list at {url} is not a JSON array of objects."),
+]
+
+
+@pytest.mark.parametrize("name,route,error", REFRESH_FAILURES, ids=[c[0] for c in REFRESH_FAILURES])
+async def test_refresh_plugin_directory_failure_keeps_the_last_copy(server, name, route, error):
+    url, routes = server
+    routes["/plugins.json"] = (200, {}, json.dumps(LISTED).encode())
+    ds = await with_settings(plugin_directory_url=url + "/plugins.json?run=" + uuid.uuid4().hex)
+    assert (await post(ds, "/-/refresh-plugin-directory", {})).status_code == 200
+    before = await fetch_rows(ds, "/plugin_directory/plugins")
+    routes["/plugins.json"] = route
+    response = await post(ds, "/-/refresh-plugin-directory", {})
+    assert_error(response, 502, error.format(url=app_support._lists(ds).plugins.url))
+    assert await fetch_rows(ds, "/plugin_directory/plugins") == before
+    status = (await directory_config(ds, await root_cookie(ds)))["directory"]
+    assert status["hasCopy"] and status["error"].endswith(response.json()["error"])
+    for path in list_copies([app_support._lists(ds).plugins.url]):
+        path.unlink(missing_ok=True)
+
+
+async def test_refresh_plugin_directory_is_for_the_app_and_its_user_only(lists):
+    ds = await with_lists(lists)
+    other = {"ds_actor": ds.sign({"a": {"id": "someone"}}, "actor")}
+    assert_error(await ds.client.post("/-/refresh-plugin-directory", content=b"{}"), 401, "Missing or invalid API token.")
+    response = await ds.client.post("/-/refresh-plugin-directory", content=b"{}", cookies=other)
+    # Datasette 0.65's CSRF check refuses it first: the request sent no token.
+    assert_error(response, 403, "Only the desktop user of Datasette Desktop can do this." if IS_DATASETTE_1 else app_support.MISSING_CSRF_TOKEN_REFUSAL)
+    assert_error(await post(ds, "/-/refresh-plugin-directory", {"x": 1}), 400, "Unknown key: x")
+    assert lists.requests == []
+
+
+async def test_plugin_directory_cells_and_pages_for_visitors(lists):
+    lists.lists["plugins"] = LISTED
+    ds = await with_lists(lists)
+    await post(ds, "/-/refresh-plugin-directory", {})
+    anonymous = await ds.client.get("/plugin_directory/plugins")
+    # Data for the page script, but no buttons and no script, for anyone but the desktop user.
+    assert 'data-name="datasette-cluster-map"' in anonymous.text and "app-support-button" not in anonymous.text
+    assert page_assets(anonymous.text) == ([], None)
+    page = await ds.client.get("/plugin_directory", cookies=await root_cookie(ds))
+    assert page_assets(page.text)[1]["importDatabase"] is None
+    if IS_DATASETTE_1:
+        response = await ds.client.post("/plugin_directory/plugins/-/insert", json={"row": {"name": "x"}})
+        assert response.status_code == 403
+
+
+async def test_welcome_section_only_for_the_desktop_user(lists):
+    lists.lists["examples"] = [{"name": "Dogs <3", "table_name": "dogs", "url": "https://example.com/dogs.csv",
+                                "description": "Good dogs", "source": "Kennel", "source_url": "javascript:alert(1)"}]
+    ds = await with_lists(lists)
+    cookies = await root_cookie(ds)
+    await ds.client.get("/", cookies=cookies)
+    await wait_for_fetch(ds, "examples")
+    page = (await ds.client.get("/", cookies=cookies)).text
+    welcome = page if IS_DATASETTE_1 else page_global(page, "appSupportDirectory")["welcomeHtml"]
+    assert "Welcome to Datasette Desktop" in welcome and ">Run SQL</a>" in welcome
+    assert "<h3>Dogs &lt;3</h3>" in welcome and 'data-tablename="dogs"' in welcome
+    assert "javascript:" not in welcome  # a link from the list that is not a web address is left out
+    for visitor in ({}, {"ds_actor": ds.sign({"a": {"id": "someone"}}, "actor")}):
+        assert "Welcome to Datasette Desktop" not in (await ds.client.get("/", cookies=visitor)).text
+
+
 # The pages: the page the app opens the moment an endpoint answers
 
 
@@ -4351,7 +4684,8 @@ class Browser:
     def click(self, selector):
         """A real mouse click in the middle of the element."""
         box = self.evaluate(
-            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+            f"(() => {{ const e = document.querySelector({json.dumps(selector)});"
+            " e.scrollIntoView({block: 'center', inline: 'center'}); const r = e.getBoundingClientRect();"
             " return {x: r.x + r.width / 2, y: r.y + r.height / 2}; })()"
         )
         for kind in ("mouseMoved", "mousePressed", "mouseReleased"):
@@ -4412,8 +4746,15 @@ def imports(app_server):
 
 
 PANEL = ".app-support-panel"
-# What the desktop app's preload script gives its windows, as a stand-in.
-DATASETTE_APP = "window.datasetteApp = {importCsv: (database) => { window.importedInto = database; }};"
+# What the desktop app's preload script gives its windows, as a stand-in
+# that records each call: its function, arguments, and the link's dataset.
+DATASETTE_APP = """window.appCalls = [];
+window.datasetteApp = {
+  importCsv: (database) => { window.importedInto = database; },
+  importCsvFromUrl: (url, link) => appCalls.push(["importCsvFromUrl", url, link.tagName, {...link.dataset}]),
+  installPlugin: (plugin, link) => appCalls.push(["installPlugin", plugin, link.tagName]),
+  uninstallPlugin: (plugin, link) => appCalls.push(["uninstallPlugin", plugin, link.tagName]),
+};"""
 
 
 @needs_chromium
@@ -4552,4 +4893,255 @@ def test_browser_panel_follows_a_finished_import_to_its_table(desktop, server, t
     browser.wait_for(f"!!document.querySelector('{PANEL}')")
     time.sleep(0.5)
     assert browser.evaluate(f"document.querySelector('{PANEL}').hidden") is True
+    assert browser.errors() == []
+
+
+# The browser: the plugin directory and the welcome section
+
+
+PLUGINS_PAGE = "/plugin_directory/plugins?_sort_desc=stargazers_count&_facet=installed&_facet=upgrade"
+
+
+@pytest.fixture
+def directory(tmp_path, lists):
+    """A real datasette with two plugins installed, its lists from a ListServer, and a browser window on it."""
+    lists.lists["plugins"] = LISTED + generated_plugins()
+    app_server = AppServer(
+        tmp_path / "app", settings=lists.settings(),
+        environment={"PYTHONPATH": install_plugins(tmp_path / "site"), "DATASETTE_DEFAULT_PLUGINS": DEFAULT_PLUGINS},
+    )
+    app_server.start()
+    browser = Browser(tmp_path / "profile")
+    yield app_server, browser, lists
+    browser.close()
+    app_server.stop()
+
+
+def loads(browser):
+    return sum(1 for e in list(browser.events) if e["method"] == "Page.loadEventFired")
+
+
+def open_directory(browser, base, path=PLUGINS_PAGE):
+    """Open the plugin page; with no copy of the list yet, wait for the page script to fetch one and reload."""
+    before = loads(browser)
+    browser.navigate(base + path)
+    if browser.evaluate("!document.querySelector('.app-support-plugin')"):
+        deadline = time.monotonic() + 20
+        while loads(browser) < before + 2:
+            assert time.monotonic() < deadline, "the page did not reload with the list"
+            time.sleep(0.05)
+
+
+def in_the_app(directory):
+    """The desktop user in the app's window, with the preload stand-in, on the plugin page: (server, browser, lists, base URL)."""
+    app_server, browser, lists = directory
+    base = app_server.url()
+    browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
+    browser.sign_in(base, "/")
+    open_directory(browser, base)
+    return app_server, browser, lists, base
+
+
+def cells(browser, column):
+    return browser.evaluate(f"[...document.querySelectorAll('table.rows-and-columns td.col-{column}')].map(td => td.textContent.trim())")
+
+
+def facet(browser, column):
+    return browser.evaluate(
+        f"[...document.querySelectorAll('#facet-{column} li')].map(li => li.textContent.trim().replace(/\\s+/g, ' '))"
+    )
+
+
+def status_line(browser):
+    return browser.evaluate("document.querySelector('.app-support-directory-status p').textContent")
+
+
+@needs_chromium
+def test_browser_plugin_directory_facets_sort_and_search(directory):
+    app_server, browser, lists, base = in_the_app(directory)
+    plugins = lists.lists["plugins"]
+    assert status_line(browser) == f"{len(plugins)} plugins, listed by 127.0.0.1 just now. Refresh"
+    assert cells(browser, "name")[:3] == [p["name"] for p in LISTED]  # the most stars
+    assert facet(browser, "installed") == [f"not installed {len(plugins) - 2}", "installed 2"]
+    assert facet(browser, "upgrade") == ["upgrade available 1"]
+    browser.evaluate("document.querySelector('table.rows-and-columns').scrollIntoView()")
+    browser.screenshot(os.environ.get("APP_SUPPORT_SCREENSHOT_DIRECTORY") or app_server.folder / "directory.png")
+    for column in ("stargazers_count", "downloads_this_week", "latest_release_at"):
+        browser.navigate(base + f"/plugin_directory/plugins?_sort_desc={column}&_size=max")
+        values = [p[column] for p in plugins if column in p]
+        expected = [str(v) for v in sorted(values, reverse=True)] + [""] * (len(plugins) - len(values))
+        assert [v.replace("\xa0", "") for v in cells(browser, column)] == expected, column
+    browser.navigate(base + PLUGINS_PAGE)
+    after = len(browser.events)
+    browser.click("#facet-installed li:last-child a")  # "installed"
+    browser.event("Page.loadEventFired", after)
+    assert browser.evaluate("location.search").endswith("&installed=installed")
+    assert sorted(cells(browser, "name")) == ["datasette-fake-default", "datasette-fake-old"]
+    browser.navigate(base + "/plugin_directory/plugins?_search=geojson&_size=max")
+    words = lambda p: set(re.findall(r"[a-z0-9]+", (p["name"] + " " + p["description"]).lower()))
+    assert sorted(cells(browser, "name")) == sorted(p["name"] for p in plugins if "geojson" in words(p))
+    assert browser.errors() == []
+
+
+@needs_chromium
+def test_browser_plugin_buttons_call_the_preload_functions(directory):
+    app_server, browser, lists, base = in_the_app(directory)
+    buttons = browser.evaluate(
+        "Object.fromEntries([...document.querySelectorAll('.app-support-plugin')].map(c =>"
+        " [c.dataset.name, [c.firstChild.textContent, ...[...c.querySelectorAll('button')].map(b => b.textContent)]]))"
+    )
+    assert buttons["datasette-fake-old"] == ["installed 0.9", "Upgrade to 0.10", "Uninstall"]
+    assert buttons["datasette-fake-default"] == ["installed 1.0"]  # a default plugin, and 1.0a2 is older
+    assert buttons["datasette-cluster-map"] == ["not installed", "Install"]
+    assert all(b == ["not installed", "Install"] for name, b in buttons.items() if name.startswith("datasette-") and "fake" not in name)
+    row = "[data-name='{}'] button:nth-of-type({})"
+    for selector, busy in [
+        (row.format("datasette-cluster-map", 1), "Installing…"),
+        (row.format("datasette-fake-old", 1), "Upgrading…"),
+    ]:
+        browser.click(selector)
+        assert browser.evaluate(f"(b => [b.disabled, b.textContent])(document.querySelector(\"{selector}\"))") == [True, busy]
+    assert browser.evaluate("appCalls") == [
+        ["installPlugin", "datasette-cluster-map", "BUTTON"],
+        ["installPlugin", "datasette-fake-old==0.10", "BUTTON"],
+    ]
+    open_directory(browser, base)  # the app reloads the page once pip is done
+    browser.click(row.format("datasette-fake-old", 2))
+    assert browser.evaluate("appCalls") == [["uninstallPlugin", "datasette-fake-old", "BUTTON"]]
+    browser.navigate(base + PLUGINS_PAGE)
+    assert browser.evaluate("appCalls") == []
+    assert browser.errors() == []
+
+
+@needs_chromium
+def test_browser_plugin_directory_is_read_only_for_others(directory):
+    app_server, browser, lists = directory
+    base = app_server.url()
+    assert app_server.call("/-/refresh-plugin-directory", {})[0] == 200
+    browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
+    someone = Datasette(secret=AppServer.ENVIRONMENT["DATASETTE_SECRET"]).sign({"a": {"id": "someone"}}, "actor")
+    for cookie in (None, someone):
+        if cookie:
+            browser.command("Network.setCookie", name="ds_actor", value=cookie, url=base)
+        browser.navigate(base + PLUGINS_PAGE)
+        assert len(cells(browser, "name")) == len(lists.lists["plugins"])
+        assert browser.evaluate("document.querySelectorAll('.app-support-plugin button, .app-support-directory-status').length") == 0
+        assert browser.requests("/-/app-support") == []
+    # The desktop user in a plain browser, without the app's preload functions: the status, no buttons.
+    browser.command("Page.removeScriptToEvaluateOnNewDocument", identifier="1")
+    browser.sign_in(base, PLUGINS_PAGE)
+    browser.wait_for("!!document.querySelector('.app-support-directory-status')")
+    assert browser.evaluate("typeof window.datasetteApp") == "undefined"
+    assert browser.evaluate("document.querySelectorAll('.app-support-plugin button').length") == 0
+    assert browser.errors() == []
+
+
+@needs_chromium
+def test_browser_plugin_directory_offline_keeps_its_copy_and_refresh_picks_up_a_changed_list(directory):
+    app_server, browser, lists = directory
+    base = app_server.url()
+    browser.sign_in(base, "/")
+    open_directory(browser, base)
+    count = len(lists.lists["plugins"])
+    lists.stop()
+    browser.click(".app-support-directory-status button")
+    error = browser.wait_for("(e => !e.hidden && e.textContent)(document.querySelector('.app-support-error'))")
+    assert error == refused_download(lists.url('plugins'))
+    assert browser.evaluate("document.querySelector('.app-support-directory-status button').textContent") == "Refresh"
+    browser.navigate(base + PLUGINS_PAGE)
+    assert len(cells(browser, "name")) == count
+    assert browser.evaluate("document.querySelector('.app-support-error').textContent") == (
+        "The last attempt to fetch it failed. " + error
+    )
+    lists.lists["plugins"] = lists.lists["plugins"] + [{"name": "datasette-brand-new", "tag_name": "0.1", "stargazers_count": 9999}]
+    lists.start()
+    after = loads(browser)
+    browser.click(".app-support-directory-status button")
+    browser.wait_for("document.readyState === 'complete' && !!document.querySelector('[data-name=datasette-brand-new]')")
+    assert loads(browser) > after
+    assert cells(browser, "name")[0] == "datasette-brand-new"
+    assert browser.evaluate("document.querySelector('.app-support-error').hidden") is True
+    assert status_line(browser) == f"{count + 1} plugins, listed by 127.0.0.1 just now. Refresh"
+
+
+@needs_chromium
+def test_browser_plugin_directory_offline_with_no_copy_offers_retry(directory):
+    app_server, browser, lists = directory
+    base = app_server.url()
+    lists.stop()
+    browser.sign_in(base, PLUGINS_PAGE)
+    error = browser.wait_for("(e => !e.hidden && e.textContent)(document.querySelector('.app-support-error'))")
+    assert error == refused_download(lists.url('plugins'))
+    assert status_line(browser).startswith("Fetching the plugin list from 127.0.0.1…")
+    browser.navigate(base + PLUGINS_PAGE)
+    assert status_line(browser) == "There is no copy of the plugin list yet: it comes from 127.0.0.1. Retry"
+    assert cells(browser, "name") == []
+    lists.start()
+    browser.click(".app-support-directory-status button")
+    browser.wait_for("document.readyState === 'complete' && document.querySelectorAll('.app-support-plugin').length > 0")
+    assert len(cells(browser, "name")) == len(lists.lists["plugins"])
+    assert browser.errors() == [] or all("502" in str(e) for e in browser.errors())
+
+
+@needs_chromium
+def test_browser_plugin_directory_survives_the_restart_cycle(directory, tmp_path):
+    app_server, browser, lists = directory
+    base = app_server.url()
+    assert app_server.call("/-/refresh-plugin-directory", {})[0] == 200
+    backup = tmp_path / "backup.db"
+    assert app_server.call("/-/dump-temporary-to-file", {"path": str(backup)})[0] == 200
+    app_server.stop()
+    lists.stop()  # offline from now on
+    app_server.start()
+    assert app_server.call("/-/restore-temporary-from-file", {"path": str(backup)})[0] == 200
+    browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
+    browser.sign_in(base, PLUGINS_PAGE)
+    assert len(cells(browser, "name")) == len(lists.lists["plugins"])
+    assert status_line(browser) == f"{len(lists.lists['plugins'])} plugins, listed by 127.0.0.1 just now. Refresh"
+    assert browser.evaluate("document.querySelector('.app-support-error').hidden") is True
+    assert facet(browser, "installed") == [f"not installed {len(lists.lists['plugins']) - 2}", "installed 2"]
+    assert lists.requests == [lists.prefix + "/plugins.json"]
+    assert browser.errors() == []
+
+
+@needs_chromium
+def test_browser_welcome_page_imports_examples_and_links_imported_ones(directory, server):
+    app_server, browser, lists = directory
+    base = app_server.url()
+    url, routes = server
+    routes["/dogs.csv"] = (200, {}, CSV_BODY)
+    lists.lists["examples"] = [
+        {"name": "Dogs", "table_name": "good_dogs", "url": url + "/dogs.csv", "description": "Some good dogs",
+         "source": "The kennel", "source_url": "https://example.com/kennel"},
+        {"name": "Cats", "table_name": "cats", "url": url + "/cats.csv", "description": "Cats", "source": "x", "source_url": "https://example.com/"},
+    ]
+    browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
+    browser.sign_in(base, "/")
+    assert browser.evaluate("!!document.querySelector('.app-support-run-sql a[href=\"/temporary\"]')")
+    # The examples were fetched in the background; the next visit shows them.
+    deadline = time.monotonic() + 20
+    while not browser.evaluate("!!document.querySelector('.app-support-examples')"):
+        assert time.monotonic() < deadline, "no examples"
+        time.sleep(0.2)
+        browser.navigate(base + "/")
+    shown = browser.evaluate(
+        "[...document.querySelectorAll('.app-support-examples li')].map(li => [li.querySelector('h3').textContent,"
+        " li.querySelector('p').textContent, li.querySelector('a').href, li.querySelector('button').textContent])"
+    )
+    assert shown == [["Dogs", "Some good dogs", "https://example.com/kennel", "Import"],
+                     ["Cats", "Cats", "https://example.com/", "Import"]]
+    browser.click(".app-support-examples li:first-child button")
+    assert browser.evaluate("appCalls") == [
+        ["importCsvFromUrl", url + "/dogs.csv", "BUTTON", {"csvurl": url + "/dogs.csv", "name": "Dogs", "tablename": "good_dogs"}]
+    ]
+    assert browser.evaluate("document.querySelector('.app-support-examples li:first-child button').disabled") is True
+    # What the app does next: it imports the URL under that table name.
+    status, _, body = app_server.call("/-/open-csv-from-url", {"url": url + "/dogs.csv", "table_name": "good_dogs"})
+    assert status == 200, body
+    browser.navigate(base + "/")
+    imported = "document.querySelector('.app-support-examples li:first-child p:last-of-type')"
+    assert browser.evaluate(f"{imported}.textContent") == "Already imported: good_dogs"
+    assert browser.evaluate(f"{imported}.querySelector('a').getAttribute('href')") == "/temporary/good_dogs"
+    assert browser.evaluate("document.querySelectorAll('.app-support-examples li:first-child button').length") == 0
+    assert browser.evaluate("!document.querySelector('.app-support-run-sql')")
     assert browser.errors() == []
