@@ -4964,8 +4964,11 @@ def test_browser_plugin_directory_facets_sort_and_search(directory):
     assert cells(browser, "name")[:3] == [p["name"] for p in LISTED]  # the most stars
     assert facet(browser, "installed") == [f"not installed {len(plugins) - 2}", "installed 2"]
     assert facet(browser, "upgrade") == ["upgrade available 1"]
-    browser.evaluate("document.querySelector('table.rows-and-columns').scrollIntoView()")
+    # The README's picture: the status line, the facets and the first rows, in a wide window.
+    browser.command("Emulation.setDeviceMetricsOverride", width=1280, height=1000, deviceScaleFactor=1, mobile=False)
+    browser.evaluate("window.scrollTo(0, document.querySelector('.app-support-directory-status').getBoundingClientRect().top + window.scrollY - 16)")
     browser.screenshot(os.environ.get("APP_SUPPORT_SCREENSHOT_DIRECTORY") or app_server.folder / "directory.png")
+    browser.command("Emulation.clearDeviceMetricsOverride")
     for column in ("stargazers_count", "downloads_this_week", "latest_release_at"):
         browser.navigate(base + f"/plugin_directory/plugins?_sort_desc={column}&_size=max")
         values = [p[column] for p in plugins if column in p]
