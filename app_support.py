@@ -148,6 +148,8 @@ MAX_REDIRECTS = 5
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 # Longer digit strings overflow SQLite's 64-bit integers.
 MAX_INTEGER_DIGITS = 18
+# A double holds 17 significant decimal digits; a decimal with more stays TEXT.
+MAX_REAL_DIGITS = 17
 # Finished imports kept for /-/import-progress; running ones are always kept.
 PROGRESS_HISTORY = 50
 # How long POST /-/cancel-import waits for the import to stop before answering.
@@ -2045,6 +2047,9 @@ _RANK = {None: 0, _INTEGER: 1, _REAL: 2, _TEXT: 3}
 _DIGITS_AS_NINES = bytes.maketrans(b"012345678", b"999999999")
 _DIGITS_AS_ONES = bytes.maketrans(b"23456789", b"11111111")
 _LONG_NUMBER = b"9" * (MAX_INTEGER_DIGITS + 1)
+_DIGITS_AND_DOT_AS_NINES = bytes.maketrans(b"012345678.", b"9999999999")
+# Values with more significant digits than a double holds have at least 18 digits.
+_LONG_DECIMAL = b"9" * (MAX_REAL_DIGITS + 1)
 
 
 def column_type(values):
@@ -2054,7 +2059,8 @@ def column_type(values):
     at once with C-speed string operations, because a check per value costs
     more than the insert; test_app_support.py checks it against a plain
     per-value rule on generated columns. Leading zeros, a sign or exponent
-    SQLite would rewrite, and integers too long for 64 bits make it TEXT.
+    SQLite would rewrite, integers too long for 64 bits and decimals with
+    more significant digits than a double holds make it TEXT.
     """
     try:
         joined = "\n" + "\n".join(values) + "\n"
@@ -2087,6 +2093,10 @@ def column_type(values):
         return _INTEGER
     # Without digits and signs, a value with two dots shows as "..".
     if b".." in b.translate(None, b"0123456789-") or b"\n.\n" in b or b"\n-.\n" in b:
+        return _TEXT
+    if _LONG_DECIMAL in b.translate(_DIGITS_AND_DOT_AS_NINES) and any(
+        len(v.replace("-", "").replace(".", "").lstrip("0")) > MAX_REAL_DIGITS for v in values
+    ):
         return _TEXT
     return _REAL
 
@@ -2219,7 +2229,33 @@ def _open_staging(path, encoding):
         conn.execute(f"PRAGMA {pragma}")
     # SQLite writes a REAL as text to 15 digits; Python's repr keeps every one.
     conn.create_function("app_support_real_text", 1, float.__repr__, deterministic=True)
+    conn.create_function("app_support_real", 1, float, deterministic=True)
     return conn
+
+
+# Decimals that SQLite before 3.43 reads one unit off in the last binary
+# digit (it rounds twice, through an 80-bit long double): short ones as
+# files hold them, and 17-digit ones near halfway between two doubles.
+_HARD_DECIMALS = (
+    "0.337006", "-151.3907387", "-77.179786", "326.9414783", "92.679589", "875.985163",
+    "243.671678", "-359.073836", "-77.8436515", "678.491422", "156.797072", "93.0281053",
+    "-34.330547048880522", "-9245.7578589056493", "-0.88301252330427632",
+    "-913130.87476658792", "0.00059621730125136973", "-53480301.821334932",
+)
+_exact_real_casts = []  # once known: whether this process's SQLite reads them all exactly
+
+
+def _sqlite_reads_decimals_exactly(conn):
+    """Whether SQLite turns decimal text into the nearest double, as Python's float() does.
+
+    Proved on this SQLite, once per process, on decimals that older versions
+    get wrong, rather than guessed from its version number.
+    """
+    if not _exact_real_casts:
+        casts = ", ".join(["CAST(? AS REAL)"] * len(_HARD_DECIMALS))
+        got = conn.execute(f"SELECT {casts}", _HARD_DECIMALS).fetchone()
+        _exact_real_casts.append(list(got) == [float(text) for text in _HARD_DECIMALS])
+    return _exact_real_casts[0]
 
 
 def _max_variables(conn):
@@ -2350,9 +2386,13 @@ class _StagedRows:
             if kind != _TEXT:
                 return f"c{n}"
             return f"CASE WHEN typeof(c{n}) = 'real' THEN app_support_real_text(c{n}) ELSE c{n} END"
+        if kind == _TEXT:
+            return f"c{n}"
         # CASE, not nullif(): a function's result is a copy of the value, and
         # copying every cell of a number column cost a third of the conversion.
-        return f"c{n}" if kind == _TEXT else f"CASE WHEN c{n} <> '' THEN c{n} END"
+        if kind == _REAL and not _sqlite_reads_decimals_exactly(self.conn):
+            return f"CASE WHEN c{n} <> '' THEN app_support_real(c{n}) END"
+        return f"CASE WHEN c{n} <> '' THEN c{n} END"
 
 
 # Copying into the target
