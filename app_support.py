@@ -758,6 +758,12 @@ class CSVPlan:
     encoding: str = "utf-8-sig"
     delimiter: str = ","
     source: str = ""  # the file's name in messages
+    quotechar: str = '"'  # None: quotes are characters like any other
+    escapechar: str = None
+    # The lines above the header (titles, comments), as text, and how many
+    # lines come before the header, counted from the first line not blank.
+    skipped_lines: list = field(default_factory=list)
+    header_line: int = 0
 
     @property
     def format(self):
@@ -772,9 +778,25 @@ class CSVPlan:
         """Whether the file can be cut into parts at any LF byte (see _process_count)."""
         return self.encoding in SPLITTABLE_ENCODINGS
 
+    @property
+    def dialect(self):
+        """The csv module's reader options for the file."""
+        if self.quotechar is None:
+            return {"delimiter": self.delimiter, "quoting": csv.QUOTE_NONE}
+        return {"delimiter": self.delimiter, "quotechar": self.quotechar, "escapechar": self.escapechar}
+
     def answer(self):
-        """What the import's answer says of the file."""
-        return {"format": self.format}
+        """What the import's answer says of the file: its format, and how it differs from plain CSV."""
+        answer = {"format": self.format}
+        if self.quotechar is None:
+            answer["quoting"] = "none"
+        elif self.quotechar != '"':
+            answer["quotechar"] = self.quotechar
+        if self.escapechar:
+            answer["escapechar"] = self.escapechar
+        if self.skipped_lines:
+            answer["skipped_lines"] = self.skipped_lines
+        return answer
 
     def readers(self, path):
         """(sheet, reader) for each table the file gives: one, with no sheet name."""
@@ -784,7 +806,8 @@ class CSVPlan:
         return CSVReader(path, self, start, end)
 
     def split_points(self, path, processes):
-        return _csv_split_points(path, processes)
+        quote = self.quotechar.encode() if self.quotechar else None
+        return _csv_split_points(path, processes, quote)
 
 
 def _is_blank(row):
@@ -832,14 +855,146 @@ def _text_sample(path, encoding):
 
 
 def plan_csv(path, encoding, source):
-    """Decide how to read a CSV file in a known encoding: its delimiter."""
+    """Decide how to read a CSV file in a known encoding: its delimiter, and, for a
+    messy file, its quoting and the lines above its header."""
     try:
         sample, complete = _text_sample(path, encoding)
     except UnicodeDecodeError:
         raise ReadError(f"{source} is not valid {encoding} text.")
     if not sample.strip():
         raise ReadError(f"File is empty: {source}")
-    return CSVPlan(encoding, detect_delimiter(sample, complete), source)
+    plan = CSVPlan(encoding, detect_delimiter(sample, complete), source)
+    table = _SampleReading(sample, complete, plan.dialect).table()
+    if table is not None and not table[1]:
+        return plan  # rows of one width from the header on: most files
+    return _messy_plan(plan, sample, complete) or plan
+
+
+class _SampleReading:
+    """The sample's rows as the csv module reads them with dialect (its reader options).
+
+    rows leaves out a last row the sample may have cut off; spans gives the
+    lines each row spans, as a range of indexes into lines. failed is True
+    when the reading is an error (strict readings) or a quote never closes.
+    """
+
+    def __init__(self, sample, complete, dialect, strict=False):
+        self.lines = io.StringIO(sample, newline="").readlines()
+        self.rows, self.spans, self.failed = [], [], False
+        reader = csv.reader(itertools.chain(self.lines, [CSVReader.END]), strict=strict, **dialect)
+        start = 0
+        try:
+            for row in reader:
+                self.rows.append(row)
+                self.spans.append(range(start, reader.line_num))
+                start = reader.line_num
+        except csv.Error:
+            self.failed = True
+            return
+        if self.rows[-1] != [CSVReader.END]:
+            self.failed = complete  # a cut sample may end inside a long quoted cell
+        del self.rows[-1], self.spans[-1]
+        if not complete and self.rows:
+            del self.rows[-1], self.spans[-1]
+
+    def spans_lines(self):
+        """Whether some row spans more than one line: quotes joined them."""
+        return any(len(span) > 1 for span in self.spans)
+
+    def table(self):
+        """Where a table of one width starts, and the lines above it; None when there is none.
+
+        The table is the longest run of rows of one width, at least two
+        fields, that ends the sample: a header and at least one row. Every
+        line above it must be one a table never starts with: a # comment of
+        another width, or a line of one or two fields, two or more fewer than
+        the table has, above a header that names a column of numbers. A
+        header one field short of its rows is a ragged file, not a title.
+        Returns (header line, [lines above it]): (0, []) for a plain file.
+        """
+        if self.failed:
+            return None
+        kept = [i for i, row in enumerate(self.rows) if not _is_blank(row)]
+        if len(kept) < 2:
+            return None
+        width, first = len(self.rows[kept[-1]]), len(kept) - 1
+        while first > 0 and len(self.rows[kept[first - 1]]) == width:
+            first -= 1
+        if width < 2 or first == len(kept) - 1:
+            return None
+        above = [self.rows[i] for i in kept[:first]]
+        if any(len(self.spans[i]) > 1 for i in kept[:first]):
+            return None
+        if not all(_is_comment(row, width) or len(row) <= min(2, width - 2) for row in above):
+            return None
+        table = [self.rows[i] for i in kept[first:]]
+        if any(not _is_comment(row, width) for row in above) and not _names_numbers(table):
+            return None
+        header = self.spans[kept[first]].start
+        return header, [self.lines[self.spans[i].start].rstrip("\r\n") for i in kept[:first]]
+
+
+def _is_comment(row, width):
+    """A # comment line above a table of width fields; a header may name a column #."""
+    return row[0].startswith("#") and len(row) != width
+
+
+def _names_numbers(table):
+    """Whether the first row is a header: it names a column that holds numbers below it."""
+    header, rows = table[0], table[1:]
+    for i, name in enumerate(header):
+        if name.strip() and column_type([name]) == _TEXT:
+            if column_type([row[i] for row in rows]) in (_INTEGER, _REAL):
+                return True
+    return False
+
+
+def _messy_plan(plan, sample, complete):
+    """A plan for a file whose rows have one width only once lines above the header are
+    skipped, or quotes are read another way; None when no reading gives them one.
+
+    Quotes are read another way only on evidence the usual reading is wrong:
+    quoting is turned off when the usual quotes join lines, never close, or
+    close before text that is not a delimiter;
+    ' quotes or \\" escapes are read only where the rows are consistent with
+    them and with neither the usual quotes nor none.
+    """
+    found = None
+    for delimiter in [plan.delimiter] + [d for d in DELIMITERS if d != plan.delimiter]:
+        usual = _SampleReading(sample, complete, {"delimiter": delimiter})
+        readings = [(0, {}, usual)]
+        if usual.table() is None:
+            readings += _other_quotes(sample, complete, delimiter, usual)
+        for rank, fields, reading in readings:
+            table = reading.table()
+            if table is None or not (rank or table[1]):
+                continue
+            size = (-rank, len(reading.rows), len(reading.rows[-1]))
+            if found is None or size > found[0]:
+                header_line, skipped = table
+                found = size, CSVPlan(
+                    plan.encoding, delimiter, plan.source, **fields, skipped_lines=skipped,
+                    header_line=header_line,
+                )
+    return found and found[1]
+
+
+def _other_quotes(sample, complete, delimiter, usual):
+    """(rank, CSVPlan fields, reading) for each other way of reading quotes the sample gives evidence for."""
+    unquoted = _SampleReading(sample, complete, {"delimiter": delimiter, "quoting": csv.QUOTE_NONE})
+    if usual.failed or usual.spans_lines() or _SampleReading(
+        sample, complete, {"delimiter": delimiter}, strict=True
+    ).failed:
+        yield 1, {"quotechar": None}, unquoted
+    if unquoted.table() is not None:
+        return  # quotes of any kind change nothing that matters
+    if "'" in sample:
+        single = {"delimiter": delimiter, "quotechar": "'"}
+        yield 2, {"quotechar": "'"}, _SampleReading(sample, complete, single, strict=True)
+    # Only where every backslash escapes a quote or a backslash: elsewhere it would be lost.
+    if '\\"' in sample and not re.search(r'\\[^"\\]', sample):
+        escaped = {"delimiter": delimiter, "escapechar": "\\"}
+        yield 3, {"escapechar": "\\"}, _SampleReading(sample, complete, escaped, strict=True)
 
 
 def _allow_large_csv_fields():
@@ -966,7 +1121,8 @@ class CSVReader:
             newline="",
         )
         lines = itertools.chain(self.file, [self.END])
-        self.reader = csv.reader(lines, delimiter=plan.delimiter)
+        self.reader = csv.reader(lines, **plan.dialect)
+        self.lines_skipped = 0  # lines above the header, read past before the csv reader's
 
     def close(self):
         self.file.close()
@@ -977,8 +1133,23 @@ class CSVReader:
 
     def batches(self, size=BATCH_ROWS):
         if self.start == 0:
+            self._skip_lines_above_header()
             self.header = self._first_row()
         yield from self._batches(size)
+
+    def _skip_lines_above_header(self):
+        """Read past the blank lines at the start and the plan's lines above the header."""
+        if not self.plan.header_line:
+            return
+        line = "\n"
+        while line and not line.strip():
+            line = next(self.file, "")
+            self.lines_skipped += 1
+        for _ in range(self.plan.header_line - 1):
+            line = next(self.file, "")
+            self.lines_skipped += 1
+        if not line and not self.last:  # the first part ends above the header
+            raise _SplitFailed()
 
     def _first_row(self):
         for batch in self._batches(1):
@@ -1010,7 +1181,7 @@ class CSVReader:
 
     def _line(self, number):
         """A line number within the part, as a line number of the file."""
-        return number + (_lines_before(self.path, self.start) if self.start else 0)
+        return number + (_lines_before(self.path, self.start) if self.start else self.lines_skipped)
 
     def _unclosed_quote(self, row):
         row[-1] = row[-1][: -len(self.END)]
@@ -2575,14 +2746,15 @@ def _part_database(staging_path, number):
     return f"{staging_path}-{number}" if number else staging_path
 
 
-def _csv_split_points(path, processes):
+def _csv_split_points(path, processes, quote=b'"'):
     """Where the second and later parts of a CSV file start: one part per process, of about equal size.
 
     Each is just past an LF that the quotes before it say is outside a quoted
     cell: counting them is a scan of bytes, not a parse. A quote inside an
     unquoted cell can mislead the count, and then the part before ends inside
     a quote, which its CSVReader notices. Fewer points come back when no such
-    LF is near where one is wanted.
+    LF is near where one is wanted. A file read with quoting off (quote None)
+    can be cut at any LF.
     """
     size = os.path.getsize(path)
     points, quotes, position = [], 0, 0
@@ -2593,27 +2765,27 @@ def _csv_split_points(path, processes):
                 chunk = f.read(min(READ_BUFFER_BYTES, aim - position))
                 if not chunk:
                     return points
-                quotes += chunk.count(b'"')
+                quotes += chunk.count(quote) if quote else 0
                 position += len(chunk)
             window = f.read(SPLIT_SEARCH_BYTES)
-            point = _unquoted_line_end(window, quotes)
+            point = _unquoted_line_end(window, quotes, quote)
             if point is None or position + point >= size:
                 return points
             points.append(position + point)
-            quotes += window.count(b'"', 0, point)
+            quotes += window.count(quote, 0, point) if quote else 0
             position += point
             f.seek(position)
     return points
 
 
-def _unquoted_line_end(window, quotes):
+def _unquoted_line_end(window, quotes, quote=b'"'):
     """Where the first LF in window with an even number of quotes before it ends, or None."""
     start = 0
     while True:
         end = window.find(b"\n", start)
         if end == -1:
             return None
-        quotes += window.count(b'"', start, end)
+        quotes += window.count(quote, start, end) if quote else 0
         if quotes % 2 == 0:
             return end + 1
         start = end + 1
@@ -3191,6 +3363,7 @@ class ImportProgress:
     started: str = field(default_factory=_now)
     finished: str = None
     error: str = None
+    skipped_lines: int = 0  # lines above the header that the import skipped
 
     cancelled: bool = False
 
@@ -3215,7 +3388,7 @@ class ImportProgress:
         data = {
             key: getattr(self, key)
             for key in ("id", "source", "database", "table", "state", "rows", "bytes_read",
-                        "bytes_total", "started", "finished", "error")
+                        "bytes_total", "started", "finished", "error", "skipped_lines")
         }
         # Where the page's Open link goes; for `temporary` the table is only
         # known once the import is done.
@@ -3253,6 +3426,7 @@ class ImportLog:
         For a workbook, the first sheet's table is the one the import opens.
         """
         item.table = results[0].table
+        item.skipped_lines = len(results[0].answer.get("skipped_lines", ()))
         item._record(rows=sum(result.rows for result in results), bytes_read=item.bytes_total)
         self._finish(item, "done")
 
@@ -3596,7 +3770,11 @@ PAGE_SCRIPT = r"""/* app_support: import progress, Cancel and Import CSV for Dat
       return "Importing: " + rows + (p === null ? "" : ", " + p + "%");
     }
     if (item.state === "done") {
-      return "Imported " + rows + " into " + item.table + ".";
+      var skipped = item.skipped_lines
+        ? " Skipped " + formatNumber(item.skipped_lines) +
+          (item.skipped_lines === 1 ? " line" : " lines") + " above the header."
+        : "";
+      return "Imported " + rows + " into " + item.table + "." + skipped;
     }
     return item.error || "The import failed.";
   }
