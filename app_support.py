@@ -729,7 +729,8 @@ def _decodes_as_utf8(head):
 
 
 def sniff_encoding(head, declared=None):
-    """Pick the encoding: a declared charset, a BOM, else UTF-8 unless the start says cp1252."""
+    """Pick the encoding: a declared charset, a BOM, else UTF-8 unless the start says
+    an East Asian code page or cp1252."""
     looks_utf8 = _decodes_as_utf8(head)
     codec = _codec(declared) if declared else None
     # Servers often label UTF-8 as Latin-1 by default, while non-ASCII bytes
@@ -738,7 +739,64 @@ def sniff_encoding(head, declared=None):
         return codec
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         return "utf-16"
-    return "utf-8-sig" if looks_utf8 else "cp1252"
+    return "utf-8-sig" if looks_utf8 else _east_asian_code_page(head) or "cp1252"
+
+
+# The code pages Excel writes CSV in on Japanese, Chinese and Korean Windows,
+# each with the national standard it extends and the codes there of its
+# everyday characters: punctuation and kana rows, and the common level of
+# kanji or hanzi, or the Hangul syllables of KS X 1001.
+_EAST_ASIAN = (
+    ("cp949", "euc_kr", ((0xA1A1, 0xACFE), (0xB0A1, 0xC8FE))),
+    ("gb18030", "gb2312", ((0xA1A1, 0xA9FE), (0xB0A1, 0xD7F9))),
+    ("cp950", "big5", ((0xA140, 0xA3BF), (0xA440, 0xC67E))),
+    ("cp932", "shift_jis", ((0x8140, 0x84BE), (0x889F, 0x9872))),
+)
+# How much of a file's non-ASCII text must be such characters, and how many
+# of its runs may touch a Latin letter, as accented letters read as double-
+# byte codes do (café: caf + a code made of é and the next byte).
+EAST_ASIAN_SHARE = 0.9
+TOUCHING_LATIN_SHARE = 0.2
+_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
+
+
+def _everyday(c, standard, ranges):
+    """Whether c is one of the everyday characters of a national standard."""
+    try:
+        code = int.from_bytes(c.encode(standard), "big")
+    except UnicodeEncodeError:
+        return False
+    return any(low <= code <= high for low, high in ranges)
+
+
+def _east_asian_code_page(head):
+    """The East Asian code page the bytes are text in, or None.
+
+    Western text decodes as these code pages too, often without an error:
+    an accented letter and the letter after it make a double-byte code. So
+    the evidence is what the text decodes to: nearly all of it the everyday
+    characters of the code page's language, in runs that seldom touch a
+    Latin letter. Of code pages with equal evidence, the first listed wins:
+    Korean text reads as common Chinese characters in GB18030.
+    """
+    best, best_share = None, EAST_ASIAN_SHARE
+    for encoding, standard, ranges in _EAST_ASIAN:
+        try:
+            text = codecs.getincrementaldecoder(encoding)().decode(head)  # may end mid-character
+        except UnicodeDecodeError:
+            continue
+        runs = list(_NON_ASCII_RUN.finditer(text))
+        wide = "".join(run.group() for run in runs)
+        if len(wide) < 2:
+            continue
+        share = sum(_everyday(c, standard, ranges) for c in wide) / len(wide)
+        touching = sum(
+            text[run.start() - 1 : run.start()].isalpha() or text[run.end() : run.end() + 1].isalpha()
+            for run in runs
+        )
+        if share > best_share and touching <= len(runs) * TOUCHING_LATIN_SHARE:
+            best, best_share = encoding, share
+    return best
 
 
 def _decode_errors(encoding):

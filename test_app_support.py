@@ -2965,6 +2965,49 @@ def test_csv_engine_reads_single_quotes_and_escapes_only_where_rows_need_them(tm
     assert_none_differ(problems, "files")
 
 
+# Words in each language, and the encodings Windows and Excel save it in.
+LANGUAGE_WORDS = {
+    "French": "café élève garçon déjà où être naïve hôtel crème brûlée façade noël forêt château",
+    "German": "Straße Müller Größe Äpfel schön über Übung Öl Bäcker grün Fuß weiß Zürich",
+    "Spanish": "niño año señor está corazón información canción mañana pequeño árbol jamás",
+    "Portuguese": "ação informação não são coração também órgão pães cães avô irmã lições situação",
+    "Japanese": "日本 東京 大阪 こんにちは ありがとう データ 株式会社 売上 合計 商品 名前 住所 電話 番号 さくら",
+    "Chinese (simplified)": "中国 北京 上海 数据 销售 合计 产品 名称 地址 电话 号码 公司 我们 这个 发展 经济",
+    "Chinese (traditional)": "臺灣 台北 資料 銷售 合計 產品 名稱 地址 電話 號碼 公司 我們 這個 發展 經濟 學校",
+    "Korean": "한국 서울 부산 데이터 판매 합계 제품 이름 주소 전화 번호 회사 우리 안녕하세요 감사합니다",
+}
+LANGUAGE_ENCODINGS = {
+    "French": ["cp1252", "latin-1"], "German": ["cp1252", "latin-1"], "Spanish": ["cp1252", "latin-1"],
+    "Portuguese": ["cp1252", "latin-1"], "Japanese": ["cp932", "shift_jis"],
+    "Chinese (simplified)": ["gb18030", "gbk", "gb2312"], "Chinese (traditional)": ["cp950", "big5"],
+    "Korean": ["cp949", "euc_kr"],
+}
+ENCODING_SEED = 22_4_2026
+ENCODING_FILES = 400
+
+
+def test_csv_engine_reads_east_asian_and_western_code_pages_as_written(tmp_path):
+    rng = random.Random(ENCODING_SEED)
+    problems = []
+    for index in range(ENCODING_FILES):
+        language = rng.choice(list(LANGUAGE_WORDS))
+        encoding = rng.choice(LANGUAGE_ENCODINGS[language])
+        words = LANGUAGE_WORDS[language].split()
+        header = ["id", rng.choice(words), "amount"]
+        rows = [
+            [str(i), " ".join(rng.choice(words) for _ in range(rng.randint(1, 3))), f"{rng.randint(0, 999)}.{rng.randint(0, 99)}"]
+            # A Chinese file of a row or two can read as Korean: see the README's table.
+            for i in range(rng.randint(5 if language.startswith("Chinese") else 1, 60))
+        ]
+        text = written([header] + rows)
+        where = f"seed {ENCODING_SEED} file {index} ({language} in {encoding}, {len(rows)} rows)"
+        path = write(tmp_path / "coded.csv", text.encode(encoding))
+        problems.append(engine_problem(path, where, lambda conn, result: first_difference(
+            where, stored_table(conn, result.table), (header, *expected_table(header, rows))
+        )))
+    assert_none_differ(problems, "files")
+
+
 def test_json_engine_matches_json_module_on_generated_documents(tmp_path):
     problems = []
     for index in range(JSON_ENGINE_DOCUMENTS):
