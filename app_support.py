@@ -155,6 +155,8 @@ MAX_REDIRECTS = 5
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024
 # Longer digit strings overflow SQLite's 64-bit integers.
 MAX_INTEGER_DIGITS = 18
+# A double holds 17 significant decimal digits; a decimal with more stays TEXT.
+MAX_REAL_DIGITS = 17
 # Finished imports kept for /-/import-progress; running ones are always kept.
 PROGRESS_HISTORY = 50
 # How long POST /-/cancel-import waits for the import to stop before answering.
@@ -917,7 +919,8 @@ def _decodes_as_utf8(head):
 
 
 def sniff_encoding(head, declared=None):
-    """Pick the encoding: a declared charset, a BOM, else UTF-8 unless the start says cp1252."""
+    """Pick the encoding: a declared charset, a BOM, else UTF-8 unless the start says
+    an East Asian code page or cp1252."""
     looks_utf8 = _decodes_as_utf8(head)
     codec = _codec(declared) if declared else None
     # Servers often label UTF-8 as Latin-1 by default, while non-ASCII bytes
@@ -926,7 +929,64 @@ def sniff_encoding(head, declared=None):
         return codec
     if head.startswith((b"\xff\xfe", b"\xfe\xff")):
         return "utf-16"
-    return "utf-8-sig" if looks_utf8 else "cp1252"
+    return "utf-8-sig" if looks_utf8 else _east_asian_code_page(head) or "cp1252"
+
+
+# The code pages Excel writes CSV in on Japanese, Chinese and Korean Windows,
+# each with the national standard it extends and the codes there of its
+# everyday characters: punctuation and kana rows, and the common level of
+# kanji or hanzi, or the Hangul syllables of KS X 1001.
+_EAST_ASIAN = (
+    ("cp949", "euc_kr", ((0xA1A1, 0xACFE), (0xB0A1, 0xC8FE))),
+    ("gb18030", "gb2312", ((0xA1A1, 0xA9FE), (0xB0A1, 0xD7F9))),
+    ("cp950", "big5", ((0xA140, 0xA3BF), (0xA440, 0xC67E))),
+    ("cp932", "shift_jis", ((0x8140, 0x84BE), (0x889F, 0x9872))),
+)
+# How much of a file's non-ASCII text must be such characters, and how many
+# of its runs may touch a Latin letter, as accented letters read as double-
+# byte codes do (café: caf + a code made of é and the next byte).
+EAST_ASIAN_SHARE = 0.9
+TOUCHING_LATIN_SHARE = 0.2
+_NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
+
+
+def _everyday(c, standard, ranges):
+    """Whether c is one of the everyday characters of a national standard."""
+    try:
+        code = int.from_bytes(c.encode(standard), "big")
+    except UnicodeEncodeError:
+        return False
+    return any(low <= code <= high for low, high in ranges)
+
+
+def _east_asian_code_page(head):
+    """The East Asian code page the bytes are text in, or None.
+
+    Western text decodes as these code pages too, often without an error:
+    an accented letter and the letter after it make a double-byte code. So
+    the evidence is what the text decodes to: nearly all of it the everyday
+    characters of the code page's language, in runs that seldom touch a
+    Latin letter. Of code pages with equal evidence, the first listed wins:
+    Korean text reads as common Chinese characters in GB18030.
+    """
+    best, best_share = None, EAST_ASIAN_SHARE
+    for encoding, standard, ranges in _EAST_ASIAN:
+        try:
+            text = codecs.getincrementaldecoder(encoding)().decode(head)  # may end mid-character
+        except UnicodeDecodeError:
+            continue
+        runs = list(_NON_ASCII_RUN.finditer(text))
+        wide = "".join(run.group() for run in runs)
+        if len(wide) < 2:
+            continue
+        share = sum(_everyday(c, standard, ranges) for c in wide) / len(wide)
+        touching = sum(
+            text[run.start() - 1 : run.start()].isalpha() or text[run.end() : run.end() + 1].isalpha()
+            for run in runs
+        )
+        if share > best_share and touching <= len(runs) * TOUCHING_LATIN_SHARE:
+            best, best_share = encoding, share
+    return best
 
 
 def _decode_errors(encoding):
@@ -946,6 +1006,12 @@ class CSVPlan:
     encoding: str = "utf-8-sig"
     delimiter: str = ","
     source: str = ""  # the file's name in messages
+    quotechar: str = '"'  # None: quotes are characters like any other
+    escapechar: str = None
+    # The lines above the header (titles, comments), as text, and how many
+    # lines come before the header, counted from the first line not blank.
+    skipped_lines: list = field(default_factory=list)
+    header_line: int = 0
 
     @property
     def format(self):
@@ -960,9 +1026,25 @@ class CSVPlan:
         """Whether the file can be cut into parts at any LF byte (see _process_count)."""
         return self.encoding in SPLITTABLE_ENCODINGS
 
+    @property
+    def dialect(self):
+        """The csv module's reader options for the file."""
+        if self.quotechar is None:
+            return {"delimiter": self.delimiter, "quoting": csv.QUOTE_NONE}
+        return {"delimiter": self.delimiter, "quotechar": self.quotechar, "escapechar": self.escapechar}
+
     def answer(self):
-        """What the import's answer says of the file."""
-        return {"format": self.format}
+        """What the import's answer says of the file: its format, and how it differs from plain CSV."""
+        answer = {"format": self.format}
+        if self.quotechar is None:
+            answer["quoting"] = "none"
+        elif self.quotechar != '"':
+            answer["quotechar"] = self.quotechar
+        if self.escapechar:
+            answer["escapechar"] = self.escapechar
+        if self.skipped_lines:
+            answer["skipped_lines"] = self.skipped_lines
+        return answer
 
     def readers(self, path):
         """(sheet, reader) for each table the file gives: one, with no sheet name."""
@@ -972,7 +1054,8 @@ class CSVPlan:
         return CSVReader(path, self, start, end)
 
     def split_points(self, path, processes):
-        return _csv_split_points(path, processes)
+        quote = self.quotechar.encode() if self.quotechar else None
+        return _csv_split_points(path, processes, quote)
 
 
 def _is_blank(row):
@@ -1020,14 +1103,146 @@ def _text_sample(path, encoding):
 
 
 def plan_csv(path, encoding, source):
-    """Decide how to read a CSV file in a known encoding: its delimiter."""
+    """Decide how to read a CSV file in a known encoding: its delimiter, and, for a
+    messy file, its quoting and the lines above its header."""
     try:
         sample, complete = _text_sample(path, encoding)
     except UnicodeDecodeError:
         raise ReadError(f"{source} is not valid {encoding} text.")
     if not sample.strip():
         raise ReadError(f"File is empty: {source}")
-    return CSVPlan(encoding, detect_delimiter(sample, complete), source)
+    plan = CSVPlan(encoding, detect_delimiter(sample, complete), source)
+    table = _SampleReading(sample, complete, plan.dialect).table()
+    if table is not None and not table[1]:
+        return plan  # rows of one width from the header on: most files
+    return _messy_plan(plan, sample, complete) or plan
+
+
+class _SampleReading:
+    """The sample's rows as the csv module reads them with dialect (its reader options).
+
+    rows leaves out a last row the sample may have cut off; spans gives the
+    lines each row spans, as a range of indexes into lines. failed is True
+    when the reading is an error (strict readings) or a quote never closes.
+    """
+
+    def __init__(self, sample, complete, dialect, strict=False):
+        self.lines = io.StringIO(sample, newline="").readlines()
+        self.rows, self.spans, self.failed = [], [], False
+        reader = csv.reader(itertools.chain(self.lines, [CSVReader.END]), strict=strict, **dialect)
+        start = 0
+        try:
+            for row in reader:
+                self.rows.append(row)
+                self.spans.append(range(start, reader.line_num))
+                start = reader.line_num
+        except csv.Error:
+            self.failed = True
+            return
+        if self.rows[-1] != [CSVReader.END]:
+            self.failed = complete  # a cut sample may end inside a long quoted cell
+        del self.rows[-1], self.spans[-1]
+        if not complete and self.rows:
+            del self.rows[-1], self.spans[-1]
+
+    def spans_lines(self):
+        """Whether some row spans more than one line: quotes joined them."""
+        return any(len(span) > 1 for span in self.spans)
+
+    def table(self):
+        """Where a table of one width starts, and the lines above it; None when there is none.
+
+        The table is the longest run of rows of one width, at least two
+        fields, that ends the sample: a header and at least one row. Every
+        line above it must be one a table never starts with: a # comment of
+        another width, or a line of one or two fields, two or more fewer than
+        the table has, above a header that names a column of numbers. A
+        header one field short of its rows is a ragged file, not a title.
+        Returns (header line, [lines above it]): (0, []) for a plain file.
+        """
+        if self.failed:
+            return None
+        kept = [i for i, row in enumerate(self.rows) if not _is_blank(row)]
+        if len(kept) < 2:
+            return None
+        width, first = len(self.rows[kept[-1]]), len(kept) - 1
+        while first > 0 and len(self.rows[kept[first - 1]]) == width:
+            first -= 1
+        if width < 2 or first == len(kept) - 1:
+            return None
+        above = [self.rows[i] for i in kept[:first]]
+        if any(len(self.spans[i]) > 1 for i in kept[:first]):
+            return None
+        if not all(_is_comment(row, width) or len(row) <= min(2, width - 2) for row in above):
+            return None
+        table = [self.rows[i] for i in kept[first:]]
+        if any(not _is_comment(row, width) for row in above) and not _names_numbers(table):
+            return None
+        header = self.spans[kept[first]].start
+        return header, [self.lines[self.spans[i].start].rstrip("\r\n") for i in kept[:first]]
+
+
+def _is_comment(row, width):
+    """A # comment line above a table of width fields; a header may name a column #."""
+    return row[0].startswith("#") and len(row) != width
+
+
+def _names_numbers(table):
+    """Whether the first row is a header: it names a column that holds numbers below it."""
+    header, rows = table[0], table[1:]
+    for i, name in enumerate(header):
+        if name.strip() and column_type([name]) == _TEXT:
+            if column_type([row[i] for row in rows]) in (_INTEGER, _REAL):
+                return True
+    return False
+
+
+def _messy_plan(plan, sample, complete):
+    """A plan for a file whose rows have one width only once lines above the header are
+    skipped, or quotes are read another way; None when no reading gives them one.
+
+    Quotes are read another way only on evidence the usual reading is wrong:
+    quoting is turned off when the usual quotes join lines, never close, or
+    close before text that is not a delimiter;
+    ' quotes or \\" escapes are read only where the rows are consistent with
+    them and with neither the usual quotes nor none.
+    """
+    found = None
+    for delimiter in [plan.delimiter] + [d for d in DELIMITERS if d != plan.delimiter]:
+        usual = _SampleReading(sample, complete, {"delimiter": delimiter})
+        readings = [(0, {}, usual)]
+        if usual.table() is None:
+            readings += _other_quotes(sample, complete, delimiter, usual)
+        for rank, fields, reading in readings:
+            table = reading.table()
+            if table is None or not (rank or table[1]):
+                continue
+            size = (-rank, len(reading.rows), len(reading.rows[-1]))
+            if found is None or size > found[0]:
+                header_line, skipped = table
+                found = size, CSVPlan(
+                    plan.encoding, delimiter, plan.source, **fields, skipped_lines=skipped,
+                    header_line=header_line,
+                )
+    return found and found[1]
+
+
+def _other_quotes(sample, complete, delimiter, usual):
+    """(rank, CSVPlan fields, reading) for each other way of reading quotes the sample gives evidence for."""
+    unquoted = _SampleReading(sample, complete, {"delimiter": delimiter, "quoting": csv.QUOTE_NONE})
+    if usual.failed or usual.spans_lines() or _SampleReading(
+        sample, complete, {"delimiter": delimiter}, strict=True
+    ).failed:
+        yield 1, {"quotechar": None}, unquoted
+    if unquoted.table() is not None:
+        return  # quotes of any kind change nothing that matters
+    if "'" in sample:
+        single = {"delimiter": delimiter, "quotechar": "'"}
+        yield 2, {"quotechar": "'"}, _SampleReading(sample, complete, single, strict=True)
+    # Only where every backslash escapes a quote or a backslash: elsewhere it would be lost.
+    if '\\"' in sample and not re.search(r'\\[^"\\]', sample):
+        escaped = {"delimiter": delimiter, "escapechar": "\\"}
+        yield 3, {"escapechar": "\\"}, _SampleReading(sample, complete, escaped, strict=True)
 
 
 def _allow_large_csv_fields():
@@ -1154,7 +1369,8 @@ class CSVReader:
             newline="",
         )
         lines = itertools.chain(self.file, [self.END])
-        self.reader = csv.reader(lines, delimiter=plan.delimiter)
+        self.reader = csv.reader(lines, **plan.dialect)
+        self.lines_skipped = 0  # lines above the header, read past before the csv reader's
 
     def close(self):
         self.file.close()
@@ -1165,8 +1381,23 @@ class CSVReader:
 
     def batches(self, size=BATCH_ROWS):
         if self.start == 0:
+            self._skip_lines_above_header()
             self.header = self._first_row()
         yield from self._batches(size)
+
+    def _skip_lines_above_header(self):
+        """Read past the blank lines at the start and the plan's lines above the header."""
+        if not self.plan.header_line:
+            return
+        line = "\n"
+        while line and not line.strip():
+            line = next(self.file, "")
+            self.lines_skipped += 1
+        for _ in range(self.plan.header_line - 1):
+            line = next(self.file, "")
+            self.lines_skipped += 1
+        if not line and not self.last:  # the first part ends above the header
+            raise _SplitFailed()
 
     def _first_row(self):
         for batch in self._batches(1):
@@ -1198,7 +1429,7 @@ class CSVReader:
 
     def _line(self, number):
         """A line number within the part, as a line number of the file."""
-        return number + (_lines_before(self.path, self.start) if self.start else 0)
+        return number + (_lines_before(self.path, self.start) if self.start else self.lines_skipped)
 
     def _unclosed_quote(self, row):
         row[-1] = row[-1][: -len(self.END)]
@@ -2237,6 +2468,9 @@ _RANK = {None: 0, _INTEGER: 1, _REAL: 2, _TEXT: 3}
 _DIGITS_AS_NINES = bytes.maketrans(b"012345678", b"999999999")
 _DIGITS_AS_ONES = bytes.maketrans(b"23456789", b"11111111")
 _LONG_NUMBER = b"9" * (MAX_INTEGER_DIGITS + 1)
+_DIGITS_AND_DOT_AS_NINES = bytes.maketrans(b"012345678.", b"9999999999")
+# Values with more significant digits than a double holds have at least 18 digits.
+_LONG_DECIMAL = b"9" * (MAX_REAL_DIGITS + 1)
 
 
 def column_type(values):
@@ -2246,7 +2480,8 @@ def column_type(values):
     at once with C-speed string operations, because a check per value costs
     more than the insert; test_app_support.py checks it against a plain
     per-value rule on generated columns. Leading zeros, a sign or exponent
-    SQLite would rewrite, and integers too long for 64 bits make it TEXT.
+    SQLite would rewrite, integers too long for 64 bits and decimals with
+    more significant digits than a double holds make it TEXT.
     """
     try:
         joined = "\n" + "\n".join(values) + "\n"
@@ -2279,6 +2514,10 @@ def column_type(values):
         return _INTEGER
     # Without digits and signs, a value with two dots shows as "..".
     if b".." in b.translate(None, b"0123456789-") or b"\n.\n" in b or b"\n-.\n" in b:
+        return _TEXT
+    if _LONG_DECIMAL in b.translate(_DIGITS_AND_DOT_AS_NINES) and any(
+        len(v.replace("-", "").replace(".", "").lstrip("0")) > MAX_REAL_DIGITS for v in values
+    ):
         return _TEXT
     return _REAL
 
@@ -2411,7 +2650,33 @@ def _open_staging(path, encoding):
         conn.execute(f"PRAGMA {pragma}")
     # SQLite writes a REAL as text to 15 digits; Python's repr keeps every one.
     conn.create_function("app_support_real_text", 1, float.__repr__, deterministic=True)
+    conn.create_function("app_support_real", 1, float, deterministic=True)
     return conn
+
+
+# Decimals that SQLite before 3.43 reads one unit off in the last binary
+# digit (it rounds twice, through an 80-bit long double): short ones as
+# files hold them, and 17-digit ones near halfway between two doubles.
+_HARD_DECIMALS = (
+    "0.337006", "-151.3907387", "-77.179786", "326.9414783", "92.679589", "875.985163",
+    "243.671678", "-359.073836", "-77.8436515", "678.491422", "156.797072", "93.0281053",
+    "-34.330547048880522", "-9245.7578589056493", "-0.88301252330427632",
+    "-913130.87476658792", "0.00059621730125136973", "-53480301.821334932",
+)
+_exact_real_casts = []  # once known: whether this process's SQLite reads them all exactly
+
+
+def _sqlite_reads_decimals_exactly(conn):
+    """Whether SQLite turns decimal text into the nearest double, as Python's float() does.
+
+    Proved on this SQLite, once per process, on decimals that older versions
+    get wrong, rather than guessed from its version number.
+    """
+    if not _exact_real_casts:
+        casts = ", ".join(["CAST(? AS REAL)"] * len(_HARD_DECIMALS))
+        got = conn.execute(f"SELECT {casts}", _HARD_DECIMALS).fetchone()
+        _exact_real_casts.append(list(got) == [float(text) for text in _HARD_DECIMALS])
+    return _exact_real_casts[0]
 
 
 def _max_variables(conn):
@@ -2542,9 +2807,13 @@ class _StagedRows:
             if kind != _TEXT:
                 return f"c{n}"
             return f"CASE WHEN typeof(c{n}) = 'real' THEN app_support_real_text(c{n}) ELSE c{n} END"
+        if kind == _TEXT:
+            return f"c{n}"
         # CASE, not nullif(): a function's result is a copy of the value, and
         # copying every cell of a number column cost a third of the conversion.
-        return f"c{n}" if kind == _TEXT else f"CASE WHEN c{n} <> '' THEN c{n} END"
+        if kind == _REAL and not _sqlite_reads_decimals_exactly(self.conn):
+            return f"CASE WHEN c{n} <> '' THEN app_support_real(c{n}) END"
+        return f"CASE WHEN c{n} <> '' THEN c{n} END"
 
 
 # Copying into the target
@@ -2727,7 +2996,7 @@ def _part_database(staging_path, number):
     return f"{staging_path}-{number}" if number else staging_path
 
 
-def _csv_split_points(path, processes):
+def _csv_split_points(path, processes, quote=b'"'):
     """Where the second and later parts of a CSV file start: one part per process, of about equal size.
 
     Each is just past an LF that the quotes before it say is outside a quoted
@@ -2736,6 +3005,7 @@ def _csv_split_points(path, processes):
     a quote, which its CSVReader notices. Fewer points come back when no such
     LF is near where one is wanted, and none past a NUL byte: the file is
     refused there, which reading it whole finds sooner than a scan of the rest.
+    A file read with quoting off (quote None) can be cut at any LF.
     """
     size = os.path.getsize(path)
     points, quotes, position = [], 0, 0
@@ -2746,27 +3016,27 @@ def _csv_split_points(path, processes):
                 chunk = f.read(min(READ_BUFFER_BYTES, aim - position))
                 if not chunk or b"\x00" in chunk:
                     return points
-                quotes += chunk.count(b'"')
+                quotes += chunk.count(quote) if quote else 0
                 position += len(chunk)
             window = f.read(SPLIT_SEARCH_BYTES)
-            point = _unquoted_line_end(window, quotes)
+            point = _unquoted_line_end(window, quotes, quote)
             if point is None or position + point >= size or b"\x00" in window[:point]:
                 return points
             points.append(position + point)
-            quotes += window.count(b'"', 0, point)
+            quotes += window.count(quote, 0, point) if quote else 0
             position += point
             f.seek(position)
     return points
 
 
-def _unquoted_line_end(window, quotes):
+def _unquoted_line_end(window, quotes, quote=b'"'):
     """Where the first LF in window with an even number of quotes before it ends, or None."""
     start = 0
     while True:
         end = window.find(b"\n", start)
         if end == -1:
             return None
-        quotes += window.count(b'"', start, end)
+        quotes += window.count(quote, start, end) if quote else 0
         if quotes % 2 == 0:
             return end + 1
         start = end + 1
@@ -3397,6 +3667,7 @@ class ImportProgress:
     started: str = field(default_factory=_now)
     finished: str = None
     error: str = None
+    skipped_lines: int = 0  # lines above the header that the import skipped
 
     cancelled: bool = False
 
@@ -3421,7 +3692,7 @@ class ImportProgress:
         data = {
             key: getattr(self, key)
             for key in ("id", "source", "database", "table", "state", "rows", "bytes_read",
-                        "bytes_total", "started", "finished", "error")
+                        "bytes_total", "started", "finished", "error", "skipped_lines")
         }
         # Where the page's Open link goes; for `temporary` the table is only
         # known once the import is done.
@@ -3459,6 +3730,7 @@ class ImportLog:
         For a workbook, the first sheet's table is the one the import opens.
         """
         item.table = results[0].table
+        item.skipped_lines = len(results[0].answer.get("skipped_lines", ()))
         item._record(rows=sum(result.rows for result in results), bytes_read=item.bytes_total)
         self._finish(item, "done")
 
@@ -4165,7 +4437,11 @@ PAGE_SCRIPT = r"""/* app_support: import progress, Cancel and Import CSV for Dat
       return "Importing: " + rows + (p === null ? "" : ", " + p + "%");
     }
     if (item.state === "done") {
-      return "Imported " + rows + " into " + item.table + ".";
+      var skipped = item.skipped_lines
+        ? " Skipped " + formatNumber(item.skipped_lines) +
+          (item.skipped_lines === 1 ? " line" : " lines") + " above the header."
+        : "";
+      return "Imported " + rows + " into " + item.table + "." + skipped;
     }
     return item.error || "The import failed.";
   }
