@@ -3110,26 +3110,57 @@ def test_sqlite_is_trusted_with_decimals_only_when_it_reads_them_exactly():
         )
 
 
+def random_short_decimals(seed=DECIMAL_SEED, count=100_000):
+    """Decimals of 1 to 4 places and at most 15 characters, half of them the nearest such to halfway between two doubles."""
+    rng = random.Random(seed)
+    texts = []
+    while len(texts) < count:
+        places = rng.randint(1, app_support.SHORT_DECIMAL_PLACES)
+        x = rng.uniform(0, 1) * 10 ** rng.randint(0, 14 - places)
+        if rng.random() < 0.5:
+            x = (decimal.Decimal(x) + decimal.Decimal(math.nextafter(x, math.inf))) / 2
+        text = rng.choice(["", "-"]) + format(decimal.Decimal(x).quantize(decimal.Decimal(1).scaleb(-places)), "f")
+        if len(text) <= app_support.SHORT_DECIMAL_CHARACTERS:
+            texts.append(text)
+    return texts
+
+
+def test_sqlite_is_trusted_with_short_decimals_only_when_it_reads_them_exactly():
+    conn = sqlite3.connect(":memory:")
+    texts = random_short_decimals()
+    wrong = [t for t in texts if conn.execute("select cast(? as real)", [t]).fetchone()[0] != float(t)]
+    if app_support._sqlite_reads_short_decimals_exactly(conn):
+        assert wrong == [], "the engine trusts a SQLite that reads some short decimals wrongly"
+    else:
+        assert not all(
+            conn.execute("select cast(? as real)", [t]).fetchone()[0] == float(t)
+            for t in app_support._short_hard_decimals()
+        )
+
+
 @pytest.mark.parametrize("parts", [1, 3])
 def test_csv_reals_are_pythons_float_of_their_text(tmp_path, monkeypatch, parts):
     texts = random_decimals()
     long = [t + "1" if significant_digits(t) == 17 else t for t in texts[:200]]
+    # A column of short decimals only is left to SQLite where it reads them exactly.
+    short = random_short_decimals(count=len(texts))
     path = tmp_path / "decimals.csv"
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["decimal", "with_blanks", "long"])
+        writer.writerow(["decimal", "with_blanks", "long", "short"])
         for i, text in enumerate(texts):
-            writer.writerow([text, "" if i % 7 == 3 else text, long[i % len(long)]])
+            writer.writerow([text, "" if i % 7 == 3 else text, long[i % len(long)], short[i]])
     if parts > 1:
         read_in_parts(monkeypatch, parts)
     conn = sqlite3.connect(":memory:", isolation_level=None)
     count, table = import_counting_parts(conn, path, tmp_path / "work")
     names, declared, stored = stored_table(conn, table)
     assert count == parts
-    assert declared == ["REAL", "REAL", "TEXT"]
+    assert declared == ["REAL", "REAL", "TEXT", "REAL"]
     wrong = [
-        (text, got) for text, got in zip(texts, stored)
+        (text, got) for text, short_text, got in zip(texts, short, stored)
         if got[0] != float(text) or type(got[0]) is not float or got[1] not in (None, float(text))
+        or got[3] != float(short_text)
     ]
     assert not wrong, f"{len(wrong)} of {len(texts)} decimals (seed {DECIMAL_SEED}) differ: {wrong[:10]}"
     assert [row[2] for row in stored] == [long[i % len(long)] for i in range(len(texts))]
