@@ -479,13 +479,18 @@ def _table_names(conn):
     ]
 
 
-def _check_sqlite_file(path):
-    """Raise APIError unless path is a readable SQLite database file."""
+def _check_sqlite_file(path, damaged=None):
+    """Raise APIError unless path is a readable SQLite database file.
+
+    damaged, when given, begins the sentence for a file cut short.
+    """
     with open(path, "rb") as f:
         header = f.read(100)
     if not header.startswith(SQLITE_HEADER):
         raise APIError(f"Not a SQLite database: {_shorten(path)}")
     shortfall = _cut_short(header, os.path.getsize(path))
+    if shortfall and damaged:
+        raise APIError(f"{damaged}: the file is cut short (it {shortfall}).")
     if shortfall:
         raise APIError(
             f"Not a valid SQLite database: {_shorten(path)} is cut short (it {shortfall}), "
@@ -4380,12 +4385,7 @@ def _prepare_restore(path, copy_path, page_size):
     in-memory database. Returns the backup's table names.
     """
     damaged = f"The backup {_shorten(path)} is damaged, so nothing was restored"
-    with open(path, "rb") as f:
-        header = f.read(100)
-    shortfall = header.startswith(SQLITE_HEADER) and _cut_short(header, os.path.getsize(path))
-    if shortfall:
-        raise APIError(f"{damaged}: the file is cut short (it {shortfall}).")
-    _check_sqlite_file(path)
+    _check_sqlite_file(path, damaged)
     try:
         source = _connect_readonly(path)
         try:
@@ -5225,16 +5225,14 @@ def _csrf_refusals_as_json(app):
 
 @hookimpl
 def startup(datasette):
-    if TEMPORARY not in datasette.databases:
-        # A memory name of its own, so two Datasette instances in one process
-        # never share their temporary tables. Not id(datasette): ids are
-        # reused, and the shared-cache database outlives its instance while
-        # a write thread still holds a connection to it.
-        memory_name = f"{TEMPORARY}_{uuid.uuid4().hex}"
-        datasette.add_database(_memory_database(datasette, memory_name), name=TEMPORARY)
-    if PLUGIN_DIRECTORY not in datasette.databases:
-        memory_name = f"{PLUGIN_DIRECTORY}_{uuid.uuid4().hex}"
-        datasette.add_database(_memory_database(datasette, memory_name), name=PLUGIN_DIRECTORY)
+    for name in (TEMPORARY, PLUGIN_DIRECTORY):
+        if name not in datasette.databases:
+            # A memory name of its own, so two Datasette instances in one process
+            # never share their tables. Not id(datasette): ids are reused, and the
+            # shared-cache database outlives its instance while a write thread
+            # still holds a connection to it.
+            memory_name = f"{name}_{uuid.uuid4().hex}"
+            datasette.add_database(_memory_database(datasette, memory_name), name=name)
     if "_memory" in datasette.databases:
         datasette.remove_database("_memory")
 
