@@ -38,6 +38,7 @@ import gzip
 import hashlib
 import hmac
 import html
+import http
 import http.client
 import inspect
 import io
@@ -300,7 +301,7 @@ async def _read_body(request, limit=MAX_BODY_BYTES):
     1.0 raises its own PayloadTooLarge, which is not an APIError.
     """
     too_large = APIError(
-        f"The request body is larger than {limit // (1024 * 1024)} MB; "
+        f"The request body is larger than {_amount(limit)}; "
         "these endpoints take a small JSON object.",
         status=413,
     )
@@ -336,17 +337,25 @@ async def _read_json_object(request):
     return data
 
 
-def _keys(data, required, optional):
-    """Check the body's keys and types; return {key: value}, None for absent or null."""
+def _checked_body(data, required, optional):
+    """The body's values by key, None for absent or null, once every key is known and of its type.
+
+    required and optional map each key the endpoint takes to its type.
+    """
     allowed = {**required, **optional}
     unknown = sorted(set(data) - set(allowed))
     if unknown:
-        raise APIError(f"Unknown key: {_shorten(unknown[0])}")
+        raise APIError(
+            f"The request has a key this endpoint does not take: {_shorten(unknown[0])}. "
+            + _keys_taken(required, optional)
+        )
     values = {}
     for key, kind in allowed.items():
         value = data.get(key)
         if value is None and key in required:
-            raise APIError(f"Missing required key: {key}")
+            raise APIError(
+                f"The request has no {key}, which this endpoint needs. " + _keys_taken(required, optional)
+            )
         # type(), not isinstance(): JSON's true and false are not integers here.
         if value is not None and type(value) is not kind:
             raise APIError(f"{key} must be a {_TYPE_NAMES[kind]}.")
@@ -356,6 +365,23 @@ def _keys(data, required, optional):
             )
         values[key] = value
     return values
+
+
+def _keys_taken(required, optional):
+    """The keys an endpoint takes, as a sentence: "It takes path, and optionally detect_types." """
+    if not required and not optional:
+        return "It takes no keys: send {}."
+    if not required:
+        return f"It takes only {_listed(optional)}, which {'is' if len(optional) == 1 else 'are all'} optional."
+    if not optional:
+        return f"It takes {_listed(required)}."
+    return f"It takes {_listed(required)}, and optionally {_listed(optional)}."
+
+
+def _listed(names):
+    """Names in words: "a", "a and b", "a, b and c"."""
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _is_unicode_text(value):
@@ -528,6 +554,11 @@ def _cut_short(header, size):
     if size >= expected:
         return None
     return f"holds {size:,} of its {expected:,} bytes"
+
+
+def _looks_like_a_bomb(size, packed_size):
+    """Whether size bytes unpacked from packed_size expand more than any real data file does."""
+    return size > EXPANSION_CHECK_AFTER_BYTES and size > MAX_EXPANSION_RATIO * max(packed_size, 1)
 
 
 def _create_empty_database(path):
@@ -748,15 +779,60 @@ async def _refresh_catalog(datasette):
     lines skip a refresh while another runs, which may have started before
     the change.
     """
-    lock = getattr(datasette, "_refresh_schemas_lock", None)
     # Polled, not awaited: on Python 3.9 the lock belongs to the loop that
     # was current when Datasette was created, not always the one serving.
-    while lock is not None and lock.locked():
+    while _schema_refresh_running(datasette):
         await asyncio.sleep(0.005)
     if "force" in inspect.signature(datasette.refresh_schemas).parameters:
         await datasette.refresh_schemas(force=True)
     else:
         await datasette.refresh_schemas()
+
+
+def _schema_refresh_running(datasette):
+    """Whether Datasette is refreshing its schema catalog now.
+
+    Private: Datasette's _refresh_schemas_lock. A public refresh that waits
+    for one under way (or a documented lock) would replace it.
+    """
+    lock = getattr(datasette, "_refresh_schemas_lock", None)
+    return lock is not None and lock.locked()
+
+
+def _listed_plugins(datasette):
+    """The plugins /-/plugins.json lists: name and version of each.
+
+    Private: Datasette's _plugins(), the list behind that page. A documented
+    list of installed plugins would replace it.
+    """
+    return datasette._plugins()
+
+
+def _shared_by_copies(datasette, name, make):
+    """The value kept on the Datasette object as _app_support_<name>, made by make() the first time.
+
+    Kept there rather than in this module, so that two copies of the module
+    loaded into one server (pip-installed and in --plugins-dir) share it.
+    An attribute of our own on the Datasette object: a documented place for
+    a plugin's state per instance would replace it.
+    """
+    attribute = "_app_support_" + name
+    value = datasette.__dict__.get(attribute)
+    if value is None:
+        value = make()
+        setattr(datasette, attribute, value)
+    return value
+
+
+def _csrftoken(request):
+    """Datasette 0.65's CSRF token, for the x-csrftoken header; "" on 1.0, which ignores it.
+
+    Private: asgi-csrf's csrftoken in the request's scope, which Datasette's
+    templates call. 1.0 checks Sec-Fetch-Site and Origin instead, and a
+    token given to plugins' hooks would replace it.
+    """
+    csrftoken = request.scope.get("csrftoken")
+    return csrftoken() if csrftoken else ""
 
 
 async def _track_event(datasette, event_class, **fields):
@@ -1030,8 +1106,13 @@ class CSVPlan:
 
     @property
     def splittable(self):
-        """Whether the file can be cut into parts at any LF byte (see _process_count)."""
+        """Whether a row may start after any LF byte outside quotes, so the file can be read in parts."""
         return self.encoding in SPLITTABLE_ENCODINGS
+
+    @property
+    def quote_byte(self):
+        """The byte whose count before an LF says whether the LF is inside a quoted cell; None with quoting off."""
+        return self.quotechar.encode() if self.quotechar else None
 
     @property
     def dialect(self):
@@ -1060,9 +1141,21 @@ class CSVPlan:
     def open(self, path, start=0, end=None):
         return CSVReader(path, self, start, end)
 
-    def split_points(self, path, processes):
-        quote = self.quotechar.encode() if self.quotechar else None
-        return _csv_split_points(path, processes, quote)
+    def row_start(self, window, quotes):
+        """Just past the first LF in window outside a quoted cell, given the quote bytes before window; or None.
+
+        A quote inside an unquoted cell can mislead the count: then the
+        reader of the bytes before that LF finds its range ends mid-row.
+        """
+        start = 0
+        while True:
+            end = window.find(b"\n", start)
+            if end == -1:
+                return None
+            quotes += window.count(self.quote_byte, start, end) if self.quote_byte else 0
+            if quotes % 2 == 0:
+                return end + 1
+            start = end + 1
 
 
 def _is_blank(row):
@@ -1183,7 +1276,7 @@ class _SampleReading:
         if not all(_is_comment(row, width) or len(row) <= min(2, width - 2) for row in above):
             return None
         table = [self.rows[i] for i in kept[first:]]
-        if any(not _is_comment(row, width) for row in above) and not _names_numbers(table):
+        if any(not _is_comment(row, width) for row in above) and not _header_names_a_number_column(table):
             return None
         header = self.spans[kept[first]].start
         return header, [self.lines[self.spans[i].start].rstrip("\r\n") for i in kept[:first]]
@@ -1194,7 +1287,7 @@ def _is_comment(row, width):
     return row[0].startswith("#") and len(row) != width
 
 
-def _names_numbers(table):
+def _header_names_a_number_column(table):
     """Whether the first row is a header: it names a column that holds numbers below it."""
     header, rows = table[0], table[1:]
     for i, name in enumerate(header):
@@ -1334,23 +1427,42 @@ class _NulGuard(io.RawIOBase):
         super().close()
 
 
-class _SplitFailed(Exception):
-    """Reading the file in parts did not work out, so it must be read in one piece.
+def _open_text(path, plan, start=0, end=None, newline=None):
+    """The text of the file at path, or of its bytes start to end, in the plan's encoding: (raw, text).
 
-    A part ended inside a quoted cell, or a helper process could not do its part.
+    raw counts the bytes read (its tell()) and refuses NUL bytes, but in
+    UTF-16 and UTF-32, whose text is full of them and which are never read
+    in parts. newline is as for open().
     """
+    if _is_wide(plan.encoding):
+        raw = open(path, "rb", buffering=0)
+    else:
+        raw = _NulGuard(path, plan, start, end)
+    text = io.TextIOWrapper(
+        io.BufferedReader(raw, READ_BUFFER_BYTES),
+        # A byte order mark can only be at the very start.
+        encoding="utf-8" if start and plan.encoding == "utf-8-sig" else plan.encoding,
+        errors=_decode_errors(plan.encoding),
+        newline=newline,
+    )
+    return raw, text
+
+
+class _RangeEndsMidRow(Exception):
+    """The bytes a reader was given end inside a row, or above the header: the end of
+    the range was misplaced, not the file wrong (see "Reading large files in parts")."""
 
 
 class CSVReader:
-    """Streams a CSV file, or the part of it from byte start to end, as a header and batches of rows.
+    """Streams a CSV file, or its bytes from start to end, as a header and batches of rows.
 
-    The header is the first non-blank row of a whole file (or of its first
-    part); it is known once the first batch has come. The csv module quietly
-    ends a quoted field at the end of the file, so a marker line is read
-    after the last one: it comes back as a row of its own when every quote
-    closed, and inside the last cell when one did not. A part that is not the
-    last one ends at a line break; if that break was inside a quoted cell, the
-    part is misplaced rather than the file wrong.
+    The header is the first non-blank row read from the file's start; it is
+    known once the first batch has come, and a range that starts later has
+    none. The csv module quietly ends a quoted field at the end of the file,
+    so a marker line is read after the last one: it comes back as a row of
+    its own when every quote closed, and inside the last cell when one did
+    not. A range that stops short of the file's end stops at a line break;
+    if that break was inside a quoted cell, the range ends mid-row.
     """
 
     END = "\uffffapp_support end of file\uffff"
@@ -1364,17 +1476,7 @@ class CSVReader:
         self.last = end is None
         self.header = []
         self.keys = None  # columns are known by their position
-        if _is_wide(plan.encoding):
-            self.guard = open(path, "rb", buffering=0)
-        else:
-            self.guard = _NulGuard(path, plan, start, end)
-        self.file = io.TextIOWrapper(
-            io.BufferedReader(self.guard, READ_BUFFER_BYTES),
-            # A byte order mark can only be at the very start.
-            encoding="utf-8" if start and plan.encoding == "utf-8-sig" else plan.encoding,
-            errors=_decode_errors(plan.encoding),
-            newline="",
-        )
+        self.guard, self.file = _open_text(path, plan, start, end, newline="")
         lines = itertools.chain(self.file, [self.END])
         self.reader = csv.reader(lines, **plan.dialect)
         self.lines_skipped = 0  # lines above the header, read past before the csv reader's
@@ -1403,15 +1505,15 @@ class CSVReader:
         for _ in range(self.plan.header_line - 1):
             line = next(self.file, "")
             self.lines_skipped += 1
-        if not line and not self.last:  # the first part ends above the header
-            raise _SplitFailed()
+        if not line and not self.last:  # the range ends above the header
+            raise _RangeEndsMidRow()
 
     def _first_row(self):
         for batch in self._batches(1):
             if not _is_blank(batch[0]):
                 return batch[0]
-        if not self.last:  # blank lines past the first part's end
-            raise _SplitFailed()
+        if not self.last:  # blank lines past the range's end
+            raise _RangeEndsMidRow()
         raise ReadError(f"No header row found in {self.plan.source}: the file has no columns.")
 
     def _batches(self, size):
@@ -1427,7 +1529,7 @@ class CSVReader:
                 batch.pop()
             elif last and last[-1].endswith(self.END):
                 if not self.last:
-                    raise _SplitFailed()
+                    raise _RangeEndsMidRow()
                 raise self._unclosed_quote(last)
             if not all(batch):
                 batch = [row for row in batch if row]  # blank lines
@@ -1435,7 +1537,7 @@ class CSVReader:
                 yield batch
 
     def _line(self, number):
-        """A line number within the part, as a line number of the file."""
+        """A line number within the range, as a line number of the file."""
         return number + (_lines_before(self.path, self.start) if self.start else self.lines_skipped)
 
     def _unclosed_quote(self, row):
@@ -1479,10 +1581,10 @@ JSON_SHAPES = (
 )
 _JSON_DECODER = json.JSONDecoder()
 _JSON_WHITESPACE = re.compile(r"[ \t\n\r]*")
-# Where a part of a file of JSON objects may start: just after an LF that
+# Where a row of a file of JSON objects may start: just after an LF that
 # follows an item and comes before the next object. An LF is never inside a
 # JSON string, so no quotes need counting.
-_JSON_SPLITS = {
+_JSON_ROW_STARTS = {
     "array": re.compile(rb",[ \t\r]*\n(?=[ \t\r\n]*\{)"),
     "ndjson": re.compile(rb"\}[ \t\r]*\n(?=[ \t\r\n]*\{)"),
 }
@@ -1504,10 +1606,12 @@ class JSONPlan:
     def format(self):
         return {"ndjson": "ndjson", "geojson": "geojson"}.get(self.shape, "json")
 
+    quote_byte = None  # an LF is never inside a JSON string
+
     @property
     def splittable(self):
-        """Whether the file can be cut into parts at LF bytes (see _process_count)."""
-        return self.shape in _JSON_SPLITS and self.encoding in SPLITTABLE_ENCODINGS
+        """Whether a row may start after an LF byte, so the file can be read in parts."""
+        return self.shape in _JSON_ROW_STARTS and self.encoding in SPLITTABLE_ENCODINGS
 
     def answer(self):
         answer = {"format": self.format}
@@ -1521,27 +1625,14 @@ class JSONPlan:
     def open(self, path, start=0, end=None):
         return JSONReader(path, self, start, end)
 
-    def split_points(self, path, processes):
-        """Where the second and later parts start: one part per process, of about equal size.
+    def row_start(self, window, quotes=0):
+        """Just past the first LF in window that follows an item and comes before an object; or None.
 
-        A part that starts inside an item, because the LF was inside a nested
-        array, makes the part before it end inside that item, which its
-        JSONReader notices.
+        An LF inside a nested array can look the same: then the reader of the
+        bytes before it finds its range ends mid-row.
         """
-        size = os.path.getsize(path)
-        points = []
-        with open(path, "rb") as f:
-            for number in range(1, processes):
-                f.seek(size * number // processes)
-                window = f.read(SPLIT_SEARCH_BYTES)
-                found = _JSON_SPLITS[self.shape].search(window)
-                point = size * number // processes + found.end() if found else size
-                if point >= size or (points and point <= points[-1]):
-                    return points
-                if b"\x00" in window[: found.end()]:  # refused there: see _csv_split_points
-                    return points
-                points.append(point)
-        return points
+        found = _JSON_ROW_STARTS[self.shape].search(window)
+        return found.end() if found else None
 
 
 def plan_json(path, encoding, source):
@@ -1625,8 +1716,8 @@ class _JSONText:
     The buffer holds text read and not yet passed; pos is where the next
     value starts. When a value may go on past the buffer's end, as much text
     again is read, so that a long value costs a few decodes, not one a chunk.
-    In a part that is not the last, a value cut off by the part's end means
-    the part started or ended in the wrong place: _SplitFailed.
+    In a range that stops short of the file's end, a value cut off by that
+    end means the range ends mid-row.
     """
 
     def __init__(self, path, plan, start=0, end=None):
@@ -1634,12 +1725,7 @@ class _JSONText:
         self.plan = plan
         self.start = start
         self.last = end is None
-        self.guard = _NulGuard(path, plan, start, end)
-        self.file = io.TextIOWrapper(
-            io.BufferedReader(self.guard, READ_BUFFER_BYTES),
-            encoding="utf-8" if start and plan.encoding == "utf-8-sig" else plan.encoding,
-            errors=_decode_errors(plan.encoding),
-        )
+        self.guard, self.file = _open_text(path, plan, start, end)
         self.buffer, self.pos, self.eof = "", 0, False
         self.lines = 0  # line breaks passed before the buffer
         self.column = 0  # characters passed after the last of them
@@ -1679,7 +1765,7 @@ class _JSONText:
                 cut = e.msg.startswith("Unterminated string") or len(self.buffer) - e.pos < 64
                 if not (cut and not self.eof):
                     if cut and not self.last:
-                        raise _SplitFailed()
+                        raise _RangeEndsMidRow()
                     raise self.error(e.msg, e.pos)
             else:
                 # A number at the very end may go on in the text not read yet.
@@ -1691,8 +1777,8 @@ class _JSONText:
     def items(self):
         """Count off the items of the array whose "[" was just passed, until its "]" is passed.
 
-        The caller takes each item. In a part that is not the last, the items
-        end where the text does, after a comma.
+        The caller takes each item. In a range that stops short of the
+        file's end, the items end where the text does, after a comma.
         """
         if self.peek() == "]":
             self.pos += 1
@@ -1707,8 +1793,8 @@ class _JSONText:
 
         Where the buffer holds whole lines of objects, they are decoded with
         one call; where that fails, one at a time, which also finds the
-        place of any error. In a part that is not the last, the objects end
-        where the text does.
+        place of any error. In a range that stops short of the file's end,
+        the objects end where the text does.
         """
         while True:
             run = self._run_of_lines(ndjson)
@@ -1768,7 +1854,7 @@ class _JSONText:
             self.pos += 1
             return None
         if not ndjson and self.after_comma and not start and not self.last:
-            return None  # a part ends after a comma, as a split does
+            return None  # a range ends after a comma, where a row may start
         pos = self.pos
         item = self.value()
         if type(item) is not dict:
@@ -1780,7 +1866,7 @@ class _JSONText:
                 self.pos += 1
             elif after != "]":
                 if not after and not self.last:
-                    raise _SplitFailed()
+                    raise _RangeEndsMidRow()
                 raise self.error("Expecting ',' delimiter")
         return item
 
@@ -1816,7 +1902,7 @@ class _JSONText:
             return True
         if after != ",":
             if after == "" and not self.last:
-                raise _SplitFailed()  # a part that ends inside an item
+                raise _RangeEndsMidRow()  # a range that ends inside an item
             raise self.error("Expecting ',' delimiter")
         self.pos += 1
         return False
@@ -1860,7 +1946,7 @@ class _JSONText:
         if len(rest) > MAX_JSON_VALUE_CHARS:
             raise ReadError(
                 f"{self.plan.source} holds a single JSON value larger than "
-                f"{MAX_JSON_VALUE_CHARS // (1024 * 1024)} MB, at line {self.lines + 1}: "
+                f"{_amount(MAX_JSON_VALUE_CHARS)}, at line {self.lines + 1}: "
                 "rows that large cannot be imported."
             )
         chunk = self.file.read(max(JSON_CHUNK_CHARS, len(rest)))
@@ -1869,7 +1955,7 @@ class _JSONText:
 
 
 class JSONReader:
-    """Streams the objects of a JSON file, or of the part of it from byte start to end, as batches of rows.
+    """Streams the objects of a JSON file, or of its bytes from start to end, as batches of rows.
 
     keys are every key seen so far, in order of first appearance, and header
     their names; a row has a value for each key seen up to it. Values keep
@@ -2049,7 +2135,7 @@ def plan_xlsx(path, source):
                 if archive.getinfo("xl/sharedStrings.xml").file_size > MAX_SHARED_STRINGS_BYTES:
                     raise ReadError(
                         f"{source} holds more text in its shared strings than can be read here "
-                        f"({MAX_SHARED_STRINGS_BYTES // (1024 * 1024)} MB of XML). Save each sheet "
+                        f"({_amount(MAX_SHARED_STRINGS_BYTES)} of XML). Save each sheet "
                         "as CSV and import those instead."
                     )
                 with archive.open("xl/sharedStrings.xml") as part:
@@ -2271,9 +2357,7 @@ def _check_unpacked_size(source, member):
             f"{source} holds a part that unpacks to more than {URL_SIZE_LIMIT_MB} MB "
             f"({member.filename}), more than can be read here."
         )
-    if member.file_size > EXPANSION_CHECK_AFTER_BYTES and (
-        member.file_size > MAX_EXPANSION_RATIO * max(member.compress_size, 1)
-    ):
+    if _looks_like_a_bomb(member.file_size, member.compress_size):
         raise ReadError(
             f"{source} holds a part that expands more than {MAX_EXPANSION_RATIO} times "
             f"({member.filename}), which no real workbook does, so it looks like a zip bomb."
@@ -2588,15 +2672,15 @@ class Staged:
 
 
 def stage_file(
-    path, staging_path, *, detect_types=True, on_progress=None, encoding="UTF-8", charset=None,
+    path, staging_path, *, detect_types=True, on_progress=None, db_encoding="UTF-8", charset=None,
     source=None,
 ):
     """Read the file at path once into a new database at staging_path; return a Staged for each table.
 
     A file gives one table; a workbook one for each worksheet that is not
     empty. on_progress(rows, bytes_read) is called after every batch.
-    encoding is the target database's text encoding: SQLite only attaches
-    databases that share it. charset and source are as for plan_file. A
+    db_encoding is the target database's text encoding (UTF-8, UTF-16le or
+    UTF-16be): SQLite only attaches databases that share it. charset and source are as for plan_file. A
     large file is read in parts, into staging_path and databases beside it.
     """
     try:
@@ -2605,17 +2689,17 @@ def stage_file(
         if processes > 1:
             try:
                 return [_stage_in_parts(
-                    path, plan, processes, staging_path, detect_types, on_progress, encoding
+                    path, plan, processes, staging_path, detect_types, on_progress, db_encoding
                 )]
             except _SplitFailed:
                 # Rare: a quote inside an unquoted cell misled a split, or a helper could not run.
                 _remove_part_databases(staging_path, processes)
-        return _stage_whole(path, plan, staging_path, detect_types, on_progress, encoding)
+        return _stage_whole(path, plan, staging_path, detect_types, on_progress, db_encoding)
     except OSError as e:  # the staging database reports its own failures as sqlite3 errors
         raise ReadError(f"Could not read {_shorten(path)}: {e.strerror or e}.") from e
 
 
-def _stage_whole(path, plan, staging_path, detect_types, on_progress, encoding):
+def _stage_whole(path, plan, staging_path, detect_types, on_progress, db_encoding):
     """Stage each table of the file, one after another, in one process."""
     staged, rows_before, bytes_before = [], 0, 0
 
@@ -2624,7 +2708,7 @@ def _stage_whole(path, plan, staging_path, detect_types, on_progress, encoding):
         if on_progress:
             on_progress(rows_before + rows, bytes_before + bytes_read)
 
-    with contextlib.closing(_open_staging(staging_path, encoding)) as conn:
+    with contextlib.closing(_open_staging(staging_path, db_encoding)) as conn:
         conn.execute("BEGIN")
         for number, (sheet, reader) in enumerate(plan.readers(path)):
             with contextlib.closing(reader):
@@ -2645,13 +2729,13 @@ def _stage_whole(path, plan, staging_path, detect_types, on_progress, encoding):
     return staged
 
 
-def _open_staging(path, encoding):
-    if encoding not in SQLITE_ENCODINGS:  # PRAGMA takes no bound parameters
-        raise ValueError(f"Unknown SQLite text encoding: {encoding}")
+def _open_staging(path, db_encoding):
+    if db_encoding not in SQLITE_ENCODINGS:  # PRAGMA takes no bound parameters
+        raise ValueError(f"Unknown SQLite text encoding: {db_encoding}")
     conn = sqlite3.connect(path, isolation_level=None)
     # Larger pages: a quarter of the writes to the operating system.
     pragmas = (
-        f"encoding = '{encoding}'", "page_size = 16384", "journal_mode = off", "synchronous = off"
+        f"encoding = '{db_encoding}'", "page_size = 16384", "journal_mode = off", "synchronous = off"
     )
     for pragma in pragmas:
         conn.execute(f"PRAGMA {pragma}")
@@ -3009,7 +3093,7 @@ def _roll_back(conn):
 
 
 def _check_writable(path):
-    """Check, without waiting long, that the database file at path takes writes; return its encoding.
+    """Check, without waiting long, that the database file at path takes writes; return its text encoding.
 
     A connection of its own: Datasette's write thread would wait five seconds
     for a lock before it ran anything.
@@ -3042,6 +3126,14 @@ _PartSummary = collections.namedtuple("_PartSummary", "rows width types header k
 _PLANS = {plan.__name__: plan for plan in (CSVPlan, JSONPlan)}
 
 
+class _SplitFailed(Exception):
+    """Reading the file in parts did not work out, so it must be read in one piece.
+
+    A split point was misplaced (a part's reader found its range ends
+    mid-row), or a helper process could not do its part.
+    """
+
+
 def _cpu_count():
     if hasattr(os, "sched_getaffinity"):  # the CPUs this process may use
         return len(os.sched_getaffinity(0))
@@ -3062,30 +3154,33 @@ def _part_database(staging_path, number):
     return f"{staging_path}-{number}" if number else staging_path
 
 
-def _csv_split_points(path, processes, quote=b'"'):
-    """Where the second and later parts of a CSV file start: one part per process, of about equal size.
+def _split_points(path, processes, plan):
+    """Where the second and later parts of the file start: one part per process, of about equal size.
 
-    Each is just past an LF that the quotes before it say is outside a quoted
-    cell: counting them is a scan of bytes, not a parse. A quote inside an
-    unquoted cell can mislead the count, and then the part before ends inside
-    a quote, which its CSVReader notices. Fewer points come back when no such
-    LF is near where one is wanted, and none past a NUL byte: the file is
-    refused there, which reading it whole finds sooner than a scan of the rest.
-    A file read with quoting off (quote None) can be cut at any LF.
+    Each is where plan.row_start finds a row may start, at or after an equal
+    share of the file. Where quotes decide that (CSV), the bytes before are
+    scanned to count them: a scan of bytes, not a parse. Fewer points come
+    back when no row start is near where one is wanted, and none past a NUL
+    byte: the file is refused there, which reading it finds sooner than a
+    scan of the rest would.
     """
     size = os.path.getsize(path)
+    quote = plan.quote_byte
     points, quotes, position = [], 0, 0
     with open(path, "rb") as f:
         for number in range(1, processes):
             aim = size * number // processes
+            if quote is None:  # nothing to count on the way
+                position = max(position, aim)
+                f.seek(position)
             while position < aim:
                 chunk = f.read(min(READ_BUFFER_BYTES, aim - position))
                 if not chunk or b"\x00" in chunk:
                     return points
-                quotes += chunk.count(quote) if quote else 0
+                quotes += chunk.count(quote)
                 position += len(chunk)
             window = f.read(SPLIT_SEARCH_BYTES)
-            point = _unquoted_line_end(window, quotes, quote)
+            point = plan.row_start(window, quotes)
             if point is None or position + point >= size or b"\x00" in window[:point]:
                 return points
             points.append(position + point)
@@ -3095,31 +3190,21 @@ def _csv_split_points(path, processes, quote=b'"'):
     return points
 
 
-def _unquoted_line_end(window, quotes, quote=b'"'):
-    """Where the first LF in window with an even number of quotes before it ends, or None."""
-    start = 0
-    while True:
-        end = window.find(b"\n", start)
-        if end == -1:
-            return None
-        quotes += window.count(quote, start, end) if quote else 0
-        if quotes % 2 == 0:
-            return end + 1
-        start = end + 1
-
-
 def _read_part(conn, path, plan, part, detect_types, report):
     """Stage one part of the file in conn; return its _StagedRows and _PartSummary.
 
     Of a CSV file, only the first part has a header; the others give [].
     """
-    with contextlib.closing(plan.open(path, part.start, part.end)) as reader:
-        rows = _StagedRows(conn, "staged", reader.typed_cells, detect_types)
-        rows.read(reader, report)
-        return rows, _PartSummary(rows.rows, rows.width, rows.types, reader.header, reader.keys)
+    try:
+        with contextlib.closing(plan.open(path, part.start, part.end)) as reader:
+            rows = _StagedRows(conn, "staged", reader.typed_cells, detect_types)
+            rows.read(reader, report)
+            return rows, _PartSummary(rows.rows, rows.width, rows.types, reader.header, reader.keys)
+    except _RangeEndsMidRow as e:  # a split point was misplaced
+        raise _SplitFailed() from e
 
 
-def _stage_in_parts(path, plan, processes, staging_path, detect_types, on_progress, encoding):
+def _stage_in_parts(path, plan, processes, staging_path, detect_types, on_progress, db_encoding):
     """Read the file's first part here and each other part in a helper process.
 
     The parts' outcomes are taken in file order, so the first error is the
@@ -3127,12 +3212,12 @@ def _stage_in_parts(path, plan, processes, staging_path, detect_types, on_progre
     wrong place, and its own error means nothing. Raises _SplitFailed when
     reading in parts does not work out for this file.
     """
-    starts = [0] + plan.split_points(path, processes)
+    starts = [0] + _split_points(path, processes, plan)
     if len(starts) == 1:
         raise _SplitFailed()
     parts = [_Part(n, start, end) for n, (start, end) in enumerate(zip(starts, starts[1:] + [None]))]
     job = {
-        "path": path, "plan": [type(plan).__name__, asdict(plan)], "db_encoding": encoding,
+        "path": path, "plan": [type(plan).__name__, asdict(plan)], "db_encoding": db_encoding,
         "detect_types": detect_types,
     }
     helpers = []
@@ -3149,7 +3234,7 @@ def _stage_in_parts(path, plan, processes, staging_path, detect_types, on_progre
                     bytes_read + sum(helper.bytes_read for helper in helpers),
                 )
 
-        with contextlib.closing(_open_staging(staging_path, encoding)) as conn:
+        with contextlib.closing(_open_staging(staging_path, db_encoding)) as conn:
             conn.execute("BEGIN")
             rows, summary = _read_part(conn, path, plan, parts[0], detect_types, reading)
             summaries = [summary] + [helper.staged(reading) for helper in helpers]
@@ -3351,9 +3436,9 @@ def import_file(conn, path, wanted_table, detect_types=True):
     The engine in one call: a file gives one table, a workbook one for each sheet.
     """
     with _work_folder() as folder:
-        encoding = conn.execute("PRAGMA encoding").fetchone()[0]
+        db_encoding = conn.execute("PRAGMA encoding").fetchone()[0]
         staged = stage_file(
-            path, os.path.join(folder, "staging.db"), detect_types=detect_types, encoding=encoding
+            path, os.path.join(folder, "staging.db"), detect_types=detect_types, db_encoding=db_encoding
         )
         return copy_in(conn, staged, wanted_table)
 
@@ -3368,15 +3453,15 @@ async def _import_into(datasette, db, path, wanted_table, detect_types, on_progr
     target = db.path or f"the database {db.name}"
     with _sqlite_failures("import into", target):
         if db.is_memory:
-            encoding = (await db.execute("PRAGMA encoding")).first()[0]
+            db_encoding = (await db.execute("PRAGMA encoding")).first()[0]
         else:
-            encoding = await asyncio.to_thread(_check_writable, db.path)
+            db_encoding = await asyncio.to_thread(_check_writable, db.path)
     async with _work_folder_off_loop() as folder:
         staging_path = os.path.join(folder, "staging.db")
         with _sqlite_failures("stage the import in", tempfile.gettempdir()):
             staged = await asyncio.to_thread(
                 stage_file, path, staging_path, detect_types=detect_types,
-                on_progress=on_progress, encoding=encoding, **file,
+                on_progress=on_progress, db_encoding=db_encoding, **file,
             )
         _check_attached(datasette, db)
         if db.is_memory:
@@ -3493,11 +3578,7 @@ class DownloadLimits:
                 f"Stopped downloading {_shorten(url)}: it is larger than {self.size_limit_mb:g} MB "
                 "uncompressed. The app_support setting url_size_limit_mb changes this limit."
             )
-        if (
-            packed_size is not None
-            and size > EXPANSION_CHECK_AFTER_BYTES
-            and size > MAX_EXPANSION_RATIO * max(packed_size, 1)
-        ):
+        if packed_size is not None and _looks_like_a_bomb(size, packed_size):
             raise APIError(
                 f"Stopped unpacking {_shorten(url)}: it expands more than {MAX_EXPANSION_RATIO} "
                 "times, which no real data file does, so it looks like a decompression bomb."
@@ -3509,8 +3590,8 @@ def _check_free_space(folder):
     free = shutil.disk_usage(folder).free
     if free < DISK_MARGIN_BYTES:
         raise APIError(
-            f"The disk is nearly full: only {free // (1024 * 1024)} MB is free in {_shorten(folder)}, "
-            f"and downloads stop while less than {DISK_MARGIN_BYTES // (1024 * 1024)} MB is free. "
+            f"The disk is nearly full: only {_amount(free)} is free in {_shorten(folder)}, "
+            f"and downloads stop while less than {_amount(DISK_MARGIN_BYTES)} is free. "
             "Free some space and try again."
         )
 
@@ -3615,13 +3696,41 @@ def download_file(url, folder, limits=None, progress=None):
     except urllib.error.HTTPError as e:
         if 300 <= e.code < 400:
             raise APIError(_redirect_error(url, e.headers.get("Location") or ""))
-        raise APIError(f"{shown} returned HTTP {e.code} {e.reason}")
+        raise APIError(_http_failure(shown, e.code, e.reason))
     except urllib.error.URLError as e:
         raise APIError(f"Could not download {shown}: {_download_failure(url, e.reason, limits)}")
     except (TimeoutError, OSError, EOFError, http.client.HTTPException) as e:
         raise APIError(f"Could not download {shown}: {_download_failure(url, e, limits)}")
     url_path = urllib.parse.urlsplit(final_url).path.lower()
     return _unpack(target, url_path, url, limits, folder), final_url, charset
+
+
+# What a person can do about an HTTP error status.
+_NO_FILE_THERE = "there is no file at that address. Check the URL and try again."
+_SIGN_IN_NEEDED = (
+    "the site wants a sign-in or refuses to share the file. Download it in a browser, "
+    "then open the downloaded file."
+)
+_HTTP_ADVICE = {
+    404: _NO_FILE_THERE, 410: _NO_FILE_THERE,
+    401: _SIGN_IN_NEEDED, 403: _SIGN_IN_NEEDED, 407: _SIGN_IN_NEEDED,
+    429: "the site is getting too many requests. Wait a minute and try again.",
+}
+
+
+def _http_failure(shown, code, reason):
+    """An HTTP error status as a sentence that says what to do."""
+    try:
+        reason = http.HTTPStatus(code).phrase
+    except ValueError:  # a status of the server's own
+        pass
+    if code in _HTTP_ADVICE:
+        advice = _HTTP_ADVICE[code]
+    elif code >= 500:
+        advice = "the site failed to answer. Try again later."
+    else:
+        advice = "the site refused the request. Check the URL and try again."
+    return f"{shown} returned HTTP {code}{' ' + reason if reason else ''}: {advice}"
 
 
 def _download_failure(url, reason, limits):
@@ -3683,7 +3792,7 @@ def _unpack(path, url_path, url, limits, folder):
         except (OSError, EOFError) as e:
             raise APIError(f"Could not gunzip {_shorten(url)}: {e}")
         return unpacked
-    if url_path.endswith(".zip") or magic == b"PK\x03\x04":
+    if url_path.endswith(".zip") or magic == _ZIP_MAGIC:
         try:
             with zipfile.ZipFile(path) as archive:
                 members = [
@@ -4032,7 +4141,7 @@ def _normalized_name(name):
 
 def _installed_plugins(datasette):
     """{normalized name: version, or None for a --plugins-dir module}, as /-/plugins.json lists them."""
-    return {_normalized_name(p["name"]): p.get("version") for p in datasette._plugins()}
+    return {_normalized_name(p["name"]): p.get("version") for p in _listed_plugins(datasette)}
 
 
 def _default_plugins():
@@ -4115,42 +4224,40 @@ class _Lists:
 
 
 def _lists(datasette):
-    """The plugin list and the example CSVs of this Datasette, from its settings.
+    """The plugin list and the example CSVs of this Datasette, from its settings, shared by copies of this module."""
+    return _shared_by_copies(datasette, "lists", lambda: _new_lists(datasette))
 
-    Kept on the Datasette itself, so that two copies of this module loaded
-    into one server (pip-installed and in --plugins-dir) share them.
-    """
-    if getattr(datasette, "_app_support_lists", None) is None:
-        config = datasette.plugin_config(PLUGIN_NAME) or {}
 
-        def limits():
-            return _download_limits(datasette)
+def _new_lists(datasette):
+    config = datasette.plugin_config(PLUGIN_NAME) or {}
 
-        async def show_plugins(items):
-            await _show_plugin_list(datasette, items)
+    def limits():
+        return _download_limits(datasette)
 
-        async def nothing_to_show(items):
-            pass
+    async def show_plugins(items):
+        await _show_plugin_list(datasette, items)
 
-        datasette._app_support_lists = _Lists(
-            plugins=RemoteList(
-                "plugin list", str(config.get("plugin_directory_url") or PLUGIN_DIRECTORY_URL),
-                limits, show_plugins,
-            ),
-            examples=RemoteList(
-                "list of example CSVs", str(config.get("example_csvs_url") or EXAMPLE_CSVS_URL),
-                limits, nothing_to_show,
-            ),
-        )
-    return datasette._app_support_lists
+    async def nothing_to_show(items):
+        pass
+
+    return _Lists(
+        plugins=RemoteList(
+            "plugin list", str(config.get("plugin_directory_url") or PLUGIN_DIRECTORY_URL),
+            limits, show_plugins,
+        ),
+        examples=RemoteList(
+            "list of example CSVs", str(config.get("example_csvs_url") or EXAMPLE_CSVS_URL),
+            limits, nothing_to_show,
+        ),
+    )
 
 
 _THIS_COPY = object()
 
 
-def _acts_for(datasette):
+def _is_first_copy(datasette):
     """False in the second of two copies of this module loaded into one server, whose output would repeat the first's."""
-    return datasette.__dict__.setdefault("_app_support_copy", _THIS_COPY) is _THIS_COPY
+    return _shared_by_copies(datasette, "copy", lambda: _THIS_COPY) is _THIS_COPY
 
 
 def _directory_status(datasette):
@@ -4177,7 +4284,7 @@ def _directory_status(datasette):
 
 
 async def auth_app_user(datasette, data):
-    values = _keys(data, required={}, optional={"redirect": str})
+    values = _checked_body(data, required={}, optional={"redirect": str})
     redirect = values["redirect"] or "/"
     if not redirect.startswith("/") or redirect.startswith(("//", "/\\")) or any(
         c < " " or c == "\\" for c in redirect
@@ -4192,7 +4299,7 @@ async def auth_app_user(datasette, data):
 
 
 async def open_database_file(datasette, data):
-    path = _existing_file(_keys(data, required={"path": str}, optional={})["path"])
+    path = _existing_file(_checked_body(data, required={"path": str}, optional={})["path"])
     _refuse_uri_characters(path)
     _refuse_already_open(datasette, path)
     await asyncio.to_thread(_check_sqlite_file, path)
@@ -4203,7 +4310,7 @@ async def open_database_file(datasette, data):
 
 
 async def new_empty_database_file(datasette, data):
-    path = _new_file(_keys(data, required={"path": str}, optional={})["path"])
+    path = _new_file(_checked_body(data, required={"path": str}, optional={})["path"])
     _refuse_uri_characters(path)
     await asyncio.to_thread(_create_empty_database, path)
     db = datasette.add_database(_file_database(datasette, path))
@@ -4212,12 +4319,12 @@ async def new_empty_database_file(datasette, data):
 
 
 async def open_csv_file(datasette, data):
-    values = _keys(data, required={"path": str}, optional={"detect_types": bool})
+    values = _checked_body(data, required={"path": str}, optional={"detect_types": bool})
     return await _import_local_file(datasette, values["path"], TEMPORARY, values["detect_types"])
 
 
 async def import_csv_file(datasette, data):
-    values = _keys(
+    values = _checked_body(
         data, required={"path": str, "database": str}, optional={"detect_types": bool}
     )
     return await _import_local_file(
@@ -4239,7 +4346,7 @@ async def _import_local_file(datasette, raw_path, database, detect_types):
 
 
 async def open_csv_from_url(datasette, data):
-    values = _keys(
+    values = _checked_body(
         data,
         required={"url": str},
         optional={"table_name": str, "database": str, "detect_types": bool},
@@ -4282,7 +4389,7 @@ async def _announce_import(datasette, db, results):
 
 
 async def dump_temporary_to_file(datasette, data):
-    path = _new_file(_keys(data, required={"path": str}, optional={})["path"])
+    path = _new_file(_checked_body(data, required={"path": str}, optional={})["path"])
     db = datasette.get_database(TEMPORARY)
     # Written under a name of its own in the same folder, so a failed dump
     # never leaves a partial file at path that would refuse the retry.
@@ -4341,7 +4448,7 @@ def _remove_partial(partial):
 
 
 async def restore_temporary_from_file(datasette, data):
-    path = _existing_file(_keys(data, required={"path": str}, optional={})["path"])
+    path = _existing_file(_checked_body(data, required={"path": str}, optional={})["path"])
     db = datasette.get_database(TEMPORARY)
     page_size, pages = (await db.execute("select * from pragma_page_size, pragma_page_count")).first()
     # The backup takes the place of what temporary holds now.
@@ -4390,10 +4497,10 @@ def _prepare_restore(path, copy_path, page_size):
         source = _connect_readonly(path)
         try:
             own_page_size = source.execute("pragma page_size").fetchone()[0]
-            encoding = source.execute("pragma encoding").fetchone()[0]
-            if encoding != "UTF-8":
+            db_encoding = source.execute("pragma encoding").fetchone()[0]
+            if db_encoding != "UTF-8":
                 raise APIError(
-                    f"The backup {_shorten(path)} stores its text as {encoding}; only UTF-8 "
+                    f"The backup {_shorten(path)} stores its text as {db_encoding}; only UTF-8 "
                     "databases can be restored, so nothing was restored."
                 )
             problems = [row[0] for row in source.execute("pragma integrity_check(3)")]
@@ -4424,7 +4531,7 @@ async def import_progress(datasette):
 
 
 async def cancel_import(datasette, data):
-    import_id = _keys(data, required={"id": int}, optional={})["id"]
+    import_id = _checked_body(data, required={"id": int}, optional={})["id"]
     item = _import_log(datasette).cancel(import_id)
     # Answer with how it ended, so the page need not poll to find out.
     clock = asyncio.get_running_loop().time
@@ -4437,7 +4544,7 @@ async def cancel_import(datasette, data):
 
 
 async def refresh_plugin_directory(datasette, data):
-    _keys(data, required={}, optional={})
+    _checked_body(data, required={}, optional={})
     plugins = _lists(datasette).plugins
     if not await plugins.refresh():
         # The page keeps the last copy; this says why there is no newer one.
@@ -4450,8 +4557,29 @@ async def refresh_plugin_directory(datasette, data):
 # The progress panel and the Import CSV button, for the desktop user's pages
 # only (see the hooks below). Plain script and style, no build.
 
-PAGE_SCRIPT = r"""/* app_support: import progress, Cancel and Import CSV for Datasette Desktop. */
-(function () {
+# What every page script begins with: its own scope, and a helper that
+# makes an element.
+_SCRIPT_START = r"""(function () {
+  function element(tag, className, text) {
+    var el = document.createElement(tag);
+    if (className) {
+      el.className = className;
+    }
+    if (text) {
+      el.textContent = text;
+    }
+    return el;
+  }
+
+"""
+
+
+def _page_script(title, body):
+    """A page script: a comment naming it, then body in a scope of its own with _SCRIPT_START's helper."""
+    return f"/* app_support: {title} */\n{_SCRIPT_START}{body.lstrip(chr(10))}}})();\n"
+
+
+PAGE_SCRIPT = _page_script("import progress, Cancel and Import CSV for Datasette Desktop.", r"""
   var IDLE_POLL_MS = 5000;
   var BUSY_POLL_MS = 750;
   var config = null;
@@ -4471,17 +4599,6 @@ PAGE_SCRIPT = r"""/* app_support: import progress, Cancel and Import CSV for Dat
 
   function formatNumber(n) {
     return n.toLocaleString("en-US");
-  }
-
-  function element(tag, className, text) {
-    var el = document.createElement(tag);
-    if (className) {
-      el.className = className;
-    }
-    if (text) {
-      el.textContent = text;
-    }
-    return el;
   }
 
   function percent(item) {
@@ -4682,27 +4799,14 @@ PAGE_SCRIPT = r"""/* app_support: import progress, Cancel and Import CSV for Dat
     });
     poll();
   });
-})();
-"""
+""")
 
 # The plugin directory's status line and buttons, and the welcome section's
 # Import buttons, for the desktop user's pages. The buttons call the app's
 # preload functions, as datasette-app-support 0.11.8's did: only the app's
 # window has them, so a plain browser shows the list read-only.
-DIRECTORY_SCRIPT = r"""/* app_support: the plugin directory and the welcome section, for Datasette Desktop. */
-(function () {
+DIRECTORY_SCRIPT = _page_script("the plugin directory and the welcome section, for Datasette Desktop.", r"""
   var config = null;
-
-  function element(tag, className, text) {
-    var el = document.createElement(tag);
-    if (className) {
-      el.className = className;
-    }
-    if (text) {
-      el.textContent = text;
-    }
-    return el;
-  }
 
   function busy(button, text) {
     button.disabled = true;
@@ -4823,8 +4927,7 @@ DIRECTORY_SCRIPT = r"""/* app_support: the plugin directory and the welcome sect
     }
     addWelcome(app);
   });
-})();
-"""
+""")
 
 PAGE_STYLE = """/* app_support: the import panel, the Import CSV button, the plugin directory and the welcome section. */
 .app-support-panel {
@@ -4958,15 +5061,6 @@ def _asset_response(body, content_type):
     return Response(
         body, content_type=content_type, headers={"Cache-Control": "max-age=31536000, immutable"}
     )
-
-
-def _csrftoken(request):
-    """Datasette 0.65's CSRF token, for the x-csrftoken header.
-
-    Datasette 1.0 ignores it: its check reads Sec-Fetch-Site and Origin.
-    """
-    csrftoken = request.scope.get("csrftoken")
-    return csrftoken() if csrftoken else ""
 
 
 def _import_target(datasette, database, template, view_name):
@@ -5203,16 +5297,7 @@ def _csrf_refusals_as_json(app):
             if not refused:
                 await send(message)
             elif message["type"] == "http.response.start":
-                body = json.dumps({"ok": False, "error": _csrf_refusal(scope)}).encode()
-                await send({
-                    "type": "http.response.start",
-                    "status": 403,
-                    "headers": [
-                        (b"content-type", b"application/json; charset=utf-8"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                })
-                await send({"type": "http.response.body", "body": body})
+                await _error_response(_csrf_refusal(scope), 403).asgi_send(send)
             # the HTML page's body messages are dropped
 
         await app(scope, receive, send_json_refusal)
@@ -5311,7 +5396,7 @@ def extra_body_script(template, database, table, view_name, request, datasette):
 @hookimpl
 def top_homepage(datasette, request):
     # Datasette 1.0 only; on 0.65 the page script places the welcome section.
-    if not _is_app_user(request) or not _acts_for(datasette):
+    if not _is_app_user(request) or not _is_first_copy(datasette):
         return None
     return _welcome_html(datasette)
 

@@ -1725,15 +1725,15 @@ def split_points(path):
     """Where the engine would cut path into parts; [] when it reads the file whole."""
     plan = app_support.plan_file(str(path))
     processes = app_support._process_count(path.stat().st_size, plan)
-    return plan.split_points(str(path), processes) if processes > 1 else []
+    return app_support._split_points(str(path), processes, plan) if processes > 1 else []
 
 
 def import_counting_parts(conn, path, folder, table="t", detect_types=True):
     """Import through the engine; return how many parts read the file, and the new table."""
     folder.mkdir(exist_ok=True)
-    encoding = conn.execute("PRAGMA encoding").fetchone()[0]
+    db_encoding = conn.execute("PRAGMA encoding").fetchone()[0]
     staged = app_support.stage_file(
-        str(path), str(folder / "staging.db"), detect_types=detect_types, encoding=encoding
+        str(path), str(folder / "staging.db"), detect_types=detect_types, db_encoding=db_encoding
     )
     (result,) = app_support.copy_in(conn, staged, table)
     return len(staged[0].tables), result.table
@@ -1881,7 +1881,7 @@ BAD_BODIES = [
     (b'"path"', "must be a JSON object"),
     (b'{"path": 5}', "path must be a string"),
     (b'{"path": ["a"]}', "path must be a string"),
-    (b'{"path": "/x", "nope": 1}', "Unknown key: nope"),
+    (b'{"path": "/x", "nope": 1}', "The request has a key this endpoint does not take: nope. It takes path"),
 ]
 
 
@@ -1889,6 +1889,28 @@ BAD_BODIES = [
 @pytest.mark.parametrize("body,error", BAD_BODIES)
 async def test_bad_bodies_are_400(ds, tmp_path, endpoint, body, error):
     await assert_refused(ds, tmp_path, endpoint, body, 400, error)
+
+
+# The keys each endpoint takes, as its refusals of a missing or unknown key say them.
+KEYS_TAKEN = {
+    "/-/auth-app-user": "It takes only redirect, which is optional.",
+    "/-/open-database-file": "It takes path.",
+    "/-/new-empty-database-file": "It takes path.",
+    "/-/open-csv-file": "It takes path, and optionally detect_types.",
+    "/-/import-csv-file": "It takes path and database, and optionally detect_types.",
+    "/-/open-csv-from-url": "It takes url, and optionally table_name, database and detect_types.",
+    "/-/dump-temporary-to-file": "It takes path.",
+    "/-/restore-temporary-from-file": "It takes path.",
+    "/-/cancel-import": "It takes id.",
+    "/-/refresh-plugin-directory": "It takes no keys: send {}.",
+}
+
+
+@pytest.mark.parametrize("endpoint", list(KEYS_TAKEN))
+async def test_unknown_key_is_a_sentence_listing_the_keys_taken(ds, tmp_path, endpoint):
+    assert {route.path for route in app_support.ROUTES if route.method == "POST"} == set(KEYS_TAKEN)
+    response = await assert_refused(ds, tmp_path, endpoint, {"nope": 1}, 400, "")
+    assert response.json()["error"] == "The request has a key this endpoint does not take: nope. " + KEYS_TAKEN[endpoint]
 
 
 LONG = "a" * 300_000
@@ -2202,8 +2224,8 @@ async def test_open_csv_file_null_optional_key(ds, tmp_path):
     "body,error",
     [
         ({"database": "nope"}, "Database not found: nope"),
-        ({"database": None}, "Missing required key: database"),
-        ({}, "Missing required key: database"),
+        ({"database": None}, "The request has no database, which this endpoint needs. It takes path and database, and optionally detect_types."),
+        ({}, "The request has no database, which this endpoint needs. It takes path and database, and optionally detect_types."),
         ({"database": "immutable"}, "read-only"),
         ({"database": "temporary", "path": "/no/such/file.csv"}, "File not found"),
         ({"database": "temporary", "detect_types": "yes"}, "detect_types must be a boolean"),
@@ -3713,7 +3735,11 @@ def closes_early(handler):
 @pytest.mark.parametrize(
     "url,routes,error",
     [
-        ("{base}/missing.csv", {}, "returned HTTP 404 Not Found"),
+        ("{base}/missing.csv", {}, "returned HTTP 404 Not Found: there is no file at that address. Check the URL and try again."),
+        ("{base}/private.csv", {"/private.csv": (403, {}, b"no")}, "returned HTTP 403 Forbidden: the site wants a sign-in or refuses to share the file. Download it in a browser, then open the downloaded file."),
+        ("{base}/busy.csv", {"/busy.csv": (429, {}, b"slow down")}, "returned HTTP 429 Too Many Requests: the site is getting too many requests. Wait a minute and try again."),
+        ("{base}/down.csv", {"/down.csv": (503, {}, b"down")}, "returned HTTP 503 Service Unavailable: the site failed to answer. Try again later."),
+        ("{base}/odd.csv", {"/odd.csv": (499, {}, b"odd")}, "returned HTTP 499: the site refused the request. Check the URL and try again."),
         ("{base}/to-file", {"/to-file": (302, {"Location": "file:///etc/passwd"}, b"")}, "not an http or https URL"),
         ("{base}/loop", {"/loop": (302, {"Location": "/loop"}, b"")}, "redirect"),
         ("{base}/two.zip", {"/two.zip": (200, {}, zipped({"a.csv": CSV_BODY, "b.csv": CSV_BODY}))}, "exactly one"),
@@ -3726,10 +3752,10 @@ def closes_early(handler):
         ("javascript:alert(1)", {}, "Only http:// and https://"),
         ("/relative.csv", {}, "Only http:// and https://"),
         ("", {}, "Only http:// and https://"),
-        (None, {}, "Missing required key: url"),
+        (None, {}, "The request has no url, which this endpoint needs. It takes url, and optionally table_name, database and detect_types."),
     ],
     ids=[
-        "404", "redirect to a file URL", "redirect loop", "zip of two files", "empty body", "bad gzip",
+        "404", "403", "429", "503", "a status of the server's own", "redirect to a file URL", "redirect loop", "zip of two files", "empty body", "bad gzip",
         "connection closed early", "file", "ftp", "data", "javascript", "relative", "empty url", "no url",
     ],
 )
@@ -4396,11 +4422,11 @@ async def test_cancel_import_errors(ds, tmp_path):
     for body, kwargs, status, error in [
         ({"id": 99}, {}, 400, "No import has the id 99."),
         ({"id": 1}, {}, 400, f"Import 1 has already finished (done): {csv_path}"),
-        ({}, {}, 400, "Missing required key: id"),
+        ({}, {}, 400, "The request has no id, which this endpoint needs. It takes id."),
         ({"id": "1"}, {}, 400, "id must be a whole number."),
         ({"id": True}, {}, 400, "id must be a whole number."),
         ({"id": 1.0}, {}, 400, "id must be a whole number."),
-        ({"id": 1, "all": True}, {}, 400, "Unknown key: all"),
+        ({"id": 1, "all": True}, {}, 400, "The request has a key this endpoint does not take: all. It takes id."),
         ({"id": 1}, {"token": None}, 401, "API token"),
         ({"id": 1}, {"token": "nope"}, 401, "API token"),
     ]:
@@ -4572,7 +4598,7 @@ def not_an_array(handler):
 
 
 REFRESH_FAILURES = [
-    ("missing", (404, {}, b"gone"), "{url} returned HTTP 404 Not Found"),
+    ("missing", (404, {}, b"gone"), "{url} returned HTTP 404 Not Found: there is no file at that address. Check the URL and try again."),
     ("web page", (200, {"Content-Type": "text/html"}, b"<html></html>"), "{url} is a web page (HTML), not CSV, TSV or JSON data."),
     ("not JSON", (200, {}, b"{oops"), "The plugin list at {url} is not JSON."),
     ("not an array", not_an_array, "The plugin list at {url} is not a JSON array of objects."),
@@ -4604,7 +4630,7 @@ async def test_refresh_plugin_directory_is_for_the_app_and_its_user_only(lists):
     response = await ds.client.post("/-/refresh-plugin-directory", content=b"{}", cookies=other)
     # Datasette 0.65's CSRF check refuses it first: the request sent no token.
     assert_error(response, 403, "Only the desktop user of Datasette Desktop can do this." if IS_DATASETTE_1 else app_support.MISSING_CSRF_TOKEN_REFUSAL)
-    assert_error(await post(ds, "/-/refresh-plugin-directory", {"x": 1}), 400, "Unknown key: x")
+    assert_error(await post(ds, "/-/refresh-plugin-directory", {"x": 1}), 400, "The request has a key this endpoint does not take: x. It takes no keys: send {}.")
     assert lists.requests == []
 
 
