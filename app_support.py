@@ -82,116 +82,35 @@ try:  # Datasette 1.0: events, and permissions as SQL
 except ImportError:  # Datasette 0.65 has neither
     datasette_events = PermissionSQL = None
 
+
+# ===== Constants =====
+#
+# Plugin-wide names, and the defaults of the plugin's settings. Every other
+# constant sits with the code that uses it.
+
+
 TEMPORARY = "temporary"
 PLUGIN_NAME = "app_support"
 # The desktop user, who owns the machine and the data. Requests carrying the
 # API token come from the desktop app acting for that user.
 ROOT_ACTOR = {"id": "root"}
-SQLITE_HEADER = b"SQLite format 3\x00"
-SQLITE_ENCODINGS = ("UTF-8", "UTF-16le", "UTF-16be")
-# Characters that SQLite reads as URI syntax in a file: URI. Datasette builds
-# file: URIs from database paths without escaping them.
-URI_SPECIAL_CHARACTERS = "?#%"
-LOCKED_TIMEOUT_SECONDS = 2
-# Shared-cache locks (the `temporary` database) fail at once instead of
-# waiting: how long to keep trying while pages read it.
-SHARED_CACHE_WAIT_SECONDS = 10
-# Small batches stay in the CPU cache: 500 rows ran faster than 5,000 or 20,000.
-BATCH_ROWS = 500
-# Rows per INSERT statement, fewer for wide files.
-ROWS_PER_INSERT = 50
-# SQLite's default SQLITE_MAX_COLUMN.
-MAX_COLUMNS = 2000
-# Files this large are read in parts, one per process, by up to one process
-# per CPU and at most MAX_PROCESSES: below it, starting a process costs more
-# than it saves.
-PARALLEL_MIN_BYTES = 16 * 1024 * 1024
-MAX_PROCESSES = 4
-# How far past its aim a part boundary may move to reach a line break.
-SPLIT_SEARCH_BYTES = 1024 * 1024
-# How often helper processes report progress, and the import checks for Cancel.
-PART_PROGRESS_SECONDS = 0.2
-SNIFF_CHARACTERS = 64 * 1024
-# The csv module's field size limit while this plugin reads: no limit, in effect.
-CSV_FIELD_SIZE_LIMIT = min(sys.maxsize, 2**31 - 1)
-# Rows of the sample that vote for a delimiter.
-SNIFF_ROWS = 100
-READ_BUFFER_BYTES = 256 * 1024
-BINARY_SNIFF_BYTES = 8192
-DELIMITERS = ",\t;|"
-# For one-column files: a control character that never splits a value.
-NO_DELIMITER = "\x1f"
-# JSON is read in chunks of this many characters; a single value (a row)
-# may be at most MAX_JSON_VALUE_CHARS. Chunks of 1M characters were no
-# faster, and the peak RSS grew with the file: 87 MB at 1M rows, 90 at 5M.
-JSON_CHUNK_CHARS = 256 * 1024
-MAX_JSON_VALUE_CHARS = 32 * 1024 * 1024
-# How many objects deep, inside the top-level object, an array of objects is looked for.
-MAX_JSON_DEPTH = 3
-# A worksheet's XML is read this many bytes at a time. A workbook's shared
-# strings are held in memory, so its part holding them may unpack to at most
-# MAX_SHARED_STRINGS_BYTES.
-XLSX_CHUNK_BYTES = 1024 * 1024
-MAX_SHARED_STRINGS_BYTES = 256 * 1024 * 1024
-# Encodings a file can be cut in at any LF byte: it is a line break wherever
-# it appears, and no state carries over from one line to the next.
-SPLITTABLE_ENCODINGS = ("utf-8-sig", "cp1252")
-# The files a zip download is looked in for, and the endings a URL's table name loses.
-DATA_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".ndjson", ".jsonl", ".geojson")
-WORKBOOK_SUFFIXES = (".xlsx", ".xlsm")
+# The app's Plugins menu opens /plugin_directory/plugins.
+PLUGIN_DIRECTORY = "plugin_directory"
+PLUGINS_TABLE = "plugins"
 URL_TIMEOUT_SECONDS = 30
 # Whole-download limits; plugin settings url_time_limit and url_size_limit_mb.
 URL_TIME_LIMIT_SECONDS = 600
 URL_SIZE_LIMIT_MB = 1024
-# No real data file expands more than this when gunzipped or unzipped; a file
-# that does is a decompression bomb. Checked once past a few megabytes, where
-# a real file's ratio has settled.
-MAX_EXPANSION_RATIO = 200
-EXPANSION_CHECK_AFTER_BYTES = 8 * 1024 * 1024
-# Downloads stop while this much space is still free on the temp disk.
-DISK_MARGIN_BYTES = 100 * 1024 * 1024
-# Request bodies hold a path or a URL: far less than this.
-MAX_BODY_BYTES = 2 * 1024 * 1024
-# User values in error sentences are shortened to about this many characters.
-MAX_VALUE_IN_MESSAGE = 200
-MAX_REDIRECTS = 5
-DOWNLOAD_CHUNK_BYTES = 1024 * 1024
-# Longer digit strings overflow SQLite's 64-bit integers.
-MAX_INTEGER_DIGITS = 18
-# A double holds 17 significant decimal digits; a decimal with more stays TEXT.
-MAX_REAL_DIGITS = 17
-# Finished imports kept for /-/import-progress; running ones are always kept.
-PROGRESS_HISTORY = 50
-# How long POST /-/cancel-import waits for the import to stop before answering.
-CANCEL_WAIT_SECONDS = 5
-LATIN1_FALLBACK = "app_support_latin1_fallback"
-UTF8_FALLBACK = "app_support_utf8_fallback"
-# The temporary database lives in memory: an import or restore into it must
-# leave this much memory free, besides what its tables take. A table takes
-# about a tenth more in memory than on disk, for SQLite's page cache: a
-# 148 MB table grew the process by 161 MB.
-MEMORY_MARGIN_BYTES = 64 * 1024 * 1024
-MEMORY_PER_TABLE_BYTE = 1.1
-# Work folders (staging databases, downloads) are named
-# app_support_<pid>_<random> in the temp directory, so a later start can
-# remove the ones whose process died without cleaning up.
-WORK_FOLDER_PREFIX = "app_support_"
-# The app's Plugins menu opens /plugin_directory/plugins.
-PLUGIN_DIRECTORY = "plugin_directory"
-PLUGINS_TABLE = "plugins"
 # Plugin settings plugin_directory_url and example_csvs_url.
 PLUGIN_DIRECTORY_URL = "https://datasette.io/content/plugins.json?_shape=array&_size=max"
 EXAMPLE_CSVS_URL = "https://datasette.io/content/example_csvs.json?_shape=array"
-# A list older than this is fetched again, in the background, when a page
-# shows it; after a failed fetch, not before the Retry wait has passed.
-LIST_MAX_AGE_SECONDS = 60 * 60
-LIST_RETRY_SECONDS = 5 * 60
-# Copies of fetched lists are kept in this folder of the temp directory. It
-# is not a work folder, so a later start keeps it.
-LIST_COPIES_FOLDER = "app-support-lists"
 
 
-# Errors
+# ===== Errors =====
+#
+# One error type, APIError, with its status; ReadError (a file that cannot be
+# imported) and ImportCancelled are kinds of it. Raised anywhere, each is
+# turned into {"ok": false, "error": ...} in one place, _error_response.
 
 
 class APIError(Exception):
@@ -203,12 +122,28 @@ class APIError(Exception):
         self.status = status
 
 
+class ReadError(APIError):
+    """A file that cannot be imported; the message names the file and the line."""
+
+
+class ImportCancelled(APIError):
+    """An import stopped because the user pressed Cancel."""
+
+
+def _error_response(message, status):
+    return Response.json({"ok": False, "error": message}, status=status)
+
+
 def _server_fault(exception):
     """An unexpected exception as a 500 APIError, its traceback in the server log."""
     traceback.print_exception(type(exception), exception, exception.__traceback__)
     return APIError(
         f"Unexpected server error: {type(exception).__name__}: {exception}", status=500
     )
+
+
+# User values in error sentences are shortened to about this many characters.
+MAX_VALUE_IN_MESSAGE = 200
 
 
 def _shorten(value, limit=MAX_VALUE_IN_MESSAGE):
@@ -218,6 +153,15 @@ def _shorten(value, limit=MAX_VALUE_IN_MESSAGE):
         return value
     half = (limit - 1) // 2
     return value[:half] + "…" + value[-half:]
+
+
+def _amount(size):
+    """A size in words: 21 GB, 850 MB."""
+    if size >= 10 * 1024**3:
+        return f"{size / 1024**3:.0f} GB"
+    if size >= 1024**3:
+        return f"{size / 1024**3:.1f} GB"
+    return f"{max(1, round(size / 1024**2))} MB"
 
 
 def _sqlite_failure(error, action, path):
@@ -254,7 +198,10 @@ def _sqlite_failures(action, path):
         raise _sqlite_failure(e, action, path) from e
 
 
-# Requests
+# ===== Requests and their guards =====
+#
+# Who may call a route, reading and checking its JSON body, and Datasette's
+# CSRF refusals turned into JSON.
 
 
 def _check_token(request):
@@ -292,6 +239,8 @@ _AUTHENTICATE = {
     APP_OR_USER: _check_token_or_app_user,
     ANYONE: lambda request: None,
 }
+# Request bodies hold a path or a URL: far less than this.
+MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
 async def _read_body(request, limit=MAX_BODY_BYTES):
@@ -394,9 +343,185 @@ def _is_unicode_text(value):
 
 
 _TYPE_NAMES = {str: "string", bool: "boolean (true or false)", int: "whole number"}
+CROSS_SITE_REFUSAL = (
+    "Refused: this is a cross-site request, from a page on another origin (its "
+    "Sec-Fetch-Site or Origin header says so), which Datasette's CSRF protection does "
+    "not allow. The desktop app sends its token and no cookie."
+)
+MISSING_CSRF_TOKEN_REFUSAL = (
+    "Refused: this request carries the desktop user's cookie but no CSRF token. A page "
+    "must send the value of its ds_csrftoken cookie in an x-csrftoken header, as the "
+    "import panel does; the desktop app sends its token instead."
+)
+STALE_CSRF_TOKEN_REFUSAL = (
+    "Refused: the request's x-csrftoken header does not match its ds_csrftoken cookie, "
+    "or the cookie is missing. Reload the page and try again."
+)
 
 
-# Files and databases
+def _csrf_refusal(scope):
+    """Why Datasette's CSRF check refused this request, as a sentence."""
+    headers = {name.lower(): value for name, value in scope.get("headers") or []}
+    site = headers.get(b"sec-fetch-site", b"").decode("latin-1")
+    origin = headers.get(b"origin", b"").decode("latin-1")
+    host = headers.get(b"host", b"").decode("latin-1")
+    if site not in ("", "same-origin", "none") or (
+        origin and urllib.parse.urlsplit(origin).netloc != host
+    ):
+        return CROSS_SITE_REFUSAL
+    if b"x-csrftoken" not in headers:
+        return MISSING_CSRF_TOKEN_REFUSAL
+    return STALE_CSRF_TOKEN_REFUSAL
+
+
+def _csrf_refusals_as_json(app):
+    """ASGI middleware: Datasette's HTML "CSRF check failed" page, on these routes, as JSON.
+
+    The asgi_wrapper hook wraps Datasette's CSRF layer, so the refusal is
+    Datasette's own decision; only its form changes. Datasette 1.0 checks the
+    request's origin, 0.65 its CSRF token, and only on the routes the desktop
+    user's pages call (skip_csrf leaves the app's routes to the token check).
+    """
+    paths = {route.path for route in ROUTES}
+
+    async def wrapped(scope, receive, send):
+        if scope["type"] != "http" or scope.get("path") not in paths:
+            await app(scope, receive, send)
+            return
+        refused = False
+
+        async def send_json_refusal(message):
+            nonlocal refused
+            if message["type"] == "http.response.start" and message["status"] == 403:
+                headers = dict(message.get("headers") or [])
+                refused = headers.get(b"content-type", b"").startswith(b"text/html")
+            if not refused:
+                await send(message)
+            elif message["type"] == "http.response.start":
+                await _error_response(_csrf_refusal(scope), 403).asgi_send(send)
+            # the HTML page's body messages are dropped
+
+        await app(scope, receive, send_json_refusal)
+
+    return wrapped
+
+
+# ===== Datasette 0.65 and 1.0 =====
+#
+# Each difference between the two lines, and each private part of Datasette
+# the plugin uses, in a small helper of its own, with a note on what would
+# replace it.
+
+
+async def _write_outside_transaction(db, fn):
+    """Run fn(conn) in db's write thread with no transaction opened around it.
+
+    Datasette 1.0 wraps writes in BEGIN IMMEDIATE unless told otherwise; 0.65
+    never does. Callers here manage their own transactions (VACUUM, ATTACH
+    and the backup API cannot run inside one).
+    """
+    if "transaction" in inspect.signature(db.execute_write_fn).parameters:
+        return await db.execute_write_fn(fn, block=True, transaction=False)
+    return await db.execute_write_fn(fn, block=True)
+
+
+async def _refresh_catalog(datasette):
+    """Make the very next page list a database or table that was just added.
+
+    Datasette 1.0 refreshes its schema catalog at most once a second, and both
+    lines skip a refresh while another runs, which may have started before
+    the change.
+    """
+    # Polled, not awaited: on Python 3.9 the lock belongs to the loop that
+    # was current when Datasette was created, not always the one serving.
+    while _schema_refresh_running(datasette):
+        await asyncio.sleep(0.005)
+    if "force" in inspect.signature(datasette.refresh_schemas).parameters:
+        await datasette.refresh_schemas(force=True)
+    else:
+        await datasette.refresh_schemas()
+
+
+def _schema_refresh_running(datasette):
+    """Whether Datasette is refreshing its schema catalog now.
+
+    Private: Datasette's _refresh_schemas_lock. A public refresh that waits
+    for one under way (or a documented lock) would replace it.
+    """
+    lock = getattr(datasette, "_refresh_schemas_lock", None)
+    return lock is not None and lock.locked()
+
+
+async def _track_event(datasette, event_class, **fields):
+    """Report an event to listening plugins; Datasette 0.65 has no events."""
+    if datasette_events is None:
+        return
+    event = getattr(datasette_events, event_class)(actor=ROOT_ACTOR, **fields)
+    await datasette.track_event(event)
+
+
+def _file_database(datasette, path):
+    return Database(datasette, path=path, is_mutable=True)
+
+
+def _memory_database(datasette, memory_name):
+    return Database(datasette, memory_name=memory_name)
+
+
+def _welcome_in_page_script():
+    """Whether the page script must place the welcome section on the home page.
+
+    Datasette 1.0 has a top_homepage hook for it; 0.65 has none.
+    """
+    return not hasattr(hookspecs, "top_homepage")
+
+
+def _csrftoken(request):
+    """Datasette 0.65's CSRF token, for the x-csrftoken header; "" on 1.0, which ignores it.
+
+    Private: asgi-csrf's csrftoken in the request's scope, which Datasette's
+    templates call. 1.0 checks Sec-Fetch-Site and Origin instead, and a
+    token given to plugins' hooks would replace it.
+    """
+    csrftoken = request.scope.get("csrftoken")
+    return csrftoken() if csrftoken else ""
+
+
+def _listed_plugins(datasette):
+    """The plugins /-/plugins.json lists: name and version of each.
+
+    Private: Datasette's _plugins(), the list behind that page. A documented
+    list of installed plugins would replace it.
+    """
+    return datasette._plugins()
+
+
+def _shared_by_copies(datasette, name, make):
+    """The value kept on the Datasette object as _app_support_<name>, made by make() the first time.
+
+    Kept there rather than in this module, so that two copies of the module
+    loaded into one server (pip-installed and in --plugins-dir) share it.
+    An attribute of our own on the Datasette object: a documented place for
+    a plugin's state per instance would replace it.
+    """
+    attribute = "_app_support_" + name
+    value = datasette.__dict__.get(attribute)
+    if value is None:
+        value = make()
+        setattr(datasette, attribute, value)
+    return value
+
+
+# ===== Files and databases =====
+#
+# Paths from requests, the SQLite files they name, and table names.
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+# Characters that SQLite reads as URI syntax in a file: URI. Datasette builds
+# file: URIs from database paths without escaping them.
+URI_SPECIAL_CHARACTERS = "?#%"
+LOCKED_TIMEOUT_SECONDS = 2
 
 
 def _resolve_path(raw):
@@ -556,6 +681,13 @@ def _cut_short(header, size):
     return f"holds {size:,} of its {expected:,} bytes"
 
 
+# No real data file expands more than this when gunzipped or unzipped; a file
+# that does is a decompression bomb. Checked once past a few megabytes, where
+# a real file's ratio has settled.
+MAX_EXPANSION_RATIO = 200
+EXPANSION_CHECK_AFTER_BYTES = 8 * 1024 * 1024
+
+
 def _looks_like_a_bomb(size, packed_size):
     """Whether size bytes unpacked from packed_size expand more than any real data file does."""
     return size > EXPANSION_CHECK_AFTER_BYTES and size > MAX_EXPANSION_RATIO * max(packed_size, 1)
@@ -581,7 +713,13 @@ def _create_empty_database(path):
         raise APIError(f"Could not create a SQLite database at {path}: {e}")
 
 
-# Work folders
+# ===== Work folders =====
+
+
+# Work folders (staging databases, downloads) are named
+# app_support_<pid>_<random> in the temp directory, so a later start can
+# remove the ones whose process died without cleaning up.
+WORK_FOLDER_PREFIX = "app_support_"
 
 
 def _work_folder():
@@ -636,11 +774,19 @@ def _process_alive(pid):
     return True
 
 
-# Memory for the temporary database
+# ===== Memory for temporary =====
 #
 # temporary is in memory, so a table too large for it would make the kernel
 # end the server, and every table in temporary with it. Imports and restores
 # into it first compare what they need with what this process may still use.
+
+
+# The temporary database lives in memory: an import or restore into it must
+# leave this much memory free, besides what its tables take. A table takes
+# about a tenth more in memory than on disk, for SQLite's page cache: a
+# 148 MB table grew the process by 161 MB.
+MEMORY_MARGIN_BYTES = 64 * 1024 * 1024
+MEMORY_PER_TABLE_BYTE = 1.1
 
 
 @dataclass
@@ -737,15 +883,6 @@ def _check_room_in_memory(need, refusal):
         )
 
 
-def _amount(size):
-    """A size in words: 21 GB, 850 MB."""
-    if size >= 10 * 1024**3:
-        return f"{size / 1024**3:.0f} GB"
-    if size >= 1024**3:
-        return f"{size / 1024**3:.1f} GB"
-    return f"{max(1, round(size / 1024**2))} MB"
-
-
 def _table_bytes(path, table):
     """The bytes a table's pages take in the database at path; the whole file's size without dbstat."""
     conn = sqlite3.connect(path)
@@ -757,122 +894,7 @@ def _table_bytes(path, table):
         conn.close()
 
 
-# Differences between Datasette 0.65 and 1.0
-
-
-async def _write_outside_transaction(db, fn):
-    """Run fn(conn) in db's write thread with no transaction opened around it.
-
-    Datasette 1.0 wraps writes in BEGIN IMMEDIATE unless told otherwise; 0.65
-    never does. Callers here manage their own transactions (VACUUM, ATTACH
-    and the backup API cannot run inside one).
-    """
-    if "transaction" in inspect.signature(db.execute_write_fn).parameters:
-        return await db.execute_write_fn(fn, block=True, transaction=False)
-    return await db.execute_write_fn(fn, block=True)
-
-
-async def _refresh_catalog(datasette):
-    """Make the very next page list a database or table that was just added.
-
-    Datasette 1.0 refreshes its schema catalog at most once a second, and both
-    lines skip a refresh while another runs, which may have started before
-    the change.
-    """
-    # Polled, not awaited: on Python 3.9 the lock belongs to the loop that
-    # was current when Datasette was created, not always the one serving.
-    while _schema_refresh_running(datasette):
-        await asyncio.sleep(0.005)
-    if "force" in inspect.signature(datasette.refresh_schemas).parameters:
-        await datasette.refresh_schemas(force=True)
-    else:
-        await datasette.refresh_schemas()
-
-
-def _schema_refresh_running(datasette):
-    """Whether Datasette is refreshing its schema catalog now.
-
-    Private: Datasette's _refresh_schemas_lock. A public refresh that waits
-    for one under way (or a documented lock) would replace it.
-    """
-    lock = getattr(datasette, "_refresh_schemas_lock", None)
-    return lock is not None and lock.locked()
-
-
-def _listed_plugins(datasette):
-    """The plugins /-/plugins.json lists: name and version of each.
-
-    Private: Datasette's _plugins(), the list behind that page. A documented
-    list of installed plugins would replace it.
-    """
-    return datasette._plugins()
-
-
-def _shared_by_copies(datasette, name, make):
-    """The value kept on the Datasette object as _app_support_<name>, made by make() the first time.
-
-    Kept there rather than in this module, so that two copies of the module
-    loaded into one server (pip-installed and in --plugins-dir) share it.
-    An attribute of our own on the Datasette object: a documented place for
-    a plugin's state per instance would replace it.
-    """
-    attribute = "_app_support_" + name
-    value = datasette.__dict__.get(attribute)
-    if value is None:
-        value = make()
-        setattr(datasette, attribute, value)
-    return value
-
-
-def _csrftoken(request):
-    """Datasette 0.65's CSRF token, for the x-csrftoken header; "" on 1.0, which ignores it.
-
-    Private: asgi-csrf's csrftoken in the request's scope, which Datasette's
-    templates call. 1.0 checks Sec-Fetch-Site and Origin instead, and a
-    token given to plugins' hooks would replace it.
-    """
-    csrftoken = request.scope.get("csrftoken")
-    return csrftoken() if csrftoken else ""
-
-
-async def _track_event(datasette, event_class, **fields):
-    """Report an event to listening plugins; Datasette 0.65 has no events."""
-    if datasette_events is None:
-        return
-    event = getattr(datasette_events, event_class)(actor=ROOT_ACTOR, **fields)
-    await datasette.track_event(event)
-
-
-async def _report_import(datasette, db, result):
-    """Announce a committed import as a new table and its inserted rows."""
-    await _track_event(
-        datasette, "CreateTableEvent", database=db.name, table=result.table, schema=result.schema
-    )
-    if result.rows:
-        await _track_event(
-            datasette, "InsertRowsEvent", database=db.name, table=result.table,
-            num_rows=result.rows, ignore=False, replace=False,
-        )
-
-
-def _file_database(datasette, path):
-    return Database(datasette, path=path, is_mutable=True)
-
-
-def _memory_database(datasette, memory_name):
-    return Database(datasette, memory_name=memory_name)
-
-
-def _welcome_in_page_script():
-    """Whether the page script must place the welcome section on the home page.
-
-    Datasette 1.0 has a top_homepage hook for it; 0.65 has none.
-    """
-    return not hasattr(hookspecs, "top_homepage")
-
-
-
-# The import engine
+# ===== The import engine =====
 #
 # Every import takes one path. A reader turns the file into a header and
 # batches of rows; for CSV each cell is the exact string the csv module gives.
@@ -885,15 +907,19 @@ def _welcome_in_page_script():
 #
 # The sections below follow that path: readers, column names and types,
 # staging, copying in. Large files are also read in parts by several
-# processes at once; that speed-up has a section of its own after them, and
-# nothing above it knows of parts.
+# processes at once. That speed-up has a section of its own after them, the
+# only one that cuts files into parts or starts processes: a reader just
+# reads the bytes it is given.
 
 
-class ReadError(APIError):
-    """A file that cannot be imported; the message names the file and the line."""
+# Small batches stay in the CPU cache: 500 rows ran faster than 5,000 or 20,000.
+BATCH_ROWS = 500
+# SQLite's default SQLITE_MAX_COLUMN.
+MAX_COLUMNS = 2000
+READ_BUFFER_BYTES = 256 * 1024
 
 
-# Readers
+# ===== Readers =====
 #
 # plan_file looks at a file's content, never its name, and returns a plan:
 # how to read the file (CSVPlan, JSONPlan, XLSXPlan). A plan has
@@ -901,9 +927,9 @@ class ReadError(APIError):
 #   source and kind: the file's name and the kind of text it is, for messages;
 #   readers(path): (sheet, reader) for each table the file gives, one after
 #     another: one table with no sheet name, or a workbook's worksheets;
-#   splittable: whether the file can be cut into parts (see "Reading large
-#     files in parts"), and if it can, split_points(path, processes) and
-#     open(path, start, end), a reader of a part.
+#   splittable: whether rows may start after LF bytes, so that the file can
+#     be read in parts. If so, quote_byte and row_start(window, quotes) find
+#     where a row may start, and open(path, start, end) reads a byte range.
 # A reader has
 #   batches(): lists of rows, each a list of cells;
 #   header: the column names, complete once the batches are;
@@ -912,6 +938,11 @@ class ReadError(APIError):
 #   typed_cells: False when every cell is text to learn a type from (CSV),
 #     True when cells are typed values (JSON);
 #   bytes_read and close().
+# A reader given a range that ends inside a row raises _RangeEndsMidRow.
+# CSV and JSON text is opened by _open_text, which refuses NUL bytes.
+
+
+BINARY_SNIFF_BYTES = 8192
 
 
 def _file_head(path, source):
@@ -956,7 +987,107 @@ def plan_file(path, charset=None, source=None):
     return plan_csv(path, encoding, source)
 
 
-# Readers: text encodings
+class _NulGuard(io.RawIOBase):
+    """A raw file, or the bytes start to end of it, that refuses NUL bytes.
+
+    Python 3.11's csv module accepts them. plan gives the file's name in
+    messages and the kind of text it should be.
+    """
+
+    def __init__(self, path, plan, start=0, end=None):
+        self.path = path
+        self.plan = plan
+        self.raw = open(path, "rb", buffering=0)
+        self.raw.seek(start)
+        self.start = start
+        self.left = end - start if end is not None else None
+        self.lines = 0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if self.left is not None:
+            buffer = memoryview(buffer)[: self.left]
+        n = self.raw.readinto(buffer)
+        if self.left is not None:
+            self.left -= n
+        chunk = memoryview(buffer)[:n].tobytes() if n else b""
+        nul = chunk.find(b"\x00")
+        if nul != -1:
+            line = self.lines + chunk.count(b"\n", 0, nul) + 1
+            if self.start:
+                line += _lines_before(self.path, self.start)
+            raise ReadError(
+                f"{self.plan.source} contains a NUL byte on line {line}, "
+                f"so it is not {self.plan.kind} text."
+            )
+        self.lines += chunk.count(b"\n")
+        return n
+
+    def tell(self):
+        return self.raw.tell() - self.start
+
+    def close(self):
+        self.raw.close()
+        super().close()
+
+
+def _open_text(path, plan, start=0, end=None, newline=None):
+    """The text of the file at path, or of its bytes start to end, in the plan's encoding: (raw, text).
+
+    raw counts the bytes read (its tell()) and refuses NUL bytes, but in
+    UTF-16 and UTF-32, whose text is full of them and which are never read
+    in parts. newline is as for open().
+    """
+    if _is_wide(plan.encoding):
+        raw = open(path, "rb", buffering=0)
+    else:
+        raw = _NulGuard(path, plan, start, end)
+    text = io.TextIOWrapper(
+        io.BufferedReader(raw, READ_BUFFER_BYTES),
+        # A byte order mark can only be at the very start.
+        encoding="utf-8" if start and plan.encoding == "utf-8-sig" else plan.encoding,
+        errors=_decode_errors(plan.encoding),
+        newline=newline,
+    )
+    return raw, text
+
+
+class _RangeEndsMidRow(Exception):
+    """The bytes a reader was given end inside a row, or above the header: the end of
+    the range was misplaced, not the file wrong (see "Reading large files in parts")."""
+
+
+def _lines_before(path, offset, lf_only=False):
+    """How many lines the file at path has before byte offset, for messages.
+
+    As csv counts them, a CR alone ends a line too; as json counts them
+    (lf_only), only an LF does.
+    """
+    count, previous = 0, b""
+    with open(path, "rb") as f:
+        while offset > 0:
+            chunk = f.read(min(READ_BUFFER_BYTES, offset))
+            if not chunk:
+                break
+            offset -= len(chunk)
+            count += chunk.count(b"\n")
+            if not lf_only:
+                count += chunk.count(b"\r") - chunk.count(b"\r\n")
+                count -= previous == b"\r" and chunk.startswith(b"\n")  # a CRLF cut in two
+            previous = chunk[-1:]
+    return count
+
+
+# ===== Readers: text encodings =====
+
+
+LATIN1_FALLBACK = "app_support_latin1_fallback"
+UTF8_FALLBACK = "app_support_utf8_fallback"
+# Encodings a file can be cut in at any LF byte: it is a line break wherever
+# it appears, and no state carries over from one line to the next.
+SPLITTABLE_ENCODINGS = ("utf-8-sig", "cp1252")
 
 
 def _latin1_fallback(error):
@@ -1079,7 +1210,19 @@ def _decode_errors(encoding):
     return UTF8_FALLBACK if encoding in ("utf-8-sig", "utf-8") else "strict"
 
 
-# Readers: CSV
+# ===== Readers: CSV =====
+#
+# How the CSV dialect is decided: plan_csv, detect_delimiter and _messy_plan.
+
+
+SNIFF_CHARACTERS = 64 * 1024
+# Rows of the sample that vote for a delimiter.
+SNIFF_ROWS = 100
+DELIMITERS = ",\t;|"
+# For one-column files: a control character that never splits a value.
+NO_DELIMITER = "\x1f"
+# The csv module's field size limit while this plugin reads: no limit, in effect.
+CSV_FIELD_SIZE_LIMIT = min(sys.maxsize, 2**31 - 1)
 
 
 @dataclass
@@ -1360,99 +1503,6 @@ def _line_breaks(text):
     return text.count("\n") + text.count("\r") - text.count("\r\n")
 
 
-def _lines_before(path, offset, lf_only=False):
-    """How many lines the file at path has before byte offset, for messages.
-
-    As csv counts them, a CR alone ends a line too; as json counts them
-    (lf_only), only an LF does.
-    """
-    count, previous = 0, b""
-    with open(path, "rb") as f:
-        while offset > 0:
-            chunk = f.read(min(READ_BUFFER_BYTES, offset))
-            if not chunk:
-                break
-            offset -= len(chunk)
-            count += chunk.count(b"\n")
-            if not lf_only:
-                count += chunk.count(b"\r") - chunk.count(b"\r\n")
-                count -= previous == b"\r" and chunk.startswith(b"\n")  # a CRLF cut in two
-            previous = chunk[-1:]
-    return count
-
-
-class _NulGuard(io.RawIOBase):
-    """A raw file, or the bytes start to end of it, that refuses NUL bytes.
-
-    Python 3.11's csv module accepts them. plan gives the file's name in
-    messages and the kind of text it should be.
-    """
-
-    def __init__(self, path, plan, start=0, end=None):
-        self.path = path
-        self.plan = plan
-        self.raw = open(path, "rb", buffering=0)
-        self.raw.seek(start)
-        self.start = start
-        self.left = end - start if end is not None else None
-        self.lines = 0
-
-    def readable(self):
-        return True
-
-    def readinto(self, buffer):
-        if self.left is not None:
-            buffer = memoryview(buffer)[: self.left]
-        n = self.raw.readinto(buffer)
-        if self.left is not None:
-            self.left -= n
-        chunk = memoryview(buffer)[:n].tobytes() if n else b""
-        nul = chunk.find(b"\x00")
-        if nul != -1:
-            line = self.lines + chunk.count(b"\n", 0, nul) + 1
-            if self.start:
-                line += _lines_before(self.path, self.start)
-            raise ReadError(
-                f"{self.plan.source} contains a NUL byte on line {line}, "
-                f"so it is not {self.plan.kind} text."
-            )
-        self.lines += chunk.count(b"\n")
-        return n
-
-    def tell(self):
-        return self.raw.tell() - self.start
-
-    def close(self):
-        self.raw.close()
-        super().close()
-
-
-def _open_text(path, plan, start=0, end=None, newline=None):
-    """The text of the file at path, or of its bytes start to end, in the plan's encoding: (raw, text).
-
-    raw counts the bytes read (its tell()) and refuses NUL bytes, but in
-    UTF-16 and UTF-32, whose text is full of them and which are never read
-    in parts. newline is as for open().
-    """
-    if _is_wide(plan.encoding):
-        raw = open(path, "rb", buffering=0)
-    else:
-        raw = _NulGuard(path, plan, start, end)
-    text = io.TextIOWrapper(
-        io.BufferedReader(raw, READ_BUFFER_BYTES),
-        # A byte order mark can only be at the very start.
-        encoding="utf-8" if start and plan.encoding == "utf-8-sig" else plan.encoding,
-        errors=_decode_errors(plan.encoding),
-        newline=newline,
-    )
-    return raw, text
-
-
-class _RangeEndsMidRow(Exception):
-    """The bytes a reader was given end inside a row, or above the header: the end of
-    the range was misplaced, not the file wrong (see "Reading large files in parts")."""
-
-
 class CSVReader:
     """Streams a CSV file, or its bytes from start to end, as a header and batches of rows.
 
@@ -1566,7 +1616,7 @@ class CSVReader:
             )
 
 
-# Readers: JSON
+# ===== Readers: JSON =====
 #
 # A JSON file is never loaded whole. _JSONText keeps a buffer of its text and
 # decodes one value at a time from it with the json module's C decoder: a row
@@ -1575,6 +1625,13 @@ class CSVReader:
 # object that holds arrays of objects, that look walks the whole file once.
 
 
+# JSON is read in chunks of this many characters; a single value (a row)
+# may be at most MAX_JSON_VALUE_CHARS. Chunks of 1M characters were no
+# faster, and the peak RSS grew with the file: 87 MB at 1M rows, 90 at 5M.
+JSON_CHUNK_CHARS = 256 * 1024
+MAX_JSON_VALUE_CHARS = 32 * 1024 * 1024
+# How many objects deep, inside the top-level object, an array of objects is looked for.
+MAX_JSON_DEPTH = 3
 JSON_SHAPES = (
     "an array of objects, one object per line (NDJSON), an object that holds an array of "
     "objects, or a GeoJSON FeatureCollection"
@@ -2051,7 +2108,7 @@ def _feature(feature):
     return row
 
 
-# Readers: Excel workbooks
+# ===== Readers: Excel workbooks =====
 #
 # An .xlsx file is a zip of XML parts. The workbook part names the sheets
 # and the date system; the styles part says which cell styles show dates or
@@ -2063,6 +2120,11 @@ def _feature(feature):
 # ever held. The small parts are read with ElementTree.
 
 
+# A worksheet's XML is read this many bytes at a time. A workbook's shared
+# strings are held in memory, so its part holding them may unpack to at most
+# MAX_SHARED_STRINGS_BYTES.
+XLSX_CHUNK_BYTES = 1024 * 1024
+MAX_SHARED_STRINGS_BYTES = 256 * 1024 * 1024
 _OLE2_MAGIC = b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1"
 _ZIP_MAGIC = b"PK\x03\x04"
 _XLSX_WORKSHEET = "/worksheet"  # the end of a worksheet relationship's type, in either namespace
@@ -2376,8 +2438,6 @@ class _CountedFile(io.FileIO):
 
 
 _ROW_NUMBER = re.compile(rb"""\sr\s*=\s*["']([0-9]+)""")
-
-
 _COLUMNS = {}  # a cell reference's letters, such as b"AB": its column, counted from 0
 
 
@@ -2536,7 +2596,15 @@ def _header_name(value):
     return "" if value is None else str(value)
 
 
-# Column names and types
+# ===== Column names and types =====
+#
+# How a column's type is learned: column_type for text cells, typed_column_type for typed ones.
+
+
+# Longer digit strings overflow SQLite's 64-bit integers.
+MAX_INTEGER_DIGITS = 18
+# A double holds 17 significant decimal digits; a decimal with more stays TEXT.
+MAX_REAL_DIGITS = 17
 
 
 def clean_headers(names, width):
@@ -2656,7 +2724,15 @@ def _pad(batch, width):
     return max(lengths)
 
 
-# Staging
+# ===== Staging =====
+#
+# A reader's rows go, as they are, into a staging database while their types
+# are learned; SQLite then converts them there, to those types.
+
+
+SQLITE_ENCODINGS = ("UTF-8", "UTF-16le", "UTF-16be")
+# Rows per INSERT statement, fewer for wide files.
+ROWS_PER_INSERT = 50
 
 
 @dataclass
@@ -2966,7 +3042,15 @@ class _StagedRows:
         return f"CASE WHEN c{n} <> '' THEN c{n} END"
 
 
-# Copying into the target
+# ===== Copying into the target =====
+#
+# The one step that touches the user's database: every staged table copied in,
+# in one transaction, under names that are free at that moment.
+
+
+# Shared-cache locks (the `temporary` database) fail at once instead of
+# waiting: how long to keep trying while pages read it.
+SHARED_CACHE_WAIT_SECONDS = 10
 
 
 @dataclass
@@ -3108,17 +3192,27 @@ def _check_writable(path):
         conn.close()
 
 
-# Reading large files in parts
+# ===== Reading large files in parts =====
 #
 # One Python process parses CSV or JSON no faster than one CPU allows, so a
-# large file is cut into one part per process, each starting just after a
-# line break, and the parts are read at once: the first by this process, and
-# each other one by a helper process. Each part is staged like a whole file,
-# in its reader's own staging database. The columns and types of all parts
-# then decide the table; each process converts its part to them, and copy_in
-# copies the parts in file order.
+# large file is cut into one part per process, each starting where the
+# plan's row_start says a row may, and the parts are read at once: the
+# first by this process, and each other one by a helper process. Each part
+# is staged like a whole file, in its reader's own staging database. The
+# columns and types of all parts then decide the table; each process
+# converts its part to them, and copy_in copies the parts in file order.
+# When that does not work out (_SplitFailed), the file is read in one piece.
 
 
+# Files this large are read in parts, one per process, by up to one process
+# per CPU and at most MAX_PROCESSES: below it, starting a process costs more
+# than it saves.
+PARALLEL_MIN_BYTES = 16 * 1024 * 1024
+MAX_PROCESSES = 4
+# How far past its aim a part boundary may move to reach a line break.
+SPLIT_SEARCH_BYTES = 1024 * 1024
+# How often helper processes report progress, and the import checks for Cancel.
+PART_PROGRESS_SECONDS = 0.2
 _Part = collections.namedtuple("_Part", "number start end")  # end is None for the last part
 # What staging a part learned. types are None where it saw no values; keys
 # are None when columns are known by position, as in CSV.
@@ -3427,7 +3521,11 @@ def _helper_main():
         send({"error": {"kind": "os", "errno": e.errno, "message": e.strerror or str(e)}})
 
 
-# Running an import for a handler
+# ===== Running an import =====
+#
+# The engine for the handlers: an import into a Datasette database, staged in
+# a worker thread and copied in by the database's write thread, then made
+# visible and announced.
 
 
 def import_file(conn, path, wanted_table, detect_types=True):
@@ -3490,7 +3588,60 @@ def _check_attached(datasette, db):
         )
 
 
-# Downloads
+async def _import_local_file(datasette, raw_path, database, detect_types):
+    path = _existing_file(raw_path)
+    db = _writable_database(datasette, database)
+    log = _import_log(datasette)
+    with log.track(raw_path, db.name, os.path.getsize(path)) as progress:
+        results = await _import_into(
+            datasette, db, path, Path(path).stem, detect_types is not False, progress.update,
+            source=path,
+        )
+        log.done(progress, results)
+    return await _announce_import(datasette, db, results)
+
+
+async def _announce_import(datasette, db, results):
+    """Make a committed import visible and heard of; return the import handlers' answer."""
+    await _refresh_catalog(datasette)
+    for result in results:
+        await _report_import(datasette, db, result)
+    first = results[0]
+    answer = {"ok": True, "path": datasette.urls.table(db.name, first.table), "rows": first.rows}
+    answer.update(first.answer)
+    if first.sheet is not None:  # a workbook: every sheet's table
+        answer["tables"] = [
+            {"table": result.table, "path": datasette.urls.table(db.name, result.table), "rows": result.rows}
+            for result in results
+        ]
+    return answer
+
+
+async def _report_import(datasette, db, result):
+    """Announce a committed import as a new table and its inserted rows."""
+    await _track_event(
+        datasette, "CreateTableEvent", database=db.name, table=result.table, schema=result.schema
+    )
+    if result.rows:
+        await _track_event(
+            datasette, "InsertRowsEvent", database=db.name, table=result.table,
+            num_rows=result.rows, ignore=False, replace=False,
+        )
+
+
+# ===== Downloads =====
+#
+# A URL is streamed into a work folder in a worker thread, within the limits of
+# the plugin's settings, then unpacked.
+
+
+# The files a zip download is looked in for, and the endings a URL's table name loses.
+DATA_SUFFIXES = (".csv", ".tsv", ".txt", ".json", ".ndjson", ".jsonl", ".geojson")
+WORKBOOK_SUFFIXES = (".xlsx", ".xlsm")
+MAX_REDIRECTS = 5
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024
+# Downloads stop while this much space is still free on the temp disk.
+DISK_MARGIN_BYTES = 100 * 1024 * 1024
 
 
 def _redirect_error(url, location):
@@ -3816,15 +3967,19 @@ def _unpack(path, url_path, url, limits, folder):
     return path
 
 
-# Import progress
+# ===== Import progress =====
+#
+# What /-/import-progress shows and /-/cancel-import stops, in memory.
+
+
+# Finished imports kept for /-/import-progress; running ones are always kept.
+PROGRESS_HISTORY = 50
+# How long POST /-/cancel-import waits for the import to stop before answering.
+CANCEL_WAIT_SECONDS = 5
 
 
 def _now():
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-class ImportCancelled(APIError):
-    """An import stopped because the user pressed Cancel."""
 
 
 @dataclass
@@ -3940,14 +4095,63 @@ def _import_log(datasette):
     return _import_logs[datasette]
 
 
-# The plugin directory and the example CSVs
+# ===== Pages for the desktop user =====
+#
+# What the hooks add to the desktop user's pages, beside the page assets at
+# the end of the file: the page script's settings, and the database a page
+# offers Import CSV into.
+
+
+def _page_globals(**values):
+    """Script that sets window.<name> to each value that is not None."""
+    # "<" escaped, so no value can close the script element.
+    return "".join(
+        "window.{} = {};".format(name, json.dumps(value).replace("<", "\\u003c"))
+        for name, value in values.items()
+        if value is not None
+    )
+
+
+def _import_target(datasette, database, template, view_name):
+    """The database whose page this is, when a CSV can be imported into it."""
+    if view_name != "database" or not database or template.startswith("query"):
+        return None
+    db = datasette.databases.get(database)
+    if db is None or not db.is_mutable or database in ("_internal", PLUGIN_DIRECTORY):
+        return None
+    return database
+
+
+class _HTML(str):
+    """Markup that Datasette's templates insert as it is (Jinja's __html__ protocol)."""
+
+    def __html__(self):
+        return self
+
+
+def _attribute(value):
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+# ===== The plugin directory and the welcome section =====
 #
 # The app's Plugins menu opens the plugin_directory database's plugins table,
-# and its home page offers example CSVs. Both lists come from datasette.io
-# (the plugin settings plugin_directory_url and example_csvs_url). A list is
-# fetched in a worker thread, never while startup or a page waits, and a copy
-# is kept on disk: the app restarts the server after every plugin install,
-# and the list must be there at once, online or not.
+# and its home page shows a welcome section with example CSVs. Both lists
+# come from datasette.io (the plugin settings plugin_directory_url and
+# example_csvs_url). A list is fetched in a worker thread, never while
+# startup or a page waits, and a copy is kept on disk: the app restarts the
+# server after every plugin install, and the list must be there at once,
+# online or not. The HTML the pages show comes last here; the page script
+# is DIRECTORY_SCRIPT, among the page assets.
+
+
+# A list older than this is fetched again, in the background, when a page
+# shows it; after a failed fetch, not before the Retry wait has passed.
+LIST_MAX_AGE_SECONDS = 60 * 60
+LIST_RETRY_SECONDS = 5 * 60
+# Copies of fetched lists are kept in this folder of the temp directory. It
+# is not a work folder, so a later start keeps it.
+LIST_COPIES_FOLDER = "app-support-lists"
 
 
 class RemoteList:
@@ -4280,7 +4484,95 @@ def _directory_status(datasette):
     }
 
 
-# Endpoints
+def _is_plugin_directory_page(database, table, view_name):
+    return database == PLUGIN_DIRECTORY and table == PLUGINS_TABLE and view_name in ("table", "row")
+
+
+def _plugin_cell(row):
+    """The installed column's cell: its text, and for the page script the plugin's name, versions and status."""
+    keys = row.keys()
+    plugin = {key: row[key] if key in keys else None for key in (
+        "name", "tag_name", "installed", "installed_version", "upgrade", "is_default"
+    )}
+    if plugin["name"] is None:
+        return None  # a page showing only some columns: the cell as it is
+    installed = plugin["installed"] == "installed"
+    text = "installed " + (plugin["installed_version"] or "") if installed else "not installed"
+    data = {
+        "name": plugin["name"],
+        "latest": plugin["tag_name"],
+        "installed": int(installed),
+        "upgrade": int(plugin["upgrade"] is not None),
+        "is-default": int(bool(plugin["is_default"])),
+    }
+    attributes = "".join(f' data-{key}="{_attribute(value)}"' for key, value in data.items())
+    return _HTML(f'<span class="app-support-plugin"{attributes}>{html.escape(text.strip())}</span>')
+
+
+def _href(url):
+    """A link from a fetched list, if it is a web address (never javascript: or data:)."""
+    if isinstance(url, str) and urllib.parse.urlsplit(url).scheme.lower() in ("http", "https"):
+        return _attribute(url)
+    return None
+
+
+async def _welcome_html(datasette):
+    """The welcome section of the desktop user's home page: the File menu, Run SQL, example CSVs."""
+    examples = _lists(datasette).examples
+    examples.refresh_if_stale()
+    tables = set(await datasette.get_database(TEMPORARY).table_names())
+    parts = [
+        '<section class="app-support-welcome">',
+        "<p>Welcome to Datasette Desktop. Get started by opening a <strong>CSV file</strong> or "
+        "<strong>SQLite database file</strong> using the <em>File</em> menu.</p>",
+    ]
+    if not tables:
+        parts.append(
+            f'<p class="app-support-run-sql"><strong><a href="{_attribute(datasette.urls.database(TEMPORARY))}">'
+            "Run SQL</a></strong> against a temporary database</p>"
+        )
+    shown = [
+        _example_html(datasette, example, tables) for example in examples.items or []
+        if all(isinstance(example.get(key), str) for key in ("name", "table_name"))
+        and _href(example.get("url"))
+    ]
+    if shown:
+        parts += [
+            '<details class="app-support-examples" open>',
+            "<summary>Or try importing an example CSV</summary>",
+            "<ul>", *shown, "</ul>", "</details>",
+        ]
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _example_html(datasette, example, tables):
+    table = example["table_name"]
+    parts = [f"<li><h3>{html.escape(example['name'])}</h3>"]
+    if isinstance(example.get("description"), str):
+        parts.append(f"<p>{html.escape(example['description'])}</p>")
+    source = _href(example.get("source_url"))
+    if source:
+        label = example.get("source") if isinstance(example.get("source"), str) else example["source_url"]
+        parts.append(f'<p><strong>Source</strong>: <a href="{source}">{html.escape(label)}</a></p>')
+    if table in tables:
+        link = _attribute(datasette.urls.table(TEMPORARY, table))
+        parts.append(f'<p><strong>Already imported</strong>: <a href="{link}">{html.escape(table)}</a></p>')
+    else:
+        # Hidden until the page script finds the app's importCsvFromUrl.
+        parts.append(
+            '<button type="button" class="app-support-button app-support-import-example" hidden '
+            f'data-csvurl="{_href(example["url"])}" data-name="{_attribute(example["name"])}" '
+            f'data-tablename="{_attribute(table)}">Import</button>'
+        )
+    parts.append("</li>")
+    return "".join(parts)
+
+
+# ===== Endpoints =====
+#
+# One handler per route, in the order of ROUTES. A POST handler takes the
+# request's JSON object and answers a dict, which becomes {"ok": true, ...}.
 
 
 async def auth_app_user(datasette, data):
@@ -4332,19 +4624,6 @@ async def import_csv_file(datasette, data):
     )
 
 
-async def _import_local_file(datasette, raw_path, database, detect_types):
-    path = _existing_file(raw_path)
-    db = _writable_database(datasette, database)
-    log = _import_log(datasette)
-    with log.track(raw_path, db.name, os.path.getsize(path)) as progress:
-        results = await _import_into(
-            datasette, db, path, Path(path).stem, detect_types is not False, progress.update,
-            source=path,
-        )
-        log.done(progress, results)
-    return await _announce_import(datasette, db, results)
-
-
 async def open_csv_from_url(datasette, data):
     values = _checked_body(
         data,
@@ -4370,22 +4649,6 @@ async def open_csv_from_url(datasette, data):
             )
         log.done(progress, results)
     return await _announce_import(datasette, db, results)
-
-
-async def _announce_import(datasette, db, results):
-    """Make a committed import visible and heard of; return the import handlers' answer."""
-    await _refresh_catalog(datasette)
-    for result in results:
-        await _report_import(datasette, db, result)
-    first = results[0]
-    answer = {"ok": True, "path": datasette.urls.table(db.name, first.table), "rows": first.rows}
-    answer.update(first.answer)
-    if first.sheet is not None:  # a workbook: every sheet's table
-        answer["tables"] = [
-            {"table": result.table, "path": datasette.urls.table(db.name, result.table), "rows": result.rows}
-            for result in results
-        ]
-    return answer
 
 
 async def dump_temporary_to_file(datasette, data):
@@ -4552,10 +4815,208 @@ async def refresh_plugin_directory(datasette, data):
     return {"ok": True, "plugins": len(plugins.items), "path": datasette.urls.table(PLUGIN_DIRECTORY, PLUGINS_TABLE)}
 
 
-# Page assets
+async def page_script(datasette):
+    return _asset_response(PAGE_SCRIPT, "application/javascript")
+
+
+async def directory_script(datasette):
+    return _asset_response(DIRECTORY_SCRIPT, "application/javascript")
+
+
+async def page_style(datasette):
+    return _asset_response(PAGE_STYLE, "text/css")
+
+
+def _asset_response(body, content_type):
+    # The URL carries ASSET_VERSION, so a changed asset has a new URL.
+    return Response(
+        body, content_type=content_type, headers={"Cache-Control": "max-age=31536000, immutable"}
+    )
+
+
+# ===== Routes =====
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str
+    method: str
+    caller: str  # who may call it: APP, APP_OR_USER or ANYONE
+    handler: object  # handler(datasette), or handler(datasette, body) for a POST
+
+
+ROUTES = [
+    Route("/-/auth-app-user", "POST", APP, auth_app_user),
+    Route("/-/open-database-file", "POST", APP, open_database_file),
+    Route("/-/new-empty-database-file", "POST", APP, new_empty_database_file),
+    Route("/-/open-csv-file", "POST", APP, open_csv_file),
+    Route("/-/import-csv-file", "POST", APP, import_csv_file),
+    Route("/-/open-csv-from-url", "POST", APP, open_csv_from_url),
+    Route("/-/dump-temporary-to-file", "POST", APP, dump_temporary_to_file),
+    Route("/-/restore-temporary-from-file", "POST", APP, restore_temporary_from_file),
+    Route("/-/import-progress", "GET", APP_OR_USER, import_progress),
+    Route("/-/cancel-import", "POST", APP_OR_USER, cancel_import),
+    Route("/-/refresh-plugin-directory", "POST", APP_OR_USER, refresh_plugin_directory),
+    Route("/-/app-support.js", "GET", ANYONE, page_script),
+    Route("/-/app-support-directory.js", "GET", ANYONE, directory_script),
+    Route("/-/app-support.css", "GET", ANYONE, page_style),
+]
+_APP_ONLY_PATHS = {route.path for route in ROUTES if route.caller == APP}
+
+
+def _view(route):
+    """A route's view: its one method, its callers checked first, every failure as JSON.
+
+    A POST handler gets the request's JSON object as its second argument.
+    """
+    authenticate = _AUTHENTICATE[route.caller]
+
+    async def view(request, datasette):
+        if request.method != route.method:
+            response = _error_response(f"Use {route.method} for {request.path}.", 405)
+            response.headers["Allow"] = route.method
+            return response
+        try:
+            authenticate(request)
+            body = [await _read_json_object(request)] if route.method == "POST" else []
+            result = await route.handler(datasette, *body)
+        except APIError as e:
+            return _error_response(e.message, e.status)
+        except Exception as e:
+            fault = _server_fault(e)
+            return _error_response(fault.message, fault.status)
+        return result if isinstance(result, Response) else Response.json(result)
+
+    return view
+
+
+# ===== Hooks =====
+
+
+@hookimpl
+def startup(datasette):
+    for name in (TEMPORARY, PLUGIN_DIRECTORY):
+        if name not in datasette.databases:
+            # A memory name of its own, so two Datasette instances in one process
+            # never share their tables. Not id(datasette): ids are reused, and the
+            # shared-cache database outlives its instance while a write thread
+            # still holds a connection to it.
+            memory_name = f"{name}_{uuid.uuid4().hex}"
+            datasette.add_database(_memory_database(datasette, memory_name), name=name)
+    if "_memory" in datasette.databases:
+        datasette.remove_database("_memory")
+
+    async def remove_leftovers_and_load_lists():
+        await asyncio.to_thread(_remove_leftover_work_folders)
+        # The copies kept on disk, at once; the network only when a page asks.
+        lists = _lists(datasette)
+        await lists.plugins.load_copy()
+        await lists.examples.load_copy()
+
+    return remove_leftovers_and_load_lists
+
+
+@hookimpl
+def register_routes():
+    return [("^" + re.escape(route.path) + "$", _view(route)) for route in ROUTES]
+
+
+@hookimpl
+def skip_csrf(scope):
+    # Datasette 0.65's CSRF check would answer a request that carries a cookie
+    # but no Bearer token with an HTML page; the app's routes need the token
+    # anyway, and answer its absence with JSON. Routes the desktop user's
+    # pages call with the cookie keep the check.
+    return scope.get("path") in _APP_ONLY_PATHS
+
+
+@hookimpl
+def asgi_wrapper():
+    return _csrf_refusals_as_json
+
+
+@hookimpl
+def extra_css_urls(request, datasette):
+    # Only the desktop user's pages: others get no script, so no polling.
+    if not _is_app_user(request):
+        return []
+    return [datasette.urls.path(f"/-/app-support.css?v={ASSET_VERSION}")]
+
+
+@hookimpl
+def extra_js_urls(database, table, view_name, request, datasette):
+    if not _is_app_user(request):
+        return []
+    urls = [datasette.urls.path(f"/-/app-support.js?v={ASSET_VERSION}")]
+    if view_name == "index" or _is_plugin_directory_page(database, table, view_name):
+        urls.append(datasette.urls.path(f"/-/app-support-directory.js?v={ASSET_VERSION}"))
+    return urls
+
+
+@hookimpl
+def extra_body_script(template, database, table, view_name, request, datasette):
+    if not _is_app_user(request):
+        return None
+    config = {
+        "progressUrl": datasette.urls.path("/-/import-progress"),
+        "cancelUrl": datasette.urls.path("/-/cancel-import"),
+        "csrftoken": _csrftoken(request),
+        "importDatabase": _import_target(datasette, database, template, view_name),
+    }
+    directory = None
+    if _is_plugin_directory_page(database, table, view_name):
+        _lists(datasette).plugins.refresh_if_stale()
+        directory = {"csrftoken": config["csrftoken"], "directory": _directory_status(datasette)}
+    elif view_name == "index":
+        directory = {"welcomeHtml": None}
+
+    async def script():
+        if directory and "welcomeHtml" in directory and _welcome_in_page_script():
+            directory["welcomeHtml"] = await _welcome_html(datasette)
+        return _page_globals(appSupport=config, appSupportDirectory=directory)
+
+    return script
+
+
+@hookimpl
+def top_homepage(datasette, request):
+    # Datasette 1.0 only; on 0.65 the page script places the welcome section.
+    if not _is_app_user(request) or not _is_first_copy(datasette):
+        return None
+    return _welcome_html(datasette)
+
+
+@hookimpl
+def render_cell(row, value, column, table, database, datasette):
+    if database == PLUGIN_DIRECTORY and table == PLUGINS_TABLE and column == "installed":
+        return _plugin_cell(row)
+    return None
+
+
+@hookimpl
+def permission_resources_sql(actor):
+    # Datasette 1.0 gives root every permission only under --root; the
+    # desktop user must be able to run SQL, create tables and use writing
+    # plugins. Everyone else keeps Datasette's defaults.
+    if PermissionSQL is not None and actor and actor.get("id") == ROOT_ACTOR["id"]:
+        return PermissionSQL.allow(reason="app_support: the Datasette Desktop user")
+    return None
+
+
+@hookimpl
+def permission_allowed(action, resource):
+    # Datasette 0.65 shows _internal to root; the desktop user is root.
+    if action == "view-database" and resource == "_internal":
+        return False
+    return None
+
+
+# ===== Page assets =====
 #
-# The progress panel and the Import CSV button, for the desktop user's pages
-# only (see the hooks below). Plain script and style, no build.
+# The import panel, the Import CSV button, the plugin directory's buttons and
+# the welcome section's: the script and style the hooks add to the desktop
+# user's pages. Plain script and style, no build.
+
 
 # What every page script begins with: its own scope, and a helper that
 # makes an element.
@@ -4800,7 +5261,6 @@ PAGE_SCRIPT = _page_script("import progress, Cancel and Import CSV for Datasette
     poll();
   });
 """)
-
 # The plugin directory's status line and buttons, and the welcome section's
 # Import buttons, for the desktop user's pages. The buttons call the app's
 # preload functions, as datasette-app-support 0.11.8's did: only the app's
@@ -4928,7 +5388,6 @@ DIRECTORY_SCRIPT = _page_script("the plugin directory and the welcome section, f
     addWelcome(app);
   });
 """)
-
 PAGE_STYLE = """/* app_support: the import panel, the Import CSV button, the plugin directory and the welcome section. */
 .app-support-panel {
   position: fixed;
@@ -5042,385 +5501,3 @@ button.app-support-button[hidden] {
 ASSET_VERSION = hashlib.sha256(
     (PAGE_SCRIPT + DIRECTORY_SCRIPT + PAGE_STYLE).encode("utf-8")
 ).hexdigest()[:12]
-
-
-async def page_script(datasette):
-    return _asset_response(PAGE_SCRIPT, "application/javascript")
-
-
-async def directory_script(datasette):
-    return _asset_response(DIRECTORY_SCRIPT, "application/javascript")
-
-
-async def page_style(datasette):
-    return _asset_response(PAGE_STYLE, "text/css")
-
-
-def _asset_response(body, content_type):
-    # The URL carries ASSET_VERSION, so a changed asset has a new URL.
-    return Response(
-        body, content_type=content_type, headers={"Cache-Control": "max-age=31536000, immutable"}
-    )
-
-
-def _import_target(datasette, database, template, view_name):
-    """The database whose page this is, when a CSV can be imported into it."""
-    if view_name != "database" or not database or template.startswith("query"):
-        return None
-    db = datasette.databases.get(database)
-    if db is None or not db.is_mutable or database in ("_internal", PLUGIN_DIRECTORY):
-        return None
-    return database
-
-
-def _page_globals(**values):
-    """Script that sets window.<name> to each value that is not None."""
-    # "<" escaped, so no value can close the script element.
-    return "".join(
-        "window.{} = {};".format(name, json.dumps(value).replace("<", "\\u003c"))
-        for name, value in values.items()
-        if value is not None
-    )
-
-
-class _HTML(str):
-    """Markup that Datasette's templates insert as it is (Jinja's __html__ protocol)."""
-
-    def __html__(self):
-        return self
-
-
-def _attribute(value):
-    return html.escape("" if value is None else str(value), quote=True)
-
-
-def _is_plugin_directory_page(database, table, view_name):
-    return database == PLUGIN_DIRECTORY and table == PLUGINS_TABLE and view_name in ("table", "row")
-
-
-def _plugin_cell(row):
-    """The installed column's cell: its text, and for the page script the plugin's name, versions and status."""
-    keys = row.keys()
-    plugin = {key: row[key] if key in keys else None for key in (
-        "name", "tag_name", "installed", "installed_version", "upgrade", "is_default"
-    )}
-    if plugin["name"] is None:
-        return None  # a page showing only some columns: the cell as it is
-    installed = plugin["installed"] == "installed"
-    text = "installed " + (plugin["installed_version"] or "") if installed else "not installed"
-    data = {
-        "name": plugin["name"],
-        "latest": plugin["tag_name"],
-        "installed": int(installed),
-        "upgrade": int(plugin["upgrade"] is not None),
-        "is-default": int(bool(plugin["is_default"])),
-    }
-    attributes = "".join(f' data-{key}="{_attribute(value)}"' for key, value in data.items())
-    return _HTML(f'<span class="app-support-plugin"{attributes}>{html.escape(text.strip())}</span>')
-
-
-def _href(url):
-    """A link from a fetched list, if it is a web address (never javascript: or data:)."""
-    if isinstance(url, str) and urllib.parse.urlsplit(url).scheme.lower() in ("http", "https"):
-        return _attribute(url)
-    return None
-
-
-async def _welcome_html(datasette):
-    """The welcome section of the desktop user's home page: the File menu, Run SQL, example CSVs."""
-    examples = _lists(datasette).examples
-    examples.refresh_if_stale()
-    tables = set(await datasette.get_database(TEMPORARY).table_names())
-    parts = [
-        '<section class="app-support-welcome">',
-        "<p>Welcome to Datasette Desktop. Get started by opening a <strong>CSV file</strong> or "
-        "<strong>SQLite database file</strong> using the <em>File</em> menu.</p>",
-    ]
-    if not tables:
-        parts.append(
-            f'<p class="app-support-run-sql"><strong><a href="{_attribute(datasette.urls.database(TEMPORARY))}">'
-            "Run SQL</a></strong> against a temporary database</p>"
-        )
-    shown = [
-        _example_html(datasette, example, tables) for example in examples.items or []
-        if all(isinstance(example.get(key), str) for key in ("name", "table_name"))
-        and _href(example.get("url"))
-    ]
-    if shown:
-        parts += [
-            '<details class="app-support-examples" open>',
-            "<summary>Or try importing an example CSV</summary>",
-            "<ul>", *shown, "</ul>", "</details>",
-        ]
-    parts.append("</section>")
-    return "\n".join(parts)
-
-
-def _example_html(datasette, example, tables):
-    table = example["table_name"]
-    parts = [f"<li><h3>{html.escape(example['name'])}</h3>"]
-    if isinstance(example.get("description"), str):
-        parts.append(f"<p>{html.escape(example['description'])}</p>")
-    source = _href(example.get("source_url"))
-    if source:
-        label = example.get("source") if isinstance(example.get("source"), str) else example["source_url"]
-        parts.append(f'<p><strong>Source</strong>: <a href="{source}">{html.escape(label)}</a></p>')
-    if table in tables:
-        link = _attribute(datasette.urls.table(TEMPORARY, table))
-        parts.append(f'<p><strong>Already imported</strong>: <a href="{link}">{html.escape(table)}</a></p>')
-    else:
-        # Hidden until the page script finds the app's importCsvFromUrl.
-        parts.append(
-            '<button type="button" class="app-support-button app-support-import-example" hidden '
-            f'data-csvurl="{_href(example["url"])}" data-name="{_attribute(example["name"])}" '
-            f'data-tablename="{_attribute(table)}">Import</button>'
-        )
-    parts.append("</li>")
-    return "".join(parts)
-
-
-
-# Routes
-
-
-@dataclass(frozen=True)
-class Route:
-    path: str
-    method: str
-    caller: str  # who may call it: APP, APP_OR_USER or ANYONE
-    handler: object  # handler(datasette), or handler(datasette, body) for a POST
-
-
-ROUTES = [
-    Route("/-/auth-app-user", "POST", APP, auth_app_user),
-    Route("/-/open-database-file", "POST", APP, open_database_file),
-    Route("/-/new-empty-database-file", "POST", APP, new_empty_database_file),
-    Route("/-/open-csv-file", "POST", APP, open_csv_file),
-    Route("/-/import-csv-file", "POST", APP, import_csv_file),
-    Route("/-/open-csv-from-url", "POST", APP, open_csv_from_url),
-    Route("/-/dump-temporary-to-file", "POST", APP, dump_temporary_to_file),
-    Route("/-/restore-temporary-from-file", "POST", APP, restore_temporary_from_file),
-    Route("/-/import-progress", "GET", APP_OR_USER, import_progress),
-    Route("/-/cancel-import", "POST", APP_OR_USER, cancel_import),
-    Route("/-/refresh-plugin-directory", "POST", APP_OR_USER, refresh_plugin_directory),
-    Route("/-/app-support.js", "GET", ANYONE, page_script),
-    Route("/-/app-support-directory.js", "GET", ANYONE, directory_script),
-    Route("/-/app-support.css", "GET", ANYONE, page_style),
-]
-
-
-_APP_ONLY_PATHS = {route.path for route in ROUTES if route.caller == APP}
-
-
-def _error_response(message, status):
-    return Response.json({"ok": False, "error": message}, status=status)
-
-
-def _view(route):
-    """A route's view: its one method, its callers checked first, every failure as JSON.
-
-    A POST handler gets the request's JSON object as its second argument.
-    """
-    authenticate = _AUTHENTICATE[route.caller]
-
-    async def view(request, datasette):
-        if request.method != route.method:
-            response = _error_response(f"Use {route.method} for {request.path}.", 405)
-            response.headers["Allow"] = route.method
-            return response
-        try:
-            authenticate(request)
-            body = [await _read_json_object(request)] if route.method == "POST" else []
-            result = await route.handler(datasette, *body)
-        except APIError as e:
-            return _error_response(e.message, e.status)
-        except Exception as e:
-            fault = _server_fault(e)
-            return _error_response(fault.message, fault.status)
-        return result if isinstance(result, Response) else Response.json(result)
-
-    return view
-
-
-CROSS_SITE_REFUSAL = (
-    "Refused: this is a cross-site request, from a page on another origin (its "
-    "Sec-Fetch-Site or Origin header says so), which Datasette's CSRF protection does "
-    "not allow. The desktop app sends its token and no cookie."
-)
-MISSING_CSRF_TOKEN_REFUSAL = (
-    "Refused: this request carries the desktop user's cookie but no CSRF token. A page "
-    "must send the value of its ds_csrftoken cookie in an x-csrftoken header, as the "
-    "import panel does; the desktop app sends its token instead."
-)
-STALE_CSRF_TOKEN_REFUSAL = (
-    "Refused: the request's x-csrftoken header does not match its ds_csrftoken cookie, "
-    "or the cookie is missing. Reload the page and try again."
-)
-
-
-def _csrf_refusal(scope):
-    """Why Datasette's CSRF check refused this request, as a sentence."""
-    headers = {name.lower(): value for name, value in scope.get("headers") or []}
-    site = headers.get(b"sec-fetch-site", b"").decode("latin-1")
-    origin = headers.get(b"origin", b"").decode("latin-1")
-    host = headers.get(b"host", b"").decode("latin-1")
-    if site not in ("", "same-origin", "none") or (
-        origin and urllib.parse.urlsplit(origin).netloc != host
-    ):
-        return CROSS_SITE_REFUSAL
-    if b"x-csrftoken" not in headers:
-        return MISSING_CSRF_TOKEN_REFUSAL
-    return STALE_CSRF_TOKEN_REFUSAL
-
-
-def _csrf_refusals_as_json(app):
-    """ASGI middleware: Datasette's HTML "CSRF check failed" page, on these routes, as JSON.
-
-    The asgi_wrapper hook wraps Datasette's CSRF layer, so the refusal is
-    Datasette's own decision; only its form changes. Datasette 1.0 checks the
-    request's origin, 0.65 its CSRF token, and only on the routes the desktop
-    user's pages call (skip_csrf leaves the app's routes to the token check).
-    """
-    paths = {route.path for route in ROUTES}
-
-    async def wrapped(scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") not in paths:
-            await app(scope, receive, send)
-            return
-        refused = False
-
-        async def send_json_refusal(message):
-            nonlocal refused
-            if message["type"] == "http.response.start" and message["status"] == 403:
-                headers = dict(message.get("headers") or [])
-                refused = headers.get(b"content-type", b"").startswith(b"text/html")
-            if not refused:
-                await send(message)
-            elif message["type"] == "http.response.start":
-                await _error_response(_csrf_refusal(scope), 403).asgi_send(send)
-            # the HTML page's body messages are dropped
-
-        await app(scope, receive, send_json_refusal)
-
-    return wrapped
-
-
-# Hooks
-
-
-@hookimpl
-def startup(datasette):
-    for name in (TEMPORARY, PLUGIN_DIRECTORY):
-        if name not in datasette.databases:
-            # A memory name of its own, so two Datasette instances in one process
-            # never share their tables. Not id(datasette): ids are reused, and the
-            # shared-cache database outlives its instance while a write thread
-            # still holds a connection to it.
-            memory_name = f"{name}_{uuid.uuid4().hex}"
-            datasette.add_database(_memory_database(datasette, memory_name), name=name)
-    if "_memory" in datasette.databases:
-        datasette.remove_database("_memory")
-
-    async def remove_leftovers_and_load_lists():
-        await asyncio.to_thread(_remove_leftover_work_folders)
-        # The copies kept on disk, at once; the network only when a page asks.
-        lists = _lists(datasette)
-        await lists.plugins.load_copy()
-        await lists.examples.load_copy()
-
-    return remove_leftovers_and_load_lists
-
-
-@hookimpl
-def register_routes():
-    return [("^" + re.escape(route.path) + "$", _view(route)) for route in ROUTES]
-
-
-@hookimpl
-def skip_csrf(scope):
-    # Datasette 0.65's CSRF check would answer a request that carries a cookie
-    # but no Bearer token with an HTML page; the app's routes need the token
-    # anyway, and answer its absence with JSON. Routes the desktop user's
-    # pages call with the cookie keep the check.
-    return scope.get("path") in _APP_ONLY_PATHS
-
-
-@hookimpl
-def asgi_wrapper():
-    return _csrf_refusals_as_json
-
-
-@hookimpl
-def extra_css_urls(request, datasette):
-    # Only the desktop user's pages: others get no script, so no polling.
-    if not _is_app_user(request):
-        return []
-    return [datasette.urls.path(f"/-/app-support.css?v={ASSET_VERSION}")]
-
-
-@hookimpl
-def extra_js_urls(database, table, view_name, request, datasette):
-    if not _is_app_user(request):
-        return []
-    urls = [datasette.urls.path(f"/-/app-support.js?v={ASSET_VERSION}")]
-    if view_name == "index" or _is_plugin_directory_page(database, table, view_name):
-        urls.append(datasette.urls.path(f"/-/app-support-directory.js?v={ASSET_VERSION}"))
-    return urls
-
-
-@hookimpl
-def extra_body_script(template, database, table, view_name, request, datasette):
-    if not _is_app_user(request):
-        return None
-    config = {
-        "progressUrl": datasette.urls.path("/-/import-progress"),
-        "cancelUrl": datasette.urls.path("/-/cancel-import"),
-        "csrftoken": _csrftoken(request),
-        "importDatabase": _import_target(datasette, database, template, view_name),
-    }
-    directory = None
-    if _is_plugin_directory_page(database, table, view_name):
-        _lists(datasette).plugins.refresh_if_stale()
-        directory = {"csrftoken": config["csrftoken"], "directory": _directory_status(datasette)}
-    elif view_name == "index":
-        directory = {"welcomeHtml": None}
-
-    async def script():
-        if directory and "welcomeHtml" in directory and _welcome_in_page_script():
-            directory["welcomeHtml"] = await _welcome_html(datasette)
-        return _page_globals(appSupport=config, appSupportDirectory=directory)
-
-    return script
-
-
-@hookimpl
-def top_homepage(datasette, request):
-    # Datasette 1.0 only; on 0.65 the page script places the welcome section.
-    if not _is_app_user(request) or not _is_first_copy(datasette):
-        return None
-    return _welcome_html(datasette)
-
-
-@hookimpl
-def render_cell(row, value, column, table, database, datasette):
-    if database == PLUGIN_DIRECTORY and table == PLUGINS_TABLE and column == "installed":
-        return _plugin_cell(row)
-    return None
-
-
-@hookimpl
-def permission_resources_sql(actor):
-    # Datasette 1.0 gives root every permission only under --root; the
-    # desktop user must be able to run SQL, create tables and use writing
-    # plugins. Everyone else keeps Datasette's defaults.
-    if PermissionSQL is not None and actor and actor.get("id") == ROOT_ACTOR["id"]:
-        return PermissionSQL.allow(reason="app_support: the Datasette Desktop user")
-    return None
-
-
-@hookimpl
-def permission_allowed(action, resource):
-    # Datasette 0.65 shows _internal to root; the desktop user is root.
-    if action == "view-database" and resource == "_internal":
-        return False
-    return None
