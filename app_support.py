@@ -1,30 +1,66 @@
 """app_support: the Datasette plugin behind Datasette Desktop.
 
 The Electron app starts `datasette` with DATASETTE_API_TOKEN and
-DATASETTE_SECRET set, then drives it through the JSON endpoints below: it
-attaches SQLite files, imports CSV, JSON and Excel files from disk or URLs,
-signs the desktop user in as root, and carries the in-memory `temporary`
-database across restarts. For the app's window it serves the plugin
-directory (the `plugin_directory` database, with Install, Upgrade and
-Uninstall buttons that call the app's preload functions) and a welcome
-section on the home page, from lists fetched in the background and kept on
-disk.
+DATASETTE_SECRET set, then drives it through the JSON endpoints of ROUTES:
+it attaches SQLite files, imports CSV, JSON and Excel files from disk or
+URLs, signs the desktop user in as root, and carries the in-memory
+`temporary` database across restarts. On the desktop user's pages it adds
+the import panel, an Import CSV button, the plugin directory's status and
+buttons, and a welcome section on the home page.
 
-Every endpoint but GET /-/import-progress is a POST that needs
-`Authorization: Bearer <token>`, reads a JSON object from the raw body and
+Every endpoint but GET /-/import-progress is a POST that reads a JSON object
+from the raw body. The app's calls carry `Authorization: Bearer <token>`;
+the few routes the pages call also take the desktop user's cookie. Each
 answers `{"ok": true, ...}` or `{"ok": false, "error": "<a sentence for a
 dialog>"}`.
 
 This file imports only the standard library and datasette, so it works when
 copied alone into a --plugins-dir, vendored, or installed with pip.
 
-It reads top to bottom: constants; the one error type; requests; files and
-databases; the differences between Datasette 0.65 and 1.0; the import engine
-(readers, column types, staging, copying in, then reading in parts);
-downloads; import progress; the plugin directory and the example CSVs;
-one handler per endpoint; the page assets; the
-route table; the hooks. Names without a leading underscore are the engine's
-entry points, the handlers and the hooks; the test suite calls them.
+Contents. Each section opens with a banner, `# ===== Name =====`, so that
+`grep -n "^# =====" app_support.py` lists them:
+
+    Constants                     plugin-wide names, the settings' defaults
+    Errors                        APIError and its kinds, _error_response
+    Requests and their guards     token, cookie, body, CSRF refusals
+    Datasette 0.65 and 1.0        adapters, and Datasette's private parts
+    Files and databases           paths, SQLite files, table names
+    Work folders                  folders for staging and downloads
+    Memory for temporary          refusing what temporary cannot hold
+    The import engine             the path every import takes:
+    Readers                         plan_file, the seam of the formats
+    Readers: text encodings
+    Readers: CSV
+    Readers: JSON
+    Readers: Excel workbooks
+    Column names and types
+    Staging
+    Copying into the target
+    Reading large files in parts    the only section that knows of parts
+    Running an import             the engine for the handlers
+    Downloads
+    Import progress
+    Pages for the desktop user
+    The plugin directory and the welcome section
+    Endpoints                     one handler per route, in ROUTES order
+    Routes                        ROUTES, the route table, and _view
+    Hooks
+    Page assets                   the page scripts and style, as strings
+
+Where is
+    the CSV dialect (delimiter, quotes, lines above the header): plan_csv
+        and _messy_plan, in Readers: CSV;
+    column types: column_type and typed_column_type, in Column names and
+        types; exact REALs: _StagedRows._converted, in Staging;
+    the plugin directory: its list, table and HTML in The plugin directory
+        and the welcome section, its buttons in DIRECTORY_SCRIPT;
+    the page scripts: PAGE_SCRIPT (the import panel and Import CSV) and
+        DIRECTORY_SCRIPT, in Page assets, added by the extra_js_urls and
+        extra_body_script hooks.
+
+Names without a leading underscore are the engine's entry points, the
+handlers and the hooks. The tests call them, and some private helpers too:
+to hold fast code to slow references, and to make small files read in parts.
 """
 
 import asyncio
@@ -97,11 +133,13 @@ ROOT_ACTOR = {"id": "root"}
 # The app's Plugins menu opens /plugin_directory/plugins.
 PLUGIN_DIRECTORY = "plugin_directory"
 PLUGINS_TABLE = "plugins"
+# Defaults of the plugin settings url_timeout (seconds to connect, and for
+# each read), url_time_limit (seconds for a whole download) and
+# url_size_limit_mb (megabytes a download may take, uncompressed).
 URL_TIMEOUT_SECONDS = 30
-# Whole-download limits; plugin settings url_time_limit and url_size_limit_mb.
 URL_TIME_LIMIT_SECONDS = 600
 URL_SIZE_LIMIT_MB = 1024
-# Plugin settings plugin_directory_url and example_csvs_url.
+# Defaults of the plugin settings plugin_directory_url and example_csvs_url.
 PLUGIN_DIRECTORY_URL = "https://datasette.io/content/plugins.json?_shape=array&_size=max"
 EXAMPLE_CSVS_URL = "https://datasette.io/content/example_csvs.json?_shape=array"
 
@@ -374,15 +412,14 @@ def _csrf_refusal(scope):
     return STALE_CSRF_TOKEN_REFUSAL
 
 
-def _csrf_refusals_as_json(app):
-    """ASGI middleware: Datasette's HTML "CSRF check failed" page, on these routes, as JSON.
+def _csrf_refusals_as_json(app, paths):
+    """ASGI middleware: Datasette's HTML "CSRF check failed" page, on the plugin's paths, as JSON.
 
     The asgi_wrapper hook wraps Datasette's CSRF layer, so the refusal is
     Datasette's own decision; only its form changes. Datasette 1.0 checks the
     request's origin, 0.65 its CSRF token, and only on the routes the desktop
     user's pages call (skip_csrf leaves the app's routes to the token check).
     """
-    paths = {route.path for route in ROUTES}
 
     async def wrapped(scope, receive, send):
         if scope["type"] != "http" or scope.get("path") not in paths:
@@ -916,6 +953,7 @@ def _table_bytes(path, table):
 BATCH_ROWS = 500
 # SQLite's default SQLITE_MAX_COLUMN.
 MAX_COLUMNS = 2000
+# How much of a file is read at a time.
 READ_BUFFER_BYTES = 256 * 1024
 
 
@@ -2598,7 +2636,8 @@ def _header_name(value):
 
 # ===== Column names and types =====
 #
-# How a column's type is learned: column_type for text cells, typed_column_type for typed ones.
+# How a column's type is learned: column_type for text cells,
+# typed_column_type for typed ones.
 
 
 # Longer digit strings overflow SQLite's 64-bit integers.
@@ -3974,8 +4013,6 @@ def _unpack(path, url_path, url, limits, folder):
 
 # Finished imports kept for /-/import-progress; running ones are always kept.
 PROGRESS_HISTORY = 50
-# How long POST /-/cancel-import waits for the import to stop before answering.
-CANCEL_WAIT_SECONDS = 5
 
 
 def _now():
@@ -4793,6 +4830,10 @@ async def import_progress(datasette):
     return {"ok": True, "imports": _import_log(datasette).as_json(datasette.urls)}
 
 
+# How long POST /-/cancel-import waits for the import to stop before answering.
+CANCEL_WAIT_SECONDS = 5
+
+
 async def cancel_import(datasette, data):
     import_id = _checked_body(data, required={"id": int}, optional={})["id"]
     item = _import_log(datasette).cancel(import_id)
@@ -4932,7 +4973,8 @@ def skip_csrf(scope):
 
 @hookimpl
 def asgi_wrapper():
-    return _csrf_refusals_as_json
+    paths = {route.path for route in ROUTES}
+    return lambda app: _csrf_refusals_as_json(app, paths)
 
 
 @hookimpl
