@@ -55,13 +55,7 @@ if not pm.is_registered(app_support):
     pm.register(app_support, name="app_support")
 
 TOKEN = "5f1e0c9a7b3d2e4f6a8b0c1d2e3f4a5b"
-# The routes only the desktop app may call, with its token.
-APP_ENDPOINTS = [route.path for route in app_support.ROUTES if route.caller == app_support.APP]
 IS_DATASETTE_1 = not __import__("datasette.version").version.__version__.startswith("0.")
-
-needs_datasette_1 = pytest.mark.skipif(
-    not IS_DATASETTE_1, reason="Datasette 0.65 has no write API, events or SQL permissions"
-)
 
 
 # Helpers: a Datasette with the plugin, and the token the app holds
@@ -151,50 +145,12 @@ async def fetch_rows(ds, path):
     return [{k: v for k, v in row.items() if k != "rowid"} for row in response.json()]
 
 
-def good_bodies(tmp_path):
-    """A body each app endpoint would accept, naming files made in tmp_path."""
-    csv_path = tmp_path / "auth.csv"
-    csv_path.write_text("a,b\n1,2\n")
-    db_path = make_db(tmp_path / "auth.db")
-    return {
-        "/-/auth-app-user": {"redirect": "/"},
-        "/-/open-database-file": {"path": str(db_path)},
-        "/-/new-empty-database-file": {"path": str(tmp_path / "new.db")},
-        "/-/open-csv-file": {"path": str(csv_path)},
-        "/-/import-csv-file": {"path": str(csv_path), "database": "temporary"},
-        "/-/open-csv-from-url": {"url": "http://127.0.0.1:9/x.csv"},
-        "/-/dump-temporary-to-file": {"path": str(tmp_path / "dump.db")},
-        "/-/restore-temporary-from-file": {"path": str(db_path)},
-    }
-
-
 async def progress(ds, **kwargs):
     """The imports GET /-/import-progress lists, newest first; with the token unless told otherwise."""
     kwargs.setdefault("headers", {"Authorization": f"Bearer {TOKEN}"})
     response = await ds.client.get("/-/import-progress", **kwargs)
     assert response.status_code == 200, response.text
     return response.json()["imports"]
-
-
-async def cancel_with_token(ds, import_id):
-    """POST /-/cancel-import as the app does, with the token."""
-    return await post(ds, "/-/cancel-import", {"id": import_id})
-
-
-async def page_csrf(ds, cookies):
-    """What a same-origin page sends with its POSTs: the cookies and the page's csrftoken."""
-    page = await ds.client.get("/", cookies=cookies)
-    config = page_global(page.text, "appSupport")
-    cookies = {**cookies, **{k: v for k, v in page.cookies.items() if k == "ds_csrftoken"}}
-    return cookies, {"x-csrftoken": config["csrftoken"], "Sec-Fetch-Site": "same-origin"}
-
-
-async def cancel_with_cookie(ds, import_id):
-    """POST /-/cancel-import as the panel does: from a page, with the cookie and the page's csrftoken."""
-    cookies, headers = await page_csrf(ds, await root_cookie(ds))
-    return await ds.client.post(
-        "/-/cancel-import", content=json.dumps({"id": import_id}).encode(), cookies=cookies, headers=headers
-    )
 
 
 def page_assets(html):
@@ -211,13 +167,6 @@ def page_global(html, name):
     if f"window.{name} = " not in html:
         return None
     return json.JSONDecoder().raw_decode(html.split(f"window.{name} = ", 1)[1])[0]
-
-
-async def listed_tables(ds, database):
-    """The tables the database page lists, as the app would show them right now."""
-    response = await ds.client.get(f"/{database}.json")
-    assert response.status_code == 200, response.text
-    return {t["name"] for t in response.json()["tables"]}
 
 
 # Helpers: files and databases
@@ -242,19 +191,6 @@ def column_types(conn_or_path, table):
     return {r[1]: r[2] for r in conn.execute(f'pragma table_info("{table}")')}
 
 
-def engine_problem(path, where, check, **options):
-    """Import path through the engine into a new in-memory database; return what check(conn,
-    result) finds wrong, or what went wrong on the way, after where; None when all is well."""
-    conn = sqlite3.connect(":memory:", isolation_level=None)
-    try:
-        (result,) = app_support.import_file(conn, str(path), path.stem, **options)
-        return check(conn, result)
-    except Exception as e:
-        return f"{where}: {type(e).__name__}: {e}"
-    finally:
-        conn.close()
-
-
 def assert_none_differ(problems, what):
     """Assert that no generated file or document had a problem; show the first ten that did."""
     found = [problem for problem in problems if problem]
@@ -269,6 +205,19 @@ def stored_table(conn, table):
     declared = [r[2] for r in info]
     stored = [tuple(r) for r in conn.execute(f'select * from "{table}" order by rowid')]
     return names, declared, stored
+
+
+def reference_names(keys):
+    """Column names for keys: NFC, and a repeat (ignoring case) gets _2, _3."""
+    names, seen = [], set()
+    for key in keys:
+        base = unicodedata.normalize("NFC", key)
+        name, suffix = base, 2
+        while name.lower() in seen:
+            name, suffix = f"{base}_{suffix}", suffix + 1
+        seen.add(name.lower())
+        names.append(name)
+    return names
 
 
 def make_db(path, table="t", values=(1, 2, 3)):
@@ -304,42 +253,6 @@ def snapshot(folder):
     }
 
 
-async def import_bytes(ds, tmp_path, content, name="data.csv", **options):
-    """Import content through /-/open-csv-file: (answer, {column: type}, stored rows)."""
-    path = tmp_path / name
-    path.write_bytes(content)
-    response = await post(ds, "/-/open-csv-file", {"path": str(path), **options})
-    assert response.status_code == 200, response.text
-    table = response.json()["path"].split("/")[-1]
-    db = ds.get_database("temporary")
-    types = await db.execute_fn(lambda conn: column_types(conn, table))
-    stored = await rows(ds, "temporary", f'select * from "{table}"')
-    return response.json(), types, stored
-
-
-def _columns(count):
-    """A CSV header line of count columns: c0,c1,..."""
-    return ",".join(f"c{i}" for i in range(count)).encode() + b"\n"
-
-
-async def open_file_database(ds, path):
-    """Attach a SQLite file through /-/open-database-file; return its database's name."""
-    response = await post(ds, "/-/open-database-file", {"path": str(path)})
-    assert response.json()["ok"], response.text
-    return response.json()["path"].strip("/")
-
-
-async def fill_temporary(ds, megabytes):
-    """Tables in temporary whose dump takes about megabytes: random, so it never compresses."""
-
-    def fill(conn):
-        conn.execute("create table big (b blob)")
-        conn.executemany("insert into big values (randomblob(1024 * 1024))", [()] * megabytes)
-        conn.commit()
-
-    await ds.get_database("temporary").execute_write_fn(fill, block=True)
-
-
 # Helpers: large files, and imports that take a while
 
 
@@ -350,28 +263,6 @@ def write_big_csv(path, count):
         for i in range(count):
             f.write(f"{i},name {i},{i * 1.5}\n")
     return path
-
-
-def big_csv(tmp_path, megabytes=4):
-    """A CSV file of about megabytes of one repeated row."""
-    path = tmp_path / "big.csv"
-    line = b"12345,some words here,67.5\n"
-    path.write_bytes(b"a,b,c\n" + line * (megabytes * 1024 * 1024 // len(line)))
-    return path
-
-
-async def start_big_import(ds, tmp_path, database, count=1_000_000):
-    """Start a CSV import that takes a second or more; return (task, progress item)."""
-    if database != "temporary":
-        await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / f"{database}.db")})
-    path = write_big_csv(tmp_path / "big.csv", count)
-    task = asyncio.ensure_future(post(ds, "/-/import-csv-file", {"path": str(path), "database": database}))
-    while not task.done():
-        items = await progress(ds)
-        if items and items[0]["state"] == "running" and items[0]["rows"]:
-            return task, items[0]
-        await asyncio.sleep(0.005)
-    raise AssertionError("the import finished before it could be cancelled: " + (await task).text)
 
 
 # Helpers: work folders and small disks
@@ -476,15 +367,6 @@ def server():
 
 
 CSV_BODY = b"id,name\n1,Cleo\n2,Pancakes\n"
-
-
-def zipped(members):
-    """A zip archive holding {name: content}."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as archive:
-        for name, content in members.items():
-            archive.writestr(name, content)
-    return buffer.getvalue()
 
 
 # Helpers: the real server, started as the app starts it
@@ -594,7 +476,7 @@ def app_server(tmp_path):
     server.stop()
 
 
-# Helpers: the plugin directory's lists, and plugins installed as pip installs them
+# Helpers: the plugin directory's lists
 
 
 def refused_download(url):
@@ -677,10 +559,6 @@ def lists():
         copy.unlink(missing_ok=True)
 
 
-async def with_lists(lists):
-    return await with_settings(**lists.settings())
-
-
 WORDS = ["maps", "charts", "export", "search", "auth", "tables", "images", "graphs", "sql", "yaml", "markdown"]
 
 
@@ -702,27 +580,1801 @@ def generated_plugins(seed=20_2026, count=30):
     return plugins
 
 
-# Installed as the list's versions say: 0.10 is newer than 0.9, 1.0a2 older than 1.0.
-INSTALLED = {"datasette-fake-old": "0.9", "datasette-fake-default": "1.0"}
 LISTED = [
     {"name": "datasette-fake-old", "tag_name": "0.10", "description": "Installed, and upgradeable", "stargazers_count": 5000},
     {"name": "datasette-fake-default", "tag_name": "1.0a2", "description": "Installed by the app itself", "stargazers_count": 4000},
     {"name": "datasette-cluster-map", "tag_name": "0.18", "description": "Maps in GeoJSON", "stargazers_count": 3000},
 ]
-DEFAULT_PLUGINS = "datasette datasette-app-support datasette-fake-default"
 
 
-def install_plugins(folder, plugins=INSTALLED):
-    """Plugins laid out as pip installs them, a module and its dist-info, in folder: for PYTHONPATH."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, version in plugins.items():
-        module = name.replace("-", "_")
-        (folder / f"{module}.py").write_text("")
-        info = folder / f"{module}-{version}.dist-info"
-        info.mkdir()
-        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        (info / "entry_points.txt").write_text(f"[datasette]\n{module} = {module}\n")
-    return str(folder)
+# Helpers: workbooks written by hand
+#
+# make_xlsx writes a workbook from its XML parts: the edge cases LibreOffice
+# would not write, and the workbooks other endpoints' tests import. The random
+# workbooks LibreOffice writes, and their reference, are at the start of
+# "/-/open-csv-file: Excel workbooks".
+
+
+XLSX_PARTS = {
+    "[Content_Types].xml": (
+        '<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
+        '<Default Extension="xml" ContentType="application/xml"/></Types>'
+    ),
+}
+XLSX_MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+XLSX_RELATIONSHIPS = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+
+
+def make_xlsx(path, sheets, strings=(), date1904=False, number_formats=(), styles=(), extra=None, prefix=""):
+    """Write a workbook by hand: sheets are (name, sheetData XML); strings the shared strings' text.
+
+    styles are the number format ids of cell styles 1, 2, ... (style 0 is General);
+    number_formats are (id, code) pairs of custom formats. prefix writes the
+    main namespace with a prefix, as some programs do.
+    """
+    p = f"{prefix}:" if prefix else ""
+    xmlns = f'xmlns{":" + prefix if prefix else ""}="{XLSX_MAIN}"'
+    sheet_list = "".join(
+        f'<{p}sheet name="{html.escape(name)}" sheetId="{n}" r:id="rId{n}"/>' for n, (name, _) in enumerate(sheets, 1)
+    )
+    parts = dict(XLSX_PARTS)
+    parts["xl/workbook.xml"] = (
+        f'<?xml version="1.0" encoding="UTF-8"?><{p}workbook {xmlns} xmlns:r="{XLSX_RELATIONSHIPS}">'
+        f'<{p}workbookPr date1904="{"1" if date1904 else "0"}"/><{p}sheets>{sheet_list}</{p}sheets></{p}workbook>'
+    )
+    relationships = "".join(
+        f'<Relationship Id="rId{n}" Type="{XLSX_RELATIONSHIPS}/worksheet" Target="worksheets/sheet{n}.xml"/>'
+        for n in range(1, len(sheets) + 1)
+    )
+    parts["xl/_rels/workbook.xml.rels"] = (
+        '<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
+        f"{relationships}</Relationships>"
+    )
+    formats = "".join(f'<{p}numFmt numFmtId="{n}" formatCode="{html.escape(code)}"/>' for n, code in number_formats)
+    xfs = "".join(f'<{p}xf numFmtId="{n}"/>' for n in (0, *styles))
+    parts["xl/styles.xml"] = (
+        f'<?xml version="1.0" encoding="UTF-8"?><{p}styleSheet {xmlns}><{p}numFmts>{formats}</{p}numFmts>'
+        f"<{p}cellXfs>{xfs}</{p}cellXfs></{p}styleSheet>"
+    )
+    items = "".join(f"<{p}si><{p}t>{html.escape(s)}</{p}t></{p}si>" for s in strings)
+    parts["xl/sharedStrings.xml"] = f'<?xml version="1.0" encoding="UTF-8"?><{p}sst {xmlns}>{items}</{p}sst>'
+    parts.update(extra or {})
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in parts.items():
+            archive.writestr(name, content)
+        for n, (_, data) in enumerate(sheets, 1):
+            # A sheet's data may be an iterable of XML strings, written as they come.
+            with archive.open(f"xl/worksheets/sheet{n}.xml", "w") as out:
+                out.write(f'<?xml version="1.0" encoding="UTF-8"?><{p}worksheet {xmlns} xmlns:r="{XLSX_RELATIONSHIPS}"><{p}sheetData>'.encode())
+                for piece in [data] if isinstance(data, str) else data:
+                    out.write(piece.encode())
+                out.write(f"</{p}sheetData></{p}worksheet>".encode())
+    return path
+
+
+# Helpers: reading in parts
+#
+# The in_parts fixture makes the engine read any file in three parts, so that
+# small generated files exercise the split points, the helper processes and
+# the merging of their types and widths.
+
+
+def read_in_parts(monkeypatch, parts=3):
+    """Read CSV files in parts however small they are: one part here, and parts - 1 helper processes."""
+    monkeypatch.setattr(app_support, "PARALLEL_MIN_BYTES", 0)
+    monkeypatch.setattr(app_support, "_cpu_count", lambda: parts)
+
+
+@pytest.fixture
+def in_parts(monkeypatch):
+    """Read CSV files in three parts, however small they are."""
+    read_in_parts(monkeypatch)
+
+
+@pytest.fixture
+def helpers(monkeypatch):
+    """The helper processes this test's imports start, as they are started."""
+    started = []
+    start = app_support._Helper.__init__
+
+    def recording_start(self, job):
+        start(self, job)
+        started.append(self.process)
+
+    monkeypatch.setattr(app_support._Helper, "__init__", recording_start)
+    return started
+
+
+# Startup
+
+
+async def test_startup_adds_temporary_removes_memory_and_is_idempotent(ds, tmp_path):
+    csv_path = tmp_path / "keep.csv"
+    csv_path.write_text("a\n1\n")
+    await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
+    temporary = ds.databases["temporary"]
+    await ds.invoke_startup()
+    app_support.startup(ds)
+    # Repeated startups add no temporary_2 and keep the same database and its tables.
+    assert user_databases(ds) == {"temporary"}
+    assert ds.databases["temporary"] is temporary
+    assert temporary.is_mutable and temporary.is_memory
+    assert await tables(ds) == ["keep"]
+
+
+async def test_internal_database_hidden_from_everyone_even_root(ds):
+    # Root as /-/auth-app-user signs it in, and the same actor signed here.
+    signed_root = {"ds_actor": ds.sign({"a": {"id": "root"}}, "actor")}
+    for who in ({}, signed_root, await root_cookie(ds)):
+        listing = (await ds.client.get("/-/databases.json", cookies=who)).json()
+        listing = listing["databases"] if isinstance(listing, dict) else listing
+        if IS_DATASETTE_1:  # 0.65 lists it there, but will not show it
+            assert "_internal" not in {d["name"] for d in listing}
+        assert "_internal" not in json.dumps((await ds.client.get("/.json", cookies=who)).json())
+        assert (await ds.client.get("/_internal", cookies=who)).status_code in (403, 404)
+
+
+async def test_two_instances_do_not_share_temporary(tmp_path):
+    csv_path = tmp_path / "demo.csv"
+    csv_path.write_text("a\n1\n")
+    first, second = Datasette(memory=True), Datasette(memory=True)
+    await first.invoke_startup()
+    await second.invoke_startup()
+    assert (await post(first, "/-/open-csv-file", {"path": str(csv_path)})).json()["ok"]
+    assert await tables(second) == []
+
+
+async def test_startup_removes_work_folders_of_dead_processes_only(temp_dir):
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        names = {
+            "dead": f"app_support_{dead.pid}_x1y2",
+            "mine": f"app_support_{os.getpid()}_a1b2",
+            "alive": f"app_support_{alive.pid}_c3d4",
+            "init": "app_support_1_e5f6",
+            "no pid": "app_support_latin1_fallback",
+            "other": "someone_else",
+        }
+        for name in names.values():
+            (temp_dir / name).mkdir()
+            (temp_dir / name / "staging.db").write_bytes(b"x" * 1000)
+        (temp_dir / f"app_support_{dead.pid}_file").write_text("a file, not a work folder")
+        ds = Datasette(memory=True)
+        await ds.invoke_startup()
+    finally:
+        alive.kill()
+        alive.wait()
+    left = {p.name for p in temp_dir.iterdir() if p.name.startswith(("app_support_", "someone"))}
+    assert names["dead"] not in left
+    assert left == set(names.values()) - {names["dead"]} | {f"app_support_{dead.pid}_file"}
+
+
+# Authentication, methods and bodies, for every endpoint
+
+
+# The routes only the desktop app may call, with its token.
+APP_ENDPOINTS = [route.path for route in app_support.ROUTES if route.caller == app_support.APP]
+
+
+def good_bodies(tmp_path):
+    """A body each app endpoint would accept, naming files made in tmp_path."""
+    csv_path = tmp_path / "auth.csv"
+    csv_path.write_text("a,b\n1,2\n")
+    db_path = make_db(tmp_path / "auth.db")
+    return {
+        "/-/auth-app-user": {"redirect": "/"},
+        "/-/open-database-file": {"path": str(db_path)},
+        "/-/new-empty-database-file": {"path": str(tmp_path / "new.db")},
+        "/-/open-csv-file": {"path": str(csv_path)},
+        "/-/import-csv-file": {"path": str(csv_path), "database": "temporary"},
+        "/-/open-csv-from-url": {"url": "http://127.0.0.1:9/x.csv"},
+        "/-/dump-temporary-to-file": {"path": str(tmp_path / "dump.db")},
+        "/-/restore-temporary-from-file": {"path": str(db_path)},
+    }
+
+
+BAD_AUTH = {
+    "no header": None,
+    "wrong token": {"Authorization": "Bearer " + "0" * len(TOKEN)},
+    "prefix of token": {"Authorization": "Bearer " + TOKEN[:-1]},
+    "extension of token": {"Authorization": "Bearer " + TOKEN + "0"},
+    "no scheme": {"Authorization": TOKEN},
+    "basic scheme": {"Authorization": "Basic " + TOKEN},
+    "empty bearer": {"Authorization": "Bearer "},
+}
+
+
+@pytest.mark.parametrize("endpoint", list(APP_ENDPOINTS))
+@pytest.mark.parametrize("case", list(BAD_AUTH))
+async def test_bad_token_refused_without_side_effects(ds, tmp_path, endpoint, case):
+    body = good_bodies(tmp_path)[endpoint]
+    await assert_refused(ds, tmp_path, endpoint, body, 401, "API token", token=None, headers=BAD_AUTH[case])
+
+
+@pytest.mark.parametrize("endpoint", list(APP_ENDPOINTS))
+@pytest.mark.parametrize("configured", ["", None])
+async def test_no_token_configured_refuses_everything(ds, tmp_path, monkeypatch, endpoint, configured):
+    if configured is None:
+        monkeypatch.delenv("DATASETTE_API_TOKEN")
+    else:
+        monkeypatch.setenv("DATASETTE_API_TOKEN", configured)
+    body = good_bodies(tmp_path)[endpoint]
+    for token in ("", TOKEN):
+        await assert_refused(ds, tmp_path, endpoint, body, 401, "DATASETTE_API_TOKEN", token=token)
+
+
+CROSS_SITE = [
+    {"Sec-Fetch-Site": "cross-site"},
+    {"Origin": "https://evil.example"},
+    {"Sec-Fetch-Site": "same-site", "Origin": "https://sub.localhost"},
+]
+
+
+@pytest.mark.parametrize("endpoint", list(APP_ENDPOINTS))
+@pytest.mark.parametrize("headers", CROSS_SITE, ids=["sec-fetch-site", "origin", "same-site"])
+async def test_cross_site_browser_post_is_refused_as_json(ds, tmp_path, endpoint, headers):
+    body = good_bodies(tmp_path)[endpoint]
+    cookie = {"Cookie": "ds_actor=" + ds.sign({"a": {"id": "root"}}, "actor")}
+    if IS_DATASETTE_1:  # Datasette's own CSRF check refuses, in JSON
+        await assert_refused(ds, tmp_path, endpoint, body, 403, "cross-site", token=None, headers={**cookie, **headers})
+        # A stolen token does not help a page whose browser adds the cookie.
+        await assert_refused(ds, tmp_path, endpoint, body, 403, "cross-site", headers={**cookie, **headers})
+    else:  # 0.65 skips CSRF here (skip_csrf): no token, no entry
+        await assert_refused(ds, tmp_path, endpoint, body, 401, "API token", token=None, headers={**cookie, **headers})
+
+
+async def test_csrf_does_not_turn_cookie_requests_into_html(ds):
+    # A browser with a ds_actor cookie and no Bearer token still gets JSON.
+    response = await ds.client.post(
+        "/-/open-csv-file", content=b"{}", cookies={"ds_actor": "x", "ds_csrftoken": "y"}
+    )
+    assert_error(response, 401, "API token")
+
+
+@pytest.mark.parametrize("endpoint", list(APP_ENDPOINTS))
+async def test_get_is_405_json(ds, endpoint):
+    response = await ds.client.get(endpoint, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert_error(response, 405, "POST")
+
+
+BAD_BODIES = [
+    (b"", "empty"),
+    (b"   ", "empty"),
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    (b'"path"', "must be a JSON object"),
+    (b'{"path": 5}', "path must be a string"),
+    (b'{"path": ["a"]}', "path must be a string"),
+    (b'{"path": "/x", "nope": 1}', "The request has a key this endpoint does not take: nope. It takes path"),
+]
+
+
+@pytest.mark.parametrize("endpoint", [e for e in APP_ENDPOINTS if e != "/-/auth-app-user" and e != "/-/open-csv-from-url"])
+@pytest.mark.parametrize("body,error", BAD_BODIES)
+async def test_bad_bodies_are_400(ds, tmp_path, endpoint, body, error):
+    await assert_refused(ds, tmp_path, endpoint, body, 400, error)
+
+
+# The keys each endpoint takes, as its refusals of a missing or unknown key say them.
+KEYS_TAKEN = {
+    "/-/auth-app-user": "It takes only redirect, which is optional.",
+    "/-/open-database-file": "It takes path.",
+    "/-/new-empty-database-file": "It takes path.",
+    "/-/open-csv-file": "It takes path, and optionally detect_types.",
+    "/-/import-csv-file": "It takes path and database, and optionally detect_types.",
+    "/-/open-csv-from-url": "It takes url, and optionally table_name, database and detect_types.",
+    "/-/dump-temporary-to-file": "It takes path.",
+    "/-/restore-temporary-from-file": "It takes path.",
+    "/-/cancel-import": "It takes id.",
+    "/-/refresh-plugin-directory": "It takes no keys: send {}.",
+}
+
+
+@pytest.mark.parametrize("endpoint", list(KEYS_TAKEN))
+async def test_unknown_key_is_a_sentence_listing_the_keys_taken(ds, tmp_path, endpoint):
+    assert {route.path for route in app_support.ROUTES if route.method == "POST"} == set(KEYS_TAKEN)
+    response = await assert_refused(ds, tmp_path, endpoint, {"nope": 1}, 400, "")
+    assert response.json()["error"] == "The request has a key this endpoint does not take: nope. " + KEYS_TAKEN[endpoint]
+
+
+LONG = "a" * 300_000
+
+
+@pytest.mark.parametrize(
+    "endpoint,body,status,error",
+    [
+        ("/-/open-csv-file", b'{"path": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
+        ("/-/open-csv-file", b"[" * 100_000, 400, "nested too deeply"),
+        ("/-/open-csv-file", lambda: b'{"path": "' + b"x" * 100_000_000 + b'"}', 413, "larger than 2 MB"),
+        ("/-/open-csv-file", {"path": "/" + LONG}, 400, "File not found: /aaa"),
+        ("/-/open-csv-from-url", {"url": "ftp://" + LONG}, 400, "Only http:// and https://"),
+        ("/-/open-csv-from-url", {"url": "http://127.0.0.1:9/" + LONG}, 400, "Could not download"),
+        ("/-/open-csv-file", {"path": "/tmp/\ud800.csv"}, 400, "path contains a lone surrogate"),
+        ("/-/dump-temporary-to-file", {"path": "/tmp/\udfff.db"}, 400, "path contains a lone surrogate"),
+        ("/-/open-csv-from-url", {"url": "http://127.0.0.1:9/x.csv", "table_name": "a\ud800"}, 400, "table_name contains a lone surrogate"),
+        ("/-/import-csv-file", {"path": "/tmp/x.csv", "database": "\ud800"}, 400, "database contains a lone surrogate"),
+        ("/-/open-csv-from-url", {"url": "http://127.0.0.1:9/x.csv", "table_name": "x\u0000y"}, 400, "table_name must not contain a NUL character."),
+    ],
+    ids=["deep object", "deep array", "100 MB body", "long path", "long url", "long http url",
+         "surrogate path", "surrogate dump path", "surrogate table name", "surrogate database", "NUL table name"],
+)
+async def test_hostile_bodies_are_short_json_sentences(ds, tmp_path, endpoint, body, status, error):
+    if callable(body):
+        body = body()  # built here, not held for the whole session
+    if isinstance(body, dict):
+        body = json.dumps(body).encode()  # ensure_ascii: lone surrogates as \ud800 escapes
+    response = await assert_refused(ds, tmp_path, endpoint, body, status, error)
+    assert len(response.content) < 1000
+    if len(body) > 300_000 and status == 400:
+        assert "…" in response.json()["error"]
+
+
+async def test_content_type_is_ignored(ds, tmp_path):
+    csv_path = tmp_path / "ct.csv"
+    csv_path.write_text("a\n1\n")
+    response = await post(
+        ds, "/-/open-csv-file", {"path": str(csv_path)},
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.json()["ok"] is True
+
+
+def module_messages():
+    """Each string literal of app_support.py as a pattern: where an f-string or a format template puts a value, any text.
+
+    Literals with fewer than six characters of their own are left out: they
+    would match almost anything.
+    """
+    patterns = set()
+    for node in ast.walk(ast.parse(Path(app_support.__file__).read_text())):
+        if isinstance(node, ast.JoinedStr):
+            own = [part.value for part in node.values if isinstance(part, ast.Constant)]
+            pieces = [re.escape(p.value) if isinstance(p, ast.Constant) else "(.+?)" for p in node.values]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            own, pieces = [node.value], [re.escape(node.value)]
+        else:
+            continue
+        if len("".join(own)) >= 6:
+            # A str.format template's fields ({need}, {}) are values too.
+            patterns.add(re.sub(r"\\\{[a-z_]*\\\}", "(.+?)", "".join(pieces)))
+    return [re.compile(pattern, re.S) for pattern in patterns]
+
+
+def readme_messages():
+    """The sentences the README quotes in backticks: what the plugin says, with examples for its values."""
+    spans = re.findall(r"`([^`\n]+)`", (Path(__file__).parent / "README.md").read_text())
+    return sorted({
+        span for span in spans
+        if re.match(r"[A-Z…]|[a-z_]+ must", span) and span.count(" ") >= 2
+        and (span.endswith(".") or ": " in span) and not re.search(r"[{}=$]", span)
+    })
+
+
+def said_by_the_module(message, patterns, parts=2):
+    """Whether message is one of the module's messages, or two of them end to end (as "{damaged}: {why}" builds)."""
+    if any(pattern.fullmatch(message) for pattern in patterns):
+        return True
+    return parts > 1 and any(
+        any(pattern.fullmatch(message[:cut]) for pattern in patterns)
+        and said_by_the_module(message[cut:], patterns, parts - 1)
+        for cut in range(1, len(message))
+    )
+
+
+def test_every_message_the_readme_quotes_is_the_modules():
+    messages = readme_messages()
+    assert len(messages) >= 50, messages  # the README's error lists are all still found
+    patterns = module_messages()
+    assert [message for message in messages if not said_by_the_module(message, patterns)] == []
+
+
+# A test plugin (a module, as Datasette 0.65 expects): a route with a real bug.
+async def broken(datasette, data):
+    return {"ok": True, "value": data["missing"]}
+
+
+faulty_route = types.ModuleType("test_faulty_route")
+faulty_route.register_routes = app_support.hookimpl(
+    lambda: [(r"^/-/test-broken$", app_support._view(app_support.Route("/-/test-broken", "POST", app_support.APP, broken)))]
+)
+
+
+async def test_genuine_server_fault_is_500_json():
+    pm.register(faulty_route, name="test_faulty_route")
+    try:
+        ds = Datasette(memory=True)
+        await ds.invoke_startup()
+        response = await post(ds, "/-/test-broken", {})
+    finally:
+        pm.unregister(name="test_faulty_route")
+    assert_error(response, 500, "Unexpected server error: KeyError: 'missing'")
+    assert "Traceback" not in response.text
+
+
+# /-/auth-app-user
+
+
+async def test_auth_app_user_sets_root_cookie_and_redirects(ds):
+    response = await post(ds, "/-/auth-app-user", {"redirect": "/temporary?sql=select+1"})
+    assert response.status_code == 302
+    assert response.headers["location"] == "/temporary?sql=select+1"
+    cookie = response.headers["set-cookie"]
+    assert "httponly" in cookie.lower() and "samesite=lax" in cookie.lower()
+    value = response.cookies["ds_actor"]
+    assert ds.unsign(value, "actor") == {"a": {"id": "root"}}
+    actor = await ds.client.get("/-/actor.json", cookies={"ds_actor": value})
+    assert actor.json()["actor"] == {"id": "root"}
+
+
+@pytest.mark.parametrize(
+    "redirect",
+    ["//evil.example", "/\\evil.example", "https://evil.example/", "javascript:alert(1)",
+     "", None, "evil", "/\t/evil.example", "/ok\r\nSet-Cookie: x=1"],
+)
+async def test_auth_app_user_only_follows_same_site_paths(ds, redirect):
+    response = await post(ds, "/-/auth-app-user", {"redirect": redirect})
+    assert response.status_code == 302
+    assert response.headers["location"] == "/"
+
+
+async def test_auth_app_user_without_redirect_key(ds):
+    response = await post(ds, "/-/auth-app-user", {})
+    assert response.status_code == 302 and response.headers["location"] == "/"
+
+
+@pytest.mark.parametrize("body,error", [(b"", "empty"), (b"[]", "JSON object"), (b'{"redirect": 3}', "redirect must be a string")])
+async def test_auth_app_user_bad_bodies(ds, body, error):
+    response = await post(ds, "/-/auth-app-user", body)
+    assert_error(response, 400, error)
+    assert "set-cookie" not in response.headers
+
+
+# /-/open-database-file
+
+
+async def test_open_database_file(ds, tmp_path):
+    path = make_db(tmp_path / "my data.db")
+    response = await post(ds, "/-/open-database-file", {"path": str(path)})
+    assert response.json() == {"ok": True, "path": ds.urls.database("my data")}
+    assert await fetch_rows(ds, response.json()["path"] + "/t") == [{"id": 1}, {"id": 2}, {"id": 3}]
+
+
+async def test_open_database_file_same_name_different_folders(ds, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = make_db(tmp_path / "a" / "data.db", values=[1])
+    second = make_db(tmp_path / "b" / "data.db", values=[2])
+    r1 = (await post(ds, "/-/open-database-file", {"path": str(first)})).json()
+    r2 = (await post(ds, "/-/open-database-file", {"path": str(second)})).json()
+    assert r1["path"] != r2["path"]
+    for result, value in ((r1, 1), (r2, 2)):
+        assert await fetch_rows(ds, result["path"] + "/t") == [{"id": value}]
+
+
+@pytest.mark.parametrize("name", ["it's.db", 'say "hi".db', "sp ace.db", "semi;colon.db"])
+async def test_open_database_file_awkward_names(ds, tmp_path, name):
+    path = make_db(tmp_path / name, values=[42])
+    response = await post(ds, "/-/open-database-file", {"path": str(path)})
+    assert response.json()["ok"] is True
+    assert await fetch_rows(ds, response.json()["path"] + "/t") == [{"id": 42}]
+
+
+@pytest.mark.parametrize(
+    "setup,error",
+    [
+        (lambda p: p / "missing.db", "File not found"),
+        (lambda p: p, "folder, not a file"),
+        (lambda p: write(p / "zero.db", b""), "File is empty"),
+        (lambda p: write(p / "text.db", "hello, world\n" * 10), "Not a SQLite database"),
+        (lambda p: write(p / "fake.db", b"SQLite format 3\x00" + b"\x01" * 200), "Not a valid SQLite database"),
+        (lambda p: make_db(p / "a?b.db"), "contains ?"),
+        (lambda p: make_db(p / "a#b.db"), "contains #"),
+        (lambda p: make_db(p / "100%.db"), "contains %"),
+        (lambda p: p / "a?b.db", "File not found"),
+        (lambda p: cut_short(p / "cut.db", 5000), "is cut short (it holds 5,000 of its "),
+        (lambda p: "data.db", "path must be a full path, such as /Users/me/data.csv, not data.db"),
+        (lambda p: "../data.db", "a relative path would be looked for in the server's own working folder"),
+        (lambda p: "~/no-such-folder-for-app-support/x.db", "File not found: " + os.path.expanduser("~/no-such-folder-for-app-support/x.db")),
+    ],
+    ids=["missing", "folder", "empty", "text", "fake header", "?", "#", "%", "missing ?", "cut short", "relative", "parent", "home"],
+)
+async def test_open_database_file_errors(ds, tmp_path, setup, error):
+    path = setup(tmp_path)
+    # The snapshot proves no file "a" is created for "a?b.db".
+    await assert_refused(ds, tmp_path, "/-/open-database-file", {"path": str(path)}, 400, error)
+
+
+def _locked(tmp_path):
+    path = make_db(tmp_path / "locked.db")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("pragma locking_mode = exclusive")
+    holder.execute("begin exclusive")
+    holder.execute("insert into t values (9)")
+    return path, holder
+
+
+async def test_open_database_file_locked(ds, tmp_path):
+    path, holder = _locked(tmp_path)
+    try:
+        response = await post(ds, "/-/open-database-file", {"path": str(path)})
+        assert_error(response, 400, "locked")
+    finally:
+        holder.close()
+    assert user_databases(ds) == {"temporary"}
+
+
+async def test_open_database_file_already_open_even_through_symlink(ds, tmp_path):
+    path = make_db(tmp_path / "real.db")
+    link = tmp_path / "link.db"
+    link.symlink_to(path)
+    assert (await post(ds, "/-/open-database-file", {"path": str(path)})).json()["ok"]
+    for again in (path, link):
+        response = await post(ds, "/-/open-database-file", {"path": str(again)})
+        assert_error(response, 400, "already open")
+    assert user_databases(ds) == {"temporary", "real"}
+
+
+# /-/new-empty-database-file
+
+
+async def test_new_empty_database_file(ds, tmp_path):
+    path = tmp_path / "fresh.db"
+    response = await post(ds, "/-/new-empty-database-file", {"path": str(path)})
+    assert response.json() == {"ok": True, "path": "/fresh"}
+    assert path.read_bytes().startswith(b"SQLite format 3\x00")
+    assert (await ds.client.get("/fresh")).status_code == 200
+    # Reopening the file after a restart must pass open-database-file's checks.
+    app_support._check_sqlite_file(str(path))
+
+
+@pytest.mark.parametrize(
+    "setup,error",
+    [
+        (lambda p: make_db(p / "exists.db"), "File already exists"),
+        (lambda p: write(p / "notes.txt", "keep me"), "File already exists"),
+        (lambda p: p / "no-such-folder" / "x.db", "Folder not found"),
+        (lambda p: p, "folder, not a file"),
+        (lambda p: p / "a?b.db", "contains ?"),
+    ],
+)
+async def test_new_empty_database_file_errors(ds, tmp_path, setup, error):
+    path = setup(tmp_path)
+    await assert_refused(ds, tmp_path, "/-/new-empty-database-file", {"path": str(path)}, 400, error)
+
+
+# /-/open-csv-file and /-/import-csv-file
+
+
+async def import_bytes(ds, tmp_path, content, name="data.csv", **options):
+    """Import content through /-/open-csv-file: (answer, {column: type}, stored rows)."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    response = await post(ds, "/-/open-csv-file", {"path": str(path), **options})
+    assert response.status_code == 200, response.text
+    table = response.json()["path"].split("/")[-1]
+    db = ds.get_database("temporary")
+    types = await db.execute_fn(lambda conn: column_types(conn, table))
+    stored = await rows(ds, "temporary", f'select * from "{table}"')
+    return response.json(), types, stored
+
+
+def _columns(count):
+    """A CSV header line of count columns: c0,c1,..."""
+    return ",".join(f"c{i}" for i in range(count)).encode() + b"\n"
+
+
+async def test_open_csv_file(ds, tmp_path):
+    path = tmp_path / "demo.csv"
+    path.write_text("name,age\nCleo,5\nPancakes,4\n")
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert response.json() == {"ok": True, "path": "/temporary/demo", "rows": 2, "format": "csv"}
+    assert await fetch_rows(ds, "/temporary/demo") == [
+        {"name": "Cleo", "age": 5},
+        {"name": "Pancakes", "age": 4},
+    ]
+
+
+async def test_open_csv_file_never_writes_into_existing_table(ds, tmp_path):
+    path = tmp_path / "demo.csv"
+    path.write_text("a\n1\n")
+    paths = [(await post(ds, "/-/open-csv-file", {"path": str(path)})).json()["path"] for _ in range(3)]
+    assert paths == ["/temporary/demo", "/temporary/demo_2", "/temporary/demo_3"]
+    for table in ("demo", "demo_2", "demo_3"):
+        assert await rows(ds, "temporary", f"select a from {table}") == [(1,)]
+
+
+async def test_import_csv_file_into_named_database(ds, tmp_path):
+    db_path = make_db(tmp_path / "target.db", table="people")
+    await post(ds, "/-/open-database-file", {"path": str(db_path)})
+    csv_path = tmp_path / "people.csv"
+    csv_path.write_text("name\nAlex\n")
+    response = await post(ds, "/-/import-csv-file", {"path": str(csv_path), "database": "target"})
+    assert response.json() == {"ok": True, "path": "/target/people_2", "rows": 1, "format": "csv"}
+    assert (await ds.client.get("/target/people_2")).status_code == 200
+    assert sqlite3.connect(db_path).execute("select name from people_2").fetchall() == [("Alex",)]
+    assert sqlite3.connect(db_path).execute("select count(*) from people").fetchone() == (3,)
+
+
+async def test_open_csv_file_null_optional_key(ds, tmp_path):
+    csv_path = tmp_path / "n.csv"
+    csv_path.write_text("a\n01\n")
+    response = await post(ds, "/-/open-csv-file", {"path": str(csv_path), "detect_types": None})
+    assert response.json()["ok"] is True
+
+
+@pytest.mark.parametrize(
+    "body,error",
+    [
+        ({"database": "nope"}, "Database not found: nope"),
+        ({"database": None}, "The request has no database, which this endpoint needs. It takes path and database, and optionally detect_types."),
+        ({}, "The request has no database, which this endpoint needs. It takes path and database, and optionally detect_types."),
+        ({"database": "immutable"}, "read-only"),
+        ({"database": "temporary", "path": "/no/such/file.csv"}, "File not found"),
+        ({"database": "temporary", "detect_types": "yes"}, "detect_types must be a boolean"),
+    ],
+)
+async def test_import_csv_file_errors(tmp_path, body, error):
+    immutable = make_db(tmp_path / "immutable.db")
+    ds = Datasette([], immutables=[str(immutable)])
+    await ds.invoke_startup()
+    csv_path = tmp_path / "x.csv"
+    csv_path.write_text("a\n1\n")
+    body = {"path": str(csv_path), **body}
+    await assert_refused(ds, tmp_path, "/-/import-csv-file", body, 400, error)
+
+
+BAD_FILES = [
+    ("empty", b"", "File is empty"),
+    ("only blank lines", b"\n\n  \n", "File is empty"),
+    ("binary", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4, "binary file"),
+    ("a folder", None, "folder"),
+    ("NUL byte in a row of the first batch", b"a,b\n1,2\n" + b"x" * 9000 + b"\n3,\x004\n", "NUL byte on line 4"),
+    ("NUL byte alone in the first batch", b"a,b\n1,2\n" + b"x" * 9000 + b"\n\x00\n", "NUL byte on line 4"),
+    ("NUL byte late in the file", b"a,b\n" + b"1,2\n" * 7000 + b"3,\x004\n", "line 7002"),
+    # Inconsistent read without quotes too (the comma), so the quote is not merely stray.
+    ("quote never closed, opened on line 2", b'a,b\n1,"oops, no\n3,4\n5,6\n7,8\n', r"\bline 2\b"),
+    ("quote never closed, opened after the first batch", b"a,b\n" + b"1,2\n" * 7000 + b'3,"oops, no\n' + b"5,6\n" * 10, r"\bline 7,?002\b"),
+    ("more than 2,000 columns", _columns(2001) + b",".join([b"1"] * 2001) + b"\n", r"\b2,?000\b"),
+    ("a row past 2,000 columns in the first batch", b"a,b\n1,2\n" + b",".join([b"1"] * 2001) + b"\n", r"\b2,?000\b"),
+    ("a row past 2,000 columns after the first batch", b"a,b\n" + b"1,2\n" * 7000 + b",".join([b"1"] * 2001) + b"\n", r"\b2,?000\b"),
+]
+
+
+@pytest.mark.parametrize("name,content,error", BAD_FILES, ids=[b[0] for b in BAD_FILES])
+async def test_csv_bad_files_refused_with_a_clear_400(ds, tmp_path, name, content, error):
+    """Both endpoints refuse the file with a sentence (error is a pattern), and leave every database as it was."""
+    target = make_db(tmp_path / "target.db", table="keep")
+    await post(ds, "/-/open-database-file", {"path": str(target)})
+    path = tmp_path if content is None else write(tmp_path / "bad.csv", content)
+    for endpoint, body in [
+        ("/-/open-csv-file", {"path": str(path)}),
+        ("/-/import-csv-file", {"path": str(path), "database": "target"}),
+    ]:
+        response = await assert_refused(ds, tmp_path, endpoint, body, 400, "")
+        assert re.search(error, response.json()["error"]), response.json()["error"]
+        assert await tables(ds) == [] and await tables(ds, "target") == ["keep"]
+    assert sqlite3.connect(target).execute("select count(*) from keep").fetchone() == (3,)
+
+
+# /-/open-csv-file: encodings, delimiters and line endings
+
+
+ENCODINGS = [
+    ("utf-8", "São Paulo,Zürich\n".encode("utf-8"), "São Paulo"),
+    ("utf-8 with BOM", b"\xef\xbb\xbf" + "city\nSão Paulo\n".encode("utf-8"), "city"),
+    ("latin-1", b"city\nS\xe3o Paulo\n", "São Paulo"),
+    ("cp1252 quotes", b"q\n\x93hi\x94 \x80\n", "\u201chi\u201d \u20ac"),
+    ("cp1252 undefined byte", b"q\nA\x81B\n", "A\x81B"),
+    ("utf-16", "city\nSão Paulo\n".encode("utf-16"), "São Paulo"),
+    ("utf-8 then latin-1 late", b"city\n" + b"plain\n" * 20000 + b"S\xe3o\n", "São"),
+]
+
+
+@pytest.mark.parametrize("name,content,expected", ENCODINGS, ids=[e[0] for e in ENCODINGS])
+async def test_csv_encodings(ds, tmp_path, name, content, expected):
+    result, types, stored = await import_bytes(ds, tmp_path, content)
+    flat = [c for row in stored for c in row] + list(types)
+    assert expected in flat
+
+
+async def test_csv_bom_is_stripped_from_first_column(ds, tmp_path):
+    _, types, _ = await import_bytes(ds, tmp_path, b"\xef\xbb\xbfid,name\n1,a\n")
+    assert list(types) == ["id", "name"]
+
+
+TRUNCATED_UTF8 = [
+    ("small", "city\nSão Paulo\nZürich 東".encode()[:-1], [("São Paulo",), ("Zürich \ufffd",)]),
+    (
+        "past the sniffed start",
+        ("city\n" + "São Paulo\n" * 20000 + "Zürich 東").encode()[:-2],
+        [("São Paulo",)] * 20000 + [("Zürich \ufffd",)],
+    ),
+]
+
+
+@pytest.mark.parametrize("name,content,expected", TRUNCATED_UTF8, ids=[t[0] for t in TRUNCATED_UTF8])
+async def test_csv_utf8_with_a_truncated_last_character(ds, tmp_path, name, content, expected):
+    result, types, stored = await import_bytes(ds, tmp_path, content)
+    assert list(types) == ["city"]
+    assert stored == expected
+
+
+DELIMITERS = [
+    ("comma", b"a,b\n1,2\n", ["a", "b"]),
+    ("tab in a .csv", b"a\tb\n1\t2\n", ["a", "b"]),
+    ("semicolon with decimal commas", b"a;b\n1,5;2\n", ["a", "b"]),
+    ("pipe", b"a|b|c\n1|2|3\n", ["a", "b", "c"]),
+    ("single column", b"name\nalice\nbob\n", ["name"]),
+    ("single column with commas in values", b"name\nSmith, John\nDoe, Jane\n", ["name"]),
+    ("single column of letters", b"word\nthe\nstreet\n", ["word"]),
+]
+
+
+@pytest.mark.parametrize("name,content,columns", DELIMITERS, ids=[d[0] for d in DELIMITERS])
+async def test_csv_delimiters(ds, tmp_path, name, content, columns):
+    _, types, stored = await import_bytes(ds, tmp_path, content)
+    assert list(types) == columns
+    assert all(len(row) == len(columns) for row in stored)
+
+
+LINE_ENDING_FILES = [
+    ("CR only", b"a,b\r1,x\r3,y\r"),
+    ("CR only, no final newline", b"a,b\r1,x\r3,y"),
+    ("mixed CR, LF and CRLF", b"a,b\r\n1,x\r3,y\n"),
+    ("mixed, tab-separated", b"a\tb\r1\tx\n3\ty\r\n"),
+    ("CR only with a quoted CR", b'a,b\r1,x\r3,"y"\r'),
+]
+
+
+@pytest.mark.parametrize("name,content", LINE_ENDING_FILES, ids=[f[0] for f in LINE_ENDING_FILES])
+async def test_csv_cr_and_mixed_line_endings(ds, tmp_path, name, content):
+    _, types, stored = await import_bytes(ds, tmp_path, content)
+    assert types == {"a": "INTEGER", "b": "TEXT"}
+    assert stored == [(1, "x"), (3, "y")]
+
+
+async def test_csv_quoted_newlines_doubled_quotes_and_huge_fields(ds, tmp_path):
+    big = "x" * 300_000
+    content = f'a,b\n"line one\nline two","say ""hi"""\n"{big}",2\n'.encode()
+    _, _, stored = await import_bytes(ds, tmp_path, content)
+    assert stored == [("line one\nline two", 'say "hi"'), (big, "2")]
+
+
+@pytest.mark.parametrize("blank", [b"\n" * 20_000, b"\r\n" * 10_000, b" \n" * 10_000])
+async def test_csv_long_run_of_blank_lines_before_the_header(ds, tmp_path, blank):
+    _, types, stored = await import_bytes(ds, tmp_path, blank + b"a,b\n1,x\n")
+    assert types == {"a": "INTEGER", "b": "TEXT"}
+    assert stored == [(1, "x")]
+
+
+# /-/open-csv-file: column names, row widths and table names
+
+
+HEADERS = [
+    ("duplicates and blanks", b"a,a,,b, a \n1,2,3,4,5\n", ["a", "a_2", "column_3", "b", "a_3"]),
+    ("case-insensitive duplicates", b"Name,name\n1,2\n", ["Name", "name_2"]),
+    ("whitespace stripped", b"  x  ,\ty\t\n1,2\n", ["x", "y"]),
+    ("suffix already taken", b"a,a_2,a\n1,2,3\n", ["a", "a_2", "a_3"]),
+    ("SQL in names", b'"x""];drop table t;--",\'q\'\n1,2\n', ['x"];drop table t;--', "'q'"]),
+]
+
+
+@pytest.mark.parametrize("name,content,columns", HEADERS, ids=[h[0] for h in HEADERS])
+async def test_csv_headers(ds, tmp_path, name, content, columns):
+    _, types, _ = await import_bytes(ds, tmp_path, content)
+    assert list(types) == columns
+
+
+async def test_csv_header_only_gives_empty_table(ds, tmp_path):
+    result, types, stored = await import_bytes(ds, tmp_path, b"a,b\n")
+    assert result["rows"] == 0 and stored == [] and list(types) == ["a", "b"]
+    assert (await ds.client.get(result["path"])).status_code == 200
+
+
+RAGGED = [
+    ("short rows padded with NULL", b"a,b,c\n1,2\n3\n", ["a", "b", "c"], [(1, 2, None), (3, None, None)]),
+    ("long row keeps extras", b"a,b\n1,2\n3,4,5,6\n", ["a", "b", "column_3", "column_4"], [(1, 2, None, None), (3, 4, 5, 6)]),
+    ("long row after the first batch", b"a,b\n" + b"1,2\n" * 6000 + b"3,4,x\n", ["a", "b", "column_3"], None),
+    ("blank lines skipped", b"a,b\n1,2\n\n3,4\n", ["a", "b"], [(1, 2), (3, 4)]),
+]
+
+
+@pytest.mark.parametrize("name,content,columns,expected", RAGGED, ids=[r[0] for r in RAGGED])
+async def test_csv_ragged_rows(ds, tmp_path, name, content, columns, expected):
+    result, types, stored = await import_bytes(ds, tmp_path, content)
+    assert list(types) == columns
+    if expected is not None:
+        assert stored == expected
+    else:
+        assert result["rows"] == 6001
+        assert stored[-1] == (3, 4, "x")
+        assert stored[0] == (1, 2, None)
+
+
+async def test_csv_two_thousand_columns_import(ds, tmp_path):
+    result, types, stored = await import_bytes(ds, tmp_path, _columns(2000) + b",".join([b"1"] * 2000) + b"\n")
+    assert len(types) == 2000 and stored == [(1,) * 2000]
+
+
+@pytest.mark.parametrize(
+    "wanted",
+    ["demo]", 'de"mo', "de'mo", "x; drop table y", "sqlite_master", "[weird]", "名前"],
+)
+async def test_csv_table_names_are_safe(ds, tmp_path, wanted):
+    path = tmp_path / f"{wanted}.csv"
+    path.write_text("a\n1\n")
+    response = (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()
+    assert response["ok"] is True
+    assert await fetch_rows(ds, response["path"]) == [{"a": 1}]
+    names = await tables(ds)
+    assert len(names) == 1 and names[0].lstrip("_") == wanted.replace("]", "_")
+    assert (await ds.client.get("/temporary")).status_code == 200
+
+
+async def test_csv_nfd_file_name_gives_nfc_table_name(ds, tmp_path):
+    nfd = "cafe\u0301"
+    assert unicodedata.normalize("NFC", nfd) == "café" != nfd
+    path = write(tmp_path / (nfd + ".csv"), b"a\n1\n")
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert response.json()["ok"] is True
+    names = await tables(ds)
+    assert names == ["café"], ascii(names)
+    assert await rows(ds, "temporary", 'select a from "café"') == [(1,)]
+
+
+async def test_csv_nfc_and_nfd_file_names_give_two_distinct_nfc_tables(ds, tmp_path):
+    for folder, name in [("nfc", "café.csv"), ("nfd", "cafe\u0301.csv")]:
+        (tmp_path / folder).mkdir()
+        path = write(tmp_path / folder / name, b"a\n1\n")
+        assert (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()["ok"]
+    names = sorted(await tables(ds))
+    assert names == ["café", "café_2"], ascii(names)
+
+
+# /-/open-csv-file: column types
+
+
+TYPES = [
+    ("integers", b"n\n1\n-20\n300\n", "INTEGER", [1, -20, 300]),
+    ("reals", b"n\n1.5\n-2\n.25\n", "REAL", [1.5, -2.0, 0.25]),
+    ("empty cells are NULL in numbers", b"n,m\n1,1.5\n,\n3,\n", "INTEGER", [1, None, 3]),
+    ("leading zeros stay text", b"zip\n02134\n10001\n", "TEXT", ["02134", "10001"]),
+    ("zero alone is a number", b"n\n0\n10\n", "INTEGER", [0, 10]),
+    ("leading zero before a decimal point", b"n\n0.5\n10.25\n", "REAL", [0.5, 10.25]),
+    ("words and numbers mixed", b"n\n1\nN/A\n", "TEXT", ["1", "N/A"]),
+    ("minus zero is text", b"n\n-0\n5\n", "TEXT", ["-0", "5"]),
+    ("explicit plus sign is text", b"n\n+5\n6\n", "TEXT", ["+5", "6"]),
+    ("surrounding spaces are text", b"n\n 5\n6\n", "TEXT", [" 5", "6"]),
+    ("exponent is text", b"n\n1e5\n6\n", "TEXT", ["1e5", "6"]),
+    ("two dots is text", b"n\n1.2.3\n6\n", "TEXT", ["1.2.3", "6"]),
+    ("hyphenated is text", b"n\n1-2\n6\n", "TEXT", ["1-2", "6"]),
+    ("lone minus is text", b"n\n-\n6\n", "TEXT", ["-", "6"]),
+    ("too big for 64 bits is text", b"n\n12345678901234567890\n1\n", "TEXT", ["12345678901234567890", "1"]),
+    ("eighteen digits is an integer", b"n\n123456789012345678\n", "INTEGER", [123456789012345678]),
+    ("more digits than a double holds is text", b"n\n101004116451.80003357\n1.5\n", "TEXT", ["101004116451.80003357", "1.5"]),
+    ("reals are the nearest double", b"n\n0.337006\n-151.3907387\n-77.179786\n", "REAL", [0.337006, -151.3907387, -77.179786]),
+    ("quoted newline between digits is text", b'n\n"1\n2"\n3\n', "TEXT", ["1\n2", "3"]),
+    ("all empty is text", b"n,m\n,1\n,2\n", "TEXT", ["", ""]),
+    ("ints then reals after the first batch", b"n\n" + b"7\n" * 6000 + b"7.5\n", "REAL", None),
+    ("numbers then a word after the first batch", b"n\n" + b"7\n" * 6000 + b"oops\n", "TEXT", None),
+    ("numbers then leading zero after the first batch", b"n\n" + b"7\n" * 6000 + b"007\n", "TEXT", None),
+]
+
+
+@pytest.mark.parametrize("name,content,declared,values", TYPES, ids=[t[0] for t in TYPES])
+async def test_csv_types(ds, tmp_path, name, content, declared, values):
+    _, types, stored = await import_bytes(ds, tmp_path, content)
+    assert list(types.values())[0] == declared
+    column = [row[0] for row in stored]
+    if values is not None:
+        assert column == values
+    else:
+        assert len(column) == 6001
+        last = content.rsplit(b"\n", 2)[-2].decode()
+        assert str(column[-1]) == last
+        assert column[0] == (7.0 if declared == "REAL" else "7")
+
+
+async def test_csv_repeated_zeros_stay_integer(ds, tmp_path):
+    _, types, stored = await import_bytes(ds, tmp_path, b"flag,count,x\n1,0,0.0\n0,0,0.0\n0,5,1.5\n")
+    assert types == {"flag": "INTEGER", "count": "INTEGER", "x": "REAL"}
+    assert stored == [(1, 0, 0.0), (0, 0, 0.0), (0, 5, 1.5)]
+
+
+@pytest.mark.parametrize("endpoint", ["/-/open-csv-file", "/-/import-csv-file"])
+async def test_csv_types_change_after_the_first_batch_of_a_large_file(ds, tmp_path, endpoint):
+    """Large enough that the staging database spills to disk before the change."""
+    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
+    path = tmp_path / "late.csv"
+    count = 150_000
+    with open(path, "w") as f:
+        f.write("id,count,score,name\n")
+        for i in range(count):
+            f.write(f"{i},{i % 7},{i * 3},name {i}\n")
+        f.write(f"{count},2.5,many,last\n")
+    body = {"path": str(path), **({"database": "target"} if "import" in endpoint else {})}
+    response = await post(ds, endpoint, body)
+    assert response.status_code == 200, response.text
+    assert response.json()["rows"] == count + 1
+    database = response.json()["path"].split("/")[1]
+    db = ds.get_database(database)
+    types = await db.execute_fn(lambda conn: column_types(conn, "late"))
+    assert types == {"id": "INTEGER", "count": "REAL", "score": "TEXT", "name": "TEXT"}
+    first_last = await rows(ds, database, "select * from late where id in (0, 1, ?) order by id", [count])
+    assert first_last == [(0, 0.0, "0", "name 0"), (1, 1.0, "3", "name 1"), (count, 2.5, "many", "last")]
+
+
+async def test_csv_detect_types_false_keeps_text(ds, tmp_path):
+    _, types, stored = await import_bytes(ds, tmp_path, b"n,x\n1,2.5\n", detect_types=False)
+    assert types == {"n": "TEXT", "x": "TEXT"}
+    assert stored == [("1", "2.5")]
+
+
+# /-/open-csv-file: JSON, NDJSON and GeoJSON
+
+
+DOGS = [{"id": 1, "name": "Cleo"}, {"id": 2, "name": "Pancakes"}]
+DOGS_JSON = json.dumps(DOGS).encode()
+DOGS_NDJSON = b"".join(json.dumps(dog).encode() + b"\n" for dog in DOGS)
+
+JSON_SHAPES = [
+    ("array", "dogs.json", DOGS_JSON, "json", None),
+    ("ndjson with a blank line", "dogs.ndjson", DOGS_NDJSON.replace(b"\n", b"\n\n", 1), "ndjson", None),
+    ("ndjson named .csv", "dogs.csv", DOGS_NDJSON, "ndjson", None),
+    ("object holding the array", "dogs.json", b'{"meta": {"next": null}, "results": ' + DOGS_JSON + b"}", "json", "results"),
+    ("largest array deeper down", "dogs.json",
+     b'{"page": {"items": ' + DOGS_JSON + b'}, "links": [{"href": "/next"}]}', "json", "page.items"),
+    ("array after a BOM and blank lines", "dogs.txt", b"\xef\xbb\xbf\n\n  " + DOGS_JSON, "json", None),
+]
+
+
+@pytest.mark.parametrize("name,filename,content,fmt,json_path", JSON_SHAPES, ids=[s[0] for s in JSON_SHAPES])
+async def test_open_csv_file_json_shapes(ds, tmp_path, name, filename, content, fmt, json_path):
+    path = write(tmp_path / filename, content)
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    expected = {"ok": True, "path": "/temporary/dogs", "rows": 2, "format": fmt}
+    if json_path:
+        expected["json_path"] = json_path
+    assert response.json() == expected
+    assert await rows(ds, "temporary", "select id, name from dogs") == [(1, "Cleo"), (2, "Pancakes")]
+    types = await ds.get_database("temporary").execute_fn(lambda conn: column_types(conn, "dogs"))
+    assert types == {"id": "INTEGER", "name": "TEXT"}
+
+
+async def test_open_csv_file_geojson(ds, tmp_path):
+    collection = {
+        "type": "FeatureCollection",
+        "features": [
+            {"type": "Feature", "id": "a1", "properties": {"name": "Cleo", "id": 7},
+             "geometry": {"type": "Point", "coordinates": [-122.4, 37.8]}},
+            {"type": "Feature", "properties": {"name": "Pancakes", "legs": 4}, "geometry": None},
+        ],
+    }
+    path = write(tmp_path / "places.geojson", json.dumps(collection))
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert response.json() == {"ok": True, "path": "/temporary/places", "rows": 2, "format": "geojson"}
+    types = await ds.get_database("temporary").execute_fn(lambda conn: column_types(conn, "places"))
+    assert types == {"id": "TEXT", "name": "TEXT", "id_2": "INTEGER", "geometry": "TEXT", "legs": "INTEGER"}
+    assert await rows(ds, "temporary", "select * from places") == [
+        ("a1", "Cleo", 7, '{"type":"Point","coordinates":[-122.4,37.8]}', None),
+        (None, "Pancakes", None, None, 4),
+    ]
+    # Geometry is JSON that SQLite's json functions read.
+    assert await rows(ds, "temporary", "select json_extract(geometry, '$.coordinates[0]') from places") == [(-122.4,), (None,)]
+
+
+async def test_open_csv_file_json_values_keep_their_types(ds, tmp_path):
+    items = [
+        {"zip": "02134", "n": 1, "x": 0.1, "big": 2**63 - 1, "huge": 1, "flag": True, "tags": ["a", "é"], "when": None},
+        {"zip": "12", "n": -2, "x": 1e300, "big": -(2**63), "huge": 10**30, "flag": False, "tags": {"k": [1, 2.5]}},
+    ]
+    path = write(tmp_path / "values.json", json.dumps(items, ensure_ascii=True))
+    assert (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()["rows"] == 2
+    types = await ds.get_database("temporary").execute_fn(lambda conn: column_types(conn, "values"))
+    assert types == {
+        "zip": "TEXT", "n": "INTEGER", "x": "REAL", "big": "INTEGER", "huge": "TEXT", "flag": "INTEGER",
+        "tags": "TEXT", "when": "TEXT",
+    }
+    assert await rows(ds, "temporary", 'select * from "values"') == [
+        ("02134", 1, 0.1, 2**63 - 1, "1", 1, '["a","é"]', None),
+        ("12", -2, 1e300, -(2**63), "1" + "0" * 30, 0, '{"k":[1,2.5]}', None),
+    ]
+
+
+def too_many_keys():
+    return json.dumps([{f"k{i}": i for i in range(2001)}])
+
+
+JSON_REFUSED = [
+    ("array of numbers", "dogs.json", "[1, 2, 3]", "dogs.json holds an array of numbers, which cannot be imported as a table. JSON can be imported when it is an array of objects"),
+    ("array of arrays", "dogs.json", "[[1, 2], [3, 4]]", "holds an array of arrays"),
+    ("object with no array of objects", "dogs.json", '{"name": "Cleo", "tags": [1, 2]}', "holds an object with no array of objects in it"),
+    ("empty array", "dogs.json", "[]", "dogs.json holds an empty JSON array: there is nothing to import."),
+    ("invalid JSON", "dogs.json", '[{"a": 1},\n{"a": 2},\n{"a": 3 "b": 4}]', "dogs.json is not valid JSON: line 3, column 9: Expecting ',' delimiter."),
+    ("cut short", "dogs.json", '[{"a": 1},\n{"a": 2', "dogs.json is not valid JSON: line 2"),
+    ("trailing comma", "dogs.json", '[{"a": 1},\n{"a": 2},\n]', "dogs.json is not valid JSON: line 3, column 1: Expecting value."),
+    ("an item that is not an object", "dogs.json", '[{"a": 1},\n2]', "dogs.json: the array holds a number on line 2, not an object."),
+    ("an NDJSON line that is not an object", "dogs.ndjson", '{"a": 1}\n{"a": 2}\n[3]\n', "dogs.ndjson: line 3 holds an array, not an object."),
+    # Deep in a file, where lines of objects are decoded many at a time.
+    ("an item that is not an object, line 700", "dogs.json", "[" + ",\n".join(['{"a": 1}'] * 699 + ["null"] + ['{"a": 1}'] * 300) + "]", "dogs.json: the array holds a null on line 700, not an object."),
+    ("an NDJSON line that is not an object, line 700", "dogs.ndjson", "\n".join(['{"a": 1}'] * 699 + ['"x"'] + ['{"a": 1}'] * 300), "dogs.ndjson: line 700 holds a string, not an object."),
+    ("more than 2,000 keys", "wide.json", too_many_keys(), "wide.json has more than 2,000 different keys"),
+    ("a web page", "dogs.json", "<!DOCTYPE html>\n<html><body>Dogs</body></html>", "dogs.json is a web page (HTML), not CSV, TSV or JSON data."),
+    ("a web page after a BOM", "page.csv", "\ufeff\n  <html lang='en'><head></head></html>", "page.csv is a web page (HTML)"),
+    ("an XML document", "dogs.csv", '<?xml version="1.0"?>\n<dogs/>', "dogs.csv is an XML document, not CSV, TSV or JSON data."),
+]
+
+
+@pytest.mark.parametrize("name,filename,content,error", JSON_REFUSED, ids=[r[0] for r in JSON_REFUSED])
+async def test_open_csv_file_refuses_json_it_cannot_import(ds, tmp_path, name, filename, content, error):
+    write(tmp_path / filename, content)
+    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
+    for endpoint, body in [
+        ("/-/open-csv-file", {"path": str(tmp_path / filename)}),
+        ("/-/import-csv-file", {"path": str(tmp_path / filename), "database": "target"}),
+    ]:
+        await assert_refused(ds, tmp_path, endpoint, body, 400, error)
+        assert await tables(ds, "target") == []
+    assert work_folders() == []
+
+
+async def test_import_csv_file_json_into_a_file_database(ds, tmp_path):
+    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
+    path = write(tmp_path / "dogs.ndjson", DOGS_NDJSON)
+    response = await post(ds, "/-/import-csv-file", {"path": str(path), "database": "target", "detect_types": False})
+    assert response.json() == {"ok": True, "path": "/target/dogs", "rows": 2, "format": "ndjson"}
+    conn = sqlite3.connect(tmp_path / "target.db")
+    assert conn.execute("select id, name from dogs").fetchall() == [("1", "Cleo"), ("2", "Pancakes")]
+    assert column_types(conn, "dogs") == {"id": "TEXT", "name": "TEXT"}
+
+
+# /-/open-csv-file: Excel workbooks
+
+
+# Helpers: workbooks, written by LibreOffice and by hand
+#
+# Random workbooks, from a fixed seed, are written as flat OpenDocument
+# (.fods) and saved as .xlsx by LibreOffice, a real spreadsheet program;
+# LibreOffice's own CSV export of each sheet is then the oracle for every
+# cell the engine stores. Edge cases LibreOffice would not write, or writes
+# its own way, are built by hand from their XML parts, by make_xlsx in the
+# helpers at the top.
+
+SOFFICE = shutil.which("soffice")
+needs_libreoffice = pytest.mark.skipif(
+    not SOFFICE and not os.environ.get("CI"),
+    reason="needs LibreOffice (apt-get install libreoffice-calc-nogui); with CI set, its absence fails instead",
+)
+XLSX_SEED = 21_2026
+XLSX_WORKBOOKS = 12
+LO_CSV_EXPORT = "csv:Text - txt - csv (StarCalc):44,34,76,1,,0,false,true,false,false,false,-1"
+
+
+def libreoffice(folder, *arguments):
+    """Run LibreOffice headless, with a profile of its own in folder, as this test's own process."""
+    if not SOFFICE:
+        pytest.fail("CI is set, so the workbook tests must run, but LibreOffice is not installed")
+    profile = Path(folder) / "libreoffice-profile"
+    result = subprocess.run(
+        [SOFFICE, f"-env:UserInstallation=file://{profile}", "--headless", *map(str, arguments)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HOME": str(folder)},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+FODS_START = """<?xml version="1.0" encoding="UTF-8"?>
+<office:document xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0"
+ xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0" xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0"
+ xmlns:style="urn:oasis:names:tc:opendocument:xmlns:style:1.0" xmlns:number="urn:oasis:names:tc:opendocument:xmlns:datastyle:1.0"
+ xmlns:fo="urn:oasis:names:tc:opendocument:xmlns:xsl-fo-compatible:1.0" xmlns:of="urn:oasis:names:tc:opendocument:xmlns:of:1.2"
+ office:version="1.2" office:mimetype="application/vnd.oasis.opendocument.spreadsheet">
+<office:automatic-styles>
+ <number:date-style style:name="D"><number:year number:style="long"/><number:text>-</number:text><number:month number:style="long"/><number:text>-</number:text><number:day number:style="long"/></number:date-style>
+ <number:date-style style:name="DT"><number:year number:style="long"/><number:text>-</number:text><number:month number:style="long"/><number:text>-</number:text><number:day number:style="long"/><number:text> </number:text><number:hours number:style="long"/><number:text>:</number:text><number:minutes number:style="long"/><number:text>:</number:text><number:seconds number:style="long"/></number:date-style>
+ <number:time-style style:name="T"><number:hours number:style="long"/><number:text>:</number:text><number:minutes number:style="long"/><number:text>:</number:text><number:seconds number:style="long"/></number:time-style>
+ <style:style style:name="date" style:family="table-cell" style:data-style-name="D"/>
+ <style:style style:name="datetime" style:family="table-cell" style:data-style-name="DT"/>
+ <style:style style:name="time" style:family="table-cell" style:data-style-name="T"/>
+ <style:style style:name="bold" style:family="text"><style:text-properties fo:font-weight="bold"/></style:style>
+</office:automatic-styles>
+<office:body><office:spreadsheet>
+"""
+FODS_END = "</office:spreadsheet></office:body></office:document>\n"
+XLSX_WORDS = ["Cleo", "Pancakes & co", 'say "hi"', "<tag>", "naïve café", "東京", "02134", "12", "1e5", " padded ", "TRUE"]
+XLSX_SHEET_NAMES = ["Dogs", "Cats 2024", "Ünïcode", "data & notes", "Sheet1"]
+
+
+def fods_cell(rng, kind, row_number):
+    """One cell of a column of the given kind, as flat OpenDocument XML."""
+    if rng.random() < 0.1:
+        return "<table:table-cell/>"  # a gap
+    if kind == "int":
+        value = rng.randint(-10**9, 10**9)
+        return f'<table:table-cell office:value-type="float" office:value="{value}"/>'
+    if kind == "decimal":
+        value = rng.choice([round(rng.uniform(-10**5, 10**5), rng.randint(1, 4)), rng.randint(0, 99)])
+        return f'<table:table-cell office:value-type="float" office:value="{value!r}"/>'
+    if kind == "text":
+        word = html.escape(rng.choice(XLSX_WORDS), quote=False)
+        if rng.random() < 0.2:  # rich text: two runs
+            return f'<table:table-cell office:value-type="string"><text:p>{word}<text:span text:style-name="bold">!</text:span></text:p></table:table-cell>'
+        return f'<table:table-cell office:value-type="string"><text:p>{word}</text:p></table:table-cell>'
+    if kind == "bool":
+        value = rng.choice(["true", "false"])
+        return f'<table:table-cell office:value-type="boolean" office:boolean-value="{value}"/>'
+    if kind in ("date", "datetime"):
+        moment = datetime.datetime(1900, 3, 1) + datetime.timedelta(seconds=rng.randint(0, 200 * 365 * 86400))
+        value = moment.date().isoformat() if kind == "date" else moment.isoformat()
+        return f'<table:table-cell table:style-name="{kind}" office:value-type="date" office:date-value="{value}"/>'
+    if kind == "time":
+        seconds = rng.randint(0, 86399)
+        value = f"PT{seconds // 3600:02d}H{seconds // 60 % 60:02d}M{seconds % 60:02d}S"
+        return f'<table:table-cell table:style-name="time" office:value-type="time" office:time-value="{value}"/>'
+    if kind == "formula":
+        choice = rng.random()
+        if choice < 0.5:
+            return f'<table:table-cell table:formula="of:={rng.randint(1, 99)}*{rng.randint(1, 99)}" office:value-type="float" office:value="0"/>'
+        if choice < 0.7:
+            return '<table:table-cell table:formula="of:=&quot;a&quot;&amp;&quot;b&quot;" office:value-type="string" office:string-value=""/>'
+        return f'<table:table-cell table:formula="of:={rng.choice(["1/0", "NA()"])}"/>'
+    raise ValueError(kind)
+
+
+def random_fods(seed, index):
+    """A random workbook as flat OpenDocument text, and the parameters that made it."""
+    rng = random.Random(f"{seed}:{index}")
+    names = rng.sample(XLSX_SHEET_NAMES, rng.randint(1, 4))
+    params = {"seed": seed, "index": index, "sheets": []}
+    tables = []
+    for name in names:
+        if rng.random() < 0.15:
+            params["sheets"].append((name, "empty"))
+            tables.append(f'<table:table table:name="{html.escape(name)}"><table:table-row><table:table-cell/></table:table-row></table:table>')
+            continue
+        kinds = [rng.choice(["int", "decimal", "text", "bool", "date", "datetime", "time", "formula", "int", "text"]) for _ in range(rng.randint(1, 7))]
+        above, left = rng.choice([0, 0, 0, 2]), rng.choice([0, 0, 1])
+        rows = ["<table:table-row><table:table-cell/></table:table-row>"] * above
+        blank = "<table:table-cell/>" * left
+        header = "".join(f'<table:table-cell office:value-type="string"><text:p>col {i}</text:p></table:table-cell>' for i in range(len(kinds)))
+        rows.append(f"<table:table-row>{blank}{header}</table:table-row>")
+        for number in range(rng.choice([0, 1, 3, 10, 40])):
+            if rng.random() < 0.05:
+                rows.append("<table:table-row><table:table-cell/></table:table-row>")  # an empty row between
+            cells = "".join(fods_cell(rng, kind, number) for kind in kinds)
+            rows.append(f"<table:table-row>{blank}{cells}</table:table-row>")
+        params["sheets"].append((name, kinds, above, left))
+        tables.append(f'<table:table table:name="{html.escape(name)}">{"".join(rows)}</table:table>')
+    return FODS_START + "".join(tables) + FODS_END, params
+
+
+def libreoffice_sheets(folder, workbook):
+    """LibreOffice's CSV export of each sheet of the workbook: {sheet name: rows}."""
+    out = Path(folder) / f"{workbook.stem}-csv"
+    libreoffice(folder, "--convert-to", LO_CSV_EXPORT, "--outdir", out, workbook)
+    sheets = {}
+    for path in out.glob("*.csv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            sheets[path.stem[len(workbook.stem) + 1 :]] = list(csv.reader(f))
+    return sheets
+
+
+LO_ERRORS = {"#DIV/0!", "#N/A", "#VALUE!", "#NAME?", "#REF!", "#NUM!", "#NULL!"}
+
+
+def libreoffice_cell(text):
+    """A cell as LibreOffice's CSV export shows it, in the form the engine stores it as text."""
+    if text in LO_ERRORS or text.startswith("Err:"):
+        return ""
+    clock = re.fullmatch(r"(\d\d):(\d\d):(\d\d) (AM|PM)", text)
+    if clock:  # LibreOffice shows a time read back from .xlsx on a 12-hour clock
+        hour = int(clock[1]) % 12 + (12 if clock[4] == "PM" else 0)
+        return f"{hour:02d}:{clock[2]}:{clock[3]}"
+    return text
+
+
+def stored_cell(value):
+    """A stored value as the text LibreOffice's CSV export shows for it."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return repr(value).removesuffix(".0") if value.is_integer() else repr(value)
+    return str(value)
+
+
+def same_number(value, text):
+    try:
+        return isinstance(value, (int, float)) and float(text) == value
+    except ValueError:
+        return False
+
+
+def same_moment(got, shown):
+    """Whether two ISO 8601 dates or times are the same to a second.
+
+    A time is stored as a fraction of a day, so 12:11:07 comes back as
+    12:11:06.99999...; the engine rounds that to the nearest second, where
+    LibreOffice's CSV export cuts it off.
+    """
+    for form in ("%Y-%m-%d %H:%M:%S", "%H:%M:%S"):
+        try:
+            difference = datetime.datetime.strptime(got, form) - datetime.datetime.strptime(shown, form)
+        except ValueError:
+            continue
+        return abs(difference.total_seconds()) <= 1
+    return False
+
+
+def reference_xlsx_type(values):
+    """A column's declared type by the rule, value by value: whole numbers INTEGER, any other number REAL."""
+    kinds = {"INTEGER" if isinstance(v, int) else "REAL" if isinstance(v, float) else "TEXT" for v in values if v is not None}
+    return next((kind for kind in ("TEXT", "REAL", "INTEGER") if kind in kinds), "TEXT")
+
+
+def compare_with_libreoffice(where, lo_rows, names, declared, stored):
+    """The first difference between a stored sheet and LibreOffice's export of it, or None."""
+    while lo_rows and not any(lo_rows[0]):
+        lo_rows = lo_rows[1:]  # empty rows above the header
+    while lo_rows and not any(lo_rows[-1]):
+        lo_rows = lo_rows[:-1]
+    header = [libreoffice_cell(cell) for cell in lo_rows[0]]
+    width = max(map(len, lo_rows))
+    if names != reference_names([name or f"column_{n}" for n, name in enumerate(header + [""] * (width - len(header)), 1)]):
+        return f"{where}: columns {names} (LibreOffice: {header})"
+    if len(stored) != len(lo_rows) - 1:
+        return f"{where}: {len(stored)} rows (LibreOffice: {len(lo_rows) - 1})"
+    for number, (row, lo_row) in enumerate(zip(stored, lo_rows[1:]), 1):
+        lo_row = [libreoffice_cell(cell) for cell in lo_row] + [""] * (len(row) - len(lo_row))
+        got = [stored_cell(value) for value in row]
+        for got_cell, lo_cell, value in zip(got, lo_row, row):
+            if not (got_cell == lo_cell or same_number(value, lo_cell) or same_moment(got_cell, lo_cell)):
+                return f"{where}: row {number} stored {row!r} (LibreOffice: {lo_row!r})"
+    for column, kind in enumerate(declared):
+        expected = reference_xlsx_type([row[column] for row in stored])
+        if kind != expected:
+            return f"{where}: column {names[column]} declared {kind} (the rule: {expected})"
+    return None
+
+
+def reference_sheet_rows(sheet_xml, strings, date_styles=None, date1904=False):
+    """The rows of a worksheet's XML as ElementTree reads them, value by value: the slow reference
+    for the engine's pattern-cut reading. Rows are lists, gaps None, trailing gaps left out."""
+    root = ElementTree.fromstring(sheet_xml)
+    local = lambda element: element.tag.rpartition("}")[2]  # noqa: E731
+    data = next(child for child in root if local(child) == "sheetData")
+    rows, expected = [], 1
+    for row in data:
+        number = int(row.get("r") or expected)
+        rows.extend([] for _ in range(expected, number))
+        expected = number + 1
+        cells = []
+        for cell in row:
+            kind, style = cell.get("t", "n"), cell.get("s")
+            if kind == "inlineStr":
+                item = next((child for child in cell if local(child) == "is"), None)
+                value = "" if item is None else "".join(
+                    text.text or "" for part in item if local(part) in ("t", "r")
+                    for text in ([part] if local(part) == "t" else [t for t in part if local(t) == "t"])
+                )
+                value = re.sub(r"_x([0-9A-Fa-f]{4})_", lambda m: chr(int(m.group(1), 16)), value)
+            else:
+                text = next((child.text for child in cell if local(child) == "v"), None)
+                if not text or kind == "e":
+                    continue
+                if kind == "s":
+                    value = strings[int(text)]
+                elif kind == "b":
+                    value = text == "1"
+                elif kind in ("str", "d"):
+                    value = re.sub(r"_x([0-9A-Fa-f]{4})_", lambda m: chr(int(m.group(1), 16)), text)
+                elif (date_styles or {}).get(style):
+                    value = app_support._excel_date(float(text), date_styles[style], date1904)
+                else:
+                    number = float(text)
+                    value = int(number) if number.is_integer() and abs(number) < 2**63 else number
+            reference = cell.get("r")
+            column = app_support._column_number(reference.rstrip("0123456789").encode()) if reference else len(cells)
+            cells.extend([None] * (column + 1 - len(cells)))
+            cells[column] = value
+        while cells and cells[-1] is None:
+            cells.pop()
+        rows.append(cells)
+    return rows
+
+
+def random_sheet_xml(rng, strings):
+    """Random worksheet XML in the ways programs write it: prefixes, attribute orders, quotes,
+    formulas, inline and rich strings, gaps, and rows and cells without references."""
+    prefix = rng.choice(["", "", "x:"])
+    quote = rng.choice(['"', '"', "'"])
+    rows = []
+    number = 0
+    for _ in range(rng.randint(1, 25)):
+        step = rng.choice([1, 1, 1, 2, 5])
+        number += step
+        cells, column = [], 0
+        for _ in range(rng.randint(0, 8)):
+            column += rng.choice([1, 1, 1, 2])
+            letters = ""
+            n = column
+            while n:
+                n, rest = divmod(n - 1, 26)
+                letters = chr(65 + rest) + letters
+            attributes = {"r": f"{letters}{number}"} if rng.random() < 0.9 else {}
+            kind = rng.choice(["n", "n", "s", "b", "e", "str", "inlineStr", "none", "d"])
+            if rng.random() < 0.3:
+                attributes["s"] = str(rng.randint(0, 3))
+            inner = ""
+            if kind == "n":
+                value = rng.choice([str(rng.randint(-10**6, 10**6)), repr(rng.uniform(-1e6, 1e6)), "3.0", "1E+20", "-0", "4.2000000000000002"])
+                inner = f"<{prefix}v>{value}</{prefix}v>"
+                if rng.random() < 0.5:
+                    attributes["t"] = "n"
+            elif kind == "s":
+                attributes["t"] = "s"
+                inner = f"<{prefix}v>{rng.randrange(len(strings))}</{prefix}v>"
+            elif kind == "b":
+                attributes["t"] = "b"
+                inner = f"<{prefix}v>{rng.choice('01')}</{prefix}v>"
+            elif kind == "e":
+                attributes["t"] = "e"
+                inner = f"<{prefix}v>{rng.choice(['#N/A', '#DIV/0!'])}</{prefix}v>"
+            elif kind == "str":
+                attributes["t"] = "str"
+                text = html.escape(rng.choice(XLSX_WORDS + ["line_x000D_break", "a &amp; b"]), quote=False)
+                inner = f"<{prefix}f>A1&amp;B1</{prefix}f><{prefix}v>{text}</{prefix}v>"
+            elif kind == "d":
+                attributes["t"] = "d"
+                inner = f"<{prefix}v>2024-03-01T14:30:00</{prefix}v>"
+            elif kind == "inlineStr":
+                attributes["t"] = "inlineStr"
+                words = [html.escape(rng.choice(XLSX_WORDS), quote=False) for _ in range(rng.randint(1, 3))]
+                if len(words) == 1 and rng.random() < 0.5:
+                    inner = f"<{prefix}is><{prefix}t>{words[0]}</{prefix}t></{prefix}is>"
+                else:
+                    runs = "".join(f"<{prefix}r><{prefix}rPr><{prefix}b/></{prefix}rPr><{prefix}t xml:space={quote}preserve{quote}>{w}</{prefix}t></{prefix}r>" for w in words)
+                    phonetic = f"<{prefix}rPh sb=\"0\" eb=\"1\"><{prefix}t>ふりがな</{prefix}t></{prefix}rPh>" if rng.random() < 0.3 else ""
+                    inner = f"<{prefix}is>{runs}{phonetic}</{prefix}is>"
+            order = list(attributes.items())
+            if rng.random() < 0.2:
+                rng.shuffle(order)
+            attrs = "".join(f" {k}={quote}{v}{quote}" for k, v in order)
+            if rng.random() < 0.1:
+                attrs += f' cm={quote}1{quote}'
+            if inner:
+                cells.append(f"<{prefix}c{attrs}>{inner}</{prefix}c>")
+            else:
+                cells.append(f"<{prefix}c{attrs}/>")
+        # A row without r is the one after the row before it.
+        row_attributes = "" if step == 1 and rng.random() < 0.15 else f" r={quote}{number}{quote}"
+        row_attributes += ' spans="1:8" ht="12.8"' if rng.random() < 0.5 else ""
+        rows.append(f"<{prefix}row{row_attributes}>{''.join(cells)}</{prefix}row>" if cells else f"<{prefix}row{row_attributes}/>")
+    return prefix, "".join(rows)
+
+
+@needs_libreoffice
+async def test_open_csv_file_matches_libreoffice_on_generated_workbooks(ds, tmp_path):
+    books = tmp_path / "books"
+    books.mkdir()
+    made = []
+    for index in range(XLSX_WORKBOOKS):
+        text, params = random_fods(XLSX_SEED, index)
+        (books / f"book{index}.fods").write_text(text, encoding="utf-8")
+        made.append(params)
+    # LibreOffice saves every workbook as .xlsx, then exports each sheet of each as CSV.
+    libreoffice(tmp_path, "--convert-to", "xlsx", "--outdir", tmp_path / "xlsx", *sorted(books.glob("*.fods")))
+    libreoffice(tmp_path, "--convert-to", LO_CSV_EXPORT, "--outdir", tmp_path / "csv", *sorted((tmp_path / "xlsx").glob("*.xlsx")))
+    db = ds.get_database("temporary")
+    problems = []
+    for params in made:
+        stem = f"book{params['index']}"
+        where = f"seed {XLSX_SEED} workbook {params['index']} {params}"
+        response = await post(ds, "/-/open-csv-file", {"path": str(tmp_path / "xlsx" / f"{stem}.xlsx")})
+        answer = response.json()
+        sheets = [sheet[0] for sheet in params["sheets"] if sheet[1] != "empty"]
+        if not sheets:
+            problems.append(None if "no data" in answer.get("error", "") else f"{where}: {response.text}")
+            continue
+        if response.status_code != 200 or answer["format"] != "xlsx" or len(answer["tables"]) != len(sheets):
+            problems.append(f"{where}: {response.status_code} {response.text}")
+            continue
+        for entry, sheet in zip(answer["tables"], sheets):
+            with open(tmp_path / "csv" / f"{stem}-{sheet}.csv", newline="", encoding="utf-8") as f:
+                lo_rows = list(csv.reader(f))
+            got = await db.execute_fn(lambda conn: stored_table(conn, entry["table"]))
+            problem = compare_with_libreoffice(f"{where} sheet {sheet}", lo_rows, *got)
+            if not problem and entry["rows"] != len(got[2]):
+                problem = f"{where} sheet {sheet}: answered rows {entry['rows']}"
+            problems.append(problem)
+    assert_none_differ(problems, "sheets")
+
+
+def test_xlsx_sheet_reading_matches_elementtree_on_generated_xml(tmp_path):
+    rng = random.Random(XLSX_SEED)
+    strings = ["Cleo", "02134", "a & b", "東京", "<tag>", ""]
+    problems = []
+    for index in range(300):
+        prefix, data = random_sheet_xml(rng, strings)
+        path = make_xlsx(tmp_path / f"sheet{index}.xlsx", [("Data", data)], strings, prefix=prefix.rstrip(":"))
+        with zipfile.ZipFile(path) as archive:
+            expected = reference_sheet_rows(archive.read("xl/worksheets/sheet1.xml"), strings)
+        plan = app_support.plan_file(str(path))
+        (_, reader), = plan.readers(str(path))
+        try:
+            got = list(reader._rows())
+        finally:
+            reader.close()
+        if got != expected or [[type(v) for v in row] for row in got] != [[type(v) for v in row] for row in expected]:
+            problems.append(f"sheet {index}: {got} (ElementTree: {expected})\n{data}")
+        else:
+            problems.append(None)
+    assert_none_differ(problems, "sheets")
+
+
+EXCEL_DATES = [
+    # serial, number format, 1900 system, 1904 system
+    (1, 14, "1900-01-01", "1904-01-02"),
+    (59, 14, "1900-02-28", "1904-02-29"),
+    (60, 14, "1900-02-29", "1904-03-01"),  # 1900's fictitious day
+    (61, 14, "1900-03-01", "1904-03-02"),
+    (45352, 14, "2024-03-01", "2028-03-02"),
+    (45352.604166666664, 22, "2024-03-01 14:30:00", "2028-03-02 14:30:00"),
+    (0.604224537037037, 21, "14:30:05", "14:30:05"),
+    (1.5, 46, "36:00:00", "36:00:00"),  # [h]:mm:ss, elapsed
+    (45352, 165, "2024-03-01", "2028-03-02"),  # yyyy\-mm\-dd
+    (45352.25, 166, "2024-03-01 06:00:00", "2028-03-02 06:00:00"),  # d/m/yy h:mm
+    (45352, 167, "2024-03-01", "2028-03-02"),  # mmm-yy
+    (0.75, 168, "18:00:00", "18:00:00"),  # [$-409]h:mm AM/PM
+    (45352.5, 169, 45352.5, 45352.5),  # "days" 0.0: quoted text is not a date
+    (45352.5, 2, 45352.5, 45352.5),  # 0.00
+    (-1, 14, -1, -1),  # no date: Excel shows none either
+]
+EXCEL_CUSTOM_FORMATS = [
+    (165, "yyyy\\-mm\\-dd"), (166, "d/m/yy h:mm"), (167, "mmm\\-yy"), (168, "[$-409]h:mm AM/PM"), (169, '"days" 0.0'),
+]
+
+
+@pytest.mark.parametrize("date1904", [False, True], ids=["1900", "1904"])
+async def test_open_csv_file_xlsx_dates_in_both_date_systems(ds, tmp_path, date1904):
+    formats = [number_format for _, number_format, _, _ in EXCEL_DATES]
+    styles = list(dict.fromkeys(formats))
+    sheet = '<row r="1"><c r="A1" t="inlineStr"><is><t>when</t></is></c></row>' + "".join(
+        f'<row r="{n}"><c r="A{n}" s="{styles.index(number_format) + 1}"><v>{serial!r}</v></c></row>'
+        for n, (serial, number_format, _, _) in enumerate(EXCEL_DATES, 2)
+    )
+    path = make_xlsx(tmp_path / "dates.xlsx", [("Dates", sheet)], date1904=date1904, number_formats=EXCEL_CUSTOM_FORMATS, styles=styles)
+    answer = (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()
+    assert answer["path"] == "/temporary/dates", answer
+    # A number among dates is kept as its text: the column is TEXT.
+    expected = [str(row[3] if date1904 else row[2]) for row in EXCEL_DATES]
+    assert await rows(ds, "temporary", 'select "when" from dates') == [(value,) for value in expected]
+    types = await ds.get_database("temporary").execute_fn(lambda conn: column_types(conn, "dates"))
+    assert types == {"when": "TEXT"}
+
+
+SPARSE_SHEET = (
+    '<row r="2"><c r="B2" t="s"><v>0</v></c><c r="C2" t="s"><v>1</v></c><c r="E2" t="inlineStr"><is><t>rich</t></is></c></row>'
+    '<row r="3"><c r="B3"><v>1</v></c><c r="C3" t="s"><v>2</v></c><c r="D3" t="b"><v>1</v></c><c r="E3" t="e"><v>#N/A</v></c><c r="F3" s="1"/></row>'
+    '<row r="4"><c r="B4"><v>2.0</v></c><c r="C4" t="inlineStr"><is><r><t>Pan</t></r><r><rPr><b/></rPr><t xml:space="preserve">cakes</t></r><rPh sb="0" eb="1"><t>パ</t></rPh></is></c><c r="D4" t="b"><v>0</v></c><c r="E4" t="str"><f>C4&amp;"!"</f><v>Pancakes!</v></c></row>'
+    '<row r="6"><c r="B6"><f>B3+B4</f><v>3</v></c><c r="C6" t="s"><v>3</v></c><c r="E6" t="e"><f>1/0</f><v>#DIV/0!</v></c></row>'
+    '<row r="7"><c r="G7" s="1"/></row><row r="9"/>'
+)
+
+
+async def test_open_csv_file_xlsx_cells_go_where_their_references_say(ds, tmp_path):
+    path = make_xlsx(tmp_path / "sparse.xlsx", [("Only", SPARSE_SHEET)], ["id", "name", "Cleo", "02134"], styles=[2])
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert response.json() == {
+        "ok": True, "path": "/temporary/sparse", "rows": 4, "format": "xlsx",
+        "tables": [{"table": "sparse", "path": "/temporary/sparse", "rows": 4}],
+    }
+    types = await ds.get_database("temporary").execute_fn(lambda conn: column_types(conn, "sparse"))
+    # Column A is empty but stays where the references put B; empty trailing rows and cells go.
+    assert types == {"column_1": "TEXT", "id": "INTEGER", "name": "TEXT", "column_4": "INTEGER", "rich": "TEXT"}
+    assert await rows(ds, "temporary", "select * from sparse") == [
+        (None, 1, "Cleo", 1, None),
+        (None, 2, "Pancakes", 0, "Pancakes!"),
+        (None, None, None, None, None),  # row 5, between others: kept empty
+        (None, 3, "02134", None, None),
+    ]
+
+
+async def test_open_csv_file_xlsx_whole_numbers_and_numbers_as_text(ds, tmp_path):
+    sheet = '<row r="1"><c r="A1" t="inlineStr"><is><t>whole</t></is></c><c r="B1" t="inlineStr"><is><t>mixed</t></is></c><c r="C1" t="inlineStr"><is><t>text</t></is></c><c r="D1" t="inlineStr"><is><t>big</t></is></c></row>' + "".join(
+        f'<row r="{n}"><c r="A{n}"><v>{whole}</v></c><c r="B{n}"><v>{mixed}</v></c><c r="C{n}" t="s"><v>{n - 2}</v></c><c r="D{n}"><v>{big}</v></c></row>'
+        for n, (whole, mixed, big) in enumerate([("3.0", "1", "1E+20"), ("-7", "0.1", "2"), ("1E+3", "4.2000000000000002", "3")], 2)
+    )
+    path = make_xlsx(tmp_path / "numbers.xlsx", [("Only", sheet)], ["12", "007", "3.5"])
+    assert (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()["rows"] == 3
+    types = await ds.get_database("temporary").execute_fn(lambda conn: column_types(conn, "numbers"))
+    assert types == {"whole": "INTEGER", "mixed": "REAL", "text": "TEXT", "big": "REAL"}
+    assert await rows(ds, "temporary", "select * from numbers") == [
+        (3, 1.0, "12", 1e20), (-7, 0.1, "007", 2.0), (1000, 4.2, "3.5", 3.0),
+    ]
+
+
+async def test_open_csv_file_xlsx_many_sheets_in_one_transaction(ds, tmp_path):
+    names = [f"Sheet {n}" for n in range(1, 29)] + ["Data", "data"]
+    sheets = [(name, f'<row r="1"><c r="A1" t="inlineStr"><is><t>n</t></is></c></row><row r="2"><c r="A2"><v>{i}</v></c></row>') for i, name in enumerate(names)]
+    sheets.insert(3, ("Chart-ish", ""))  # empty: no table
+    path = make_xlsx(tmp_path / "book.xlsx", sheets)
+    answer = (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()
+    tables = [entry["table"] for entry in answer["tables"]]
+    assert tables == [f"book_Sheet {n}" for n in range(1, 29)] + ["book_Data", "book_data_2"]
+    assert answer["path"] == ds.urls.table("temporary", "book_Sheet 1") and answer["rows"] == 1
+    for i, table in enumerate(tables):
+        assert await rows(ds, "temporary", f'select n from "{table}"') == [(i,)]
+
+
+def ole2_file(path):
+    path.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(range(256)) * 40)
+    return path
+
+
+def xlsb_file(path):
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("[Content_Types].xml", "<Types/>")
+        archive.writestr("xl/workbook.bin", b"\x83\x01\x00")
+    return path
+
+
+def zip_bomb_workbook(path):
+    sheet = "<row r='1'><c r='A1'><v>1</v></c></row>" + "<row/>" * 3_000_000
+    return make_xlsx(path, [("Bomb", sheet)])
+
+
+def bad_string_workbook(path):
+    good = '<row r="1"><c r="A1" t="inlineStr"><is><t>n</t></is></c></row><row r="2"><c r="A2"><v>1</v></c></row>'
+    bad = '<row r="1"><c r="A1" t="s"><v>7</v></c></row>'
+    return make_xlsx(path, [("Good", good), ("Bad", bad)], ["only one"])
+
+
+XLSX_REFUSED = [
+    ("Excel 97-2003", lambda p: ole2_file(p / "old.xls"), "old.xls is an Excel 97-2003 workbook (.xls) or an encrypted workbook, which cannot be read here. Open it in Excel or LibreOffice, save it as an Excel workbook (.xlsx)"),
+    ("encrypted, named .xlsx", lambda p: ole2_file(p / "secret.xlsx"), "secret.xlsx is an Excel 97-2003 workbook (.xls) or an encrypted workbook"),
+    ("binary workbook", lambda p: xlsb_file(p / "book.xlsb"), "book.xlsb is an Excel binary workbook (.xlsb), which cannot be read here."),
+    ("no data", lambda p: make_xlsx(p / "empty.xlsx", [("One", ""), ("Two", '<row r="1"><c r="A1" s="1"/></row>')]), "empty.xlsx is a workbook with no data in any of its sheets."),
+    ("zip bomb", lambda p: zip_bomb_workbook(p / "bomb.xlsx"), "expands more than 200 times"),
+    ("a missing shared string, in the second sheet", lambda p: bad_string_workbook(p / "bad.xlsx"), "bad.xlsx is a damaged Excel workbook: sheet Bad names shared string 7, which it does not have."),
+    ("not a workbook's parts", lambda p: make_xlsx(p / "broken.xlsx", [("One", "")], extra={"xl/workbook.xml": "<workbook"}), "broken.xlsx is a damaged Excel workbook: xl/workbook.xml is not valid XML"),
+]
+
+
+@pytest.mark.parametrize("name,setup,error", XLSX_REFUSED, ids=[r[0] for r in XLSX_REFUSED])
+async def test_open_csv_file_refuses_workbooks_it_cannot_read(ds, tmp_path, name, setup, error):
+    path = setup(tmp_path)
+    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
+    for endpoint, body in [
+        ("/-/open-csv-file", {"path": str(path)}),
+        ("/-/import-csv-file", {"path": str(path), "database": "target"}),
+    ]:
+        await assert_refused(ds, tmp_path, endpoint, body, 400, error)
+        assert await tables(ds, "target") == []
+    assert work_folders() == []
+
+
+async def test_open_csv_file_xlsm_macros_are_never_run(ds, tmp_path):
+    path = make_xlsx(
+        tmp_path / "macros.xlsm",
+        [("Dogs", '<row r="1"><c r="A1" t="inlineStr"><is><t>name</t></is></c></row><row r="2"><c r="A2" t="inlineStr"><is><t>Cleo</t></is></c></row>')],
+        extra={"xl/vbaProject.bin": b"Attribute VB_Name = \"Evil\"\nShell \"touch pwned\""},
+    )
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert response.json()["path"] == "/temporary/macros"
+    assert await rows(ds, "temporary", "select name from macros") == [("Cleo",)]
+
+
+def large_sheet(count):
+    """A sheet of count numbered rows, with a shared string saying whether each is odd, as it is written."""
+    yield '<row r="1"><c r="A1" t="inlineStr"><is><t>n</t></is></c><c r="B1" t="inlineStr"><is><t>parity</t></is></c></row>'
+    for start in range(2, count + 2, 10_000):
+        yield "".join(
+            f'<row r="{n}"><c r="A{n}"><v>{n - 2}</v></c><c r="B{n}" t="s"><v>{n % 2}</v></c></row>'
+            for n in range(start, min(start + 10_000, count + 2))
+        )
+
+
+async def test_open_csv_file_xlsx_large_sheet(ds, tmp_path):
+    count = 1_000_000
+    path = make_xlsx(tmp_path / "large.xlsx", [("Big", large_sheet(count))], ["even", "odd"])
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert response.json()["rows"] == count, response.text
+    assert await rows(ds, "temporary", "select count(*), sum(n), min(n), max(n), sum(parity = 'odd') from large") == [
+        (count, count * (count - 1) // 2, 0, count - 1, count // 2)
+    ]
+    assert await rows(ds, "temporary", "select n, parity from large where rowid in (1, 500000, 1000000) order by rowid") == [
+        (0, "even"), (499_999, "odd"), (999_999, "odd"),
+    ]
+
+
+# /-/import-csv-file: full disks, locks and databases that go away
+
+
+async def open_file_database(ds, path):
+    """Attach a SQLite file through /-/open-database-file; return its database's name."""
+    response = await post(ds, "/-/open-database-file", {"path": str(path)})
+    assert response.json()["ok"], response.text
+    return response.json()["path"].strip("/")
+
+
+def big_csv(tmp_path, megabytes=4):
+    """A CSV file of about megabytes of one repeated row."""
+    path = tmp_path / "big.csv"
+    line = b"12345,some words here,67.5\n"
+    path.write_bytes(b"a,b,c\n" + line * (megabytes * 1024 * 1024 // len(line)))
+    return path
+
+
+async def test_import_into_a_file_database_on_a_full_disk(ds, tmp_path, small_disk):
+    disk = small_disk(size="2m")
+    name = await open_file_database(ds, make_db(disk / "target.db"))
+    body = {"path": str(big_csv(tmp_path)), "database": name}
+    response = await post(ds, "/-/import-csv-file", body)
+    assert_error(response, 400, "The disk is full")
+    assert await tables(ds, name) == ["t"]
+    assert sorted(p.name for p in disk.iterdir()) == ["target.db"]
+
+
+async def test_staging_an_import_for_temporary_on_a_full_disk(ds, tmp_path, small_disk, monkeypatch):
+    disk = small_disk(size="2m")
+    monkeypatch.setattr(tempfile, "tempdir", str(disk))
+    response = await post(ds, "/-/open-csv-file", {"path": str(big_csv(tmp_path))})
+    assert_error(response, 400, "The disk is full")
+    assert await tables(ds) == [] and list(disk.iterdir()) == []
+
+
+async def test_import_into_a_database_locked_by_another_program(ds, tmp_path):
+    path = make_db(tmp_path / "target.db")
+    name = await open_file_database(ds, path)
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("begin exclusive")
+    try:
+        # The other program holds its lock until after the answer: an import
+        # that waited for it would never answer.
+        response = await post(ds, "/-/import-csv-file", {"path": str(big_csv(tmp_path, 1)), "database": name})
+        assert_error(response, 400, "is locked by another program")
+        assert "Close it there and try again." in response.json()["error"]
+    finally:
+        other.execute("rollback")
+        other.close()
+    assert await tables(ds, name) == ["t"]
+
+
+async def test_import_into_a_database_on_a_read_only_disk(ds, tmp_path, small_disk):
+    disk = small_disk(size="1m")
+    name = await open_file_database(ds, make_db(disk / "target.db"))
+    read_only(disk)
+    response = await post(ds, "/-/import-csv-file", {"path": str(big_csv(tmp_path, 1)), "database": name})
+    assert_error(response, 400, "is read-only")
+    assert await tables(ds, name) == ["t"]
+
+
+async def test_detaching_the_target_during_an_import_is_not_a_server_fault(ds, tmp_path):
+    name = await open_file_database(ds, make_db(tmp_path / "target.db"))
+    task = asyncio.ensure_future(
+        post(ds, "/-/import-csv-file", {"path": str(big_csv(tmp_path, 8)), "database": name})
+    )
+    while not any(item["state"] == "running" for item in await progress(ds)):
+        await asyncio.sleep(0.01)
+    ds.remove_database(name)
+    response = await task
+    assert response.status_code in (200, 400), response.text
+    assert response.headers["content-type"].startswith("application/json")
+
+
+# /-/open-csv-file and /-/restore-temporary-from-file: more than memory can hold
+
+
+def memory_cgroup_parents():
+    """Where this process's memory cgroups are (v1, then v2), with their limit files."""
+    with open("/proc/self/cgroup") as f:
+        lines = [line.rstrip("\n").split(":", 2) for line in f]
+    for _, controllers, path in lines:
+        if "memory" in controllers.split(","):
+            folder = os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"))
+            yield (folder if os.path.isdir(folder) else "/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
+        elif controllers == "":
+            yield os.path.join("/sys/fs/cgroup", path.lstrip("/")), "memory.max"
+
+
+@pytest.fixture
+def memory_cgroup():
+    """limit(bytes): a memory cgroup of this test's own, limited so; its cgroup.procs file."""
+    made = []
+
+    def limit(size):
+        for parent, limit_file in memory_cgroup_parents() if os.path.exists("/proc/self/cgroup") else []:
+            folder = os.path.join(parent, f"app_support_test_{uuid.uuid4().hex}")
+            try:
+                os.mkdir(folder)
+                made.append(folder)
+                with open(os.path.join(folder, limit_file), "w") as f:
+                    f.write(str(size))
+            except OSError:
+                continue
+            return os.path.join(folder, "cgroup.procs")
+        pytest.skip("this machine lets only root, or a delegated user, make a memory cgroup")
+
+    yield limit
+    for folder in made:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+def write_backup(path, megabytes):
+    """A valid database of about this many megabytes."""
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "create table saved as with recursive n(i) as (select 1 union all select i + 1 from n where i < ?) "
+        "select i, randomblob(1000) as b from n", [megabytes * 1000]
+    )
+    conn.commit()
+    conn.close()
+    return path
+
+
+def write_wide_csv(path, megabytes):
+    """A CSV file of about this many megabytes, in rows of 250 bytes."""
+    with open(path, "w") as f:
+        f.write("id,text\n")
+        for block in range(megabytes * 4):
+            f.write("".join(f"{block * 1000 + i},{'x' * 240}\n" for i in range(1000)))
+    return path
+
+
+def test_files_too_big_for_memory_leave_temporary_as_it_was(tmp_path, memory_cgroup):
+    """A server in a 300 MB memory cgroup, started as the app starts it.
+
+    Without the check, the 300 MB file and the 300 MB backup each make the
+    kernel end the server, and every table in temporary with it.
+    """
+    server = AppServer(tmp_path / "server")
+    server.cgroup_procs = memory_cgroup(300 * 2**20)
+    server.start()
+    try:
+        small = write_wide_csv(tmp_path / "small.csv", 20)
+        status, _, body = server.call("/-/open-csv-file", {"path": str(small)}, timeout=300)
+        assert status == 200, body
+        big = write_wide_csv(tmp_path / "big.csv", 300)
+        status, _, body = server.call("/-/open-csv-file", {"path": str(big)}, timeout=600)
+        assert status == 400, body
+        assert re.fullmatch(
+            r"big\.csv needs about \d+ MB of memory to open in the temporary database, and the server's "
+            r"memory limit \(its cgroup\) leaves about \d+ MB free\. Create a database file "
+            r"\(File → New Empty Database…\) and use Import CSV on it instead\.",
+            json.loads(body)["error"],
+        ), body
+        backup = write_backup(tmp_path / "backup.db", 300)
+        status, _, body = server.call("/-/restore-temporary-from-file", {"path": str(backup)}, timeout=300)
+        assert status == 400, body
+        assert json.loads(body)["error"].startswith(f"The backup {backup} needs about "), body
+        assert "so nothing was restored. Open it as a database file instead" in json.loads(body)["error"]
+        status, _, body = server.call("/temporary/small.json?_shape=array&_size=1")
+        assert status == 200 and json.loads(body)[0]["id"] == 0, body
+        status, _, body = server.call("/temporary.json")
+        assert [t["name"] for t in json.loads(body)["tables"]] == ["small"], body
+        assert server_work_files(server) == []
+    finally:
+        server.stop()
+
+
+# The import engine: column types and names, checked against the slow references
+
+
+def engine_problem(path, where, check, **options):
+    """Import path through the engine into a new in-memory database; return what check(conn,
+    result) finds wrong, or what went wrong on the way, after where; None when all is well."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        (result,) = app_support.import_file(conn, str(path), path.stem, **options)
+        return check(conn, result)
+    except Exception as e:
+        return f"{where}: {type(e).__name__}: {e}"
+    finally:
+        conn.close()
 
 
 # Helpers: generated CSV files and the slow references
@@ -1269,19 +2921,6 @@ def expected_json_table(objects, detect_types=True):
     return reference_names([key.lstrip("\0") for key in keys]), declared, stored
 
 
-def reference_names(keys):
-    """Column names for keys: NFC, and a repeat (ignoring case) gets _2, _3."""
-    names, seen = [], set()
-    for key in keys:
-        base = unicodedata.normalize("NFC", key)
-        name, suffix = base, 2
-        while name.lower() in seen:
-            name, suffix = f"{base}_{suffix}", suffix + 1
-        seen.add(name.lower())
-        names.append(name)
-    return names
-
-
 def compare_json_import(params, objects, names, declared, stored, detect_types=True):
     """The first difference between an import and the json module's reading, or None."""
     where = f"seed {params['seed']} document {params['index']} {params}"
@@ -1307,427 +2946,6 @@ def generated_json_file(tmp_path, index, seed=JSON_SEED, **kwargs):
     return path, params, objects
 
 
-# Helpers: workbooks, written by LibreOffice and by hand
-#
-# Random workbooks, from a fixed seed, are written as flat OpenDocument
-# (.fods) and saved as .xlsx by LibreOffice, a real spreadsheet program;
-# LibreOffice's own CSV export of each sheet is then the oracle for every
-# cell the engine stores. Edge cases LibreOffice would not write, or writes
-# its own way, are built by hand from their XML parts.
-
-SOFFICE = shutil.which("soffice")
-needs_libreoffice = pytest.mark.skipif(
-    not SOFFICE and not os.environ.get("CI"),
-    reason="needs LibreOffice (apt-get install libreoffice-calc-nogui); with CI set, its absence fails instead",
-)
-XLSX_SEED = 21_2026
-XLSX_WORKBOOKS = 12
-LO_CSV_EXPORT = "csv:Text - txt - csv (StarCalc):44,34,76,1,,0,false,true,false,false,false,-1"
-
-
-def libreoffice(folder, *arguments):
-    """Run LibreOffice headless, with a profile of its own in folder, as this test's own process."""
-    if not SOFFICE:
-        pytest.fail("CI is set, so the workbook tests must run, but LibreOffice is not installed")
-    profile = Path(folder) / "libreoffice-profile"
-    result = subprocess.run(
-        [SOFFICE, f"-env:UserInstallation=file://{profile}", "--headless", *map(str, arguments)],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "HOME": str(folder)},
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return result.stdout
-
-
-FODS_START = """<?xml version="1.0" encoding="UTF-8"?>
-<office:document xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0"
- xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0" xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0"
- xmlns:style="urn:oasis:names:tc:opendocument:xmlns:style:1.0" xmlns:number="urn:oasis:names:tc:opendocument:xmlns:datastyle:1.0"
- xmlns:fo="urn:oasis:names:tc:opendocument:xmlns:xsl-fo-compatible:1.0" xmlns:of="urn:oasis:names:tc:opendocument:xmlns:of:1.2"
- office:version="1.2" office:mimetype="application/vnd.oasis.opendocument.spreadsheet">
-<office:automatic-styles>
- <number:date-style style:name="D"><number:year number:style="long"/><number:text>-</number:text><number:month number:style="long"/><number:text>-</number:text><number:day number:style="long"/></number:date-style>
- <number:date-style style:name="DT"><number:year number:style="long"/><number:text>-</number:text><number:month number:style="long"/><number:text>-</number:text><number:day number:style="long"/><number:text> </number:text><number:hours number:style="long"/><number:text>:</number:text><number:minutes number:style="long"/><number:text>:</number:text><number:seconds number:style="long"/></number:date-style>
- <number:time-style style:name="T"><number:hours number:style="long"/><number:text>:</number:text><number:minutes number:style="long"/><number:text>:</number:text><number:seconds number:style="long"/></number:time-style>
- <style:style style:name="date" style:family="table-cell" style:data-style-name="D"/>
- <style:style style:name="datetime" style:family="table-cell" style:data-style-name="DT"/>
- <style:style style:name="time" style:family="table-cell" style:data-style-name="T"/>
- <style:style style:name="bold" style:family="text"><style:text-properties fo:font-weight="bold"/></style:style>
-</office:automatic-styles>
-<office:body><office:spreadsheet>
-"""
-FODS_END = "</office:spreadsheet></office:body></office:document>\n"
-XLSX_WORDS = ["Cleo", "Pancakes & co", 'say "hi"', "<tag>", "naïve café", "東京", "02134", "12", "1e5", " padded ", "TRUE"]
-XLSX_SHEET_NAMES = ["Dogs", "Cats 2024", "Ünïcode", "data & notes", "Sheet1"]
-
-
-def fods_cell(rng, kind, row_number):
-    """One cell of a column of the given kind, as flat OpenDocument XML."""
-    if rng.random() < 0.1:
-        return "<table:table-cell/>"  # a gap
-    if kind == "int":
-        value = rng.randint(-10**9, 10**9)
-        return f'<table:table-cell office:value-type="float" office:value="{value}"/>'
-    if kind == "decimal":
-        value = rng.choice([round(rng.uniform(-10**5, 10**5), rng.randint(1, 4)), rng.randint(0, 99)])
-        return f'<table:table-cell office:value-type="float" office:value="{value!r}"/>'
-    if kind == "text":
-        word = html.escape(rng.choice(XLSX_WORDS), quote=False)
-        if rng.random() < 0.2:  # rich text: two runs
-            return f'<table:table-cell office:value-type="string"><text:p>{word}<text:span text:style-name="bold">!</text:span></text:p></table:table-cell>'
-        return f'<table:table-cell office:value-type="string"><text:p>{word}</text:p></table:table-cell>'
-    if kind == "bool":
-        value = rng.choice(["true", "false"])
-        return f'<table:table-cell office:value-type="boolean" office:boolean-value="{value}"/>'
-    if kind in ("date", "datetime"):
-        moment = datetime.datetime(1900, 3, 1) + datetime.timedelta(seconds=rng.randint(0, 200 * 365 * 86400))
-        value = moment.date().isoformat() if kind == "date" else moment.isoformat()
-        return f'<table:table-cell table:style-name="{kind}" office:value-type="date" office:date-value="{value}"/>'
-    if kind == "time":
-        seconds = rng.randint(0, 86399)
-        value = f"PT{seconds // 3600:02d}H{seconds // 60 % 60:02d}M{seconds % 60:02d}S"
-        return f'<table:table-cell table:style-name="time" office:value-type="time" office:time-value="{value}"/>'
-    if kind == "formula":
-        choice = rng.random()
-        if choice < 0.5:
-            return f'<table:table-cell table:formula="of:={rng.randint(1, 99)}*{rng.randint(1, 99)}" office:value-type="float" office:value="0"/>'
-        if choice < 0.7:
-            return '<table:table-cell table:formula="of:=&quot;a&quot;&amp;&quot;b&quot;" office:value-type="string" office:string-value=""/>'
-        return f'<table:table-cell table:formula="of:={rng.choice(["1/0", "NA()"])}"/>'
-    raise ValueError(kind)
-
-
-def random_fods(seed, index):
-    """A random workbook as flat OpenDocument text, and the parameters that made it."""
-    rng = random.Random(f"{seed}:{index}")
-    names = rng.sample(XLSX_SHEET_NAMES, rng.randint(1, 4))
-    params = {"seed": seed, "index": index, "sheets": []}
-    tables = []
-    for name in names:
-        if rng.random() < 0.15:
-            params["sheets"].append((name, "empty"))
-            tables.append(f'<table:table table:name="{html.escape(name)}"><table:table-row><table:table-cell/></table:table-row></table:table>')
-            continue
-        kinds = [rng.choice(["int", "decimal", "text", "bool", "date", "datetime", "time", "formula", "int", "text"]) for _ in range(rng.randint(1, 7))]
-        above, left = rng.choice([0, 0, 0, 2]), rng.choice([0, 0, 1])
-        rows = ["<table:table-row><table:table-cell/></table:table-row>"] * above
-        blank = "<table:table-cell/>" * left
-        header = "".join(f'<table:table-cell office:value-type="string"><text:p>col {i}</text:p></table:table-cell>' for i in range(len(kinds)))
-        rows.append(f"<table:table-row>{blank}{header}</table:table-row>")
-        for number in range(rng.choice([0, 1, 3, 10, 40])):
-            if rng.random() < 0.05:
-                rows.append("<table:table-row><table:table-cell/></table:table-row>")  # an empty row between
-            cells = "".join(fods_cell(rng, kind, number) for kind in kinds)
-            rows.append(f"<table:table-row>{blank}{cells}</table:table-row>")
-        params["sheets"].append((name, kinds, above, left))
-        tables.append(f'<table:table table:name="{html.escape(name)}">{"".join(rows)}</table:table>')
-    return FODS_START + "".join(tables) + FODS_END, params
-
-
-def libreoffice_sheets(folder, workbook):
-    """LibreOffice's CSV export of each sheet of the workbook: {sheet name: rows}."""
-    out = Path(folder) / f"{workbook.stem}-csv"
-    libreoffice(folder, "--convert-to", LO_CSV_EXPORT, "--outdir", out, workbook)
-    sheets = {}
-    for path in out.glob("*.csv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            sheets[path.stem[len(workbook.stem) + 1 :]] = list(csv.reader(f))
-    return sheets
-
-
-LO_ERRORS = {"#DIV/0!", "#N/A", "#VALUE!", "#NAME?", "#REF!", "#NUM!", "#NULL!"}
-
-
-def libreoffice_cell(text):
-    """A cell as LibreOffice's CSV export shows it, in the form the engine stores it as text."""
-    if text in LO_ERRORS or text.startswith("Err:"):
-        return ""
-    clock = re.fullmatch(r"(\d\d):(\d\d):(\d\d) (AM|PM)", text)
-    if clock:  # LibreOffice shows a time read back from .xlsx on a 12-hour clock
-        hour = int(clock[1]) % 12 + (12 if clock[4] == "PM" else 0)
-        return f"{hour:02d}:{clock[2]}:{clock[3]}"
-    return text
-
-
-def stored_cell(value):
-    """A stored value as the text LibreOffice's CSV export shows for it."""
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        return repr(value).removesuffix(".0") if value.is_integer() else repr(value)
-    return str(value)
-
-
-def same_number(value, text):
-    try:
-        return isinstance(value, (int, float)) and float(text) == value
-    except ValueError:
-        return False
-
-
-def same_moment(got, shown):
-    """Whether two ISO 8601 dates or times are the same to a second.
-
-    A time is stored as a fraction of a day, so 12:11:07 comes back as
-    12:11:06.99999...; the engine rounds that to the nearest second, where
-    LibreOffice's CSV export cuts it off.
-    """
-    for form in ("%Y-%m-%d %H:%M:%S", "%H:%M:%S"):
-        try:
-            difference = datetime.datetime.strptime(got, form) - datetime.datetime.strptime(shown, form)
-        except ValueError:
-            continue
-        return abs(difference.total_seconds()) <= 1
-    return False
-
-
-def reference_xlsx_type(values):
-    """A column's declared type by the rule, value by value: whole numbers INTEGER, any other number REAL."""
-    kinds = {"INTEGER" if isinstance(v, int) else "REAL" if isinstance(v, float) else "TEXT" for v in values if v is not None}
-    return next((kind for kind in ("TEXT", "REAL", "INTEGER") if kind in kinds), "TEXT")
-
-
-def compare_with_libreoffice(where, lo_rows, names, declared, stored):
-    """The first difference between a stored sheet and LibreOffice's export of it, or None."""
-    while lo_rows and not any(lo_rows[0]):
-        lo_rows = lo_rows[1:]  # empty rows above the header
-    while lo_rows and not any(lo_rows[-1]):
-        lo_rows = lo_rows[:-1]
-    header = [libreoffice_cell(cell) for cell in lo_rows[0]]
-    width = max(map(len, lo_rows))
-    if names != reference_names([name or f"column_{n}" for n, name in enumerate(header + [""] * (width - len(header)), 1)]):
-        return f"{where}: columns {names} (LibreOffice: {header})"
-    if len(stored) != len(lo_rows) - 1:
-        return f"{where}: {len(stored)} rows (LibreOffice: {len(lo_rows) - 1})"
-    for number, (row, lo_row) in enumerate(zip(stored, lo_rows[1:]), 1):
-        lo_row = [libreoffice_cell(cell) for cell in lo_row] + [""] * (len(row) - len(lo_row))
-        got = [stored_cell(value) for value in row]
-        for got_cell, lo_cell, value in zip(got, lo_row, row):
-            if not (got_cell == lo_cell or same_number(value, lo_cell) or same_moment(got_cell, lo_cell)):
-                return f"{where}: row {number} stored {row!r} (LibreOffice: {lo_row!r})"
-    for column, kind in enumerate(declared):
-        expected = reference_xlsx_type([row[column] for row in stored])
-        if kind != expected:
-            return f"{where}: column {names[column]} declared {kind} (the rule: {expected})"
-    return None
-
-
-XLSX_PARTS = {
-    "[Content_Types].xml": (
-        '<?xml version="1.0" encoding="UTF-8"?><Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
-        '<Default Extension="xml" ContentType="application/xml"/></Types>'
-    ),
-}
-XLSX_MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
-XLSX_RELATIONSHIPS = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
-
-
-def make_xlsx(path, sheets, strings=(), date1904=False, number_formats=(), styles=(), extra=None, prefix=""):
-    """Write a workbook by hand: sheets are (name, sheetData XML); strings the shared strings' text.
-
-    styles are the number format ids of cell styles 1, 2, ... (style 0 is General);
-    number_formats are (id, code) pairs of custom formats. prefix writes the
-    main namespace with a prefix, as some programs do.
-    """
-    p = f"{prefix}:" if prefix else ""
-    xmlns = f'xmlns{":" + prefix if prefix else ""}="{XLSX_MAIN}"'
-    sheet_list = "".join(
-        f'<{p}sheet name="{html.escape(name)}" sheetId="{n}" r:id="rId{n}"/>' for n, (name, _) in enumerate(sheets, 1)
-    )
-    parts = dict(XLSX_PARTS)
-    parts["xl/workbook.xml"] = (
-        f'<?xml version="1.0" encoding="UTF-8"?><{p}workbook {xmlns} xmlns:r="{XLSX_RELATIONSHIPS}">'
-        f'<{p}workbookPr date1904="{"1" if date1904 else "0"}"/><{p}sheets>{sheet_list}</{p}sheets></{p}workbook>'
-    )
-    relationships = "".join(
-        f'<Relationship Id="rId{n}" Type="{XLSX_RELATIONSHIPS}/worksheet" Target="worksheets/sheet{n}.xml"/>'
-        for n in range(1, len(sheets) + 1)
-    )
-    parts["xl/_rels/workbook.xml.rels"] = (
-        '<?xml version="1.0" encoding="UTF-8"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">'
-        f"{relationships}</Relationships>"
-    )
-    formats = "".join(f'<{p}numFmt numFmtId="{n}" formatCode="{html.escape(code)}"/>' for n, code in number_formats)
-    xfs = "".join(f'<{p}xf numFmtId="{n}"/>' for n in (0, *styles))
-    parts["xl/styles.xml"] = (
-        f'<?xml version="1.0" encoding="UTF-8"?><{p}styleSheet {xmlns}><{p}numFmts>{formats}</{p}numFmts>'
-        f"<{p}cellXfs>{xfs}</{p}cellXfs></{p}styleSheet>"
-    )
-    items = "".join(f"<{p}si><{p}t>{html.escape(s)}</{p}t></{p}si>" for s in strings)
-    parts["xl/sharedStrings.xml"] = f'<?xml version="1.0" encoding="UTF-8"?><{p}sst {xmlns}>{items}</{p}sst>'
-    parts.update(extra or {})
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, content in parts.items():
-            archive.writestr(name, content)
-        for n, (_, data) in enumerate(sheets, 1):
-            # A sheet's data may be an iterable of XML strings, written as they come.
-            with archive.open(f"xl/worksheets/sheet{n}.xml", "w") as out:
-                out.write(f'<?xml version="1.0" encoding="UTF-8"?><{p}worksheet {xmlns} xmlns:r="{XLSX_RELATIONSHIPS}"><{p}sheetData>'.encode())
-                for piece in [data] if isinstance(data, str) else data:
-                    out.write(piece.encode())
-                out.write(f"</{p}sheetData></{p}worksheet>".encode())
-    return path
-
-
-def reference_sheet_rows(sheet_xml, strings, date_styles=None, date1904=False):
-    """The rows of a worksheet's XML as ElementTree reads them, value by value: the slow reference
-    for the engine's pattern-cut reading. Rows are lists, gaps None, trailing gaps left out."""
-    root = ElementTree.fromstring(sheet_xml)
-    local = lambda element: element.tag.rpartition("}")[2]  # noqa: E731
-    data = next(child for child in root if local(child) == "sheetData")
-    rows, expected = [], 1
-    for row in data:
-        number = int(row.get("r") or expected)
-        rows.extend([] for _ in range(expected, number))
-        expected = number + 1
-        cells = []
-        for cell in row:
-            kind, style = cell.get("t", "n"), cell.get("s")
-            if kind == "inlineStr":
-                item = next((child for child in cell if local(child) == "is"), None)
-                value = "" if item is None else "".join(
-                    text.text or "" for part in item if local(part) in ("t", "r")
-                    for text in ([part] if local(part) == "t" else [t for t in part if local(t) == "t"])
-                )
-                value = re.sub(r"_x([0-9A-Fa-f]{4})_", lambda m: chr(int(m.group(1), 16)), value)
-            else:
-                text = next((child.text for child in cell if local(child) == "v"), None)
-                if not text or kind == "e":
-                    continue
-                if kind == "s":
-                    value = strings[int(text)]
-                elif kind == "b":
-                    value = text == "1"
-                elif kind in ("str", "d"):
-                    value = re.sub(r"_x([0-9A-Fa-f]{4})_", lambda m: chr(int(m.group(1), 16)), text)
-                elif (date_styles or {}).get(style):
-                    value = app_support._excel_date(float(text), date_styles[style], date1904)
-                else:
-                    number = float(text)
-                    value = int(number) if number.is_integer() and abs(number) < 2**63 else number
-            reference = cell.get("r")
-            column = app_support._column_number(reference.rstrip("0123456789").encode()) if reference else len(cells)
-            cells.extend([None] * (column + 1 - len(cells)))
-            cells[column] = value
-        while cells and cells[-1] is None:
-            cells.pop()
-        rows.append(cells)
-    return rows
-
-
-def random_sheet_xml(rng, strings):
-    """Random worksheet XML in the ways programs write it: prefixes, attribute orders, quotes,
-    formulas, inline and rich strings, gaps, and rows and cells without references."""
-    prefix = rng.choice(["", "", "x:"])
-    quote = rng.choice(['"', '"', "'"])
-    rows = []
-    number = 0
-    for _ in range(rng.randint(1, 25)):
-        step = rng.choice([1, 1, 1, 2, 5])
-        number += step
-        cells, column = [], 0
-        for _ in range(rng.randint(0, 8)):
-            column += rng.choice([1, 1, 1, 2])
-            letters = ""
-            n = column
-            while n:
-                n, rest = divmod(n - 1, 26)
-                letters = chr(65 + rest) + letters
-            attributes = {"r": f"{letters}{number}"} if rng.random() < 0.9 else {}
-            kind = rng.choice(["n", "n", "s", "b", "e", "str", "inlineStr", "none", "d"])
-            if rng.random() < 0.3:
-                attributes["s"] = str(rng.randint(0, 3))
-            inner = ""
-            if kind == "n":
-                value = rng.choice([str(rng.randint(-10**6, 10**6)), repr(rng.uniform(-1e6, 1e6)), "3.0", "1E+20", "-0", "4.2000000000000002"])
-                inner = f"<{prefix}v>{value}</{prefix}v>"
-                if rng.random() < 0.5:
-                    attributes["t"] = "n"
-            elif kind == "s":
-                attributes["t"] = "s"
-                inner = f"<{prefix}v>{rng.randrange(len(strings))}</{prefix}v>"
-            elif kind == "b":
-                attributes["t"] = "b"
-                inner = f"<{prefix}v>{rng.choice('01')}</{prefix}v>"
-            elif kind == "e":
-                attributes["t"] = "e"
-                inner = f"<{prefix}v>{rng.choice(['#N/A', '#DIV/0!'])}</{prefix}v>"
-            elif kind == "str":
-                attributes["t"] = "str"
-                text = html.escape(rng.choice(XLSX_WORDS + ["line_x000D_break", "a &amp; b"]), quote=False)
-                inner = f"<{prefix}f>A1&amp;B1</{prefix}f><{prefix}v>{text}</{prefix}v>"
-            elif kind == "d":
-                attributes["t"] = "d"
-                inner = f"<{prefix}v>2024-03-01T14:30:00</{prefix}v>"
-            elif kind == "inlineStr":
-                attributes["t"] = "inlineStr"
-                words = [html.escape(rng.choice(XLSX_WORDS), quote=False) for _ in range(rng.randint(1, 3))]
-                if len(words) == 1 and rng.random() < 0.5:
-                    inner = f"<{prefix}is><{prefix}t>{words[0]}</{prefix}t></{prefix}is>"
-                else:
-                    runs = "".join(f"<{prefix}r><{prefix}rPr><{prefix}b/></{prefix}rPr><{prefix}t xml:space={quote}preserve{quote}>{w}</{prefix}t></{prefix}r>" for w in words)
-                    phonetic = f"<{prefix}rPh sb=\"0\" eb=\"1\"><{prefix}t>ふりがな</{prefix}t></{prefix}rPh>" if rng.random() < 0.3 else ""
-                    inner = f"<{prefix}is>{runs}{phonetic}</{prefix}is>"
-            order = list(attributes.items())
-            if rng.random() < 0.2:
-                rng.shuffle(order)
-            attrs = "".join(f" {k}={quote}{v}{quote}" for k, v in order)
-            if rng.random() < 0.1:
-                attrs += f' cm={quote}1{quote}'
-            if inner:
-                cells.append(f"<{prefix}c{attrs}>{inner}</{prefix}c>")
-            else:
-                cells.append(f"<{prefix}c{attrs}/>")
-        # A row without r is the one after the row before it.
-        row_attributes = "" if step == 1 and rng.random() < 0.15 else f" r={quote}{number}{quote}"
-        row_attributes += ' spans="1:8" ht="12.8"' if rng.random() < 0.5 else ""
-        rows.append(f"<{prefix}row{row_attributes}>{''.join(cells)}</{prefix}row>" if cells else f"<{prefix}row{row_attributes}/>")
-    return prefix, "".join(rows)
-
-
-# Helpers: reading in parts
-#
-# The in_parts fixture makes the engine read any file in three parts, so that
-# small generated files exercise the split points, the helper processes and
-# the merging of their types and widths.
-
-
-PARTS_SEED = 21_11_2026
-PARTS_FILES = 40
-
-
-def read_in_parts(monkeypatch, parts=3):
-    """Read CSV files in parts however small they are: one part here, and parts - 1 helper processes."""
-    monkeypatch.setattr(app_support, "PARALLEL_MIN_BYTES", 0)
-    monkeypatch.setattr(app_support, "_cpu_count", lambda: parts)
-
-
-@pytest.fixture
-def in_parts(monkeypatch):
-    """Read CSV files in three parts, however small they are."""
-    read_in_parts(monkeypatch)
-
-
-@pytest.fixture
-def helpers(monkeypatch):
-    """The helper processes this test's imports start, as they are started."""
-    started = []
-    start = app_support._Helper.__init__
-
-    def recording_start(self, job):
-        start(self, job)
-        started.append(self.process)
-
-    monkeypatch.setattr(app_support._Helper, "__init__", recording_start)
-    return started
-
-
-def split_points(path):
-    """Where the engine would cut path into parts; [] when it reads the file whole."""
-    plan = app_support.plan_file(str(path))
-    processes = app_support._process_count(path.stat().st_size, plan)
-    return app_support._split_points(str(path), processes, plan) if processes > 1 else []
-
-
 def import_counting_parts(conn, path, folder, table="t", detect_types=True):
     """Import through the engine; return how many parts read the file, and the new table."""
     folder.mkdir(exist_ok=True)
@@ -1737,1310 +2955,6 @@ def import_counting_parts(conn, path, folder, table="t", detect_types=True):
     )
     (result,) = app_support.copy_in(conn, staged, table)
     return len(staged[0].tables), result.table
-
-
-# Startup
-
-
-async def test_startup_adds_temporary_removes_memory_and_is_idempotent(ds, tmp_path):
-    csv_path = tmp_path / "keep.csv"
-    csv_path.write_text("a\n1\n")
-    await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
-    temporary = ds.databases["temporary"]
-    await ds.invoke_startup()
-    app_support.startup(ds)
-    # Repeated startups add no temporary_2 and keep the same database and its tables.
-    assert user_databases(ds) == {"temporary"}
-    assert ds.databases["temporary"] is temporary
-    assert temporary.is_mutable and temporary.is_memory
-    assert await tables(ds) == ["keep"]
-
-
-async def test_internal_database_hidden_from_everyone_even_root(ds):
-    # Root as /-/auth-app-user signs it in, and the same actor signed here.
-    signed_root = {"ds_actor": ds.sign({"a": {"id": "root"}}, "actor")}
-    for who in ({}, signed_root, await root_cookie(ds)):
-        listing = (await ds.client.get("/-/databases.json", cookies=who)).json()
-        listing = listing["databases"] if isinstance(listing, dict) else listing
-        if IS_DATASETTE_1:  # 0.65 lists it there, but will not show it
-            assert "_internal" not in {d["name"] for d in listing}
-        assert "_internal" not in json.dumps((await ds.client.get("/.json", cookies=who)).json())
-        assert (await ds.client.get("/_internal", cookies=who)).status_code in (403, 404)
-
-
-async def test_two_instances_do_not_share_temporary(tmp_path):
-    csv_path = tmp_path / "demo.csv"
-    csv_path.write_text("a\n1\n")
-    first, second = Datasette(memory=True), Datasette(memory=True)
-    await first.invoke_startup()
-    await second.invoke_startup()
-    assert (await post(first, "/-/open-csv-file", {"path": str(csv_path)})).json()["ok"]
-    assert await tables(second) == []
-
-
-async def test_startup_removes_work_folders_of_dead_processes_only(temp_dir):
-    dead = subprocess.Popen([sys.executable, "-c", ""])
-    dead.wait()
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        names = {
-            "dead": f"app_support_{dead.pid}_x1y2",
-            "mine": f"app_support_{os.getpid()}_a1b2",
-            "alive": f"app_support_{alive.pid}_c3d4",
-            "init": "app_support_1_e5f6",
-            "no pid": "app_support_latin1_fallback",
-            "other": "someone_else",
-        }
-        for name in names.values():
-            (temp_dir / name).mkdir()
-            (temp_dir / name / "staging.db").write_bytes(b"x" * 1000)
-        (temp_dir / f"app_support_{dead.pid}_file").write_text("a file, not a work folder")
-        ds = Datasette(memory=True)
-        await ds.invoke_startup()
-    finally:
-        alive.kill()
-        alive.wait()
-    left = {p.name for p in temp_dir.iterdir() if p.name.startswith(("app_support_", "someone"))}
-    assert names["dead"] not in left
-    assert left == set(names.values()) - {names["dead"]} | {f"app_support_{dead.pid}_file"}
-
-
-# Authentication, methods and bodies, for every endpoint
-
-
-BAD_AUTH = {
-    "no header": None,
-    "wrong token": {"Authorization": "Bearer " + "0" * len(TOKEN)},
-    "prefix of token": {"Authorization": "Bearer " + TOKEN[:-1]},
-    "extension of token": {"Authorization": "Bearer " + TOKEN + "0"},
-    "no scheme": {"Authorization": TOKEN},
-    "basic scheme": {"Authorization": "Basic " + TOKEN},
-    "empty bearer": {"Authorization": "Bearer "},
-}
-
-
-@pytest.mark.parametrize("endpoint", list(APP_ENDPOINTS))
-@pytest.mark.parametrize("case", list(BAD_AUTH))
-async def test_bad_token_refused_without_side_effects(ds, tmp_path, endpoint, case):
-    body = good_bodies(tmp_path)[endpoint]
-    await assert_refused(ds, tmp_path, endpoint, body, 401, "API token", token=None, headers=BAD_AUTH[case])
-
-
-@pytest.mark.parametrize("endpoint", list(APP_ENDPOINTS))
-@pytest.mark.parametrize("configured", ["", None])
-async def test_no_token_configured_refuses_everything(ds, tmp_path, monkeypatch, endpoint, configured):
-    if configured is None:
-        monkeypatch.delenv("DATASETTE_API_TOKEN")
-    else:
-        monkeypatch.setenv("DATASETTE_API_TOKEN", configured)
-    body = good_bodies(tmp_path)[endpoint]
-    for token in ("", TOKEN):
-        await assert_refused(ds, tmp_path, endpoint, body, 401, "DATASETTE_API_TOKEN", token=token)
-
-
-CROSS_SITE = [
-    {"Sec-Fetch-Site": "cross-site"},
-    {"Origin": "https://evil.example"},
-    {"Sec-Fetch-Site": "same-site", "Origin": "https://sub.localhost"},
-]
-
-
-@pytest.mark.parametrize("endpoint", list(APP_ENDPOINTS))
-@pytest.mark.parametrize("headers", CROSS_SITE, ids=["sec-fetch-site", "origin", "same-site"])
-async def test_cross_site_browser_post_is_refused_as_json(ds, tmp_path, endpoint, headers):
-    body = good_bodies(tmp_path)[endpoint]
-    cookie = {"Cookie": "ds_actor=" + ds.sign({"a": {"id": "root"}}, "actor")}
-    if IS_DATASETTE_1:  # Datasette's own CSRF check refuses, in JSON
-        await assert_refused(ds, tmp_path, endpoint, body, 403, "cross-site", token=None, headers={**cookie, **headers})
-        # A stolen token does not help a page whose browser adds the cookie.
-        await assert_refused(ds, tmp_path, endpoint, body, 403, "cross-site", headers={**cookie, **headers})
-    else:  # 0.65 skips CSRF here (skip_csrf): no token, no entry
-        await assert_refused(ds, tmp_path, endpoint, body, 401, "API token", token=None, headers={**cookie, **headers})
-
-
-async def test_csrf_does_not_turn_cookie_requests_into_html(ds):
-    # A browser with a ds_actor cookie and no Bearer token still gets JSON.
-    response = await ds.client.post(
-        "/-/open-csv-file", content=b"{}", cookies={"ds_actor": "x", "ds_csrftoken": "y"}
-    )
-    assert_error(response, 401, "API token")
-
-
-@pytest.mark.parametrize("endpoint", list(APP_ENDPOINTS))
-async def test_get_is_405_json(ds, endpoint):
-    response = await ds.client.get(endpoint, headers={"Authorization": f"Bearer {TOKEN}"})
-    assert_error(response, 405, "POST")
-
-
-BAD_BODIES = [
-    (b"", "empty"),
-    (b"   ", "empty"),
-    (b"{not json", "not valid JSON"),
-    (b"\xff\xfe", "not valid JSON"),
-    (b"[1, 2]", "must be a JSON object"),
-    (b'"path"', "must be a JSON object"),
-    (b'{"path": 5}', "path must be a string"),
-    (b'{"path": ["a"]}', "path must be a string"),
-    (b'{"path": "/x", "nope": 1}', "The request has a key this endpoint does not take: nope. It takes path"),
-]
-
-
-@pytest.mark.parametrize("endpoint", [e for e in APP_ENDPOINTS if e != "/-/auth-app-user" and e != "/-/open-csv-from-url"])
-@pytest.mark.parametrize("body,error", BAD_BODIES)
-async def test_bad_bodies_are_400(ds, tmp_path, endpoint, body, error):
-    await assert_refused(ds, tmp_path, endpoint, body, 400, error)
-
-
-# The keys each endpoint takes, as its refusals of a missing or unknown key say them.
-KEYS_TAKEN = {
-    "/-/auth-app-user": "It takes only redirect, which is optional.",
-    "/-/open-database-file": "It takes path.",
-    "/-/new-empty-database-file": "It takes path.",
-    "/-/open-csv-file": "It takes path, and optionally detect_types.",
-    "/-/import-csv-file": "It takes path and database, and optionally detect_types.",
-    "/-/open-csv-from-url": "It takes url, and optionally table_name, database and detect_types.",
-    "/-/dump-temporary-to-file": "It takes path.",
-    "/-/restore-temporary-from-file": "It takes path.",
-    "/-/cancel-import": "It takes id.",
-    "/-/refresh-plugin-directory": "It takes no keys: send {}.",
-}
-
-
-@pytest.mark.parametrize("endpoint", list(KEYS_TAKEN))
-async def test_unknown_key_is_a_sentence_listing_the_keys_taken(ds, tmp_path, endpoint):
-    assert {route.path for route in app_support.ROUTES if route.method == "POST"} == set(KEYS_TAKEN)
-    response = await assert_refused(ds, tmp_path, endpoint, {"nope": 1}, 400, "")
-    assert response.json()["error"] == "The request has a key this endpoint does not take: nope. " + KEYS_TAKEN[endpoint]
-
-
-LONG = "a" * 300_000
-
-
-@pytest.mark.parametrize(
-    "endpoint,body,status,error",
-    [
-        ("/-/open-csv-file", b'{"path": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400, "nested too deeply"),
-        ("/-/open-csv-file", b"[" * 100_000, 400, "nested too deeply"),
-        ("/-/open-csv-file", lambda: b'{"path": "' + b"x" * 100_000_000 + b'"}', 413, "larger than 2 MB"),
-        ("/-/open-csv-file", {"path": "/" + LONG}, 400, "File not found: /aaa"),
-        ("/-/open-csv-from-url", {"url": "ftp://" + LONG}, 400, "Only http:// and https://"),
-        ("/-/open-csv-from-url", {"url": "http://127.0.0.1:9/" + LONG}, 400, "Could not download"),
-        ("/-/open-csv-file", {"path": "/tmp/\ud800.csv"}, 400, "path contains a lone surrogate"),
-        ("/-/dump-temporary-to-file", {"path": "/tmp/\udfff.db"}, 400, "path contains a lone surrogate"),
-        ("/-/open-csv-from-url", {"url": "http://127.0.0.1:9/x.csv", "table_name": "a\ud800"}, 400, "table_name contains a lone surrogate"),
-        ("/-/import-csv-file", {"path": "/tmp/x.csv", "database": "\ud800"}, 400, "database contains a lone surrogate"),
-        ("/-/open-csv-from-url", {"url": "http://127.0.0.1:9/x.csv", "table_name": "x\u0000y"}, 400, "table_name must not contain a NUL character."),
-    ],
-    ids=["deep object", "deep array", "100 MB body", "long path", "long url", "long http url",
-         "surrogate path", "surrogate dump path", "surrogate table name", "surrogate database", "NUL table name"],
-)
-async def test_hostile_bodies_are_short_json_sentences(ds, tmp_path, endpoint, body, status, error):
-    if callable(body):
-        body = body()  # built here, not held for the whole session
-    if isinstance(body, dict):
-        body = json.dumps(body).encode()  # ensure_ascii: lone surrogates as \ud800 escapes
-    response = await assert_refused(ds, tmp_path, endpoint, body, status, error)
-    assert len(response.content) < 1000
-    if len(body) > 300_000 and status == 400:
-        assert "…" in response.json()["error"]
-
-
-async def test_content_type_is_ignored(ds, tmp_path):
-    csv_path = tmp_path / "ct.csv"
-    csv_path.write_text("a\n1\n")
-    response = await post(
-        ds, "/-/open-csv-file", {"path": str(csv_path)},
-        headers={"Content-Type": "application/x-www-form-urlencoded"},
-    )
-    assert response.json()["ok"] is True
-
-
-def module_messages():
-    """Each string literal of app_support.py as a pattern: where an f-string or a format template puts a value, any text.
-
-    Literals with fewer than six characters of their own are left out: they
-    would match almost anything.
-    """
-    patterns = set()
-    for node in ast.walk(ast.parse(Path(app_support.__file__).read_text())):
-        if isinstance(node, ast.JoinedStr):
-            own = [part.value for part in node.values if isinstance(part, ast.Constant)]
-            pieces = [re.escape(p.value) if isinstance(p, ast.Constant) else "(.+?)" for p in node.values]
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
-            own, pieces = [node.value], [re.escape(node.value)]
-        else:
-            continue
-        if len("".join(own)) >= 6:
-            # A str.format template's fields ({need}, {}) are values too.
-            patterns.add(re.sub(r"\\\{[a-z_]*\\\}", "(.+?)", "".join(pieces)))
-    return [re.compile(pattern, re.S) for pattern in patterns]
-
-
-def readme_messages():
-    """The sentences the README quotes in backticks: what the plugin says, with examples for its values."""
-    spans = re.findall(r"`([^`\n]+)`", (Path(__file__).parent / "README.md").read_text())
-    return sorted({
-        span for span in spans
-        if re.match(r"[A-Z…]|[a-z_]+ must", span) and span.count(" ") >= 2
-        and (span.endswith(".") or ": " in span) and not re.search(r"[{}=$]", span)
-    })
-
-
-def said_by_the_module(message, patterns, parts=2):
-    """Whether message is one of the module's messages, or two of them end to end (as "{damaged}: {why}" builds)."""
-    if any(pattern.fullmatch(message) for pattern in patterns):
-        return True
-    return parts > 1 and any(
-        any(pattern.fullmatch(message[:cut]) for pattern in patterns)
-        and said_by_the_module(message[cut:], patterns, parts - 1)
-        for cut in range(1, len(message))
-    )
-
-
-def test_every_message_the_readme_quotes_is_the_modules():
-    messages = readme_messages()
-    assert len(messages) >= 50, messages  # the README's error lists are all still found
-    patterns = module_messages()
-    assert [message for message in messages if not said_by_the_module(message, patterns)] == []
-
-
-# A test plugin (a module, as Datasette 0.65 expects): a route with a real bug.
-async def broken(datasette, data):
-    return {"ok": True, "value": data["missing"]}
-
-
-faulty_route = types.ModuleType("test_faulty_route")
-faulty_route.register_routes = app_support.hookimpl(
-    lambda: [(r"^/-/test-broken$", app_support._view(app_support.Route("/-/test-broken", "POST", app_support.APP, broken)))]
-)
-
-
-async def test_genuine_server_fault_is_500_json():
-    pm.register(faulty_route, name="test_faulty_route")
-    try:
-        ds = Datasette(memory=True)
-        await ds.invoke_startup()
-        response = await post(ds, "/-/test-broken", {})
-    finally:
-        pm.unregister(name="test_faulty_route")
-    assert_error(response, 500, "Unexpected server error: KeyError: 'missing'")
-    assert "Traceback" not in response.text
-
-
-# /-/auth-app-user
-
-
-async def test_auth_app_user_sets_root_cookie_and_redirects(ds):
-    response = await post(ds, "/-/auth-app-user", {"redirect": "/temporary?sql=select+1"})
-    assert response.status_code == 302
-    assert response.headers["location"] == "/temporary?sql=select+1"
-    cookie = response.headers["set-cookie"]
-    assert "httponly" in cookie.lower() and "samesite=lax" in cookie.lower()
-    value = response.cookies["ds_actor"]
-    assert ds.unsign(value, "actor") == {"a": {"id": "root"}}
-    actor = await ds.client.get("/-/actor.json", cookies={"ds_actor": value})
-    assert actor.json()["actor"] == {"id": "root"}
-
-
-@pytest.mark.parametrize(
-    "redirect",
-    ["//evil.example", "/\\evil.example", "https://evil.example/", "javascript:alert(1)",
-     "", None, "evil", "/\t/evil.example", "/ok\r\nSet-Cookie: x=1"],
-)
-async def test_auth_app_user_only_follows_same_site_paths(ds, redirect):
-    response = await post(ds, "/-/auth-app-user", {"redirect": redirect})
-    assert response.status_code == 302
-    assert response.headers["location"] == "/"
-
-
-async def test_auth_app_user_without_redirect_key(ds):
-    response = await post(ds, "/-/auth-app-user", {})
-    assert response.status_code == 302 and response.headers["location"] == "/"
-
-
-@pytest.mark.parametrize("body,error", [(b"", "empty"), (b"[]", "JSON object"), (b'{"redirect": 3}', "redirect must be a string")])
-async def test_auth_app_user_bad_bodies(ds, body, error):
-    response = await post(ds, "/-/auth-app-user", body)
-    assert_error(response, 400, error)
-    assert "set-cookie" not in response.headers
-
-
-# /-/open-database-file
-
-
-async def test_open_database_file(ds, tmp_path):
-    path = make_db(tmp_path / "my data.db")
-    response = await post(ds, "/-/open-database-file", {"path": str(path)})
-    assert response.json() == {"ok": True, "path": ds.urls.database("my data")}
-    assert await fetch_rows(ds, response.json()["path"] + "/t") == [{"id": 1}, {"id": 2}, {"id": 3}]
-
-
-async def test_open_database_file_same_name_different_folders(ds, tmp_path):
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    first = make_db(tmp_path / "a" / "data.db", values=[1])
-    second = make_db(tmp_path / "b" / "data.db", values=[2])
-    r1 = (await post(ds, "/-/open-database-file", {"path": str(first)})).json()
-    r2 = (await post(ds, "/-/open-database-file", {"path": str(second)})).json()
-    assert r1["path"] != r2["path"]
-    for result, value in ((r1, 1), (r2, 2)):
-        assert await fetch_rows(ds, result["path"] + "/t") == [{"id": value}]
-
-
-@pytest.mark.parametrize("name", ["it's.db", 'say "hi".db', "sp ace.db", "semi;colon.db"])
-async def test_open_database_file_awkward_names(ds, tmp_path, name):
-    path = make_db(tmp_path / name, values=[42])
-    response = await post(ds, "/-/open-database-file", {"path": str(path)})
-    assert response.json()["ok"] is True
-    assert await fetch_rows(ds, response.json()["path"] + "/t") == [{"id": 42}]
-
-
-@pytest.mark.parametrize(
-    "setup,error",
-    [
-        (lambda p: p / "missing.db", "File not found"),
-        (lambda p: p, "folder, not a file"),
-        (lambda p: write(p / "zero.db", b""), "File is empty"),
-        (lambda p: write(p / "text.db", "hello, world\n" * 10), "Not a SQLite database"),
-        (lambda p: write(p / "fake.db", b"SQLite format 3\x00" + b"\x01" * 200), "Not a valid SQLite database"),
-        (lambda p: make_db(p / "a?b.db"), "contains ?"),
-        (lambda p: make_db(p / "a#b.db"), "contains #"),
-        (lambda p: make_db(p / "100%.db"), "contains %"),
-        (lambda p: p / "a?b.db", "File not found"),
-        (lambda p: cut_short(p / "cut.db", 5000), "is cut short (it holds 5,000 of its "),
-        (lambda p: "data.db", "path must be a full path, such as /Users/me/data.csv, not data.db"),
-        (lambda p: "../data.db", "a relative path would be looked for in the server's own working folder"),
-        (lambda p: "~/no-such-folder-for-app-support/x.db", "File not found: " + os.path.expanduser("~/no-such-folder-for-app-support/x.db")),
-    ],
-    ids=["missing", "folder", "empty", "text", "fake header", "?", "#", "%", "missing ?", "cut short", "relative", "parent", "home"],
-)
-async def test_open_database_file_errors(ds, tmp_path, setup, error):
-    path = setup(tmp_path)
-    # The snapshot proves no file "a" is created for "a?b.db".
-    await assert_refused(ds, tmp_path, "/-/open-database-file", {"path": str(path)}, 400, error)
-
-
-def _locked(tmp_path):
-    path = make_db(tmp_path / "locked.db")
-    holder = sqlite3.connect(path, isolation_level=None)
-    holder.execute("pragma locking_mode = exclusive")
-    holder.execute("begin exclusive")
-    holder.execute("insert into t values (9)")
-    return path, holder
-
-
-async def test_open_database_file_locked(ds, tmp_path):
-    path, holder = _locked(tmp_path)
-    try:
-        response = await post(ds, "/-/open-database-file", {"path": str(path)})
-        assert_error(response, 400, "locked")
-    finally:
-        holder.close()
-    assert user_databases(ds) == {"temporary"}
-
-
-async def test_open_database_file_already_open_even_through_symlink(ds, tmp_path):
-    path = make_db(tmp_path / "real.db")
-    link = tmp_path / "link.db"
-    link.symlink_to(path)
-    assert (await post(ds, "/-/open-database-file", {"path": str(path)})).json()["ok"]
-    for again in (path, link):
-        response = await post(ds, "/-/open-database-file", {"path": str(again)})
-        assert_error(response, 400, "already open")
-    assert user_databases(ds) == {"temporary", "real"}
-
-
-# /-/new-empty-database-file
-
-
-async def test_new_empty_database_file(ds, tmp_path):
-    path = tmp_path / "fresh.db"
-    response = await post(ds, "/-/new-empty-database-file", {"path": str(path)})
-    assert response.json() == {"ok": True, "path": "/fresh"}
-    assert path.read_bytes().startswith(b"SQLite format 3\x00")
-    assert (await ds.client.get("/fresh")).status_code == 200
-    # Reopening the file after a restart must pass open-database-file's checks.
-    app_support._check_sqlite_file(str(path))
-
-
-@pytest.mark.parametrize(
-    "setup,error",
-    [
-        (lambda p: make_db(p / "exists.db"), "File already exists"),
-        (lambda p: write(p / "notes.txt", "keep me"), "File already exists"),
-        (lambda p: p / "no-such-folder" / "x.db", "Folder not found"),
-        (lambda p: p, "folder, not a file"),
-        (lambda p: p / "a?b.db", "contains ?"),
-    ],
-)
-async def test_new_empty_database_file_errors(ds, tmp_path, setup, error):
-    path = setup(tmp_path)
-    await assert_refused(ds, tmp_path, "/-/new-empty-database-file", {"path": str(path)}, 400, error)
-
-
-# /-/open-csv-file and /-/import-csv-file
-
-
-async def test_open_csv_file(ds, tmp_path):
-    path = tmp_path / "demo.csv"
-    path.write_text("name,age\nCleo,5\nPancakes,4\n")
-    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
-    assert response.json() == {"ok": True, "path": "/temporary/demo", "rows": 2, "format": "csv"}
-    assert await fetch_rows(ds, "/temporary/demo") == [
-        {"name": "Cleo", "age": 5},
-        {"name": "Pancakes", "age": 4},
-    ]
-
-
-async def test_open_csv_file_never_writes_into_existing_table(ds, tmp_path):
-    path = tmp_path / "demo.csv"
-    path.write_text("a\n1\n")
-    paths = [(await post(ds, "/-/open-csv-file", {"path": str(path)})).json()["path"] for _ in range(3)]
-    assert paths == ["/temporary/demo", "/temporary/demo_2", "/temporary/demo_3"]
-    for table in ("demo", "demo_2", "demo_3"):
-        assert await rows(ds, "temporary", f"select a from {table}") == [(1,)]
-
-
-async def test_import_csv_file_into_named_database(ds, tmp_path):
-    db_path = make_db(tmp_path / "target.db", table="people")
-    await post(ds, "/-/open-database-file", {"path": str(db_path)})
-    csv_path = tmp_path / "people.csv"
-    csv_path.write_text("name\nAlex\n")
-    response = await post(ds, "/-/import-csv-file", {"path": str(csv_path), "database": "target"})
-    assert response.json() == {"ok": True, "path": "/target/people_2", "rows": 1, "format": "csv"}
-    assert (await ds.client.get("/target/people_2")).status_code == 200
-    assert sqlite3.connect(db_path).execute("select name from people_2").fetchall() == [("Alex",)]
-    assert sqlite3.connect(db_path).execute("select count(*) from people").fetchone() == (3,)
-
-
-async def test_open_csv_file_null_optional_key(ds, tmp_path):
-    csv_path = tmp_path / "n.csv"
-    csv_path.write_text("a\n01\n")
-    response = await post(ds, "/-/open-csv-file", {"path": str(csv_path), "detect_types": None})
-    assert response.json()["ok"] is True
-
-
-@pytest.mark.parametrize(
-    "body,error",
-    [
-        ({"database": "nope"}, "Database not found: nope"),
-        ({"database": None}, "The request has no database, which this endpoint needs. It takes path and database, and optionally detect_types."),
-        ({}, "The request has no database, which this endpoint needs. It takes path and database, and optionally detect_types."),
-        ({"database": "immutable"}, "read-only"),
-        ({"database": "temporary", "path": "/no/such/file.csv"}, "File not found"),
-        ({"database": "temporary", "detect_types": "yes"}, "detect_types must be a boolean"),
-    ],
-)
-async def test_import_csv_file_errors(tmp_path, body, error):
-    immutable = make_db(tmp_path / "immutable.db")
-    ds = Datasette([], immutables=[str(immutable)])
-    await ds.invoke_startup()
-    csv_path = tmp_path / "x.csv"
-    csv_path.write_text("a\n1\n")
-    body = {"path": str(csv_path), **body}
-    await assert_refused(ds, tmp_path, "/-/import-csv-file", body, 400, error)
-
-
-BAD_FILES = [
-    ("empty", b"", "File is empty"),
-    ("only blank lines", b"\n\n  \n", "File is empty"),
-    ("binary", b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)) * 4, "binary file"),
-    ("a folder", None, "folder"),
-    ("NUL byte in a row of the first batch", b"a,b\n1,2\n" + b"x" * 9000 + b"\n3,\x004\n", "NUL byte on line 4"),
-    ("NUL byte alone in the first batch", b"a,b\n1,2\n" + b"x" * 9000 + b"\n\x00\n", "NUL byte on line 4"),
-    ("NUL byte late in the file", b"a,b\n" + b"1,2\n" * 7000 + b"3,\x004\n", "line 7002"),
-    # Inconsistent read without quotes too (the comma), so the quote is not merely stray.
-    ("quote never closed, opened on line 2", b'a,b\n1,"oops, no\n3,4\n5,6\n7,8\n', r"\bline 2\b"),
-    ("quote never closed, opened after the first batch", b"a,b\n" + b"1,2\n" * 7000 + b'3,"oops, no\n' + b"5,6\n" * 10, r"\bline 7,?002\b"),
-    ("more than 2,000 columns", _columns(2001) + b",".join([b"1"] * 2001) + b"\n", r"\b2,?000\b"),
-    ("a row past 2,000 columns in the first batch", b"a,b\n1,2\n" + b",".join([b"1"] * 2001) + b"\n", r"\b2,?000\b"),
-    ("a row past 2,000 columns after the first batch", b"a,b\n" + b"1,2\n" * 7000 + b",".join([b"1"] * 2001) + b"\n", r"\b2,?000\b"),
-]
-
-
-@pytest.mark.parametrize("name,content,error", BAD_FILES, ids=[b[0] for b in BAD_FILES])
-async def test_csv_bad_files_refused_with_a_clear_400(ds, tmp_path, name, content, error):
-    """Both endpoints refuse the file with a sentence (error is a pattern), and leave every database as it was."""
-    target = make_db(tmp_path / "target.db", table="keep")
-    await post(ds, "/-/open-database-file", {"path": str(target)})
-    path = tmp_path if content is None else write(tmp_path / "bad.csv", content)
-    for endpoint, body in [
-        ("/-/open-csv-file", {"path": str(path)}),
-        ("/-/import-csv-file", {"path": str(path), "database": "target"}),
-    ]:
-        response = await assert_refused(ds, tmp_path, endpoint, body, 400, "")
-        assert re.search(error, response.json()["error"]), response.json()["error"]
-        assert await tables(ds) == [] and await tables(ds, "target") == ["keep"]
-    assert sqlite3.connect(target).execute("select count(*) from keep").fetchone() == (3,)
-
-
-# /-/open-csv-file: encodings, delimiters and line endings
-
-
-ENCODINGS = [
-    ("utf-8", "São Paulo,Zürich\n".encode("utf-8"), "São Paulo"),
-    ("utf-8 with BOM", b"\xef\xbb\xbf" + "city\nSão Paulo\n".encode("utf-8"), "city"),
-    ("latin-1", b"city\nS\xe3o Paulo\n", "São Paulo"),
-    ("cp1252 quotes", b"q\n\x93hi\x94 \x80\n", "\u201chi\u201d \u20ac"),
-    ("cp1252 undefined byte", b"q\nA\x81B\n", "A\x81B"),
-    ("utf-16", "city\nSão Paulo\n".encode("utf-16"), "São Paulo"),
-    ("utf-8 then latin-1 late", b"city\n" + b"plain\n" * 20000 + b"S\xe3o\n", "São"),
-]
-
-
-@pytest.mark.parametrize("name,content,expected", ENCODINGS, ids=[e[0] for e in ENCODINGS])
-async def test_csv_encodings(ds, tmp_path, name, content, expected):
-    result, types, stored = await import_bytes(ds, tmp_path, content)
-    flat = [c for row in stored for c in row] + list(types)
-    assert expected in flat
-
-
-async def test_csv_bom_is_stripped_from_first_column(ds, tmp_path):
-    _, types, _ = await import_bytes(ds, tmp_path, b"\xef\xbb\xbfid,name\n1,a\n")
-    assert list(types) == ["id", "name"]
-
-
-TRUNCATED_UTF8 = [
-    ("small", "city\nSão Paulo\nZürich 東".encode()[:-1], [("São Paulo",), ("Zürich \ufffd",)]),
-    (
-        "past the sniffed start",
-        ("city\n" + "São Paulo\n" * 20000 + "Zürich 東").encode()[:-2],
-        [("São Paulo",)] * 20000 + [("Zürich \ufffd",)],
-    ),
-]
-
-
-@pytest.mark.parametrize("name,content,expected", TRUNCATED_UTF8, ids=[t[0] for t in TRUNCATED_UTF8])
-async def test_csv_utf8_with_a_truncated_last_character(ds, tmp_path, name, content, expected):
-    result, types, stored = await import_bytes(ds, tmp_path, content)
-    assert list(types) == ["city"]
-    assert stored == expected
-
-
-DELIMITERS = [
-    ("comma", b"a,b\n1,2\n", ["a", "b"]),
-    ("tab in a .csv", b"a\tb\n1\t2\n", ["a", "b"]),
-    ("semicolon with decimal commas", b"a;b\n1,5;2\n", ["a", "b"]),
-    ("pipe", b"a|b|c\n1|2|3\n", ["a", "b", "c"]),
-    ("single column", b"name\nalice\nbob\n", ["name"]),
-    ("single column with commas in values", b"name\nSmith, John\nDoe, Jane\n", ["name"]),
-    ("single column of letters", b"word\nthe\nstreet\n", ["word"]),
-]
-
-
-@pytest.mark.parametrize("name,content,columns", DELIMITERS, ids=[d[0] for d in DELIMITERS])
-async def test_csv_delimiters(ds, tmp_path, name, content, columns):
-    _, types, stored = await import_bytes(ds, tmp_path, content)
-    assert list(types) == columns
-    assert all(len(row) == len(columns) for row in stored)
-
-
-LINE_ENDING_FILES = [
-    ("CR only", b"a,b\r1,x\r3,y\r"),
-    ("CR only, no final newline", b"a,b\r1,x\r3,y"),
-    ("mixed CR, LF and CRLF", b"a,b\r\n1,x\r3,y\n"),
-    ("mixed, tab-separated", b"a\tb\r1\tx\n3\ty\r\n"),
-    ("CR only with a quoted CR", b'a,b\r1,x\r3,"y"\r'),
-]
-
-
-@pytest.mark.parametrize("name,content", LINE_ENDING_FILES, ids=[f[0] for f in LINE_ENDING_FILES])
-async def test_csv_cr_and_mixed_line_endings(ds, tmp_path, name, content):
-    _, types, stored = await import_bytes(ds, tmp_path, content)
-    assert types == {"a": "INTEGER", "b": "TEXT"}
-    assert stored == [(1, "x"), (3, "y")]
-
-
-async def test_csv_quoted_newlines_doubled_quotes_and_huge_fields(ds, tmp_path):
-    big = "x" * 300_000
-    content = f'a,b\n"line one\nline two","say ""hi"""\n"{big}",2\n'.encode()
-    _, _, stored = await import_bytes(ds, tmp_path, content)
-    assert stored == [("line one\nline two", 'say "hi"'), (big, "2")]
-
-
-@pytest.mark.parametrize("blank", [b"\n" * 20_000, b"\r\n" * 10_000, b" \n" * 10_000])
-async def test_csv_long_run_of_blank_lines_before_the_header(ds, tmp_path, blank):
-    _, types, stored = await import_bytes(ds, tmp_path, blank + b"a,b\n1,x\n")
-    assert types == {"a": "INTEGER", "b": "TEXT"}
-    assert stored == [(1, "x")]
-
-
-# /-/open-csv-file: column names, row widths and table names
-
-
-HEADERS = [
-    ("duplicates and blanks", b"a,a,,b, a \n1,2,3,4,5\n", ["a", "a_2", "column_3", "b", "a_3"]),
-    ("case-insensitive duplicates", b"Name,name\n1,2\n", ["Name", "name_2"]),
-    ("whitespace stripped", b"  x  ,\ty\t\n1,2\n", ["x", "y"]),
-    ("suffix already taken", b"a,a_2,a\n1,2,3\n", ["a", "a_2", "a_3"]),
-    ("SQL in names", b'"x""];drop table t;--",\'q\'\n1,2\n', ['x"];drop table t;--', "'q'"]),
-]
-
-
-@pytest.mark.parametrize("name,content,columns", HEADERS, ids=[h[0] for h in HEADERS])
-async def test_csv_headers(ds, tmp_path, name, content, columns):
-    _, types, _ = await import_bytes(ds, tmp_path, content)
-    assert list(types) == columns
-
-
-async def test_csv_header_only_gives_empty_table(ds, tmp_path):
-    result, types, stored = await import_bytes(ds, tmp_path, b"a,b\n")
-    assert result["rows"] == 0 and stored == [] and list(types) == ["a", "b"]
-    assert (await ds.client.get(result["path"])).status_code == 200
-
-
-RAGGED = [
-    ("short rows padded with NULL", b"a,b,c\n1,2\n3\n", ["a", "b", "c"], [(1, 2, None), (3, None, None)]),
-    ("long row keeps extras", b"a,b\n1,2\n3,4,5,6\n", ["a", "b", "column_3", "column_4"], [(1, 2, None, None), (3, 4, 5, 6)]),
-    ("long row after the first batch", b"a,b\n" + b"1,2\n" * 6000 + b"3,4,x\n", ["a", "b", "column_3"], None),
-    ("blank lines skipped", b"a,b\n1,2\n\n3,4\n", ["a", "b"], [(1, 2), (3, 4)]),
-]
-
-
-@pytest.mark.parametrize("name,content,columns,expected", RAGGED, ids=[r[0] for r in RAGGED])
-async def test_csv_ragged_rows(ds, tmp_path, name, content, columns, expected):
-    result, types, stored = await import_bytes(ds, tmp_path, content)
-    assert list(types) == columns
-    if expected is not None:
-        assert stored == expected
-    else:
-        assert result["rows"] == 6001
-        assert stored[-1] == (3, 4, "x")
-        assert stored[0] == (1, 2, None)
-
-
-async def test_csv_two_thousand_columns_import(ds, tmp_path):
-    result, types, stored = await import_bytes(ds, tmp_path, _columns(2000) + b",".join([b"1"] * 2000) + b"\n")
-    assert len(types) == 2000 and stored == [(1,) * 2000]
-
-
-@pytest.mark.parametrize(
-    "wanted",
-    ["demo]", 'de"mo', "de'mo", "x; drop table y", "sqlite_master", "[weird]", "名前"],
-)
-async def test_csv_table_names_are_safe(ds, tmp_path, wanted):
-    path = tmp_path / f"{wanted}.csv"
-    path.write_text("a\n1\n")
-    response = (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()
-    assert response["ok"] is True
-    assert await fetch_rows(ds, response["path"]) == [{"a": 1}]
-    names = await tables(ds)
-    assert len(names) == 1 and names[0].lstrip("_") == wanted.replace("]", "_")
-    assert (await ds.client.get("/temporary")).status_code == 200
-
-
-async def test_csv_nfd_file_name_gives_nfc_table_name(ds, tmp_path):
-    nfd = "cafe\u0301"
-    assert unicodedata.normalize("NFC", nfd) == "café" != nfd
-    path = write(tmp_path / (nfd + ".csv"), b"a\n1\n")
-    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
-    assert response.json()["ok"] is True
-    names = await tables(ds)
-    assert names == ["café"], ascii(names)
-    assert await rows(ds, "temporary", 'select a from "café"') == [(1,)]
-
-
-async def test_csv_nfc_and_nfd_file_names_give_two_distinct_nfc_tables(ds, tmp_path):
-    for folder, name in [("nfc", "café.csv"), ("nfd", "cafe\u0301.csv")]:
-        (tmp_path / folder).mkdir()
-        path = write(tmp_path / folder / name, b"a\n1\n")
-        assert (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()["ok"]
-    names = sorted(await tables(ds))
-    assert names == ["café", "café_2"], ascii(names)
-
-
-# /-/open-csv-file: column types
-
-
-TYPES = [
-    ("integers", b"n\n1\n-20\n300\n", "INTEGER", [1, -20, 300]),
-    ("reals", b"n\n1.5\n-2\n.25\n", "REAL", [1.5, -2.0, 0.25]),
-    ("empty cells are NULL in numbers", b"n,m\n1,1.5\n,\n3,\n", "INTEGER", [1, None, 3]),
-    ("leading zeros stay text", b"zip\n02134\n10001\n", "TEXT", ["02134", "10001"]),
-    ("zero alone is a number", b"n\n0\n10\n", "INTEGER", [0, 10]),
-    ("leading zero before a decimal point", b"n\n0.5\n10.25\n", "REAL", [0.5, 10.25]),
-    ("words and numbers mixed", b"n\n1\nN/A\n", "TEXT", ["1", "N/A"]),
-    ("minus zero is text", b"n\n-0\n5\n", "TEXT", ["-0", "5"]),
-    ("explicit plus sign is text", b"n\n+5\n6\n", "TEXT", ["+5", "6"]),
-    ("surrounding spaces are text", b"n\n 5\n6\n", "TEXT", [" 5", "6"]),
-    ("exponent is text", b"n\n1e5\n6\n", "TEXT", ["1e5", "6"]),
-    ("two dots is text", b"n\n1.2.3\n6\n", "TEXT", ["1.2.3", "6"]),
-    ("hyphenated is text", b"n\n1-2\n6\n", "TEXT", ["1-2", "6"]),
-    ("lone minus is text", b"n\n-\n6\n", "TEXT", ["-", "6"]),
-    ("too big for 64 bits is text", b"n\n12345678901234567890\n1\n", "TEXT", ["12345678901234567890", "1"]),
-    ("eighteen digits is an integer", b"n\n123456789012345678\n", "INTEGER", [123456789012345678]),
-    ("more digits than a double holds is text", b"n\n101004116451.80003357\n1.5\n", "TEXT", ["101004116451.80003357", "1.5"]),
-    ("reals are the nearest double", b"n\n0.337006\n-151.3907387\n-77.179786\n", "REAL", [0.337006, -151.3907387, -77.179786]),
-    ("quoted newline between digits is text", b'n\n"1\n2"\n3\n', "TEXT", ["1\n2", "3"]),
-    ("all empty is text", b"n,m\n,1\n,2\n", "TEXT", ["", ""]),
-    ("ints then reals after the first batch", b"n\n" + b"7\n" * 6000 + b"7.5\n", "REAL", None),
-    ("numbers then a word after the first batch", b"n\n" + b"7\n" * 6000 + b"oops\n", "TEXT", None),
-    ("numbers then leading zero after the first batch", b"n\n" + b"7\n" * 6000 + b"007\n", "TEXT", None),
-]
-
-
-@pytest.mark.parametrize("name,content,declared,values", TYPES, ids=[t[0] for t in TYPES])
-async def test_csv_types(ds, tmp_path, name, content, declared, values):
-    _, types, stored = await import_bytes(ds, tmp_path, content)
-    assert list(types.values())[0] == declared
-    column = [row[0] for row in stored]
-    if values is not None:
-        assert column == values
-    else:
-        assert len(column) == 6001
-        last = content.rsplit(b"\n", 2)[-2].decode()
-        assert str(column[-1]) == last
-        assert column[0] == (7.0 if declared == "REAL" else "7")
-
-
-async def test_csv_repeated_zeros_stay_integer(ds, tmp_path):
-    _, types, stored = await import_bytes(ds, tmp_path, b"flag,count,x\n1,0,0.0\n0,0,0.0\n0,5,1.5\n")
-    assert types == {"flag": "INTEGER", "count": "INTEGER", "x": "REAL"}
-    assert stored == [(1, 0, 0.0), (0, 0, 0.0), (0, 5, 1.5)]
-
-
-@pytest.mark.parametrize("endpoint", ["/-/open-csv-file", "/-/import-csv-file"])
-async def test_csv_types_change_after_the_first_batch_of_a_large_file(ds, tmp_path, endpoint):
-    """Large enough that the staging database spills to disk before the change."""
-    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
-    path = tmp_path / "late.csv"
-    count = 150_000
-    with open(path, "w") as f:
-        f.write("id,count,score,name\n")
-        for i in range(count):
-            f.write(f"{i},{i % 7},{i * 3},name {i}\n")
-        f.write(f"{count},2.5,many,last\n")
-    body = {"path": str(path), **({"database": "target"} if "import" in endpoint else {})}
-    response = await post(ds, endpoint, body)
-    assert response.status_code == 200, response.text
-    assert response.json()["rows"] == count + 1
-    database = response.json()["path"].split("/")[1]
-    db = ds.get_database(database)
-    types = await db.execute_fn(lambda conn: column_types(conn, "late"))
-    assert types == {"id": "INTEGER", "count": "REAL", "score": "TEXT", "name": "TEXT"}
-    first_last = await rows(ds, database, "select * from late where id in (0, 1, ?) order by id", [count])
-    assert first_last == [(0, 0.0, "0", "name 0"), (1, 1.0, "3", "name 1"), (count, 2.5, "many", "last")]
-
-
-async def test_csv_detect_types_false_keeps_text(ds, tmp_path):
-    _, types, stored = await import_bytes(ds, tmp_path, b"n,x\n1,2.5\n", detect_types=False)
-    assert types == {"n": "TEXT", "x": "TEXT"}
-    assert stored == [("1", "2.5")]
-
-
-# /-/open-csv-file: JSON, NDJSON and GeoJSON
-
-
-DOGS = [{"id": 1, "name": "Cleo"}, {"id": 2, "name": "Pancakes"}]
-DOGS_JSON = json.dumps(DOGS).encode()
-DOGS_NDJSON = b"".join(json.dumps(dog).encode() + b"\n" for dog in DOGS)
-
-JSON_SHAPES = [
-    ("array", "dogs.json", DOGS_JSON, "json", None),
-    ("ndjson with a blank line", "dogs.ndjson", DOGS_NDJSON.replace(b"\n", b"\n\n", 1), "ndjson", None),
-    ("ndjson named .csv", "dogs.csv", DOGS_NDJSON, "ndjson", None),
-    ("object holding the array", "dogs.json", b'{"meta": {"next": null}, "results": ' + DOGS_JSON + b"}", "json", "results"),
-    ("largest array deeper down", "dogs.json",
-     b'{"page": {"items": ' + DOGS_JSON + b'}, "links": [{"href": "/next"}]}', "json", "page.items"),
-    ("array after a BOM and blank lines", "dogs.txt", b"\xef\xbb\xbf\n\n  " + DOGS_JSON, "json", None),
-]
-
-
-@pytest.mark.parametrize("name,filename,content,fmt,json_path", JSON_SHAPES, ids=[s[0] for s in JSON_SHAPES])
-async def test_open_csv_file_json_shapes(ds, tmp_path, name, filename, content, fmt, json_path):
-    path = write(tmp_path / filename, content)
-    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
-    expected = {"ok": True, "path": "/temporary/dogs", "rows": 2, "format": fmt}
-    if json_path:
-        expected["json_path"] = json_path
-    assert response.json() == expected
-    assert await rows(ds, "temporary", "select id, name from dogs") == [(1, "Cleo"), (2, "Pancakes")]
-    types = await ds.get_database("temporary").execute_fn(lambda conn: column_types(conn, "dogs"))
-    assert types == {"id": "INTEGER", "name": "TEXT"}
-
-
-async def test_open_csv_file_geojson(ds, tmp_path):
-    collection = {
-        "type": "FeatureCollection",
-        "features": [
-            {"type": "Feature", "id": "a1", "properties": {"name": "Cleo", "id": 7},
-             "geometry": {"type": "Point", "coordinates": [-122.4, 37.8]}},
-            {"type": "Feature", "properties": {"name": "Pancakes", "legs": 4}, "geometry": None},
-        ],
-    }
-    path = write(tmp_path / "places.geojson", json.dumps(collection))
-    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
-    assert response.json() == {"ok": True, "path": "/temporary/places", "rows": 2, "format": "geojson"}
-    types = await ds.get_database("temporary").execute_fn(lambda conn: column_types(conn, "places"))
-    assert types == {"id": "TEXT", "name": "TEXT", "id_2": "INTEGER", "geometry": "TEXT", "legs": "INTEGER"}
-    assert await rows(ds, "temporary", "select * from places") == [
-        ("a1", "Cleo", 7, '{"type":"Point","coordinates":[-122.4,37.8]}', None),
-        (None, "Pancakes", None, None, 4),
-    ]
-    # Geometry is JSON that SQLite's json functions read.
-    assert await rows(ds, "temporary", "select json_extract(geometry, '$.coordinates[0]') from places") == [(-122.4,), (None,)]
-
-
-async def test_open_csv_file_json_values_keep_their_types(ds, tmp_path):
-    items = [
-        {"zip": "02134", "n": 1, "x": 0.1, "big": 2**63 - 1, "huge": 1, "flag": True, "tags": ["a", "é"], "when": None},
-        {"zip": "12", "n": -2, "x": 1e300, "big": -(2**63), "huge": 10**30, "flag": False, "tags": {"k": [1, 2.5]}},
-    ]
-    path = write(tmp_path / "values.json", json.dumps(items, ensure_ascii=True))
-    assert (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()["rows"] == 2
-    types = await ds.get_database("temporary").execute_fn(lambda conn: column_types(conn, "values"))
-    assert types == {
-        "zip": "TEXT", "n": "INTEGER", "x": "REAL", "big": "INTEGER", "huge": "TEXT", "flag": "INTEGER",
-        "tags": "TEXT", "when": "TEXT",
-    }
-    assert await rows(ds, "temporary", 'select * from "values"') == [
-        ("02134", 1, 0.1, 2**63 - 1, "1", 1, '["a","é"]', None),
-        ("12", -2, 1e300, -(2**63), "1" + "0" * 30, 0, '{"k":[1,2.5]}', None),
-    ]
-
-
-def too_many_keys():
-    return json.dumps([{f"k{i}": i for i in range(2001)}])
-
-
-JSON_REFUSED = [
-    ("array of numbers", "dogs.json", "[1, 2, 3]", "dogs.json holds an array of numbers, which cannot be imported as a table. JSON can be imported when it is an array of objects"),
-    ("array of arrays", "dogs.json", "[[1, 2], [3, 4]]", "holds an array of arrays"),
-    ("object with no array of objects", "dogs.json", '{"name": "Cleo", "tags": [1, 2]}', "holds an object with no array of objects in it"),
-    ("empty array", "dogs.json", "[]", "dogs.json holds an empty JSON array: there is nothing to import."),
-    ("invalid JSON", "dogs.json", '[{"a": 1},\n{"a": 2},\n{"a": 3 "b": 4}]', "dogs.json is not valid JSON: line 3, column 9: Expecting ',' delimiter."),
-    ("cut short", "dogs.json", '[{"a": 1},\n{"a": 2', "dogs.json is not valid JSON: line 2"),
-    ("trailing comma", "dogs.json", '[{"a": 1},\n{"a": 2},\n]', "dogs.json is not valid JSON: line 3, column 1: Expecting value."),
-    ("an item that is not an object", "dogs.json", '[{"a": 1},\n2]', "dogs.json: the array holds a number on line 2, not an object."),
-    ("an NDJSON line that is not an object", "dogs.ndjson", '{"a": 1}\n{"a": 2}\n[3]\n', "dogs.ndjson: line 3 holds an array, not an object."),
-    # Deep in a file, where lines of objects are decoded many at a time.
-    ("an item that is not an object, line 700", "dogs.json", "[" + ",\n".join(['{"a": 1}'] * 699 + ["null"] + ['{"a": 1}'] * 300) + "]", "dogs.json: the array holds a null on line 700, not an object."),
-    ("an NDJSON line that is not an object, line 700", "dogs.ndjson", "\n".join(['{"a": 1}'] * 699 + ['"x"'] + ['{"a": 1}'] * 300), "dogs.ndjson: line 700 holds a string, not an object."),
-    ("more than 2,000 keys", "wide.json", too_many_keys(), "wide.json has more than 2,000 different keys"),
-    ("a web page", "dogs.json", "<!DOCTYPE html>\n<html><body>Dogs</body></html>", "dogs.json is a web page (HTML), not CSV, TSV or JSON data."),
-    ("a web page after a BOM", "page.csv", "\ufeff\n  <html lang='en'><head></head></html>", "page.csv is a web page (HTML)"),
-    ("an XML document", "dogs.csv", '<?xml version="1.0"?>\n<dogs/>', "dogs.csv is an XML document, not CSV, TSV or JSON data."),
-]
-
-
-@pytest.mark.parametrize("name,filename,content,error", JSON_REFUSED, ids=[r[0] for r in JSON_REFUSED])
-async def test_open_csv_file_refuses_json_it_cannot_import(ds, tmp_path, name, filename, content, error):
-    write(tmp_path / filename, content)
-    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
-    for endpoint, body in [
-        ("/-/open-csv-file", {"path": str(tmp_path / filename)}),
-        ("/-/import-csv-file", {"path": str(tmp_path / filename), "database": "target"}),
-    ]:
-        await assert_refused(ds, tmp_path, endpoint, body, 400, error)
-        assert await tables(ds, "target") == []
-    assert work_folders() == []
-
-
-async def test_import_csv_file_json_into_a_file_database(ds, tmp_path):
-    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
-    path = write(tmp_path / "dogs.ndjson", DOGS_NDJSON)
-    response = await post(ds, "/-/import-csv-file", {"path": str(path), "database": "target", "detect_types": False})
-    assert response.json() == {"ok": True, "path": "/target/dogs", "rows": 2, "format": "ndjson"}
-    conn = sqlite3.connect(tmp_path / "target.db")
-    assert conn.execute("select id, name from dogs").fetchall() == [("1", "Cleo"), ("2", "Pancakes")]
-    assert column_types(conn, "dogs") == {"id": "TEXT", "name": "TEXT"}
-
-
-# /-/open-csv-file: Excel workbooks
-
-
-@needs_libreoffice
-async def test_open_csv_file_matches_libreoffice_on_generated_workbooks(ds, tmp_path):
-    books = tmp_path / "books"
-    books.mkdir()
-    made = []
-    for index in range(XLSX_WORKBOOKS):
-        text, params = random_fods(XLSX_SEED, index)
-        (books / f"book{index}.fods").write_text(text, encoding="utf-8")
-        made.append(params)
-    # LibreOffice saves every workbook as .xlsx, then exports each sheet of each as CSV.
-    libreoffice(tmp_path, "--convert-to", "xlsx", "--outdir", tmp_path / "xlsx", *sorted(books.glob("*.fods")))
-    libreoffice(tmp_path, "--convert-to", LO_CSV_EXPORT, "--outdir", tmp_path / "csv", *sorted((tmp_path / "xlsx").glob("*.xlsx")))
-    db = ds.get_database("temporary")
-    problems = []
-    for params in made:
-        stem = f"book{params['index']}"
-        where = f"seed {XLSX_SEED} workbook {params['index']} {params}"
-        response = await post(ds, "/-/open-csv-file", {"path": str(tmp_path / "xlsx" / f"{stem}.xlsx")})
-        answer = response.json()
-        sheets = [sheet[0] for sheet in params["sheets"] if sheet[1] != "empty"]
-        if not sheets:
-            problems.append(None if "no data" in answer.get("error", "") else f"{where}: {response.text}")
-            continue
-        if response.status_code != 200 or answer["format"] != "xlsx" or len(answer["tables"]) != len(sheets):
-            problems.append(f"{where}: {response.status_code} {response.text}")
-            continue
-        for entry, sheet in zip(answer["tables"], sheets):
-            with open(tmp_path / "csv" / f"{stem}-{sheet}.csv", newline="", encoding="utf-8") as f:
-                lo_rows = list(csv.reader(f))
-            got = await db.execute_fn(lambda conn: stored_table(conn, entry["table"]))
-            problem = compare_with_libreoffice(f"{where} sheet {sheet}", lo_rows, *got)
-            if not problem and entry["rows"] != len(got[2]):
-                problem = f"{where} sheet {sheet}: answered rows {entry['rows']}"
-            problems.append(problem)
-    assert_none_differ(problems, "sheets")
-
-
-def test_xlsx_sheet_reading_matches_elementtree_on_generated_xml(tmp_path):
-    rng = random.Random(XLSX_SEED)
-    strings = ["Cleo", "02134", "a & b", "東京", "<tag>", ""]
-    problems = []
-    for index in range(300):
-        prefix, data = random_sheet_xml(rng, strings)
-        path = make_xlsx(tmp_path / f"sheet{index}.xlsx", [("Data", data)], strings, prefix=prefix.rstrip(":"))
-        with zipfile.ZipFile(path) as archive:
-            expected = reference_sheet_rows(archive.read("xl/worksheets/sheet1.xml"), strings)
-        plan = app_support.plan_file(str(path))
-        (_, reader), = plan.readers(str(path))
-        try:
-            got = list(reader._rows())
-        finally:
-            reader.close()
-        if got != expected or [[type(v) for v in row] for row in got] != [[type(v) for v in row] for row in expected]:
-            problems.append(f"sheet {index}: {got} (ElementTree: {expected})\n{data}")
-        else:
-            problems.append(None)
-    assert_none_differ(problems, "sheets")
-
-
-EXCEL_DATES = [
-    # serial, number format, 1900 system, 1904 system
-    (1, 14, "1900-01-01", "1904-01-02"),
-    (59, 14, "1900-02-28", "1904-02-29"),
-    (60, 14, "1900-02-29", "1904-03-01"),  # 1900's fictitious day
-    (61, 14, "1900-03-01", "1904-03-02"),
-    (45352, 14, "2024-03-01", "2028-03-02"),
-    (45352.604166666664, 22, "2024-03-01 14:30:00", "2028-03-02 14:30:00"),
-    (0.604224537037037, 21, "14:30:05", "14:30:05"),
-    (1.5, 46, "36:00:00", "36:00:00"),  # [h]:mm:ss, elapsed
-    (45352, 165, "2024-03-01", "2028-03-02"),  # yyyy\-mm\-dd
-    (45352.25, 166, "2024-03-01 06:00:00", "2028-03-02 06:00:00"),  # d/m/yy h:mm
-    (45352, 167, "2024-03-01", "2028-03-02"),  # mmm-yy
-    (0.75, 168, "18:00:00", "18:00:00"),  # [$-409]h:mm AM/PM
-    (45352.5, 169, 45352.5, 45352.5),  # "days" 0.0: quoted text is not a date
-    (45352.5, 2, 45352.5, 45352.5),  # 0.00
-    (-1, 14, -1, -1),  # no date: Excel shows none either
-]
-EXCEL_CUSTOM_FORMATS = [
-    (165, "yyyy\\-mm\\-dd"), (166, "d/m/yy h:mm"), (167, "mmm\\-yy"), (168, "[$-409]h:mm AM/PM"), (169, '"days" 0.0'),
-]
-
-
-@pytest.mark.parametrize("date1904", [False, True], ids=["1900", "1904"])
-async def test_open_csv_file_xlsx_dates_in_both_date_systems(ds, tmp_path, date1904):
-    formats = [number_format for _, number_format, _, _ in EXCEL_DATES]
-    styles = list(dict.fromkeys(formats))
-    sheet = '<row r="1"><c r="A1" t="inlineStr"><is><t>when</t></is></c></row>' + "".join(
-        f'<row r="{n}"><c r="A{n}" s="{styles.index(number_format) + 1}"><v>{serial!r}</v></c></row>'
-        for n, (serial, number_format, _, _) in enumerate(EXCEL_DATES, 2)
-    )
-    path = make_xlsx(tmp_path / "dates.xlsx", [("Dates", sheet)], date1904=date1904, number_formats=EXCEL_CUSTOM_FORMATS, styles=styles)
-    answer = (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()
-    assert answer["path"] == "/temporary/dates", answer
-    # A number among dates is kept as its text: the column is TEXT.
-    expected = [str(row[3] if date1904 else row[2]) for row in EXCEL_DATES]
-    assert await rows(ds, "temporary", 'select "when" from dates') == [(value,) for value in expected]
-    types = await ds.get_database("temporary").execute_fn(lambda conn: column_types(conn, "dates"))
-    assert types == {"when": "TEXT"}
-
-
-SPARSE_SHEET = (
-    '<row r="2"><c r="B2" t="s"><v>0</v></c><c r="C2" t="s"><v>1</v></c><c r="E2" t="inlineStr"><is><t>rich</t></is></c></row>'
-    '<row r="3"><c r="B3"><v>1</v></c><c r="C3" t="s"><v>2</v></c><c r="D3" t="b"><v>1</v></c><c r="E3" t="e"><v>#N/A</v></c><c r="F3" s="1"/></row>'
-    '<row r="4"><c r="B4"><v>2.0</v></c><c r="C4" t="inlineStr"><is><r><t>Pan</t></r><r><rPr><b/></rPr><t xml:space="preserve">cakes</t></r><rPh sb="0" eb="1"><t>パ</t></rPh></is></c><c r="D4" t="b"><v>0</v></c><c r="E4" t="str"><f>C4&amp;"!"</f><v>Pancakes!</v></c></row>'
-    '<row r="6"><c r="B6"><f>B3+B4</f><v>3</v></c><c r="C6" t="s"><v>3</v></c><c r="E6" t="e"><f>1/0</f><v>#DIV/0!</v></c></row>'
-    '<row r="7"><c r="G7" s="1"/></row><row r="9"/>'
-)
-
-
-async def test_open_csv_file_xlsx_cells_go_where_their_references_say(ds, tmp_path):
-    path = make_xlsx(tmp_path / "sparse.xlsx", [("Only", SPARSE_SHEET)], ["id", "name", "Cleo", "02134"], styles=[2])
-    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
-    assert response.json() == {
-        "ok": True, "path": "/temporary/sparse", "rows": 4, "format": "xlsx",
-        "tables": [{"table": "sparse", "path": "/temporary/sparse", "rows": 4}],
-    }
-    types = await ds.get_database("temporary").execute_fn(lambda conn: column_types(conn, "sparse"))
-    # Column A is empty but stays where the references put B; empty trailing rows and cells go.
-    assert types == {"column_1": "TEXT", "id": "INTEGER", "name": "TEXT", "column_4": "INTEGER", "rich": "TEXT"}
-    assert await rows(ds, "temporary", "select * from sparse") == [
-        (None, 1, "Cleo", 1, None),
-        (None, 2, "Pancakes", 0, "Pancakes!"),
-        (None, None, None, None, None),  # row 5, between others: kept empty
-        (None, 3, "02134", None, None),
-    ]
-
-
-async def test_open_csv_file_xlsx_whole_numbers_and_numbers_as_text(ds, tmp_path):
-    sheet = '<row r="1"><c r="A1" t="inlineStr"><is><t>whole</t></is></c><c r="B1" t="inlineStr"><is><t>mixed</t></is></c><c r="C1" t="inlineStr"><is><t>text</t></is></c><c r="D1" t="inlineStr"><is><t>big</t></is></c></row>' + "".join(
-        f'<row r="{n}"><c r="A{n}"><v>{whole}</v></c><c r="B{n}"><v>{mixed}</v></c><c r="C{n}" t="s"><v>{n - 2}</v></c><c r="D{n}"><v>{big}</v></c></row>'
-        for n, (whole, mixed, big) in enumerate([("3.0", "1", "1E+20"), ("-7", "0.1", "2"), ("1E+3", "4.2000000000000002", "3")], 2)
-    )
-    path = make_xlsx(tmp_path / "numbers.xlsx", [("Only", sheet)], ["12", "007", "3.5"])
-    assert (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()["rows"] == 3
-    types = await ds.get_database("temporary").execute_fn(lambda conn: column_types(conn, "numbers"))
-    assert types == {"whole": "INTEGER", "mixed": "REAL", "text": "TEXT", "big": "REAL"}
-    assert await rows(ds, "temporary", "select * from numbers") == [
-        (3, 1.0, "12", 1e20), (-7, 0.1, "007", 2.0), (1000, 4.2, "3.5", 3.0),
-    ]
-
-
-async def test_open_csv_file_xlsx_many_sheets_in_one_transaction(ds, tmp_path):
-    names = [f"Sheet {n}" for n in range(1, 29)] + ["Data", "data"]
-    sheets = [(name, f'<row r="1"><c r="A1" t="inlineStr"><is><t>n</t></is></c></row><row r="2"><c r="A2"><v>{i}</v></c></row>') for i, name in enumerate(names)]
-    sheets.insert(3, ("Chart-ish", ""))  # empty: no table
-    path = make_xlsx(tmp_path / "book.xlsx", sheets)
-    answer = (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()
-    tables = [entry["table"] for entry in answer["tables"]]
-    assert tables == [f"book_Sheet {n}" for n in range(1, 29)] + ["book_Data", "book_data_2"]
-    assert answer["path"] == ds.urls.table("temporary", "book_Sheet 1") and answer["rows"] == 1
-    for i, table in enumerate(tables):
-        assert await rows(ds, "temporary", f'select n from "{table}"') == [(i,)]
-
-
-def ole2_file(path):
-    path.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(range(256)) * 40)
-    return path
-
-
-def xlsb_file(path):
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("[Content_Types].xml", "<Types/>")
-        archive.writestr("xl/workbook.bin", b"\x83\x01\x00")
-    return path
-
-
-def zip_bomb_workbook(path):
-    sheet = "<row r='1'><c r='A1'><v>1</v></c></row>" + "<row/>" * 3_000_000
-    return make_xlsx(path, [("Bomb", sheet)])
-
-
-def bad_string_workbook(path):
-    good = '<row r="1"><c r="A1" t="inlineStr"><is><t>n</t></is></c></row><row r="2"><c r="A2"><v>1</v></c></row>'
-    bad = '<row r="1"><c r="A1" t="s"><v>7</v></c></row>'
-    return make_xlsx(path, [("Good", good), ("Bad", bad)], ["only one"])
-
-
-XLSX_REFUSED = [
-    ("Excel 97-2003", lambda p: ole2_file(p / "old.xls"), "old.xls is an Excel 97-2003 workbook (.xls) or an encrypted workbook, which cannot be read here. Open it in Excel or LibreOffice, save it as an Excel workbook (.xlsx)"),
-    ("encrypted, named .xlsx", lambda p: ole2_file(p / "secret.xlsx"), "secret.xlsx is an Excel 97-2003 workbook (.xls) or an encrypted workbook"),
-    ("binary workbook", lambda p: xlsb_file(p / "book.xlsb"), "book.xlsb is an Excel binary workbook (.xlsb), which cannot be read here."),
-    ("no data", lambda p: make_xlsx(p / "empty.xlsx", [("One", ""), ("Two", '<row r="1"><c r="A1" s="1"/></row>')]), "empty.xlsx is a workbook with no data in any of its sheets."),
-    ("zip bomb", lambda p: zip_bomb_workbook(p / "bomb.xlsx"), "expands more than 200 times"),
-    ("a missing shared string, in the second sheet", lambda p: bad_string_workbook(p / "bad.xlsx"), "bad.xlsx is a damaged Excel workbook: sheet Bad names shared string 7, which it does not have."),
-    ("not a workbook's parts", lambda p: make_xlsx(p / "broken.xlsx", [("One", "")], extra={"xl/workbook.xml": "<workbook"}), "broken.xlsx is a damaged Excel workbook: xl/workbook.xml is not valid XML"),
-]
-
-
-@pytest.mark.parametrize("name,setup,error", XLSX_REFUSED, ids=[r[0] for r in XLSX_REFUSED])
-async def test_open_csv_file_refuses_workbooks_it_cannot_read(ds, tmp_path, name, setup, error):
-    path = setup(tmp_path)
-    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
-    for endpoint, body in [
-        ("/-/open-csv-file", {"path": str(path)}),
-        ("/-/import-csv-file", {"path": str(path), "database": "target"}),
-    ]:
-        await assert_refused(ds, tmp_path, endpoint, body, 400, error)
-        assert await tables(ds, "target") == []
-    assert work_folders() == []
-
-
-async def test_open_csv_file_xlsm_macros_are_never_run(ds, tmp_path):
-    path = make_xlsx(
-        tmp_path / "macros.xlsm",
-        [("Dogs", '<row r="1"><c r="A1" t="inlineStr"><is><t>name</t></is></c></row><row r="2"><c r="A2" t="inlineStr"><is><t>Cleo</t></is></c></row>')],
-        extra={"xl/vbaProject.bin": b"Attribute VB_Name = \"Evil\"\nShell \"touch pwned\""},
-    )
-    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
-    assert response.json()["path"] == "/temporary/macros"
-    assert await rows(ds, "temporary", "select name from macros") == [("Cleo",)]
-
-
-def large_sheet(count):
-    """A sheet of count numbered rows, with a shared string saying whether each is odd, as it is written."""
-    yield '<row r="1"><c r="A1" t="inlineStr"><is><t>n</t></is></c><c r="B1" t="inlineStr"><is><t>parity</t></is></c></row>'
-    for start in range(2, count + 2, 10_000):
-        yield "".join(
-            f'<row r="{n}"><c r="A{n}"><v>{n - 2}</v></c><c r="B{n}" t="s"><v>{n % 2}</v></c></row>'
-            for n in range(start, min(start + 10_000, count + 2))
-        )
-
-
-async def test_open_csv_file_xlsx_large_sheet(ds, tmp_path):
-    count = 1_000_000
-    path = make_xlsx(tmp_path / "large.xlsx", [("Big", large_sheet(count))], ["even", "odd"])
-    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
-    assert response.json()["rows"] == count, response.text
-    assert await rows(ds, "temporary", "select count(*), sum(n), min(n), max(n), sum(parity = 'odd') from large") == [
-        (count, count * (count - 1) // 2, 0, count - 1, count // 2)
-    ]
-    assert await rows(ds, "temporary", "select n, parity from large where rowid in (1, 500000, 1000000) order by rowid") == [
-        (0, "even"), (499_999, "odd"), (999_999, "odd"),
-    ]
-
-
-# /-/import-csv-file: full disks, locks and databases that go away
-
-
-async def test_import_into_a_file_database_on_a_full_disk(ds, tmp_path, small_disk):
-    disk = small_disk(size="2m")
-    name = await open_file_database(ds, make_db(disk / "target.db"))
-    body = {"path": str(big_csv(tmp_path)), "database": name}
-    response = await post(ds, "/-/import-csv-file", body)
-    assert_error(response, 400, "The disk is full")
-    assert await tables(ds, name) == ["t"]
-    assert sorted(p.name for p in disk.iterdir()) == ["target.db"]
-
-
-async def test_staging_an_import_for_temporary_on_a_full_disk(ds, tmp_path, small_disk, monkeypatch):
-    disk = small_disk(size="2m")
-    monkeypatch.setattr(tempfile, "tempdir", str(disk))
-    response = await post(ds, "/-/open-csv-file", {"path": str(big_csv(tmp_path))})
-    assert_error(response, 400, "The disk is full")
-    assert await tables(ds) == [] and list(disk.iterdir()) == []
-
-
-async def test_import_into_a_database_locked_by_another_program(ds, tmp_path):
-    path = make_db(tmp_path / "target.db")
-    name = await open_file_database(ds, path)
-    other = sqlite3.connect(path, isolation_level=None)
-    other.execute("begin exclusive")
-    try:
-        # The other program holds its lock until after the answer: an import
-        # that waited for it would never answer.
-        response = await post(ds, "/-/import-csv-file", {"path": str(big_csv(tmp_path, 1)), "database": name})
-        assert_error(response, 400, "is locked by another program")
-        assert "Close it there and try again." in response.json()["error"]
-    finally:
-        other.execute("rollback")
-        other.close()
-    assert await tables(ds, name) == ["t"]
-
-
-async def test_import_into_a_database_on_a_read_only_disk(ds, tmp_path, small_disk):
-    disk = small_disk(size="1m")
-    name = await open_file_database(ds, make_db(disk / "target.db"))
-    read_only(disk)
-    response = await post(ds, "/-/import-csv-file", {"path": str(big_csv(tmp_path, 1)), "database": name})
-    assert_error(response, 400, "is read-only")
-    assert await tables(ds, name) == ["t"]
-
-
-async def test_detaching_the_target_during_an_import_is_not_a_server_fault(ds, tmp_path):
-    name = await open_file_database(ds, make_db(tmp_path / "target.db"))
-    task = asyncio.ensure_future(
-        post(ds, "/-/import-csv-file", {"path": str(big_csv(tmp_path, 8)), "database": name})
-    )
-    while not any(item["state"] == "running" for item in await progress(ds)):
-        await asyncio.sleep(0.01)
-    ds.remove_database(name)
-    response = await task
-    assert response.status_code in (200, 400), response.text
-    assert response.headers["content-type"].startswith("application/json")
-
-
-# /-/open-csv-file and /-/restore-temporary-from-file: more than memory can hold
-
-
-def memory_cgroup_parents():
-    """Where this process's memory cgroups are (v1, then v2), with their limit files."""
-    with open("/proc/self/cgroup") as f:
-        lines = [line.rstrip("\n").split(":", 2) for line in f]
-    for _, controllers, path in lines:
-        if "memory" in controllers.split(","):
-            folder = os.path.join("/sys/fs/cgroup/memory", path.lstrip("/"))
-            yield (folder if os.path.isdir(folder) else "/sys/fs/cgroup/memory"), "memory.limit_in_bytes"
-        elif controllers == "":
-            yield os.path.join("/sys/fs/cgroup", path.lstrip("/")), "memory.max"
-
-
-@pytest.fixture
-def memory_cgroup():
-    """limit(bytes): a memory cgroup of this test's own, limited so; its cgroup.procs file."""
-    made = []
-
-    def limit(size):
-        for parent, limit_file in memory_cgroup_parents() if os.path.exists("/proc/self/cgroup") else []:
-            folder = os.path.join(parent, f"app_support_test_{uuid.uuid4().hex}")
-            try:
-                os.mkdir(folder)
-                made.append(folder)
-                with open(os.path.join(folder, limit_file), "w") as f:
-                    f.write(str(size))
-            except OSError:
-                continue
-            return os.path.join(folder, "cgroup.procs")
-        pytest.skip("this machine lets only root, or a delegated user, make a memory cgroup")
-
-    yield limit
-    for folder in made:
-        with contextlib.suppress(OSError):
-            os.rmdir(folder)
-
-
-def write_backup(path, megabytes):
-    """A valid database of about this many megabytes."""
-    conn = sqlite3.connect(path)
-    conn.execute(
-        "create table saved as with recursive n(i) as (select 1 union all select i + 1 from n where i < ?) "
-        "select i, randomblob(1000) as b from n", [megabytes * 1000]
-    )
-    conn.commit()
-    conn.close()
-    return path
-
-
-def write_wide_csv(path, megabytes):
-    """A CSV file of about this many megabytes, in rows of 250 bytes."""
-    with open(path, "w") as f:
-        f.write("id,text\n")
-        for block in range(megabytes * 4):
-            f.write("".join(f"{block * 1000 + i},{'x' * 240}\n" for i in range(1000)))
-    return path
-
-
-def test_files_too_big_for_memory_leave_temporary_as_it_was(tmp_path, memory_cgroup):
-    """A server in a 300 MB memory cgroup, started as the app starts it.
-
-    Without the check, the 300 MB file and the 300 MB backup each make the
-    kernel end the server, and every table in temporary with it.
-    """
-    server = AppServer(tmp_path / "server")
-    server.cgroup_procs = memory_cgroup(300 * 2**20)
-    server.start()
-    try:
-        small = write_wide_csv(tmp_path / "small.csv", 20)
-        status, _, body = server.call("/-/open-csv-file", {"path": str(small)}, timeout=300)
-        assert status == 200, body
-        big = write_wide_csv(tmp_path / "big.csv", 300)
-        status, _, body = server.call("/-/open-csv-file", {"path": str(big)}, timeout=600)
-        assert status == 400, body
-        assert re.fullmatch(
-            r"big\.csv needs about \d+ MB of memory to open in the temporary database, and the server's "
-            r"memory limit \(its cgroup\) leaves about \d+ MB free\. Create a database file "
-            r"\(File → New Empty Database…\) and use Import CSV on it instead\.",
-            json.loads(body)["error"],
-        ), body
-        backup = write_backup(tmp_path / "backup.db", 300)
-        status, _, body = server.call("/-/restore-temporary-from-file", {"path": str(backup)}, timeout=300)
-        assert status == 400, body
-        assert json.loads(body)["error"].startswith(f"The backup {backup} needs about "), body
-        assert "so nothing was restored. Open it as a database file instead" in json.loads(body)["error"]
-        status, _, body = server.call("/temporary/small.json?_shape=array&_size=1")
-        assert status == 200 and json.loads(body)[0]["id"] == 0, body
-        status, _, body = server.call("/temporary.json")
-        assert [t["name"] for t in json.loads(body)["tables"]] == ["small"], body
-        assert server_work_files(server) == []
-    finally:
-        server.stop()
-
-
-# The import engine: column types and names, checked against the slow references
 
 
 def test_column_type_pure():
@@ -3428,6 +3342,17 @@ async def test_open_csv_file_matches_json_module_on_generated_documents(ds, tmp_
 # The import engine: reading large files in parts, by helper processes
 
 
+PARTS_SEED = 21_11_2026
+PARTS_FILES = 40
+
+
+def split_points(path):
+    """Where the engine would cut path into parts; [] when it reads the file whole."""
+    plan = app_support.plan_file(str(path))
+    processes = app_support._process_count(path.stat().st_size, plan)
+    return app_support._split_points(str(path), processes, plan) if processes > 1 else []
+
+
 def test_csv_engine_in_parts_matches_csv_module_on_generated_files(tmp_path, in_parts, helpers):
     problems, files, index = [], 0, 0
     while files < PARTS_FILES:
@@ -3661,6 +3586,15 @@ def test_json_engine_in_parts_matches_json_module(tmp_path, in_parts, helpers):
 
 
 # /-/open-csv-from-url
+
+
+def zipped(members):
+    """A zip archive holding {name: content}."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    return buffer.getvalue()
 
 
 URL_CASES = [
@@ -4049,6 +3983,17 @@ async def test_download_limit_settings_must_be_numbers(server):
 # /-/dump-temporary-to-file and /-/restore-temporary-from-file
 
 
+async def fill_temporary(ds, megabytes):
+    """Tables in temporary whose dump takes about megabytes: random, so it never compresses."""
+
+    def fill(conn):
+        conn.execute("create table big (b blob)")
+        conn.executemany("insert into big values (randomblob(1024 * 1024))", [()] * megabytes)
+        conn.commit()
+
+    await ds.get_database("temporary").execute_write_fn(fill, block=True)
+
+
 async def test_dump_and_restore_temporary(ds, tmp_path):
     csv_path = tmp_path / "dogs.csv"
     csv_path.write_text("name\nCleo\n")
@@ -4331,6 +4276,41 @@ async def test_import_progress_for_a_workbook_counts_every_sheet(ds, tmp_path):
 # POST /-/cancel-import
 
 
+async def cancel_with_token(ds, import_id):
+    """POST /-/cancel-import as the app does, with the token."""
+    return await post(ds, "/-/cancel-import", {"id": import_id})
+
+
+async def page_csrf(ds, cookies):
+    """What a same-origin page sends with its POSTs: the cookies and the page's csrftoken."""
+    page = await ds.client.get("/", cookies=cookies)
+    config = page_global(page.text, "appSupport")
+    cookies = {**cookies, **{k: v for k, v in page.cookies.items() if k == "ds_csrftoken"}}
+    return cookies, {"x-csrftoken": config["csrftoken"], "Sec-Fetch-Site": "same-origin"}
+
+
+async def cancel_with_cookie(ds, import_id):
+    """POST /-/cancel-import as the panel does: from a page, with the cookie and the page's csrftoken."""
+    cookies, headers = await page_csrf(ds, await root_cookie(ds))
+    return await ds.client.post(
+        "/-/cancel-import", content=json.dumps({"id": import_id}).encode(), cookies=cookies, headers=headers
+    )
+
+
+async def start_big_import(ds, tmp_path, database, count=1_000_000):
+    """Start a CSV import that takes a second or more; return (task, progress item)."""
+    if database != "temporary":
+        await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / f"{database}.db")})
+    path = write_big_csv(tmp_path / "big.csv", count)
+    task = asyncio.ensure_future(post(ds, "/-/import-csv-file", {"path": str(path), "database": database}))
+    while not task.done():
+        items = await progress(ds)
+        if items and items[0]["state"] == "running" and items[0]["rows"]:
+            return task, items[0]
+        await asyncio.sleep(0.005)
+    raise AssertionError("the import finished before it could be cancelled: " + (await task).text)
+
+
 @pytest.mark.parametrize("database", ["temporary", "target"])
 @pytest.mark.parametrize("cancel", [cancel_with_token, cancel_with_cookie])
 async def test_cancel_import_stops_it_and_leaves_nothing(ds, tmp_path, database, cancel):
@@ -4482,6 +4462,10 @@ async def test_cancel_import_of_json_and_workbooks(ds, tmp_path, database, make)
 
 
 # POST /-/refresh-plugin-directory: the plugin directory and the welcome section
+
+
+async def with_lists(lists):
+    return await with_settings(**lists.settings())
 
 
 def reference_versions(rng):
@@ -4666,6 +4650,13 @@ async def test_welcome_section_only_for_the_desktop_user(lists):
 
 
 # The pages: the page the app opens the moment an endpoint answers
+
+
+async def listed_tables(ds, database):
+    """The tables the database page lists, as the app would show them right now."""
+    response = await ds.client.get(f"/{database}.json")
+    assert response.status_code == 200, response.text
+    return {t["name"] for t in response.json()["tables"]}
 
 
 async def test_opened_database_lists_its_tables_on_the_first_request(ds, tmp_path):
@@ -4914,6 +4905,11 @@ async def test_page_config_cannot_close_its_script_element(ds, tmp_path):
 
 
 # The pages: Datasette 1.0 gives the app user its powers, and imports emit events
+
+
+needs_datasette_1 = pytest.mark.skipif(
+    not IS_DATASETTE_1, reason="Datasette 0.65 has no write API, events or SQL permissions"
+)
 
 
 @needs_datasette_1
@@ -5348,6 +5344,26 @@ def test_browser_panel_follows_a_finished_import_to_its_table(desktop, server, t
 
 
 # The browser: the plugin directory and the welcome section
+
+
+# Installed as the list's versions say: 0.10 is newer than 0.9, 1.0a2 older than 1.0.
+INSTALLED = {"datasette-fake-old": "0.9", "datasette-fake-default": "1.0"}
+
+
+DEFAULT_PLUGINS = "datasette datasette-app-support datasette-fake-default"
+
+
+def install_plugins(folder, plugins=INSTALLED):
+    """Plugins laid out as pip installs them, a module and its dist-info, in folder: for PYTHONPATH."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, version in plugins.items():
+        module = name.replace("-", "_")
+        (folder / f"{module}.py").write_text("")
+        info = folder / f"{module}-{version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        (info / "entry_points.txt").write_text(f"[datasette]\n{module} = {module}\n")
+    return str(folder)
 
 
 PLUGINS_PAGE = "/plugin_directory/plugins?_sort_desc=stargazers_count&_facet=installed&_facet=upgrade"
