@@ -587,12 +587,17 @@ LISTED = [
 ]
 
 
-# Helpers: workbooks written by hand
+# Helpers: small files to import: JSON, and workbooks written by hand
 #
 # make_xlsx writes a workbook from its XML parts: the edge cases LibreOffice
 # would not write, and the workbooks other endpoints' tests import. The random
 # workbooks LibreOffice writes, and their reference, are at the start of
 # "/-/open-csv-file: Excel workbooks".
+
+
+DOGS = [{"id": 1, "name": "Cleo"}, {"id": 2, "name": "Pancakes"}]
+DOGS_JSON = json.dumps(DOGS).encode()
+DOGS_NDJSON = b"".join(json.dumps(dog).encode() + b"\n" for dog in DOGS)
 
 
 XLSX_PARTS = {
@@ -650,6 +655,22 @@ def make_xlsx(path, sheets, strings=(), date1904=False, number_formats=(), style
                     out.write(piece.encode())
                 out.write(f"</{p}sheetData></{p}worksheet>".encode())
     return path
+
+
+def large_sheet(count):
+    """A sheet of count numbered rows, with a shared string saying whether each is odd, as it is written."""
+    yield '<row r="1"><c r="A1" t="inlineStr"><is><t>n</t></is></c><c r="B1" t="inlineStr"><is><t>parity</t></is></c></row>'
+    for start in range(2, count + 2, 10_000):
+        yield "".join(
+            f'<row r="{n}"><c r="A{n}"><v>{n - 2}</v></c><c r="B{n}" t="s"><v>{n % 2}</v></c></row>'
+            for n in range(start, min(start + 10_000, count + 2))
+        )
+
+
+def pets_workbook(path):
+    dogs = '<row r="1"><c r="A1" t="s"><v>0</v></c></row><row r="2"><c r="A2" t="s"><v>1</v></c></row><row r="3"><c r="A3" t="s"><v>2</v></c></row>'
+    cats = '<row r="1"><c r="A1" t="s"><v>0</v></c></row><row r="2"><c r="A2" t="s"><v>3</v></c></row>'
+    return make_xlsx(path, [("Dogs", dogs), ("Cats", cats)], ["name", "Cleo", "Pancakes", "Milo"])
 
 
 # Helpers: reading in parts
@@ -1516,10 +1537,6 @@ async def test_csv_detect_types_false_keeps_text(ds, tmp_path):
 # /-/open-csv-file: JSON, NDJSON and GeoJSON
 
 
-DOGS = [{"id": 1, "name": "Cleo"}, {"id": 2, "name": "Pancakes"}]
-DOGS_JSON = json.dumps(DOGS).encode()
-DOGS_NDJSON = b"".join(json.dumps(dog).encode() + b"\n" for dog in DOGS)
-
 JSON_SHAPES = [
     ("array", "dogs.json", DOGS_JSON, "json", None),
     ("ndjson with a blank line", "dogs.ndjson", DOGS_NDJSON.replace(b"\n", b"\n\n", 1), "ndjson", None),
@@ -2165,16 +2182,6 @@ async def test_open_csv_file_xlsm_macros_are_never_run(ds, tmp_path):
     response = await post(ds, "/-/open-csv-file", {"path": str(path)})
     assert response.json()["path"] == "/temporary/macros"
     assert await rows(ds, "temporary", "select name from macros") == [("Cleo",)]
-
-
-def large_sheet(count):
-    """A sheet of count numbered rows, with a shared string saying whether each is odd, as it is written."""
-    yield '<row r="1"><c r="A1" t="inlineStr"><is><t>n</t></is></c><c r="B1" t="inlineStr"><is><t>parity</t></is></c></row>'
-    for start in range(2, count + 2, 10_000):
-        yield "".join(
-            f'<row r="{n}"><c r="A{n}"><v>{n - 2}</v></c><c r="B{n}" t="s"><v>{n % 2}</v></c></row>'
-            for n in range(start, min(start + 10_000, count + 2))
-        )
 
 
 async def test_open_csv_file_xlsx_large_sheet(ds, tmp_path):
@@ -3815,12 +3822,6 @@ async def test_open_csv_from_url_refuses_a_web_page_naming_the_final_url(ds, ser
         response = await post(ds, "/-/open-csv-from-url", {"url": base + url_path})
         assert_error(response, 400, f"{base}{final} is a web page (HTML), not CSV, TSV or JSON data.")
     assert await tables(ds) == [] and work_folders() == []
-
-
-def pets_workbook(path):
-    dogs = '<row r="1"><c r="A1" t="s"><v>0</v></c></row><row r="2"><c r="A2" t="s"><v>1</v></c></row><row r="3"><c r="A3" t="s"><v>2</v></c></row>'
-    cats = '<row r="1"><c r="A1" t="s"><v>0</v></c></row><row r="2"><c r="A2" t="s"><v>3</v></c></row>'
-    return make_xlsx(path, [("Dogs", dogs), ("Cats", cats)], ["name", "Cleo", "Pancakes", "Milo"])
 
 
 async def test_open_csv_from_url_xlsx(ds, server, tmp_path):
