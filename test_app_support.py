@@ -1,15 +1,26 @@
 """Tests of app_support, through datasette.client, real SQLite files and real processes.
 
-The shared helpers come first, in groups. Then one section per endpoint, in
-the order of app_support.ROUTES, each with its happy paths first and its
-table of bad inputs after them: startup; authentication, methods and bodies
-for every endpoint; /-/auth-app-user; /-/open-database-file;
+Every section of this file opens with a banner, `# ===== ... =====`; grep for
+it to list them. The helpers that several sections use come first, in groups:
+a Datasette with the plugin; requests and answers; files and databases; large
+files; work folders and small disks; the HTTP server for URL tests; the real
+server, started as the app starts it; the plugin directory's lists; small
+files to import; reading in parts. Then one section per endpoint, in the
+order of app_support.ROUTES, each with its happy paths first and its table of
+bad inputs after them: startup; authentication, methods and bodies for every
+endpoint; /-/auth-app-user; /-/open-database-file;
 /-/new-empty-database-file; /-/open-csv-file and /-/import-csv-file; the
 import engine itself; /-/open-csv-from-url; /-/dump-temporary-to-file and
 /-/restore-temporary-from-file; GET /-/import-progress; POST
 /-/cancel-import; POST /-/refresh-plugin-directory, with the plugin
 directory and the welcome section; the pages. The import panel, the plugin
 directory and the welcome section in a real browser come last.
+
+A helper that only one section uses is in that section, at its start or
+beside the tests that use it: the generated CSV and JSON files and their
+slow references open the import engine's section, the workbooks LibreOffice
+writes open "/-/open-csv-file: Excel workbooks", and the Chromium client
+opens the browser's.
 """
 
 import ast
@@ -58,7 +69,7 @@ TOKEN = "5f1e0c9a7b3d2e4f6a8b0c1d2e3f4a5b"
 IS_DATASETTE_1 = not __import__("datasette.version").version.__version__.startswith("0.")
 
 
-# Helpers: a Datasette with the plugin, and the token the app holds
+# ===== Helpers: a Datasette with the plugin, and the token the app holds =====
 
 
 @pytest.fixture(autouse=True)
@@ -102,7 +113,7 @@ def events():
     pm.unregister(name="test_event_collector")
 
 
-# Helpers: requests and answers
+# ===== Helpers: requests and answers =====
 
 
 async def post(ds, path, body, token=TOKEN, headers=None):
@@ -169,7 +180,7 @@ def page_global(html, name):
     return json.JSONDecoder().raw_decode(html.split(f"window.{name} = ", 1)[1])[0]
 
 
-# Helpers: files and databases
+# ===== Helpers: files and databases =====
 
 
 def user_databases(ds):
@@ -253,7 +264,7 @@ def snapshot(folder):
     }
 
 
-# Helpers: large files, and imports that take a while
+# ===== Helpers: large files, and imports that take a while =====
 
 
 def write_big_csv(path, count):
@@ -265,7 +276,7 @@ def write_big_csv(path, count):
     return path
 
 
-# Helpers: work folders and small disks
+# ===== Helpers: work folders and small disks =====
 
 
 def work_folders(folder=None):
@@ -313,7 +324,7 @@ def read_only(folder):
     subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
 
 
-# Helpers: the HTTP server for URL tests
+# ===== Helpers: the HTTP server for URL tests =====
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
@@ -369,7 +380,7 @@ def server():
 CSV_BODY = b"id,name\n1,Cleo\n2,Pancakes\n"
 
 
-# Helpers: the real server, started as the app starts it
+# ===== Helpers: the real server, started as the app starts it =====
 
 
 def unused_port():
@@ -476,7 +487,7 @@ def app_server(tmp_path):
     server.stop()
 
 
-# Helpers: the plugin directory's lists
+# ===== Helpers: the plugin directory's lists =====
 
 
 def refused_download(url):
@@ -587,7 +598,7 @@ LISTED = [
 ]
 
 
-# Helpers: small files to import: JSON, and workbooks written by hand
+# ===== Helpers: small files to import: JSON, and workbooks written by hand =====
 #
 # make_xlsx writes a workbook from its XML parts: the edge cases LibreOffice
 # would not write, and the workbooks other endpoints' tests import. The random
@@ -673,7 +684,7 @@ def pets_workbook(path):
     return make_xlsx(path, [("Dogs", dogs), ("Cats", cats)], ["name", "Cleo", "Pancakes", "Milo"])
 
 
-# Helpers: reading in parts
+# ===== Helpers: reading in parts =====
 #
 # The in_parts fixture makes the engine read any file in three parts, so that
 # small generated files exercise the split points, the helper processes and
@@ -706,7 +717,7 @@ def helpers(monkeypatch):
     return started
 
 
-# Startup
+# ===== Startup =====
 
 
 async def test_startup_adds_temporary_removes_memory_and_is_idempotent(ds, tmp_path):
@@ -772,7 +783,7 @@ async def test_startup_removes_work_folders_of_dead_processes_only(temp_dir):
     assert left == set(names.values()) - {names["dead"]} | {f"app_support_{dead.pid}_file"}
 
 
-# Authentication, methods and bodies, for every endpoint
+# ===== Authentication, methods and bodies, for every endpoint =====
 
 
 # The routes only the desktop app may call, with its token.
@@ -1015,7 +1026,7 @@ async def test_genuine_server_fault_is_500_json():
     assert "Traceback" not in response.text
 
 
-# /-/auth-app-user
+# ===== /-/auth-app-user =====
 
 
 async def test_auth_app_user_sets_root_cookie_and_redirects(ds):
@@ -1053,7 +1064,7 @@ async def test_auth_app_user_bad_bodies(ds, body, error):
     assert "set-cookie" not in response.headers
 
 
-# /-/open-database-file
+# ===== /-/open-database-file =====
 
 
 async def test_open_database_file(ds, tmp_path):
@@ -1138,7 +1149,7 @@ async def test_open_database_file_already_open_even_through_symlink(ds, tmp_path
     assert user_databases(ds) == {"temporary", "real"}
 
 
-# /-/new-empty-database-file
+# ===== /-/new-empty-database-file =====
 
 
 async def test_new_empty_database_file(ds, tmp_path):
@@ -1166,7 +1177,7 @@ async def test_new_empty_database_file_errors(ds, tmp_path, setup, error):
     await assert_refused(ds, tmp_path, "/-/new-empty-database-file", {"path": str(path)}, 400, error)
 
 
-# /-/open-csv-file and /-/import-csv-file
+# ===== /-/open-csv-file and /-/import-csv-file =====
 
 
 async def import_bytes(ds, tmp_path, content, name="data.csv", **options):
@@ -1280,7 +1291,7 @@ async def test_csv_bad_files_refused_with_a_clear_400(ds, tmp_path, name, conten
     assert sqlite3.connect(target).execute("select count(*) from keep").fetchone() == (3,)
 
 
-# /-/open-csv-file: encodings, delimiters and line endings
+# ===== /-/open-csv-file: encodings, delimiters and line endings =====
 
 
 ENCODINGS = [
@@ -1371,7 +1382,7 @@ async def test_csv_long_run_of_blank_lines_before_the_header(ds, tmp_path, blank
     assert stored == [(1, "x")]
 
 
-# /-/open-csv-file: column names, row widths and table names
+# ===== /-/open-csv-file: column names, row widths and table names =====
 
 
 HEADERS = [
@@ -1455,7 +1466,7 @@ async def test_csv_nfc_and_nfd_file_names_give_two_distinct_nfc_tables(ds, tmp_p
     assert names == ["café", "café_2"], ascii(names)
 
 
-# /-/open-csv-file: column types
+# ===== /-/open-csv-file: column types =====
 
 
 TYPES = [
@@ -1534,7 +1545,7 @@ async def test_csv_detect_types_false_keeps_text(ds, tmp_path):
     assert stored == [("1", "2.5")]
 
 
-# /-/open-csv-file: JSON, NDJSON and GeoJSON
+# ===== /-/open-csv-file: JSON, NDJSON and GeoJSON =====
 
 
 JSON_SHAPES = [
@@ -1648,7 +1659,7 @@ async def test_import_csv_file_json_into_a_file_database(ds, tmp_path):
     assert column_types(conn, "dogs") == {"id": "TEXT", "name": "TEXT"}
 
 
-# /-/open-csv-file: Excel workbooks
+# ===== /-/open-csv-file: Excel workbooks =====
 
 
 # Helpers: workbooks, written by LibreOffice and by hand
@@ -2197,7 +2208,7 @@ async def test_open_csv_file_xlsx_large_sheet(ds, tmp_path):
     ]
 
 
-# /-/import-csv-file: full disks, locks and databases that go away
+# ===== /-/import-csv-file: full disks, locks and databases that go away =====
 
 
 async def open_file_database(ds, path):
@@ -2272,7 +2283,7 @@ async def test_detaching_the_target_during_an_import_is_not_a_server_fault(ds, t
     assert response.headers["content-type"].startswith("application/json")
 
 
-# /-/open-csv-file and /-/restore-temporary-from-file: more than memory can hold
+# ===== /-/open-csv-file and /-/restore-temporary-from-file: more than memory can hold =====
 
 
 def memory_cgroup_parents():
@@ -2368,7 +2379,7 @@ def test_files_too_big_for_memory_leave_temporary_as_it_was(tmp_path, memory_cgr
         server.stop()
 
 
-# The import engine: column types and names, checked against the slow references
+# ===== The import engine: column types and names, checked against the slow references =====
 
 
 def engine_problem(path, where, check, **options):
@@ -3346,7 +3357,7 @@ async def test_open_csv_file_matches_json_module_on_generated_documents(ds, tmp_
     assert_none_differ(problems, "documents")
 
 
-# The import engine: reading large files in parts, by helper processes
+# ===== The import engine: reading large files in parts, by helper processes =====
 
 
 PARTS_SEED = 21_11_2026
@@ -3592,7 +3603,7 @@ def test_json_engine_in_parts_matches_json_module(tmp_path, in_parts, helpers):
     assert helpers and all(helper.poll() is not None for helper in helpers)
 
 
-# /-/open-csv-from-url
+# ===== /-/open-csv-from-url =====
 
 
 def zipped(members):
@@ -3863,7 +3874,7 @@ async def test_open_csv_from_url_refuses_a_directory_listing(ds, tmp_path):
         httpd.server_close()
 
 
-# /-/open-csv-from-url: limits on what a download may cost
+# ===== /-/open-csv-from-url: limits on what a download may cost =====
 
 
 def gzip_bomb(megabytes):
@@ -3981,7 +3992,7 @@ async def test_download_limit_settings_must_be_numbers(server):
     assert_error(response, 400, "url_time_limit must be a number")
 
 
-# /-/dump-temporary-to-file and /-/restore-temporary-from-file
+# ===== /-/dump-temporary-to-file and /-/restore-temporary-from-file =====
 
 
 async def fill_temporary(ds, megabytes):
@@ -4145,7 +4156,7 @@ def test_restart_cycle_with_real_datasette_process(app_server, tmp_path):
         assert json.loads(response.read())["actor"] == {"id": "root"}
 
 
-# GET /-/import-progress
+# ===== GET /-/import-progress =====
 
 
 @pytest.mark.parametrize("database", ["temporary", "target"])
@@ -4274,7 +4285,7 @@ async def test_import_progress_for_a_workbook_counts_every_sheet(ds, tmp_path):
     assert final["bytes_read"] == final["bytes_total"] == path.stat().st_size
 
 
-# POST /-/cancel-import
+# ===== POST /-/cancel-import =====
 
 
 async def cancel_with_token(ds, import_id):
@@ -4462,7 +4473,7 @@ async def test_cancel_import_of_json_and_workbooks(ds, tmp_path, database, make)
     assert await tables(ds, database) == [] and work_folders() == []
 
 
-# POST /-/refresh-plugin-directory: the plugin directory and the welcome section
+# ===== POST /-/refresh-plugin-directory: the plugin directory and the welcome section =====
 
 
 async def with_lists(lists):
@@ -4650,7 +4661,7 @@ async def test_welcome_section_only_for_the_desktop_user(lists):
         assert "Welcome to Datasette Desktop" not in (await ds.client.get("/", cookies=visitor)).text
 
 
-# The pages: the page the app opens the moment an endpoint answers
+# ===== The pages: the page the app opens the moment an endpoint answers =====
 
 
 async def listed_tables(ds, database):
@@ -4699,7 +4710,7 @@ async def test_restored_temporary_lists_its_tables_on_the_first_request(ds, tmp_
     assert await listed_tables(ds, "temporary") == {"saved"}
 
 
-# The pages: other readers never wait for an import
+# ===== The pages: other readers never wait for an import =====
 
 
 async def test_csv_import_stays_responsive_and_never_locks_the_schema(ds, tmp_path):
@@ -4848,7 +4859,7 @@ def test_pages_and_the_target_file_never_wait_for_a_large_import(app_server, tmp
     )
 
 
-# The pages: the panel's script and style, and the Import CSV button
+# ===== The pages: the panel's script and style, and the Import CSV button =====
 
 
 async def test_page_script_only_for_the_desktop_user(ds, tmp_path):
@@ -4905,7 +4916,7 @@ async def test_page_config_cannot_close_its_script_element(ds, tmp_path):
     assert "</script><b>" not in page.text.split("window.appSupport = ", 1)[1].split("</script>")[0]
 
 
-# The pages: Datasette 1.0 gives the app user its powers, and imports emit events
+# ===== The pages: Datasette 1.0 gives the app user its powers, and imports emit events =====
 
 
 needs_datasette_1 = pytest.mark.skipif(
@@ -5006,7 +5017,7 @@ async def test_events_are_quietly_absent_on_0_65(ds, tmp_path):
     assert (app_support.datasette_events is None) == (not IS_DATASETTE_1)
 
 
-# The browser: the import panel in headless Chromium, driven over the DevTools protocol
+# ===== The browser: the import panel in headless Chromium, driven over the DevTools protocol =====
 #
 # The client comes first: Browser starts Chromium with --remote-debugging-pipe
 # and speaks the protocol's JSON over two pipes. The desktop fixture opens a
@@ -5344,7 +5355,7 @@ def test_browser_panel_follows_a_finished_import_to_its_table(desktop, server, t
     assert browser.errors() == []
 
 
-# The browser: the plugin directory and the welcome section
+# ===== The browser: the plugin directory and the welcome section =====
 
 
 # Installed as the list's versions say: 0.10 is newer than 0.9, 1.0a2 older than 1.0.
