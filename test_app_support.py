@@ -976,8 +976,10 @@ def module_messages():
 
 
 def readme_messages():
-    """The sentences the README quotes in backticks: what the plugin says, with examples for its values."""
-    spans = re.findall(r"`([^`\n]+)`", (Path(__file__).parent / "README.md").read_text())
+    """The sentences the README and docs/how-it-reads.md quote in backticks: what the plugin says, with examples for its values."""
+    here = Path(__file__).parent
+    text = "\n".join((here / name).read_text() for name in ("README.md", "docs/how-it-reads.md"))
+    spans = re.findall(r"`([^`\n]+)`", text)
     return sorted({
         span for span in spans
         if re.match(r"[A-Z…]|[a-z_]+ must", span) and span.count(" ") >= 2
@@ -1001,6 +1003,14 @@ def test_every_message_the_readme_quotes_is_the_modules():
     assert len(messages) >= 50, messages  # the README's error lists are all still found
     patterns = module_messages()
     assert [message for message in messages if not said_by_the_module(message, patterns)] == []
+
+
+def test_the_modules_contents_list_names_every_section_as_headed():
+    source = Path(app_support.__file__).read_text()
+    banners = re.findall(r"^# ===== (.+) =====$", source, re.M)
+    contents = app_support.__doc__.split("Contents.")[1].split("Where is")[0]
+    listed = [re.split(r"\s{2,}", line.strip())[0] for line in contents.splitlines()[3:] if line.strip()]
+    assert len(banners) > 20 and listed == banners
 
 
 # A test plugin (a module, as Datasette 0.65 expects): a route with a real bug.
@@ -1610,6 +1620,19 @@ async def test_open_csv_file_json_values_keep_their_types(ds, tmp_path):
         ("02134", 1, 0.1, 2**63 - 1, "1", 1, '["a","é"]', None),
         ("12", -2, 1e300, -(2**63), "1" + "0" * 30, 0, '{"k":[1,2.5]}', None),
     ]
+
+
+@pytest.mark.parametrize("shape", ["array", "ndjson"])
+async def test_open_csv_file_json_in_utf16_reads_as_its_bom_says(ds, tmp_path, shape):
+    # The CSV reader's text, BOM and NUL handling serve JSON too: UTF-16 is
+    # full of NUL bytes that are not binary.
+    items = [{"name": "Zoë", "city": "東京", "n": i} for i in range(3)]
+    text = json.dumps(items, ensure_ascii=False) if shape == "array" else "\n".join(map(json.dumps, items)) + "\n"
+    path = tmp_path / "wide.json"
+    path.write_bytes(text.encode("utf-16"))
+    answer = (await post(ds, "/-/open-csv-file", {"path": str(path)})).json()
+    assert answer == {"ok": True, "path": "/temporary/wide", "rows": 3, "format": "json" if shape == "array" else "ndjson"}
+    assert await rows(ds, "temporary", "select name, city, n from wide") == [tuple(item.values()) for item in items]
 
 
 def too_many_keys():
@@ -3304,7 +3327,7 @@ def test_csv_engine_reads_east_asian_and_western_code_pages_as_written(tmp_path)
         header = ["id", rng.choice(words), "amount"]
         rows = [
             [str(i), " ".join(rng.choice(words) for _ in range(rng.randint(1, 3))), f"{rng.randint(0, 999)}.{rng.randint(0, 99)}"]
-            # A Chinese file of a row or two can read as Korean: see the README's table.
+            # A Chinese file of a row or two can read as Korean: see the table in docs/how-it-reads.md.
             for i in range(rng.randint(5 if language.startswith("Chinese") else 1, 60))
         ]
         text = written([header] + rows)
