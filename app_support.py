@@ -36,7 +36,7 @@ Contents. Each section opens with a banner, `# ===== Name =====`, so that
     Column names and types
     Staging
     Copying into the target
-    Reading large files in parts    the only section that knows of parts
+    Reading large files in parts    the only one that cuts files, starts processes
     Running an import             the engine for the handlers
     Downloads
     Import progress
@@ -1720,7 +1720,7 @@ class JSONPlan:
     def open(self, path, start=0, end=None):
         return JSONReader(path, self, start, end)
 
-    def row_start(self, window, quotes=0):
+    def row_start(self, window, quotes):
         """Just past the first LF in window that follows an item and comes before an object; or None.
 
         An LF inside a nested array can look the same: then the reader of the
