@@ -4,15 +4,16 @@ The Electron app starts `datasette` with DATASETTE_API_TOKEN and
 DATASETTE_SECRET set, then drives it through the JSON endpoints of ROUTES:
 it attaches SQLite files, imports CSV, JSON and Excel files from disk or
 URLs, signs the desktop user in as root, and carries the in-memory
-`temporary` database across restarts. On the desktop user's pages it adds
-the import panel, an Import CSV button, the plugin directory's status and
+`temporary` database across restarts, or keeps it in a file when the user
+asks. On the desktop user's pages it adds the import panel, an Import CSV
+button, the switch that keeps temporary, the plugin directory's status and
 buttons, and a welcome section on the home page.
 
-Every endpoint but GET /-/import-progress is a POST that reads a JSON object
-from the raw body. The app's calls carry `Authorization: Bearer <token>`;
-the few routes the pages call also take the desktop user's cookie. Each
-answers `{"ok": true, ...}` or `{"ok": false, "error": "<a sentence for a
-dialog>"}`.
+Every endpoint but GET /-/import-progress and GET /-/keep-temporary is a
+POST that reads a JSON object from the raw body. The app's calls carry
+`Authorization: Bearer <token>`; the few routes the pages call also take
+the desktop user's cookie. Each answers `{"ok": true, ...}` or
+`{"ok": false, "error": "<a sentence for a dialog>"}`.
 
 This file imports only the standard library and datasette, so it works when
 copied alone into a --plugins-dir, vendored, or installed with pip.
@@ -27,6 +28,7 @@ Contents. Each section opens with a banner, `# ===== Name =====`, so that
     Files and databases           paths, SQLite files, table names
     Work folders                  folders for staging and downloads
     Memory for temporary          refusing what temporary cannot hold
+    Keeping temporary             in a file the user can switch on
     The import engine             the path every import takes:
     Readers                         plan_file, the seam of the formats
     Readers: text encodings
@@ -112,6 +114,11 @@ from datasette import hookimpl, hookspecs
 from datasette.database import Database
 from datasette.utils.asgi import Response
 
+try:  # POSIX: a lock on the kept temporary's folder
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
 try:  # Datasette 1.0: events, and permissions as SQL
     from datasette import events as datasette_events
     from datasette.permissions import PermissionSQL
@@ -139,6 +146,10 @@ PLUGINS_TABLE = "plugins"
 URL_TIMEOUT_SECONDS = 30
 URL_TIME_LIMIT_SECONDS = 600
 URL_SIZE_LIMIT_MB = 1024
+# Where a kept temporary lives unless the plugin setting temporary_file says:
+# Datasette Desktop's own folder, the one its venv is in, in the user's home.
+APP_FOLDER = ".datasette-app"
+KEPT_FILE_NAME = "temporary.db"
 # Defaults of the plugin settings plugin_directory_url and example_csvs_url.
 PLUGIN_DIRECTORY_URL = "https://datasette.io/content/plugins.json?_shape=array&_size=max"
 EXAMPLE_CSVS_URL = "https://datasette.io/content/example_csvs.json?_shape=array"
@@ -505,6 +516,68 @@ def _memory_database(datasette, memory_name):
     return Database(datasette, memory_name=memory_name)
 
 
+def _temporary_database(datasette, path=None):
+    """A Database to be temporary: the kept file at path, or in memory under a name of its own.
+
+    A memory name of its own, so two Datasette instances in one process never
+    share their tables. Not id(datasette): ids are reused, and the
+    shared-cache database outlives its instance while a write thread still
+    holds a connection to it.
+    """
+    place = {"path": path, "is_mutable": True} if path else {"memory_name": f"{TEMPORARY}_{uuid.uuid4().hex}"}
+    db = Database(datasette, **place)
+    if hasattr(db, "_thread_local_id"):  # Datasette 1.0 keeps read connections per object
+        return db
+    return _ReadsKeptPerObject(datasette, **place)
+
+
+class _ReadsKeptPerObject(Database):
+    """Datasette 0.65's Database, with each thread's read connection kept per object, as 1.0 keeps it.
+
+    0.65 keeps them under the database's name, so a new Database named
+    temporary would go on reading the one it replaced. Private: execute_fn's
+    workings, ds.executor and ds._prepare_connection, as in 0.65.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._reads = threading.local()
+        self._read_connections = []
+
+    async def execute_fn(self, fn):
+        if self.ds.executor is None:
+            return await super().execute_fn(fn)
+
+        def in_thread():
+            conn = getattr(self._reads, "conn", None)
+            if conn is None:
+                conn = self.connect()
+                self.ds._prepare_connection(conn, self.name)
+                self._reads.conn = conn
+                self._read_connections.append(conn)
+            return fn(conn)
+
+        return await asyncio.get_running_loop().run_in_executor(self.ds.executor, in_thread)
+
+    async def close_connections(self):
+        """Close every connection, which frees an in-memory database; later writes fail, not vanish."""
+        if self._write_thread is not None:
+            await self.execute_write_fn(lambda conn: conn.close(), block=True)
+        for conn in self._read_connections:
+            conn.close()
+        self.close()  # a file's connections
+
+
+async def _swap_temporary(datasette, new):
+    """Make new the database named temporary, at the same URL, and close the one it replaces."""
+    old = datasette.get_database(TEMPORARY)
+    datasette.remove_database(TEMPORARY)  # Datasette 1.0 closes old here
+    datasette.add_database(new, name=TEMPORARY)
+    if isinstance(old, _ReadsKeptPerObject):
+        await old.close_connections()
+    await _refresh_catalog(datasette)
+
+
 def _welcome_in_page_script():
     """Whether the page script must place the welcome section on the home page.
 
@@ -730,10 +803,10 @@ def _looks_like_a_bomb(size, packed_size):
     return size > EXPANSION_CHECK_AFTER_BYTES and size > MAX_EXPANSION_RATIO * max(packed_size, 1)
 
 
-def _create_empty_database(path):
+def _create_empty_database(path, mode=0o644):
     # O_EXCL: never touch a file that appeared since the request was checked.
     try:
-        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode))
     except FileExistsError:
         raise APIError(f"File already exists: {path}")
     except OSError as e:
@@ -929,6 +1002,302 @@ def _table_bytes(path, table):
         return os.path.getsize(path)
     finally:
         conn.close()
+
+
+# ===== Keeping temporary =====
+#
+# The desktop user may keep temporary in a file, so that its tables outlive
+# the server. The file's presence is the remembered choice: a server that
+# finds it at start opens it as temporary. Turning keeping on copies
+# temporary into the file with VACUUM INTO and puts the file in its place;
+# turning it off copies the file back into memory with the backup API and
+# removes it. The swaps, restores and the last step of every import into
+# temporary take turns under one lock, so none of them writes into a
+# temporary that has just been replaced.
+
+
+# A kept file on a disk with less room than this is not opened at start:
+# the first import would fail, and the next start find a file it cannot open.
+KEPT_FILE_MIN_FREE_BYTES = 1024 * 1024
+
+
+@dataclass
+class _Keeper:
+    """Where this server keeps temporary, or would, and what became of the file at start."""
+
+    path: str  # the kept file's full path; None when no home folder could be found
+    error: str = None  # why the file there could not be used at start, as a sentence
+    folder_lock: int = None  # a descriptor of the file's folder, locked while this server keeps it
+    _lock: asyncio.Lock = None
+
+    def lock(self):
+        """The lock for changing what temporary is, made on the loop that serves requests."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+
+def _keeper(datasette):
+    return _shared_by_copies(datasette, "keeper", lambda: _new_keeper(datasette))
+
+
+def _new_keeper(datasette):
+    try:
+        setting = _kept_file_setting(datasette)
+    except APIError as e:
+        return _Keeper(None, error=e.message)
+    folder = _app_folder()
+    return _Keeper(setting or (folder and os.path.join(folder, KEPT_FILE_NAME)))
+
+
+def _kept_file_setting(datasette):
+    """The temporary_file setting as a full path; None when it is not set."""
+    raw = (datasette.plugin_config(PLUGIN_NAME) or {}).get("temporary_file")
+    if raw is None or raw == "":
+        return None
+    expanded = os.path.expanduser(raw) if isinstance(raw, str) else ""
+    if not os.path.isabs(expanded) or "\x00" in expanded:
+        raise APIError(
+            "The app_support setting temporary_file must be a full path, such as "
+            "/Users/me/temporary.db, so temporary is in memory."
+        )
+    return os.path.normpath(expanded)
+
+
+def _app_folder():
+    """Datasette Desktop's folder, ~/.datasette-app, found without HOME, which the app's server lacks.
+
+    The app runs the server from that folder's venv, so the interpreter's
+    prefix names it; anywhere else it is in the home folder, which
+    expanduser takes from HOME or, without it, from the password database.
+    """
+    prefix = Path(sys.prefix)
+    if prefix.name == "venv" and prefix.parent.name == APP_FOLDER:
+        return str(prefix.parent)
+    home = os.path.expanduser("~")
+    return os.path.join(home, APP_FOLDER) if os.path.isabs(home) else None
+
+
+def _shown_path(path):
+    """A path as the user knows it: ~/.datasette-app/temporary.db."""
+    home = os.path.expanduser("~")
+    if os.path.isabs(home) and path.startswith(home.rstrip(os.sep) + os.sep):
+        return "~" + path[len(home.rstrip(os.sep)):]
+    return path
+
+
+async def _open_temporary(datasette):
+    """Add temporary at start: the kept file when there is one or the setting asks for it; else in memory."""
+    keeper = _keeper(datasette)
+    wanted = keeper.path and ((datasette.plugin_config(PLUGIN_NAME) or {}).get("temporary_file") or os.path.lexists(keeper.path))
+    db = None
+    if wanted:
+        try:
+            await asyncio.to_thread(_open_kept_file, keeper)
+            db = _temporary_database(datasette, keeper.path)
+        except APIError as e:
+            keeper.error = e.message
+    datasette.add_database(db or _temporary_database(datasette), name=TEMPORARY)
+
+
+def _open_kept_file(keeper):
+    """Lock the kept file's folder for this server and check the file takes reads and writes; create it when missing."""
+    path = keeper.path
+    shown = _shorten(_shown_path(path))
+    _make_private_folder(os.path.dirname(path))
+    _lock_folder(keeper, (
+        f"Temporary is in memory this time: another Datasette server is keeping its tables "
+        f"in {shown}. Quit that one and start Datasette Desktop again to see them here."
+    ))
+    try:
+        if not os.path.lexists(path):
+            _create_empty_database(path, mode=0o600)
+        else:
+            _check_kept_file(path)
+    except APIError as e:
+        _unlock_folder(keeper)
+        reason = e.message if e.message.endswith(".") else e.message + "."
+        raise APIError(
+            f"Temporary is in memory this time, because the kept file {shown} could not be "
+            f"used. {reason} The file was left as it is: move it away or delete it, then "
+            "turn keeping on again."
+        )
+
+
+def _check_kept_file(path):
+    """Raise APIError unless the database file at path takes reads and writes, with room to grow."""
+    if os.path.isdir(path):
+        raise APIError(f"That is a folder, not a file: {_shorten(path)}")
+    with open(path, "rb") as f:
+        if not f.read(len(SQLITE_HEADER)) == SQLITE_HEADER:
+            raise APIError(f"Not a SQLite database: {_shorten(path)}")
+    # What a killed server left half-written is rolled back by the first
+    # writing connection; only then do the file's header and pages tell the truth.
+    if os.path.lexists(path + "-journal"):
+        with _sqlite_failures("open", path):
+            _check_writable(path)
+    _check_sqlite_file(path)
+    with _sqlite_failures("open", path):
+        _check_writable(path)
+        conn = _connect_readonly(path)
+        try:
+            # Every page, about a second a gigabyte: writing into a damaged file spreads the damage.
+            problems = [row[0] for row in conn.execute("pragma quick_check(3)")]
+        except sqlite3.DatabaseError as e:
+            if isinstance(e, sqlite3.OperationalError):
+                raise
+            problems = [str(e)]
+        finally:
+            conn.close()
+    if problems != ["ok"]:
+        raise APIError(f"The file is damaged: {_shorten(problems[0])}.")
+    disk = os.statvfs(os.path.dirname(path))
+    if disk.f_bavail * disk.f_frsize < KEPT_FILE_MIN_FREE_BYTES:
+        raise APIError(f"The disk is full: {_shorten(path)} could not take any more tables.")
+
+
+def _make_private_folder(folder):
+    """Create folder, readable by the user alone, when it is missing."""
+    try:
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise _sqlite_failure(e, "create the folder", folder)
+
+
+def _lock_folder(keeper, refusal):
+    """Lock the kept file's folder for this server, so a second server never uses or removes the file.
+
+    The lock is the OS's, on the folder, so it ends with the process however
+    that ends. Without flock (Windows), SQLite's own locks are all there is.
+    """
+    if fcntl is None or keeper.folder_lock is not None:
+        return
+    descriptor = os.open(os.path.dirname(keeper.path), os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(descriptor)
+        raise APIError(refusal)
+    keeper.folder_lock = descriptor
+
+
+def _unlock_folder(keeper):
+    if keeper.folder_lock is not None:
+        os.close(keeper.folder_lock)  # closing it releases the lock
+        keeper.folder_lock = None
+
+
+@contextlib.asynccontextmanager
+async def _temporary_held(datasette, name):
+    """While held, the database named temporary stays the one it is; for other names, nothing."""
+    if name != TEMPORARY:
+        yield
+        return
+    async with _keeper(datasette).lock():
+        yield
+
+
+def _kept_state(datasette):
+    """What GET and POST /-/keep-temporary answer."""
+    db = datasette.get_database(TEMPORARY)
+    state = {"ok": True, "keep": not db.is_memory, "file": None if db.is_memory else db.path}
+    error = _keeper(datasette).error
+    if db.is_memory and error:
+        state["error"] = error
+    return state
+
+
+async def _start_keeping(datasette, keeper):
+    """Copy temporary into the kept file, atomically, and make that file temporary."""
+    if keeper.path is None:
+        raise APIError(keeper.error or (
+            "Could not find your home folder to keep the tables in: set the app_support "
+            "setting temporary_file to a full path."
+        ))
+    path, shown = keeper.path, _shorten(_shown_path(keeper.path))
+    await asyncio.to_thread(_make_private_folder, os.path.dirname(path))
+    if os.path.lexists(path):
+        raise APIError(
+            f"There is already a file at {shown}, so nothing was changed: move it away "
+            "or delete it, then turn keeping on again."
+        )
+    await asyncio.to_thread(_lock_folder, keeper, (
+        f"Another Datasette server is keeping its tables in {shown}, so nothing was "
+        "changed: quit that one first."
+    ))
+    action = "keep the temporary database in"
+    partial = os.path.join(os.path.dirname(path), f".app_support-{uuid.uuid4().hex[:12]}.partial")
+
+    def copy_out(conn):
+        conn.execute("vacuum into ?", [partial])
+        _sync(partial)
+        _move_into_place(partial, path, action)
+        _sync(os.path.dirname(path))
+        # Writes still queued for the old temporary fail rather than vanish.
+        conn.execute("pragma query_only = 1")
+
+    try:
+        await asyncio.to_thread(_create_partial, partial, path, action, 0o600)
+        with _sqlite_failures(action, path):
+            await _write_outside_transaction(datasette.get_database(TEMPORARY), copy_out)
+    except BaseException:
+        _unlock_folder(keeper)
+        raise
+    finally:
+        await asyncio.to_thread(_remove_partial, partial)
+    keeper.error = None
+    await _swap_temporary(datasette, _temporary_database(datasette, path))
+
+
+async def _stop_keeping(datasette, keeper):
+    """Copy the kept file back into an in-memory temporary, when it fits, then remove the file."""
+    old = datasette.get_database(TEMPORARY)
+    path, shown = old.path, _shorten(_shown_path(old.path))
+    size = await asyncio.to_thread(os.path.getsize, path)
+    await asyncio.to_thread(_check_room_in_memory, MEMORY_PER_TABLE_BYTE * size, (
+        f"The tables kept in {shown} need about {{need}} of memory to move back into "
+        "memory, and {free}, so they stay kept in the file."
+    ))
+    new = _temporary_database(datasette)
+    action = "move the kept tables back into memory from"
+
+    def load(conn):
+        source = _connect_readonly(path)
+        try:
+            page_size = source.execute("pragma page_size").fetchone()[0]
+            # PRAGMA takes no bound parameters; page_size is SQLite's own integer.
+            conn.execute(f"pragma page_size = {int(page_size)}")
+            source.backup(conn)
+        finally:
+            source.close()
+
+    # Writes queued for the file meanwhile fail rather than vanish.
+    await _write_outside_transaction(old, lambda conn: conn.execute("pragma query_only = 1"))
+    try:
+        with _sqlite_failures(action, path):
+            await _write_outside_transaction(new, load)
+    except BaseException:
+        await _write_outside_transaction(old, lambda conn: conn.execute("pragma query_only = 0"))
+        raise
+    await _swap_temporary(datasette, new)
+    await asyncio.to_thread(_remove_kept_file, path)
+    _unlock_folder(keeper)
+
+
+def _sync(path):
+    """Make what was written to the file or folder at path survive a power cut."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _remove_kept_file(path):
+    for leftover in (path, path + "-journal", path + "-wal", path + "-shm"):
+        if os.path.lexists(leftover):
+            os.remove(leftover)
+    _sync(os.path.dirname(path))
 
 
 # ===== The import engine =====
@@ -3600,13 +3969,14 @@ async def _import_into(datasette, db, path, wanted_table, detect_types, on_progr
                 stage_file, path, staging_path, detect_types=detect_types,
                 on_progress=on_progress, db_encoding=db_encoding, **file,
             )
-        _check_attached(datasette, db)
-        if db.is_memory:
-            await asyncio.to_thread(_check_room_for_import, staged, file.get("source") or path)
-        with _sqlite_failures("import into", target):
-            return await _write_outside_transaction(
-                db, lambda conn: copy_in(conn, staged, wanted_table, db.is_memory)
-            )
+        async with _temporary_held(datasette, db.name):
+            db = _attached_now(datasette, db)
+            if db.is_memory:
+                await asyncio.to_thread(_check_room_for_import, staged, file.get("source") or path)
+            with _sqlite_failures("import into", db.path or target):
+                return await _write_outside_transaction(
+                    db, lambda conn: copy_in(conn, staged, wanted_table, db.is_memory)
+                )
 
 
 def _check_room_for_import(staged, source):
@@ -3619,12 +3989,17 @@ def _check_room_for_import(staged, source):
     ))
 
 
-def _check_attached(datasette, db):
-    if datasette.databases.get(db.name) is not db:
+def _attached_now(datasette, db):
+    """The database the import goes into now: temporary may have moved into or out of its kept file."""
+    now = datasette.databases.get(db.name)
+    if db.name == TEMPORARY and now is not None:
+        return now
+    if now is not db:
         raise APIError(
             f"The database {db.name} was closed during the import, so nothing was imported. "
             "Open it again and import the file once more."
         )
+    return now
 
 
 async def _import_local_file(datasette, raw_path, database, detect_types):
@@ -4159,6 +4534,22 @@ def _import_target(datasette, database, template, view_name):
     return database
 
 
+def _keep_html(datasette):
+    """The line that turns keeping temporary on or off, with why its kept file was not used, if so."""
+    db = datasette.get_database(TEMPORARY)
+    if db.is_memory:
+        text, keep, label = "Keep these tables after Datasette Desktop quits: ", "true", "Turn on"
+        error = _keeper(datasette).error
+    else:
+        text, keep, label = f"These tables are kept in {_shown_path(db.path)}: ", "false", "Turn off"
+        error = None
+    return (
+        f'<div class="app-support-keep"><p>{html.escape(text)}<button type="button" '
+        f'class="app-support-button" data-keep="{keep}">{label}</button></p>'
+        f'<p class="app-support-error"{"" if error else " hidden"}>{html.escape(error or "")}</p></div>'
+    )
+
+
 class _HTML(str):
     """Markup that Datasette's templates insert as it is (Jinja's __html__ protocol)."""
 
@@ -4562,6 +4953,7 @@ async def _welcome_html(datasette):
         '<section class="app-support-welcome">',
         "<p>Welcome to Datasette Desktop. Get started by opening a <strong>CSV file</strong> or "
         "<strong>SQLite database file</strong> using the <em>File</em> menu.</p>",
+        _keep_html(datasette),
     ]
     if not tables:
         parts.append(
@@ -4688,28 +5080,34 @@ async def open_csv_from_url(datasette, data):
     return await _announce_import(datasette, db, results)
 
 
+DUMP_ACTION = "save the temporary database to"
+
+
 async def dump_temporary_to_file(datasette, data):
     path = _new_file(_checked_body(data, required={"path": str}, optional={})["path"])
-    db = datasette.get_database(TEMPORARY)
     # Written under a name of its own in the same folder, so a failed dump
     # never leaves a partial file at path that would refuse the retry.
     partial = os.path.join(os.path.dirname(path), f".app_support-{uuid.uuid4().hex[:12]}.partial")
     try:
-        await asyncio.to_thread(_create_partial, partial, path)
-        await _vacuum_into(db, partial, path)
-        await asyncio.to_thread(_move_into_place, partial, path)
+        await asyncio.to_thread(_create_partial, partial, path, DUMP_ACTION)
+        async with _temporary_held(datasette, TEMPORARY):
+            await _vacuum_into(datasette.get_database(TEMPORARY), partial, path)
+        await asyncio.to_thread(_move_into_place, partial, path, DUMP_ACTION)
     finally:
         await asyncio.to_thread(_remove_partial, partial)
     return {"ok": True, "path": path}
 
 
-def _create_partial(partial, path):
-    # VACUUM INTO accepts an empty file; creating it first gives a clear
-    # OSError for a read-only or full disk.
+def _create_partial(partial, path, action, mode=0o644):
+    """Create the empty file that VACUUM INTO will fill, before it becomes path.
+
+    VACUUM INTO accepts an empty file; creating it first gives a clear
+    OSError for a read-only or full disk, and the file the mode asked for.
+    """
     try:
-        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        os.close(os.open(partial, os.O_CREAT | os.O_EXCL | os.O_WRONLY, mode))
     except OSError as e:
-        raise _sqlite_failure(e, "save the temporary database to", path)
+        raise _sqlite_failure(e, action, path)
 
 
 async def _vacuum_into(db, partial, path):
@@ -4719,11 +5117,11 @@ async def _vacuum_into(db, partial, path):
     try:
         await _write_outside_transaction(db, vacuum_into)
     except sqlite3.Error as e:
-        raise _sqlite_failure(e, "save the temporary database to", path)
+        raise _sqlite_failure(e, DUMP_ACTION, path)
 
 
-def _move_into_place(partial, path):
-    """Give the finished dump its name, never over a file that appeared meanwhile."""
+def _move_into_place(partial, path, action):
+    """Give the finished copy its name, never over a file that appeared meanwhile."""
     try:
         os.link(partial, path)  # fails if path exists, unlike rename
         return
@@ -4731,14 +5129,14 @@ def _move_into_place(partial, path):
         raise APIError(f"File already exists: {_shorten(path)}")
     except OSError as e:
         if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
-            raise _sqlite_failure(e, "save the temporary database to", path)
+            raise _sqlite_failure(e, action, path)
     # A file system without hard links (FAT, exFAT): check, then rename.
     if os.path.lexists(path):
         raise APIError(f"File already exists: {_shorten(path)}")
     try:
         os.rename(partial, path)
     except OSError as e:
-        raise _sqlite_failure(e, "save the temporary database to", path)
+        raise _sqlite_failure(e, action, path)
 
 
 def _remove_partial(partial):
@@ -4749,15 +5147,21 @@ def _remove_partial(partial):
 
 async def restore_temporary_from_file(datasette, data):
     path = _existing_file(_checked_body(data, required={"path": str}, optional={})["path"])
+    async with _temporary_held(datasette, TEMPORARY):
+        return await _restore_temporary(datasette, path)
+
+
+async def _restore_temporary(datasette, path):
     db = datasette.get_database(TEMPORARY)
     page_size, pages = (await db.execute("select * from pragma_page_size, pragma_page_count")).first()
-    # The backup takes the place of what temporary holds now.
-    need = MEMORY_PER_TABLE_BYTE * (os.path.getsize(path) - page_size * pages)
-    await asyncio.to_thread(_check_room_in_memory, need, (
-        f"The backup {_shorten(path)} needs about {{need}} more memory to restore into the "
-        "temporary database, and {free}, so nothing was restored. Open it as a database "
-        "file instead (File → Open Database…)."
-    ))
+    if db.is_memory:  # a kept temporary grows on disk instead
+        # The backup takes the place of what temporary holds now.
+        need = MEMORY_PER_TABLE_BYTE * (os.path.getsize(path) - page_size * pages)
+        await asyncio.to_thread(_check_room_in_memory, need, (
+            f"The backup {_shorten(path)} needs about {{need}} more memory to restore into the "
+            "temporary database, and {free}, so nothing was restored. Open it as a database "
+            "file instead (File → Open Database…)."
+        ))
     async with _work_folder_off_loop() as folder:
         # temporary is replaced only from a checked copy that already has its
         # page size and encoding, so the last step has nothing left to fail on.
@@ -4824,6 +5228,23 @@ def _prepare_restore(path, copy_path, page_size):
             raise _sqlite_failure(e, "restore the temporary database from", path)
         raise APIError(f"{damaged}: {e}.")
     return tables
+
+
+async def keep_temporary_state(datasette):
+    return _kept_state(datasette)
+
+
+async def keep_temporary(datasette, data):
+    keep = _checked_body(data, required={"keep": bool}, optional={})["keep"]
+    keeper = _keeper(datasette)
+    # Waits for an import's last step, a restore or another switch to finish.
+    async with _temporary_held(datasette, TEMPORARY):
+        kept = not datasette.get_database(TEMPORARY).is_memory
+        if keep and not kept:
+            await _start_keeping(datasette, keeper)
+        elif kept and not keep:
+            await _stop_keeping(datasette, keeper)
+    return _kept_state(datasette)
 
 
 async def import_progress(datasette):
@@ -4895,6 +5316,8 @@ ROUTES = [
     Route("/-/open-csv-from-url", "POST", APP, open_csv_from_url),
     Route("/-/dump-temporary-to-file", "POST", APP, dump_temporary_to_file),
     Route("/-/restore-temporary-from-file", "POST", APP, restore_temporary_from_file),
+    Route("/-/keep-temporary", "GET", APP_OR_USER, keep_temporary_state),
+    Route("/-/keep-temporary", "POST", APP_OR_USER, keep_temporary),
     Route("/-/import-progress", "GET", APP_OR_USER, import_progress),
     Route("/-/cancel-import", "POST", APP_OR_USER, cancel_import),
     Route("/-/refresh-plugin-directory", "POST", APP_OR_USER, refresh_plugin_directory),
@@ -4905,20 +5328,22 @@ ROUTES = [
 _APP_ONLY_PATHS = {route.path for route in ROUTES if route.caller == APP}
 
 
-def _view(route):
-    """A route's view: its one method, its callers checked first, every failure as JSON.
+def _view(routes):
+    """The view of a path's routes, one per method: its callers checked first, every failure as JSON.
 
     A POST handler gets the request's JSON object as its second argument.
     """
-    authenticate = _AUTHENTICATE[route.caller]
+    by_method = {route.method: route for route in routes}
+    allowed = " or ".join(by_method)
 
     async def view(request, datasette):
-        if request.method != route.method:
-            response = _error_response(f"Use {route.method} for {request.path}.", 405)
-            response.headers["Allow"] = route.method
+        route = by_method.get(request.method)
+        if route is None:
+            response = _error_response(f"Use {allowed} for {request.path}.", 405)
+            response.headers["Allow"] = ", ".join(by_method)
             return response
         try:
-            authenticate(request)
+            _AUTHENTICATE[route.caller](request)
             body = [await _read_json_object(request)] if route.method == "POST" else []
             result = await route.handler(datasette, *body)
         except APIError as e:
@@ -4936,30 +5361,33 @@ def _view(route):
 
 @hookimpl
 def startup(datasette):
-    for name in (TEMPORARY, PLUGIN_DIRECTORY):
-        if name not in datasette.databases:
-            # A memory name of its own, so two Datasette instances in one process
-            # never share their tables. Not id(datasette): ids are reused, and the
-            # shared-cache database outlives its instance while a write thread
-            # still holds a connection to it.
-            memory_name = f"{name}_{uuid.uuid4().hex}"
-            datasette.add_database(_memory_database(datasette, memory_name), name=name)
     if "_memory" in datasette.databases:
         datasette.remove_database("_memory")
 
-    async def remove_leftovers_and_load_lists():
+    async def add_databases_remove_leftovers_and_load_lists():
+        # Before the first request: temporary, from its kept file when there is one.
+        if TEMPORARY not in datasette.databases:
+            await _open_temporary(datasette)
+        if PLUGIN_DIRECTORY not in datasette.databases:
+            # A memory name of its own, as _temporary_database explains.
+            memory_name = f"{PLUGIN_DIRECTORY}_{uuid.uuid4().hex}"
+            datasette.add_database(_memory_database(datasette, memory_name), name=PLUGIN_DIRECTORY)
         await asyncio.to_thread(_remove_leftover_work_folders)
         # The copies kept on disk, at once; the network only when a page asks.
         lists = _lists(datasette)
         await lists.plugins.load_copy()
         await lists.examples.load_copy()
 
-    return remove_leftovers_and_load_lists
+    return add_databases_remove_leftovers_and_load_lists
 
 
 @hookimpl
 def register_routes():
-    return [("^" + re.escape(route.path) + "$", _view(route)) for route in ROUTES]
+    paths = dict.fromkeys(route.path for route in ROUTES)
+    return [
+        ("^" + re.escape(path) + "$", _view([route for route in ROUTES if route.path == path]))
+        for path in paths
+    ]
 
 
 @hookimpl
@@ -5004,6 +5432,9 @@ def extra_body_script(template, database, table, view_name, request, datasette):
         "cancelUrl": datasette.urls.path("/-/cancel-import"),
         "csrftoken": _csrftoken(request),
         "importDatabase": _import_target(datasette, database, template, view_name),
+        "keepUrl": datasette.urls.path("/-/keep-temporary"),
+        # The home page's comes in its welcome section.
+        "keepHtml": _keep_html(datasette) if database == TEMPORARY and view_name == "database" else None,
     }
     directory = None
     if _is_plugin_directory_page(database, table, view_name):
@@ -5082,7 +5513,7 @@ def _page_script(title, body):
     return f"/* app_support: {title} */\n{_SCRIPT_START}{body.lstrip(chr(10))}}})();\n"
 
 
-PAGE_SCRIPT = _page_script("import progress, Cancel and Import CSV for Datasette Desktop.", r"""
+PAGE_SCRIPT = _page_script("import progress, Cancel, Import CSV and keeping temporary, for Datasette Desktop.", r"""
   var IDLE_POLL_MS = 5000;
   var BUSY_POLL_MS = 750;
   var config = null;
@@ -5279,6 +5710,46 @@ PAGE_SCRIPT = _page_script("import progress, Cancel and Import CSV for Datasette
     (next && next.classList.contains("page-action-menu") ? next : header).after(wrapper);
   }
 
+  function addKeepLine() {
+    var header = document.querySelector(".page-header");
+    if (config.keepHtml && header) {
+      // Below the Import CSV button, which follows the header.
+      (document.querySelector(".app-support-import-csv-row") || header).insertAdjacentHTML(
+        "afterend", config.keepHtml
+      );
+    }
+  }
+
+  function keepTemporary(button) {
+    var error = button.closest(".app-support-keep").querySelector(".app-support-error");
+    var keep = button.dataset.keep === "true";
+    var label = button.textContent;
+    button.disabled = true;
+    button.textContent = keep ? "Turning on…" : "Turning off…";
+    fetch(config.keepUrl, {
+      method: "POST",
+      credentials: "same-origin",
+      // Datasette 0.65 checks this header against its ds_csrftoken cookie.
+      headers: { "x-csrftoken": config.csrftoken },
+      body: JSON.stringify({ keep: keep }),
+    })
+      .then(function (response) {
+        return response.json();
+      })
+      .then(function (answer) {
+        if (!answer.ok) {
+          throw new Error(answer.error);
+        }
+        location.reload();  // every line and link as the database now is
+      })
+      .catch(function (e) {
+        error.textContent = e.message || "The server did not answer. Try again.";
+        error.hidden = false;
+        button.disabled = false;
+        button.textContent = label;
+      });
+  }
+
   function addPanel() {
     panel = element("section", "app-support-panel");
     panel.setAttribute("aria-label", "CSV imports");
@@ -5292,7 +5763,15 @@ PAGE_SCRIPT = _page_script("import progress, Cancel and Import CSV for Datasette
       return;
     }
     addImportButton();
+    addKeepLine();
     addPanel();
+    // Also the home page's line, which 0.65's welcome section adds later.
+    document.addEventListener("click", function (event) {
+      var button = event.target.closest(".app-support-keep button");
+      if (button) {
+        keepTemporary(button);
+      }
+    });
     document.addEventListener("visibilitychange", function () {
       if (document.hidden) {
         clearTimeout(timer);
@@ -5538,6 +6017,12 @@ button.app-support-button:disabled {
 }
 button.app-support-button[hidden] {
   display: none;
+}
+.app-support-keep {
+  margin: 0.5rem 0 1rem;
+}
+.app-support-keep p {
+  margin: 0.25rem 0;
 }
 """
 ASSET_VERSION = hashlib.sha256(

@@ -38,11 +38,14 @@ import io
 import json
 import math
 import os
+import pwd
 import random
 import re
 import shutil
+import site
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import tempfile
@@ -52,6 +55,7 @@ import types
 import unicodedata
 import urllib.request
 import uuid
+import venv
 import zipfile
 from pathlib import Path
 from xml.etree import ElementTree
@@ -76,6 +80,14 @@ IS_DATASETTE_1 = not __import__("datasette.version").version.__version__.startsw
 def api_token(monkeypatch):
     """The token the app gives datasette, in this process's environment."""
     monkeypatch.setenv("DATASETTE_API_TOKEN", TOKEN)
+
+
+@pytest.fixture(autouse=True)
+def home(monkeypatch, tmp_path_factory):
+    """A home folder of the test's own, so that no Datasette here finds the user's kept temporary."""
+    folder = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(folder))
+    return folder
 
 
 @pytest.fixture
@@ -276,6 +288,20 @@ def write_big_csv(path, count):
     return path
 
 
+async def start_big_import(ds, tmp_path, database, count=1_000_000):
+    """Start a CSV import that takes a second or more; return (task, progress item)."""
+    if database != "temporary":
+        await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / f"{database}.db")})
+    path = write_big_csv(tmp_path / "big.csv", count)
+    task = asyncio.ensure_future(post(ds, "/-/import-csv-file", {"path": str(path), "database": database}))
+    while not task.done():
+        items = await progress(ds)
+        if items and items[0]["state"] == "running" and items[0]["rows"]:
+            return task, items[0]
+        await asyncio.sleep(0.005)
+    raise AssertionError("the import finished before it was seen running: " + (await task).text)
+
+
 # ===== Helpers: work folders and small disks =====
 
 
@@ -400,8 +426,9 @@ class AppServer:
 
     The plugin is copied alone into a --plugins-dir, and the process gets the
     app's whole environment: the token and the secret, and no PATH or HOME.
-    stop() and then start() again keep the port and the secret, as the app's
-    restart does.
+    Like the app's, it runs from a venv in an app folder, folder/.datasette-app/venv,
+    which is where it keeps temporary when asked. stop() and then start()
+    again keep the port and the secret, as the app's restart does.
     """
 
     ENVIRONMENT = {"DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64}
@@ -419,6 +446,8 @@ class AppServer:
             metadata.write_text(json.dumps({"plugins": {"app_support": settings}}))
             self.arguments = ["-m", str(metadata)]
         self.environment = {**self.ENVIRONMENT, **(environment or {})}
+        self.app_folder = folder / ".datasette-app"
+        self.python = app_venv(self.app_folder / "venv")
         self.log = folder / "datasette.log"
         self.port = unused_port()
         self.process = None
@@ -430,7 +459,7 @@ class AppServer:
     def start(self):
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "datasette", "--port", str(self.port), "--plugins-dir", str(self.plugins_dir),
+                [self.python, "-m", "datasette", "--port", str(self.port), "--plugins-dir", str(self.plugins_dir),
                  *self.arguments],
                 env=self.environment, stdout=subprocess.DEVNULL, stderr=log,
                 preexec_fn=self._join_cgroup if self.cgroup_procs else None,
@@ -458,6 +487,14 @@ class AppServer:
                 self.process.kill()
                 self.process.wait()
 
+    def page(self, path):
+        """A page as the desktop user sees it, signed in through /-/auth-app-user."""
+        _, headers, _ = self.call("/-/auth-app-user", {"redirect": path})
+        cookie = headers["Set-Cookie"].split(";", 1)[0]
+        request = urllib.request.Request(self.url(path), headers={"Cookie": cookie})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.read().decode("utf-8")
+
     def call(self, path, body=None, timeout=30):
         """A request as the desktop app makes it, with the token: (status, headers, body); no redirects followed."""
         request = urllib.request.Request(
@@ -470,6 +507,20 @@ class AppServer:
                 return response.status, response.headers, response.read()
         except urllib.error.HTTPError as e:
             return e.code, e.headers, e.read()
+
+
+def app_venv(folder):
+    """A venv at folder, as the app makes ~/.datasette-app/venv, that sees this interpreter's packages; its python."""
+    venv.EnvBuilder(symlinks=True).create(folder)
+    python = folder / "bin" / "python"
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    # The packages of the venv the tests run in, with their .pth files (an editable install's).
+    lines = "".join(f"import site; site.addsitedir({path!r})\n" for path in site.getsitepackages())
+    Path(purelib, "test_packages.pth").write_text(lines)
+    return str(python)
 
 
 def server_work_files(server):
@@ -900,6 +951,7 @@ KEYS_TAKEN = {
     "/-/open-csv-from-url": "It takes url, and optionally table_name, database and detect_types.",
     "/-/dump-temporary-to-file": "It takes path.",
     "/-/restore-temporary-from-file": "It takes path.",
+    "/-/keep-temporary": "It takes keep.",
     "/-/cancel-import": "It takes id.",
     "/-/refresh-plugin-directory": "It takes no keys: send {}.",
 }
@@ -1020,7 +1072,7 @@ async def broken(datasette, data):
 
 faulty_route = types.ModuleType("test_faulty_route")
 faulty_route.register_routes = app_support.hookimpl(
-    lambda: [(r"^/-/test-broken$", app_support._view(app_support.Route("/-/test-broken", "POST", app_support.APP, broken)))]
+    lambda: [(r"^/-/test-broken$", app_support._view([app_support.Route("/-/test-broken", "POST", app_support.APP, broken)]))]
 )
 
 
@@ -4088,7 +4140,7 @@ def test_dump_never_moves_over_a_file_that_appeared(tmp_path):
     partial.write_bytes(b"new")
     path.write_bytes(b"someone else's")
     with pytest.raises(app_support.APIError, match="File already exists"):
-        app_support._move_into_place(str(partial), str(path))
+        app_support._move_into_place(str(partial), str(path), app_support.DUMP_ACTION)
     assert path.read_bytes() == b"someone else's"
 
 
@@ -4177,6 +4229,426 @@ def test_restart_cycle_with_real_datasette_process(app_server, tmp_path):
     request = urllib.request.Request(app_server.url("/-/actor.json"), headers={"Cookie": cookie})
     with urllib.request.urlopen(request, timeout=10) as response:
         assert json.loads(response.read())["actor"] == {"id": "root"}
+
+
+# ===== /-/keep-temporary: temporary kept in a file =====
+#
+# Every check compares what SQLite holds, object by object and row by row,
+# with what it held before: the generated tables are their own oracle.
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def contents(conn):
+    """Every schema object's SQL, and every table's rows in rowid order."""
+    schema = sorted(tuple(r) for r in conn.execute("select type, name, tbl_name, sql from sqlite_master"))
+    rows_by_table = {
+        name: [tuple(r) for r in conn.execute(f'select * from "{name}" order by rowid')]
+        for kind, name, _, _ in schema if kind == "table"
+    }
+    return schema, rows_by_table
+
+
+async def temporary_contents(ds):
+    return await ds.get_database("temporary").execute_fn(contents)
+
+
+def file_contents(path):
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return contents(conn)
+    finally:
+        conn.close()
+
+
+def random_value(rng):
+    """A value as real files hold them: coordinates, codes with leading zeros, quoted text, blobs, NULL."""
+    return rng.choice([
+        lambda: None,
+        lambda: rng.randrange(-10**15, 10**15),
+        lambda: round(rng.uniform(-180, 180), rng.randint(5, 7)),
+        lambda: f"{rng.randrange(10**5):05d}",
+        lambda: "".join(rng.choice('ab, "\n\té€😀') for _ in range(rng.randrange(30))),
+        lambda: bytes(rng.randrange(256) for _ in range(rng.randrange(40))),
+    ])()
+
+
+def fill(conn, seed, prefix="t"):
+    """Tables of generated rows, with an index, a view and a trigger, made in conn."""
+    rng = random.Random(seed)
+    for t in range(3):
+        conn.execute(f'create table "{prefix}{t}" (id integer primary key, a, b text, c real, d blob)')
+        conn.executemany(
+            f'insert into "{prefix}{t}" (a, b, c, d) values (?, ?, ?, ?)',
+            [[random_value(rng) for _ in range(4)] for _ in range(rng.randint(50, 400))],
+        )
+    conn.execute(f'create index "{prefix}_b" on "{prefix}0" (b)')
+    conn.execute(f'create view "{prefix}_view" as select a, b from "{prefix}0" where c is not null')
+    conn.execute(f'create table "{prefix}_log" (id integer)')
+    conn.execute(
+        f'create trigger "{prefix}_trigger" after insert on "{prefix}1" '
+        f'begin insert into "{prefix}_log" values (new.id); end'
+    )
+    conn.commit()
+
+
+async def fill_temporary(ds, seed):
+    await ds.get_database("temporary").execute_write_fn(lambda conn: fill(conn, seed), block=True)
+
+
+def welcome_section(page):
+    """The home page's welcome section: in the page on Datasette 1.0, in the page script's settings on 0.65."""
+    if IS_DATASETTE_1:
+        return page.split('<section class="app-support-welcome">', 1)[1].split("</section>", 1)[0]
+    return page_global(page, "appSupportDirectory")["welcomeHtml"]
+
+
+async def keep(ds, value, **kwargs):
+    return await post(ds, "/-/keep-temporary", {"keep": value}, **kwargs)
+
+
+def kept_file(home):
+    return home / ".datasette-app" / "temporary.db"
+
+
+async def test_keep_temporary_moves_every_table_view_index_and_trigger_into_the_file_and_back(ds, home):
+    await fill_temporary(ds, 1)
+    before = await temporary_contents(ds)
+    kept = kept_file(home)
+    on = {"ok": True, "keep": True, "file": str(kept)}
+    assert (await ds.client.get("/-/keep-temporary", headers=AUTH)).json() == {"ok": True, "keep": False, "file": None}
+    response = await keep(ds, True)
+    assert response.json() == on
+    assert (await ds.client.get("/-/keep-temporary", headers=AUTH)).json() == on
+    db = ds.get_database("temporary")
+    assert (db.path, db.is_mutable, db.is_memory) == (str(kept), True, False)
+    assert file_contents(kept) == before == await temporary_contents(ds)
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert stat.S_IMODE(kept.parent.stat().st_mode) == 0o700
+    assert [p.name for p in kept.parent.iterdir()] == ["temporary.db"]  # no partial copy left
+    # The same URLs, now read from the file; writes go there, through the trigger too.
+    page = await ds.client.get("/temporary/t0.json?_shape=array&_size=max")
+    assert [row["id"] for row in page.json()] == [row[0] for row in before[1]["t0"]]
+    await db.execute_write("insert into t1 (a) values ('new')", block=True)
+    assert file_contents(kept)[1]["t_log"] == [(len(before[1]["t1"]) + 1,)]
+    during = file_contents(kept)
+    # On again changes nothing; off brings it all back into memory and removes the file.
+    assert (await keep(ds, True)).json() == on and ds.get_database("temporary") is db
+    assert (await keep(ds, False)).json() == {"ok": True, "keep": False, "file": None}
+    assert ds.get_database("temporary").is_memory
+    assert await temporary_contents(ds) == during
+    assert list(kept.parent.iterdir()) == []
+    assert (await keep(ds, False)).json() == {"ok": True, "keep": False, "file": None}
+    assert (await ds.client.get("/temporary/t_view.json")).status_code == 200
+
+
+async def test_keep_temporary_imports_go_into_the_file_in_one_transaction(ds, home, tmp_path):
+    await keep(ds, True)
+    csv_path = write(tmp_path / "dogs.csv", "name,code\nCleo,02134\nPancakes,00501\n")
+    response = await post(ds, "/-/open-csv-file", {"path": str(csv_path)})
+    assert response.json()["path"] == "/temporary/dogs"
+    assert file_contents(kept_file(home))[1]["dogs"] == [("Cleo", "02134"), ("Pancakes", "00501")]
+    # A failed import leaves the file as it was.
+    before = file_contents(kept_file(home))
+    bad = write(tmp_path / "bad.csv", b"a,b\n1,2\n\x00\x01\x02" * 10)
+    assert (await post(ds, "/-/open-csv-file", {"path": str(bad)})).status_code == 400
+    assert file_contents(kept_file(home)) == before
+
+
+@pytest.mark.parametrize("switch_to", [True, False])
+async def test_keep_temporary_during_an_import_puts_its_table_where_temporary_now_is(ds, home, tmp_path, switch_to):
+    if not switch_to:
+        await keep(ds, True)
+    task, item = await start_big_import(ds, tmp_path, "temporary", count=300_000)
+    response = await keep(ds, switch_to)
+    assert response.json()["keep"] is switch_to, response.text
+    assert (await task).json()["rows"] == 300_000
+    db = ds.get_database("temporary")
+    assert db.is_memory is not switch_to
+    assert (await rows(ds, "temporary", "select count(*), sum(id) from big")) == [(300_000, sum(range(300_000)))]
+    assert kept_file(home).exists() is switch_to
+
+
+async def test_keep_temporary_guard_and_bodies(ds, home):
+    for body, error in [
+        ({}, "The request has no keep, which this endpoint needs. It takes keep."),
+        ({"keep": None}, "The request has no keep, which this endpoint needs. It takes keep."),
+        ({"keep": "yes"}, "keep must be a boolean (true or false)."),
+        ({"keep": 1}, "keep must be a boolean (true or false)."),
+    ]:
+        assert_error(await post(ds, "/-/keep-temporary", body), 400, error)
+    assert_error(await keep(ds, True, token="0" * 32), 401, "Missing or invalid API token.")
+    assert_error(await ds.client.get("/-/keep-temporary"), 401, "Missing or invalid API token.")
+    someone = {"ds_actor": ds.sign({"a": {"id": "someone"}}, "actor")}
+    response = await ds.client.post("/-/keep-temporary", content=b'{"keep": true}', cookies=someone)
+    # Datasette 0.65's CSRF check refuses a cookie without its token first.
+    assert_error(response, 403, "Only the desktop user of Datasette Desktop can do this."
+                 if IS_DATASETTE_1 else app_support.MISSING_CSRF_TOKEN_REFUSAL)
+    assert_error(await ds.client.get("/-/keep-temporary", cookies=someone), 403, "Only the desktop user")
+    response = await ds.client.post(
+        "/-/keep-temporary", content=b'{"keep": true}', cookies=await root_cookie(ds),
+        headers={"Sec-Fetch-Site": "cross-site", "Origin": "https://elsewhere.example"},
+    )
+    assert_error(response, 403, app_support.CROSS_SITE_REFUSAL)
+    assert not (home / ".datasette-app").exists() and ds.get_database("temporary").is_memory
+    response = await ds.client.put("/-/keep-temporary", headers=AUTH)
+    assert_error(response, 405, "Use GET or POST for /-/keep-temporary.")
+    # The desktop user's page turns it on with the cookie and the page's CSRF token.
+    cookies, headers = await page_csrf(ds, await root_cookie(ds))
+    response = await ds.client.post("/-/keep-temporary", content=b'{"keep": true}', cookies=cookies, headers=headers)
+    assert response.json() == {"ok": True, "keep": True, "file": str(kept_file(home))}
+    assert (await ds.client.get("/-/keep-temporary", cookies=cookies)).json()["keep"] is True
+
+
+async def test_keep_temporary_never_overwrites_a_file_at_its_place(ds, home):
+    await fill_temporary(ds, 2)
+    before = await temporary_contents(ds)
+    kept = kept_file(home)
+    kept.parent.mkdir()
+    make_db(kept)
+    original = kept.read_bytes()
+    assert_error(await keep(ds, True), 400, (
+        "There is already a file at ~/.datasette-app/temporary.db, so nothing was changed: "
+        "move it away or delete it, then turn keeping on again."
+    ))
+    assert kept.read_bytes() == original and [p.name for p in kept.parent.iterdir()] == ["temporary.db"]
+    assert ds.get_database("temporary").is_memory and await temporary_contents(ds) == before
+
+
+async def test_keep_temporary_on_a_read_only_or_full_disk_changes_nothing(tmp_path, small_disk):
+    folder = small_disk("small", "2m")
+    ds = await with_settings(temporary_file=str(folder / "kept.db"))
+    await keep(ds, False)
+    await ds.get_database("temporary").execute_write_fn(
+        lambda conn: conn.execute("create table big as select randomblob(3000000) as b"), block=True
+    )
+    assert_error(await keep(ds, True), 400, f"The disk is full: could not keep the temporary database in {folder}/kept.db.")
+    assert os.listdir(folder) == [] and ds.get_database("temporary").is_memory
+    await ds.get_database("temporary").execute_write("drop table big", block=True)
+    read_only(folder)
+    assert_error(await keep(ds, True), 400, f"Could not keep the temporary database in {folder}/kept.db: it is read-only")
+    assert os.listdir(folder) == [] and ds.get_database("temporary").is_memory
+
+
+async def test_keep_temporary_setting_starts_it_on_in_that_place(tmp_path):
+    path = tmp_path / "folder" / "kept.db"
+    ds = await with_settings(temporary_file=str(path))
+    assert (await ds.client.get("/-/keep-temporary", headers=AUTH)).json() == {"ok": True, "keep": True, "file": str(path)}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    await fill_temporary(ds, 3)
+    assert file_contents(path) == await temporary_contents(ds)
+    assert (await keep(ds, False)).json()["keep"] is False and not path.exists()
+
+
+async def test_keep_temporary_setting_that_is_not_a_full_path_leaves_temporary_in_memory(tmp_path):
+    ds = await with_settings(temporary_file="kept.db")
+    error = "The app_support setting temporary_file must be a full path, such as /Users/me/temporary.db, so temporary is in memory."
+    assert (await ds.client.get("/-/keep-temporary", headers=AUTH)).json() == {"ok": True, "keep": False, "file": None, "error": error}
+    assert_error(await keep(ds, True), 400, error)
+
+
+def damaged_files(tmp_path):
+    """Files that are no usable kept temporary, each made at path: (what it is, make(path))."""
+    return {
+        "not a database": lambda path: write(path, "name,age\nCleo,5\n"),
+        "cut short": cut_short,
+        "damaged pages": corrupt_middle_page,
+        "a folder": lambda path: path.mkdir(),
+    }
+
+
+START_REFUSALS = {
+    "not a database": "Not a SQLite database: {path}.",
+    "cut short": "Not a valid SQLite database: {path} is cut short (it holds",
+    "damaged pages": "The file is damaged: ",
+    "a folder": "That is a folder, not a file: {path}.",
+}
+
+
+@pytest.mark.parametrize("damage", list(START_REFUSALS))
+async def test_keep_temporary_damaged_file_at_start_is_left_untouched_and_temporary_starts_in_memory(home, damage, tmp_path):
+    kept = kept_file(home)
+    kept.parent.mkdir()
+    damaged_files(tmp_path)[damage](kept)
+    before = snapshot(kept.parent)
+    ds = Datasette(memory=True)
+    await ds.invoke_startup()
+    state = (await ds.client.get("/-/keep-temporary", headers=AUTH)).json()
+    assert (state["ok"], state["keep"], state["file"]) == (True, False, None)
+    assert state["error"].startswith(
+        "Temporary is in memory this time, because the kept file ~/.datasette-app/temporary.db could not be used. "
+        + START_REFUSALS[damage].format(path=kept)
+    ), state["error"]
+    assert state["error"].endswith("The file was left as it is: move it away or delete it, then turn keeping on again.")
+    assert ds.get_database("temporary").is_memory
+    await fill_temporary(ds, 4)  # temporary works, in memory
+    page = (await ds.client.get("/", cookies=await root_cookie(ds))).text
+    assert html.escape(state["error"], quote=False) in welcome_section(page)
+    assert snapshot(kept.parent) == before
+    assert kept.is_dir() or os.listdir(kept.parent) == ["temporary.db"]
+
+
+async def test_keep_temporary_file_locked_by_another_program_at_start(home):
+    kept = kept_file(home)
+    kept.parent.mkdir()
+    make_db(kept)
+    other = sqlite3.connect(kept, isolation_level=None)
+    other.execute("begin exclusive")
+    try:
+        ds = Datasette(memory=True)
+        await ds.invoke_startup()
+    finally:
+        other.execute("rollback")
+        other.close()
+    state = (await ds.client.get("/-/keep-temporary", headers=AUTH)).json()
+    assert state["keep"] is False
+    assert f"Database is locked by another program: {kept}. Close it there and try again." in state["error"]
+    assert file_contents(kept)[1] == {"t": [(1,), (2,), (3,)]}
+
+
+async def test_keep_temporary_second_server_for_the_same_user_keeps_its_tables_in_memory(ds, home):
+    await fill_temporary(ds, 5)
+    await keep(ds, True)
+    kept = kept_file(home)
+    before = file_contents(kept)
+    second = Datasette(memory=True)
+    await second.invoke_startup()
+    state = (await second.client.get("/-/keep-temporary", headers=AUTH)).json()
+    assert state == {"ok": True, "keep": False, "file": None, "error": (
+        "Temporary is in memory this time: another Datasette server is keeping its tables in "
+        "~/.datasette-app/temporary.db. Quit that one and start Datasette Desktop again to see them here."
+    )}
+    assert await tables(second) == []
+    assert_error(await keep(second, True), 400, "There is already a file at ~/.datasette-app/temporary.db")
+    await second.get_database("temporary").execute_write("create table mine (a)", block=True)
+    assert file_contents(kept) == before
+    # The first lets go of it with nothing lost.
+    assert (await keep(ds, False)).json()["keep"] is False
+    assert await temporary_contents(ds) == before and not kept.exists()
+
+
+async def test_dump_and_restore_with_temporary_kept(ds, home, tmp_path):
+    await fill_temporary(ds, 8)
+    await keep(ds, True)
+    kept = kept_file(home)
+    before = file_contents(kept)
+    dump = tmp_path / "dump.db"
+    assert (await post(ds, "/-/dump-temporary-to-file", {"path": str(dump)})).status_code == 200
+    assert file_contents(dump) == before
+    # A restore of a dump of this same file changes nothing, and temporary stays kept.
+    response = await post(ds, "/-/restore-temporary-from-file", {"path": str(dump)})
+    assert response.status_code == 200, response.text
+    assert file_contents(kept) == before and ds.get_database("temporary").path == str(kept)
+    # A damaged backup is refused with the file as it was; another one replaces the content.
+    damaged = corrupt_middle_page(tmp_path / "damaged.db")
+    assert_error(await post(ds, "/-/restore-temporary-from-file", {"path": str(damaged)}), 400, "is damaged, so nothing was restored")
+    assert file_contents(kept) == before
+    other = make_db(tmp_path / "other.db", values=range(5000))
+    response = await post(ds, "/-/restore-temporary-from-file", {"path": str(other)})
+    assert response.json()["restored_tables"] == ["t"]
+    assert file_contents(kept) == file_contents(other)
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+
+
+def test_keep_temporary_finds_the_app_folder_without_home(tmp_path):
+    """The app's server has no HOME: the folder comes from its venv's place, or else the password database."""
+    script = "import app_support; print(app_support._app_folder())"
+    environment = {"PYTHONPATH": str(Path(app_support.__file__).parent)}
+    elsewhere = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True, check=True)
+    assert elsewhere.stdout.strip() == os.path.join(pwd.getpwuid(os.getuid()).pw_dir, ".datasette-app")
+    python = app_venv(tmp_path / ".datasette-app" / "venv")
+    in_the_app = subprocess.run([python, "-c", script], env=environment, capture_output=True, text=True, check=True)
+    assert in_the_app.stdout.strip() == str(tmp_path / ".datasette-app")
+
+
+def writing_into(path, thread):
+    """Wait while thread runs for a transaction to have written a megabyte into the database at path; whether one did."""
+    journal, size = Path(str(path) + "-journal"), path.stat().st_size
+    while thread.is_alive():
+        with contextlib.suppress(OSError):
+            if journal.exists() and path.stat().st_size > size + 2**20:
+                return True
+        time.sleep(0.001)
+    return False
+
+
+def test_kept_temporary_survives_kill_restart_and_the_apps_restore_cycle(tmp_path):
+    """The whole life of a kept temporary on a real server, every table's rows checked after each step."""
+    server = AppServer(tmp_path / "app")
+    kept = server.app_folder / "temporary.db"
+    server.start()
+    try:
+        first = write(tmp_path / "first.csv", "code,lat\n02134,42.3601004\n00501,40.8154003\n")
+        assert server.call("/-/open-csv-file", {"path": str(first)})[0] == 200
+        status, _, body = server.call("/-/keep-temporary", {"keep": True})
+        assert json.loads(body) == {"ok": True, "keep": True, "file": str(kept)}, body
+        second = write_big_csv(tmp_path / "second.csv", 1000)
+        assert server.call("/-/open-csv-file", {"path": str(second)})[0] == 200
+        expected = file_contents(kept)
+        assert sorted(expected[1]) == ["first", "second"] and expected[1]["first"] == [("02134", 42.3601004), ("00501", 40.8154003)]
+        # kill -9 while the import writes into the file.
+        big = write_big_csv(tmp_path / "big.csv", 1_000_000)
+        answers = []
+
+        def import_big():
+            try:
+                answers.append(server.call("/-/open-csv-file", {"path": str(big)}, timeout=120))
+            except OSError as e:  # the server died mid-answer
+                answers.append(e)
+
+        call = threading.Thread(target=import_big)
+        call.start()
+        assert writing_into(kept, call), f"the import never wrote into the file: {answers}"
+        server.process.kill()
+        call.join()
+        assert isinstance(answers[0], OSError), answers
+        server.process.wait()
+        assert Path(str(kept) + "-journal").exists()  # half-written: the next start must roll it back
+        server.start()  # as the app restarts it: the choice was remembered
+        assert json.loads(server.call("/-/keep-temporary")[2])["keep"] is True
+        assert file_contents(kept) == expected
+        assert not Path(str(kept) + "-journal").exists()
+        # The app's cycle around a plugin install: dump, restart, restore.
+        backup = tmp_path / "backup.db"
+        assert server.call("/-/dump-temporary-to-file", {"path": str(backup)})[0] == 200
+        server.stop()
+        server.start()
+        status, _, body = server.call("/-/restore-temporary-from-file", {"path": str(backup)})
+        assert status == 200, body
+        assert file_contents(kept) == expected
+        status, _, body = server.call("/temporary/first.json?_shape=array")
+        assert [row["code"] for row in json.loads(body)] == ["02134", "00501"]
+        # Off: back in memory, the file gone, every row still there.
+        status, _, body = server.call("/-/keep-temporary", {"keep": False})
+        assert json.loads(body) == {"ok": True, "keep": False, "file": None}, body
+        assert not kept.exists()
+        backup2 = tmp_path / "backup2.db"
+        assert server.call("/-/dump-temporary-to-file", {"path": str(backup2)})[0] == 200
+        assert file_contents(backup2) == expected
+        server.stop()
+        server.start()
+        assert json.loads(server.call("/-/keep-temporary")[2])["keep"] is False
+        assert json.loads(server.call("/temporary.json")[2])["tables"] == []
+    finally:
+        server.stop()
+
+
+def test_kept_temporary_damaged_at_start_on_a_real_server(tmp_path):
+    server = AppServer(tmp_path / "app")
+    kept = server.app_folder / "temporary.db"
+    cut_short(kept)
+    before = kept.read_bytes()
+    server.start()
+    try:
+        state = json.loads(server.call("/-/keep-temporary")[2])
+        assert state["keep"] is False and str(kept) in state["error"], state
+        assert html.escape(state["error"], quote=False) in welcome_section(server.page("/"))
+        csv_path = write(tmp_path / "a.csv", "a\n1\n")
+        assert server.call("/-/open-csv-file", {"path": str(csv_path)})[0] == 200
+    finally:
+        server.stop()
+    assert kept.read_bytes() == before
 
 
 # ===== GET /-/import-progress =====
@@ -4330,20 +4802,6 @@ async def cancel_with_cookie(ds, import_id):
     return await ds.client.post(
         "/-/cancel-import", content=json.dumps({"id": import_id}).encode(), cookies=cookies, headers=headers
     )
-
-
-async def start_big_import(ds, tmp_path, database, count=1_000_000):
-    """Start a CSV import that takes a second or more; return (task, progress item)."""
-    if database != "temporary":
-        await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / f"{database}.db")})
-    path = write_big_csv(tmp_path / "big.csv", count)
-    task = asyncio.ensure_future(post(ds, "/-/import-csv-file", {"path": str(path), "database": database}))
-    while not task.done():
-        items = await progress(ds)
-        if items and items[0]["state"] == "running" and items[0]["rows"]:
-            return task, items[0]
-        await asyncio.sleep(0.005)
-    raise AssertionError("the import finished before it could be cancelled: " + (await task).text)
 
 
 @pytest.mark.parametrize("database", ["temporary", "target"])
