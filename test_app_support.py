@@ -4551,6 +4551,32 @@ async def test_dump_and_restore_with_temporary_kept(ds, home, tmp_path):
     assert stat.S_IMODE(kept.stat().st_mode) == 0o600
 
 
+def test_kept_temporary_takes_a_file_bigger_than_memory_and_stays_kept_when_it_cannot_come_back(tmp_path, memory_cgroup):
+    """A server in a 300 MB memory cgroup, started as the app starts it, with temporary kept."""
+    server = AppServer(tmp_path / "server")
+    server.cgroup_procs = memory_cgroup(300 * 2**20)
+    kept = server.app_folder / "temporary.db"
+    server.start()
+    try:
+        assert json.loads(server.call("/-/keep-temporary", {"keep": True})[2])["keep"] is True
+        big = write_wide_csv(tmp_path / "big.csv", 320)
+        status, _, body = server.call("/-/open-csv-file", {"path": str(big)}, timeout=600)
+        assert status == 200 and json.loads(body)["rows"] == 320 * 4000, body
+        status, _, body = server.call("/-/keep-temporary", {"keep": False}, timeout=120)
+        assert status == 400, body
+        assert re.fullmatch(
+            rf"The tables kept in {re.escape(str(kept))} need about \d+ MB of memory to move back into memory, "
+            r"and the server's memory limit \(its cgroup\) leaves about \d+ MB free, so they stay kept in the file\.",
+            json.loads(body)["error"],
+        ), body
+        assert json.loads(server.call("/-/keep-temporary")[2]) == {"ok": True, "keep": True, "file": str(kept)}
+        conn = sqlite3.connect(f"file:{kept}?mode=ro", uri=True)
+        assert conn.execute("select count(*), sum(id) from big").fetchone() == (320 * 4000, sum(range(320 * 4000)))
+        conn.close()
+    finally:
+        server.stop()
+
+
 def test_keep_temporary_finds_the_app_folder_without_home(tmp_path):
     """The app's server has no HOME: the folder comes from its venv's place, or else the password database."""
     script = "import app_support; print(app_support._app_folder())"
@@ -6108,3 +6134,94 @@ def test_browser_welcome_page_imports_examples_and_links_imported_ones(directory
     assert browser.evaluate("document.querySelectorAll('.app-support-examples li:first-child button').length") == 0
     assert browser.evaluate("!document.querySelector('.app-support-run-sql')")
     assert browser.errors() == []
+
+
+# ===== The browser: keeping temporary =====
+
+
+KEEP_LINE = "document.querySelector('.app-support-keep p').textContent"
+KEEP_ERROR = "(e => e.hidden ? null : e.textContent)(document.querySelector('.app-support-keep .app-support-error'))"
+
+
+def click_and_wait_for_reload(browser, selector):
+    after = loads(browser)
+    browser.click(selector)
+    deadline = time.monotonic() + 30
+    while loads(browser) <= after:
+        assert time.monotonic() < deadline, "the page did not reload"
+        time.sleep(0.05)
+    browser.wait_for("document.readyState === 'complete'")
+
+
+@needs_chromium
+def test_browser_keep_temporary_switch_on_the_home_page_and_the_temporary_page(desktop, tmp_path):
+    """The desktop user turns keeping on from the home page and off from temporary's page, on a server with no HOME."""
+    app_server, browser = desktop
+    base = app_server.url()
+    kept = app_server.app_folder / "temporary.db"
+    dogs = write(tmp_path / "dogs.csv", "name,zip\nCleo,02134\n")
+    assert app_server.call("/-/open-csv-file", {"path": str(dogs)})[0] == 200
+    browser.command("Page.addScriptToEvaluateOnNewDocument", source=DATASETTE_APP)
+    browser.sign_in(base, "/")
+    browser.wait_for("!!document.querySelector('.app-support-keep')")
+    assert browser.evaluate(KEEP_LINE) == "Keep these tables after Datasette Desktop quits: Turn on"
+    assert browser.evaluate("document.querySelectorAll('.app-support-keep').length") == 1
+    click_and_wait_for_reload(browser, ".app-support-keep button")
+    # The server has no HOME, and the app folder here is not in the user's home: the whole path.
+    assert browser.evaluate(KEEP_LINE) == f"These tables are kept in {kept}: Turn off"
+    assert json.loads(app_server.call("/-/keep-temporary")[2]) == {"ok": True, "keep": True, "file": str(kept)}
+    browser.navigate(base + "/temporary/dogs")
+    assert browser.evaluate("[...document.querySelectorAll('td.col-zip')].map(td => td.textContent.trim())") == ["02134"]
+    browser.navigate(base + "/temporary")
+    assert browser.evaluate(KEEP_LINE) == f"These tables are kept in {kept}: Turn off"
+    # Below the header and the Import CSV button.
+    assert browser.evaluate(
+        "document.querySelector('.app-support-import-csv-row').nextElementSibling.className"
+    ) == "app-support-keep"
+    click_and_wait_for_reload(browser, ".app-support-keep button")
+    assert browser.evaluate(KEEP_LINE) == "Keep these tables after Datasette Desktop quits: Turn on"
+    assert not kept.exists()
+    # A refusal shows as its sentence in the line, and the button can be pressed again.
+    kept.write_bytes(b"someone else's file")
+    browser.click(".app-support-keep button")
+    error = browser.wait_for(KEEP_ERROR)
+    assert error == (
+        f"There is already a file at {kept}, so nothing was changed: move it away or delete it, "
+        "then turn keeping on again."
+    )
+    assert browser.evaluate("(b => [b.disabled, b.textContent])(document.querySelector('.app-support-keep button'))") == [False, "Turn on"]
+    assert kept.read_bytes() == b"someone else's file"
+    kept.unlink()
+    # Others see no switch.
+    browser.command("Network.clearBrowserCookies")
+    for path in ("/", "/temporary"):
+        browser.navigate(base + path)
+        assert browser.evaluate("document.querySelectorAll('.app-support-keep').length") == 0
+    # The one error: the browser's own note of the refused request's 400.
+    assert [(e["entry"]["url"], e["entry"]["text"]) for e in browser.errors()] == [
+        (base + "/-/keep-temporary", "Failed to load resource: the server responded with a status of 400 (Bad Request)")
+    ]
+
+
+@needs_chromium
+def test_browser_keep_temporary_says_why_a_kept_file_was_not_used(tmp_path):
+    server = AppServer(tmp_path / "app")
+    kept = server.app_folder / "temporary.db"
+    write(kept, "name,age\nCleo,5\n")
+    server.start()
+    browser = Browser(tmp_path / "profile")
+    try:
+        browser.sign_in(server.url(), "/")
+        browser.wait_for("!!document.querySelector('.app-support-keep')")
+        assert browser.evaluate(KEEP_ERROR) == (
+            f"Temporary is in memory this time, because the kept file {kept} could not be used. "
+            f"Not a SQLite database: {kept}. The file was left as it is: move it away or delete it, "
+            "then turn keeping on again."
+        )
+        browser.navigate(server.url("/temporary"))
+        assert browser.evaluate(KEEP_ERROR).startswith("Temporary is in memory this time")
+        assert browser.errors() == []
+    finally:
+        browser.close()
+        server.stop()
+    assert kept.read_text() == "name,age\nCleo,5\n"
