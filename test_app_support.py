@@ -1171,12 +1171,13 @@ async def test_open_database_file_awkward_names(ds, tmp_path, name):
         (lambda p: cut_short(p / "cut.db", 5000), "is cut short (it holds 5,000 of its "),
         (lambda p: "data.db", "path must be a full path, such as /Users/me/data.csv, not data.db"),
         (lambda p: "../data.db", "a relative path would be looked for in the server's own working folder"),
-        (lambda p: "~/no-such-folder-for-app-support/x.db", "File not found: " + os.path.expanduser("~/no-such-folder-for-app-support/x.db")),
+        (lambda p: "~/no-such-folder-for-app-support/x.db", "File not found: {home}/no-such-folder-for-app-support/x.db"),
     ],
     ids=["missing", "folder", "empty", "text", "fake header", "?", "#", "%", "missing ?", "cut short", "relative", "parent", "home"],
 )
-async def test_open_database_file_errors(ds, tmp_path, setup, error):
+async def test_open_database_file_errors(ds, tmp_path, setup, error, home):
     path = setup(tmp_path)
+    error = error.replace("{home}", str(home))  # "~" is the test's own home folder
     # The snapshot proves no file "a" is created for "a?b.db".
     await assert_refused(ds, tmp_path, "/-/open-database-file", {"path": str(path)}, 400, error)
 
@@ -4293,7 +4294,7 @@ def fill(conn, seed, prefix="t"):
     conn.commit()
 
 
-async def fill_temporary(ds, seed):
+async def fill_generated(ds, seed):
     await ds.get_database("temporary").execute_write_fn(lambda conn: fill(conn, seed), block=True)
 
 
@@ -4313,7 +4314,7 @@ def kept_file(home):
 
 
 async def test_keep_temporary_moves_every_table_view_index_and_trigger_into_the_file_and_back(ds, home):
-    await fill_temporary(ds, 1)
+    await fill_generated(ds, 1)
     before = await temporary_contents(ds)
     kept = kept_file(home)
     on = {"ok": True, "keep": True, "file": str(kept)}
@@ -4402,7 +4403,7 @@ async def test_keep_temporary_guard_and_bodies(ds, home):
 
 
 async def test_keep_temporary_never_overwrites_a_file_at_its_place(ds, home):
-    await fill_temporary(ds, 2)
+    await fill_generated(ds, 2)
     before = await temporary_contents(ds)
     kept = kept_file(home)
     kept.parent.mkdir()
@@ -4436,7 +4437,7 @@ async def test_keep_temporary_setting_starts_it_on_in_that_place(tmp_path):
     ds = await with_settings(temporary_file=str(path))
     assert (await ds.client.get("/-/keep-temporary", headers=AUTH)).json() == {"ok": True, "keep": True, "file": str(path)}
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    await fill_temporary(ds, 3)
+    await fill_generated(ds, 3)
     assert file_contents(path) == await temporary_contents(ds)
     assert (await keep(ds, False)).json()["keep"] is False and not path.exists()
 
@@ -4482,7 +4483,7 @@ async def test_keep_temporary_damaged_file_at_start_is_left_untouched_and_tempor
     ), state["error"]
     assert state["error"].endswith("The file was left as it is: move it away or delete it, then turn keeping on again.")
     assert ds.get_database("temporary").is_memory
-    await fill_temporary(ds, 4)  # temporary works, in memory
+    await fill_generated(ds, 4)  # temporary works, in memory
     page = (await ds.client.get("/", cookies=await root_cookie(ds))).text
     assert html.escape(state["error"], quote=False) in welcome_section(page)
     assert snapshot(kept.parent) == before
@@ -4508,7 +4509,7 @@ async def test_keep_temporary_file_locked_by_another_program_at_start(home):
 
 
 async def test_keep_temporary_second_server_for_the_same_user_keeps_its_tables_in_memory(ds, home):
-    await fill_temporary(ds, 5)
+    await fill_generated(ds, 5)
     await keep(ds, True)
     kept = kept_file(home)
     before = file_contents(kept)
@@ -4529,7 +4530,7 @@ async def test_keep_temporary_second_server_for_the_same_user_keeps_its_tables_i
 
 
 async def test_dump_and_restore_with_temporary_kept(ds, home, tmp_path):
-    await fill_temporary(ds, 8)
+    await fill_generated(ds, 8)
     await keep(ds, True)
     kept = kept_file(home)
     before = file_contents(kept)
