@@ -56,9 +56,12 @@ Where is
         types; exact REALs: _StagedRows._converted, in Staging;
     the plugin directory: its list, table and HTML in The plugin directory
         and the welcome section, its buttons in DIRECTORY_SCRIPT;
-    the page scripts: PAGE_SCRIPT (the import panel and Import CSV) and
-        DIRECTORY_SCRIPT, in Page assets, added by the extra_js_urls and
-        extra_body_script hooks.
+    keeping temporary in a file: _start_keeping and _stop_keeping, with
+        the lock of _temporary_held, in Keeping temporary; opening the kept
+        file at start: _open_temporary, called by the startup hook;
+    the page scripts: PAGE_SCRIPT (the import panel, Import CSV and the
+        switch that keeps temporary) and DIRECTORY_SCRIPT, in Page assets,
+        added by the extra_js_urls and extra_body_script hooks.
 
 Names without a leading underscore are the engine's entry points, the
 handlers and the hooks. The tests call them, and some private helpers too:
@@ -1026,6 +1029,7 @@ class _Keeper:
     """Where this server keeps temporary, or would, and what became of the file at start."""
 
     path: str  # the kept file's full path; None when no home folder could be found
+    always: bool = False  # the temporary_file setting keeps it from every start
     error: str = None  # why the file there could not be used at start, as a sentence
     folder_lock: int = None  # a descriptor of the file's folder, locked while this server keeps it
     _lock: asyncio.Lock = None
@@ -1046,8 +1050,10 @@ def _new_keeper(datasette):
         setting = _kept_file_setting(datasette)
     except APIError as e:
         return _Keeper(None, error=e.message)
+    if setting:
+        return _Keeper(setting, always=True)
     folder = _app_folder()
-    return _Keeper(setting or (folder and os.path.join(folder, KEPT_FILE_NAME)))
+    return _Keeper(folder and os.path.join(folder, KEPT_FILE_NAME))
 
 
 def _kept_file_setting(datasette):
@@ -1089,20 +1095,22 @@ def _shown_path(path):
 async def _open_temporary(datasette):
     """Add temporary at start: the kept file when there is one or the setting asks for it; else in memory."""
     keeper = _keeper(datasette)
-    wanted = keeper.path and ((datasette.plugin_config(PLUGIN_NAME) or {}).get("temporary_file") or os.path.lexists(keeper.path))
-    db = None
-    if wanted:
-        try:
-            await asyncio.to_thread(_open_kept_file, keeper)
-            db = _temporary_database(datasette, keeper.path)
-        except APIError as e:
-            keeper.error = e.message
-    datasette.add_database(db or _temporary_database(datasette), name=TEMPORARY)
+    path = None
+    try:
+        path = await asyncio.to_thread(_open_kept_file, keeper)
+    except APIError as e:
+        keeper.error = e.message
+    datasette.add_database(_temporary_database(datasette, path), name=TEMPORARY)
 
 
 def _open_kept_file(keeper):
-    """Lock the kept file's folder for this server and check the file takes reads and writes; create it when missing."""
+    """The kept file's path, when there is one to open, checked and its folder locked for this server; else None.
+
+    With the temporary_file setting, a missing file is created.
+    """
     path = keeper.path
+    if path is None or not (keeper.always or os.path.lexists(path)):
+        return None
     shown = _shorten(_shown_path(path))
     _make_private_folder(os.path.dirname(path))
     _lock_folder(keeper, (
@@ -1122,6 +1130,7 @@ def _open_kept_file(keeper):
             f"used. {reason} The file was left as it is: move it away or delete it, then "
             "turn keeping on again."
         )
+    return path
 
 
 def _check_kept_file(path):

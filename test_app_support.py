@@ -425,13 +425,24 @@ class AppServer:
     """A real datasette process, started as the desktop app starts it.
 
     The plugin is copied alone into a --plugins-dir, and the process gets the
-    app's whole environment: the token and the secret, and no PATH or HOME.
-    Like the app's, it runs from a venv in an app folder, folder/.datasette-app/venv,
-    which is where it keeps temporary when asked. stop() and then start()
-    again keep the port and the secret, as the app's restart does.
+    app's arguments and its whole environment: the token, the secret and the
+    default plugins, and no PATH or HOME. Like the app's, it runs from a venv
+    in an app folder, folder/.datasette-app/venv, which is where it keeps
+    temporary when asked. stop() and then start() again keep the port and
+    the secret, as the app's restart does.
     """
 
-    ENVIRONMENT = {"DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64}
+    # main.js's serverEnv() and serverArgs(), without --host 0.0.0.0.
+    ENVIRONMENT = {
+        "DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "s" * 64,
+        "DATASETTE_DEFAULT_PLUGINS": "datasette datasette-app-support datasette-vega datasette-cluster-map "
+        "datasette-pretty-json datasette-edit-schema datasette-configure-fts datasette-leaflet",
+    }
+    ARGUMENTS = [
+        "--version-note", "xyz-for-datasette-app", "--setting", "sql_time_limit_ms", "10000",
+        "--setting", "max_returned_rows", "2000", "--setting", "facet_time_limit_ms", "3000",
+        "--setting", "max_csv_mb", "0",
+    ]
 
     def __init__(self, folder, settings=None, environment=None):
         """settings: app_support plugin settings, given in a metadata file (-m);
@@ -459,8 +470,8 @@ class AppServer:
     def start(self):
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(
-                [self.python, "-m", "datasette", "--port", str(self.port), "--plugins-dir", str(self.plugins_dir),
-                 *self.arguments],
+                [self.python, "-m", "datasette", "--port", str(self.port), *self.ARGUMENTS,
+                 "--plugins-dir", str(self.plugins_dir), *self.arguments],
                 env=self.environment, stdout=subprocess.DEVNULL, stderr=log,
                 preexec_fn=self._join_cgroup if self.cgroup_procs else None,
             )
