@@ -1019,6 +1019,10 @@ def _table_bytes(path, table):
 # temporary that has just been replaced.
 
 
+# The copy that becomes the kept file is written beside it under this
+# prefix first. Only the server holding the folder's lock writes one, so
+# that server removes any it finds: left by a server killed while copying.
+KEPT_PARTIAL_PREFIX = ".app_support-keep-"
 # A kept file on a disk with less room than this is not opened at start:
 # the first import would fail, and the next start find a file it cannot open.
 KEPT_FILE_MIN_FREE_BYTES = 1024 * 1024
@@ -1188,6 +1192,11 @@ def _lock_folder(keeper, refusal):
         os.close(descriptor)
         raise APIError(refusal)
     keeper.folder_lock = descriptor
+    folder = os.path.dirname(keeper.path)
+    for name in os.listdir(folder):
+        if name.startswith(KEPT_PARTIAL_PREFIX) and name.endswith(".partial"):
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
 
 
 def _unlock_folder(keeper):
@@ -1235,7 +1244,7 @@ async def _start_keeping(datasette, keeper):
         "changed: quit that one first."
     ))
     action = "keep the temporary database in"
-    partial = os.path.join(os.path.dirname(path), f".app_support-{uuid.uuid4().hex[:12]}.partial")
+    partial = os.path.join(os.path.dirname(path), f"{KEPT_PARTIAL_PREFIX}{uuid.uuid4().hex[:12]}.partial")
 
     def copy_out(conn):
         conn.execute("vacuum into ?", [partial])

@@ -4413,6 +4413,15 @@ async def test_keep_temporary_guard_and_bodies(ds, home):
     assert (await ds.client.get("/-/keep-temporary", cookies=cookies)).json()["keep"] is True
 
 
+async def test_keep_temporary_removes_the_copy_a_killed_server_left_and_nothing_else(ds, home):
+    folder = home / ".datasette-app"
+    folder.mkdir()
+    left = write(folder / ".app_support-keep-0123456789ab.partial", b"half a copy")
+    others = [write(folder / name, b"x") for name in (".app_support-0123456789ab.partial", "notes.txt")]
+    assert (await keep(ds, True)).json()["keep"] is True
+    assert not left.exists() and all(path.exists() for path in others)
+
+
 async def test_keep_temporary_never_overwrites_a_file_at_its_place(ds, home):
     await fill_generated(ds, 2)
     before = await temporary_contents(ds)
