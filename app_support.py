@@ -574,8 +574,13 @@ class _ReadsKeptPerObject(Database):
 async def _swap_temporary(datasette, new):
     """Make new the database named temporary, at the same URL, and close the one it replaces."""
     old = datasette.get_database(TEMPORARY)
+    order = list(datasette.databases)
     datasette.remove_database(TEMPORARY)  # Datasette 1.0 closes old here
     datasette.add_database(new, name=TEMPORARY)
+    # Where it was, not last, so that the home page keeps its order. A new
+    # dict, not a changed one, as add_database and remove_database do.
+    databases = dict(datasette.databases)
+    datasette.databases = {**{name: databases.pop(name) for name in order if name in databases}, **databases}
     if isinstance(old, _ReadsKeptPerObject):
         await old.close_connections()
     await _refresh_catalog(datasette)

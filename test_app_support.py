@@ -4326,6 +4326,9 @@ def kept_file(home):
 
 async def test_keep_temporary_moves_every_table_view_index_and_trigger_into_the_file_and_back(ds, home):
     await fill_generated(ds, 1)
+    make_db(home / "pets.db")
+    await post(ds, "/-/open-database-file", {"path": str(home / "pets.db")})
+    order = list(ds.databases)
     before = await temporary_contents(ds)
     kept = kept_file(home)
     on = {"ok": True, "keep": True, "file": str(kept)}
@@ -4347,6 +4350,7 @@ async def test_keep_temporary_moves_every_table_view_index_and_trigger_into_the_
     during = file_contents(kept)
     # On again changes nothing; off brings it all back into memory and removes the file.
     assert (await keep(ds, True)).json() == on and ds.get_database("temporary") is db
+    assert list(ds.databases) == order  # the home page lists them as before
     assert (await keep(ds, False)).json() == {"ok": True, "keep": False, "file": None}
     assert ds.get_database("temporary").is_memory
     assert await temporary_contents(ds) == during
