@@ -1413,8 +1413,36 @@ def plan_file(path, charset=None, source=None):
     if _XML_DOCUMENT.match(text + " "):
         raise ReadError(f"{source} is an XML document, not CSV, TSV or JSON data.")
     if _JSON_START.match(text):
-        return plan_json(path, encoding, source)
+        try:
+            return plan_json(path, encoding, source)
+        except _NotJSON:
+            pass  # only its start looked like JSON: CSV lines such as [248.128.0.120]
+    elif _JSON_SCALAR_START.match(text):
+        _refuse_json_scalar(path, encoding, source)
     return plan_csv(path, encoding, source)
+
+
+# A file this small that is one JSON value is JSON, not a CSV of one cell.
+MAX_JSON_SCALAR_BYTES = 64 * 1024
+_JSON_SCALAR_START = re.compile(r'["0-9-]|true\b|false\b|null\b')
+
+
+def _refuse_json_scalar(path, encoding, source):
+    """Refuse a file that is a single JSON string, number, boolean or null, which holds no table."""
+    if os.path.getsize(path) > MAX_JSON_SCALAR_BYTES:
+        return
+    with open(path, "rb") as f:
+        text = f.read().decode(encoding, "replace").lstrip("\ufeff")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return
+    if not isinstance(value, (dict, list)):
+        raise _not_a_table(source, f"a single JSON {_json_kind(value)}")
+
+
+class _NotJSON(Exception):
+    """A file whose first value, though it began like JSON, is not JSON: read it as CSV."""
 
 
 class _NulGuard(io.RawIOBase):
@@ -2129,10 +2157,11 @@ def plan_json(path, encoding, source):
             if text.peek() == "[":
                 text.pos += 1
                 first = text.peek()
-                if first == "]":
-                    raise ReadError(f"{source} holds an empty JSON array: there is nothing to import.")
                 if first != "{":
-                    raise _not_a_table(source, f"an array of {_json_kind(text.value())}s")
+                    kind = _array_of_values(text)
+                    if kind is None:
+                        raise ReadError(f"{source} holds an empty JSON array: there is nothing to import.")
+                    raise _not_a_table(source, f"an array of {kind}s")
                 return JSONPlan(encoding, "array", source)
             found, top = [], {}
             _survey_object(text, [], found, top)
@@ -2149,6 +2178,29 @@ def plan_json(path, encoding, source):
     if top.get("type") == "FeatureCollection" and json_path == ["features"]:
         return JSONPlan(encoding, "geojson", source, json_path)
     return JSONPlan(encoding, "nested", source, json_path)
+
+
+# How many items of an array of values are read to tell it from CSV lines.
+JSON_VALUES_CHECKED = 1000
+
+
+def _array_of_values(text):
+    """The kind of the first item of the array whose "[" was just passed, None when it is empty,
+    once its first items read as JSON; else raise _NotJSON, for CSV lines such as [248.128.0.120].
+    """
+    kind = None
+    try:
+        for count, _ in enumerate(text.items()):
+            item = text.value()
+            kind = kind or _json_kind(item)
+            if count == JSON_VALUES_CHECKED:
+                return kind
+        if text.peek() == "":  # nothing after the array
+            return kind
+    except ReadError:
+        if kind and text.peek() == "":  # JSON cut short
+            return kind
+    raise _NotJSON()
 
 
 def _survey_object(text, path, found, top):

@@ -1720,6 +1720,11 @@ JSON_REFUSED = [
     ("a web page", "dogs.json", "<!DOCTYPE html>\n<html><body>Dogs</body></html>", "dogs.json is a web page (HTML), not CSV, TSV or JSON data."),
     ("a web page after a BOM", "page.csv", "\ufeff\n  <html lang='en'><head></head></html>", "page.csv is a web page (HTML)"),
     ("an XML document", "dogs.csv", '<?xml version="1.0"?>\n<dogs/>', "dogs.csv is an XML document, not CSV, TSV or JSON data."),
+    # A file that is one JSON scalar holds no table.
+    ("a null", "value.json", "null", "value.json holds a single JSON null, which cannot be imported as a table. JSON can be imported when it is an array of objects"),
+    ("a boolean", "value.json", "\ufeff true\n", "value.json holds a single JSON boolean, which cannot"),
+    ("a number", "value.json", "-12.5e3", "value.json holds a single JSON number, which cannot"),
+    ("a string", "value.json", '"text with, a comma"', "value.json holds a single JSON string, which cannot"),
 ]
 
 
@@ -1734,6 +1739,34 @@ async def test_open_csv_file_refuses_json_it_cannot_import(ds, tmp_path, name, f
         await assert_refused(ds, tmp_path, endpoint, body, 400, error)
         assert await tables(ds, "target") == []
     assert work_folders() == []
+
+
+def bracketed_rows(seed, count=200):
+    """Rows whose cells look like JSON arrays, as DuckDB's test files have: [248.128.0.120], [a], []."""
+    rng = random.Random(seed)
+    cell = lambda: rng.choice([
+        lambda: "[" + ".".join(str(rng.randrange(256)) for _ in range(4)) + "]",
+        lambda: "[" + rng.choice(["note", "true", "null", "1, 2", '"x"', ""]) + "]",
+        lambda: str(rng.randrange(1000)),
+        lambda: rng.choice(["alpha", "beta, gamma", 'say "hi"']),
+    ])()
+    return [[cell() for _ in range(3)] for _ in range(count)]
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_open_csv_file_reads_csv_that_only_looks_like_json_as_csv(ds, tmp_path, seed):
+    rows_written = bracketed_rows(seed)
+    # Its first line begins as a JSON array would.
+    first = ["[248.128.0.120]", "[note]", "[true]", "[null]", "[]", "[0.5.1]"][seed]
+    rows_written[0][0] = first
+    with open(tmp_path / "ips.csv", "w", newline="") as f:
+        csv.writer(f).writerows(rows_written)
+    response = await post(ds, "/-/open-csv-file", {"path": str(tmp_path / "ips.csv"), "detect_types": False})
+    assert response.json()["format"] == "csv", response.text
+    with open(tmp_path / "ips.csv", newline="") as f:
+        expected = list(csv.reader(f))
+    stored = await rows(ds, "temporary", f'select * from "{response.json()["path"].split("/")[-1]}"')
+    assert [list(row) for row in stored] == expected[1:]
 
 
 async def test_import_csv_file_json_into_a_file_database(ds, tmp_path):
