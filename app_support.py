@@ -69,6 +69,7 @@ to hold fast code to slow references, and to make small files read in parts.
 """
 
 import asyncio
+import bz2
 import codecs
 import collections
 import contextlib
@@ -85,6 +86,7 @@ import inspect
 import io
 import itertools
 import json
+import lzma
 import math
 import os
 import posixpath
@@ -4082,10 +4084,20 @@ async def _import_local_file(datasette, raw_path, database, detect_types):
     db = _writable_database(datasette, database)
     log = _import_log(datasette)
     with log.track(raw_path, db.name, os.path.getsize(path)) as progress:
-        results = await _import_into(
-            datasette, db, path, Path(path).stem, detect_types is not False, progress.update,
-            source=path,
-        )
+        async with _work_folder_off_loop() as folder:
+            # A compressed file is read unpacked, as from a URL, with no size
+            # limit but the disk's, and guarded against decompression bombs.
+            unpacked = await asyncio.to_thread(
+                _unpack, path, path.lower(), path, LOCAL_FILE_LIMITS, folder, progress
+            )
+            name = Path(path).stem
+            if unpacked != path:
+                progress.bytes_total = await asyncio.to_thread(os.path.getsize, unpacked)
+                name = _table_name_from_url(urllib.parse.quote(os.path.basename(path)))
+            results = await _import_into(
+                datasette, db, unpacked, name, detect_types is not False, progress.update,
+                source=path,
+            )
         log.done(progress, results)
     return await _announce_import(datasette, db, results)
 
@@ -4186,7 +4198,7 @@ def _encode_url(parts, url):
 
 def _table_name_from_url(url):
     name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rstrip("/").rsplit("/", 1)[-1])
-    for suffix in (".gz", ".zip") + DATA_SUFFIXES + WORKBOOK_SUFFIXES:
+    for suffix in (".gz", ".bz2", ".xz", ".zip") + DATA_SUFFIXES + WORKBOOK_SUFFIXES:
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
     return name.strip() or "data"
@@ -4224,6 +4236,11 @@ class DownloadLimits:
                 "times, which no real data file does, so it looks like a decompression bomb."
             )
         _check_free_space(folder)
+
+
+# A compressed file from disk unpacks with no limit but the disk's free
+# space, and the decompression bomb check.
+LOCAL_FILE_LIMITS = DownloadLimits(time_limit=math.inf, size_limit_mb=math.inf)
 
 
 def _check_free_space(folder):
@@ -4278,11 +4295,12 @@ class _CountingReader(io.RawIOBase):
         return len(chunk)
 
 
-def _copy_limited(source, out, url, limits, folder, packed_size=None):
+def _copy_limited(source, out, url, limits, folder, packed_size=None, progress=None):
     """Copy source to out chunk by chunk, checking the limits before each write.
 
     packed_size: a function giving the compressed bytes read so far, when
-    source decompresses.
+    source decompresses. progress, when given, hears of each chunk, and stops
+    the copy once the user cancels.
     """
     size = 0
     while True:
@@ -4290,6 +4308,8 @@ def _copy_limited(source, out, url, limits, folder, packed_size=None):
         if not chunk:
             return size
         size += len(chunk)
+        if progress:
+            progress.update()
         limits.check_size(url, size, packed_size() if packed_size else None, folder)
         try:
             out.write(chunk)
@@ -4342,7 +4362,7 @@ def download_file(url, folder, limits=None, progress=None):
     except (TimeoutError, OSError, EOFError, http.client.HTTPException) as e:
         raise APIError(f"Could not download {shown}: {_download_failure(url, e, limits)}")
     url_path = urllib.parse.urlsplit(final_url).path.lower()
-    return _unpack(target, url_path, url, limits, folder), final_url, charset
+    return _unpack(target, url_path, url, limits, folder, progress), final_url, charset
 
 
 # What a person can do about an HTTP error status.
@@ -4414,25 +4434,39 @@ def _download_failure(url, reason, limits):
     return str(reason)
 
 
-def _unpack(path, url_path, url, limits, folder):
-    """Gunzip a .gz, extract the single data file from a .zip, or return path as it is.
+# The compressed files a data file may come in, by their first bytes: each
+# is unpacked as it is read, past the limits' checks.
+_PACKINGS = [
+    (b"\x1f\x8b", "gunzip", lambda raw: gzip.GzipFile(fileobj=raw)),
+    (b"BZh", "bunzip2", bz2.BZ2File),
+    (b"\xfd7zXZ\x00", "unxz", lzma.LZMAFile),
+]
 
-    An Excel workbook is a zip too, and stays as it is.
+
+def _unpack(path, name, source, limits, folder, progress=None):
+    """Unpack a .gz, .bz2 or .xz file, or the single data file of a .zip, into folder; else return path.
+
+    name is the file's name or URL path, lowercased; source names it in
+    messages. An Excel workbook is a zip too, and stays as it is.
     """
     with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic == _ZIP_MAGIC and _is_workbook(path):
+        magic = f.read(6)
+    if magic.startswith(_ZIP_MAGIC) and _is_workbook(path):
         return path
-    unpacked = path + ".csv"
-    if magic.startswith(b"\x1f\x8b"):
-        try:
-            with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as src:
-                with open(unpacked, "wb") as out:
-                    _copy_limited(src, out, url, limits, folder, raw.tell)
-        except (OSError, EOFError) as e:
-            raise APIError(f"Could not gunzip {_shorten(url)}: {e}")
-        return unpacked
-    if url_path.endswith(".zip") or magic == _ZIP_MAGIC:
+    unpacked = os.path.join(folder, "unpacked.data")
+    shown = _shorten(source)
+    for start, verb, opener in _PACKINGS:
+        if magic.startswith(start):
+            try:
+                with open(path, "rb") as raw, opener(raw) as src, open(unpacked, "wb") as out:
+                    _copy_limited(src, out, source, limits, folder, raw.tell, progress)
+            except (OSError, EOFError, lzma.LZMAError) as e:
+                raise APIError(
+                    f"Could not {verb} {shown}: {str(e).rstrip('.')}. The file may be cut short "
+                    "or damaged: copy or download it again."
+                )
+            return unpacked
+    if name.endswith(".zip") or magic.startswith(_ZIP_MAGIC):
         try:
             with zipfile.ZipFile(path) as archive:
                 members = [
@@ -4441,17 +4475,17 @@ def _unpack(path, url_path, url, limits, folder):
                 ]
                 if len(members) != 1:
                     raise APIError(
-                        f"{_shorten(url)} is a zip file holding {len(members)} CSV, TSV or JSON "
+                        f"{shown} is a zip file holding {len(members)} CSV, TSV or JSON "
                         "files; it must hold exactly one."
                     )
                 # The declared sizes are safe to judge by: zipfile never
                 # extracts more than a member's file_size.
                 member = members[0]
-                limits.check_size(url, member.file_size, member.compress_size, folder)
+                limits.check_size(source, member.file_size, member.compress_size, folder)
                 with archive.open(member) as src, open(unpacked, "wb") as out:
-                    _copy_limited(src, out, url, limits, folder)
+                    _copy_limited(src, out, source, limits, folder, progress=progress)
         except zipfile.BadZipFile as e:
-            raise APIError(f"Could not open the zip file from {_shorten(url)}: {e}")
+            raise APIError(f"Could not open the zip file from {shown}: {e}")
         return unpacked
     return path
 

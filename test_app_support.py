@@ -26,6 +26,7 @@ opens the browser's.
 import ast
 import asyncio
 import base64
+import bz2
 import contextlib
 import csv
 import datetime
@@ -36,6 +37,7 @@ import html
 import http.server
 import io
 import json
+import lzma
 import math
 import os
 import pwd
@@ -2326,6 +2328,115 @@ async def test_open_csv_file_xlsx_large_sheet(ds, tmp_path):
     assert await rows(ds, "temporary", "select n, parity from large where rowid in (1, 500000, 1000000) order by rowid") == [
         (0, "even"), (499_999, "odd"), (999_999, "odd"),
     ]
+
+
+# ===== /-/open-csv-file and /-/import-csv-file: compressed files =====
+#
+# A .gz, .bz2 or .xz file, or a zip holding one data file, imports as the
+# file it holds, from disk as from a URL; the cells are checked against what
+# Python's csv module reads from the uncompressed text.
+
+
+PACKINGS = ["gz", "bz2", "xz", "zip"]
+
+
+def packed(kind, name, data):
+    """data packed as a file of this kind would hold it: (the file's name, its bytes)."""
+    if kind == "zip":
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr(name, data)
+        return name.rsplit(".", 1)[0] + ".zip", buffer.getvalue()
+    compress = {"gz": gzip.compress, "bz2": bz2.compress, "xz": lzma.compress}[kind]
+    return f"{name}.{kind}", compress(data)
+
+
+def generated_points(seed, count=500):
+    """CSV shaped like real files: (its bytes, its rows). Coordinates with 5 to 7 places,
+    codes with leading zeros, quoted text with commas, quotes and line breaks."""
+    rng = random.Random(seed)
+    rows = [["id", "lat", "lon", "zip", "note"]] + [
+        [str(i), f"{rng.uniform(-90, 90):.{rng.randint(5, 7)}f}", f"{rng.uniform(-180, 180):.{rng.randint(5, 7)}f}",
+         f"{rng.randrange(100_000):05d}", rng.choice(["", "Smith, John", 'say "hi"', "two\nlines", "Zürich", "東京"])]
+        for i in range(count)
+    ]
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue().encode("utf-8"), rows
+
+
+async def import_packed(ds, tmp_path, server, endpoint, name, content):
+    """Import a compressed file through endpoint: from tmp_path, or from the test's HTTP server."""
+    if endpoint == "/-/open-csv-from-url":
+        base, routes = server
+        routes["/" + name] = (200, {}, content)
+        return await post(ds, endpoint, {"url": f"{base}/{name}", "detect_types": False})
+    path = write(tmp_path / name, content)
+    body = {"path": str(path), "detect_types": False}
+    if endpoint == "/-/import-csv-file":
+        await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
+        body["database"] = "target"
+    return await post(ds, endpoint, body)
+
+
+@pytest.mark.parametrize("endpoint", ["/-/open-csv-file", "/-/import-csv-file", "/-/open-csv-from-url"])
+@pytest.mark.parametrize("kind", PACKINGS)
+async def test_compressed_files_import_as_the_file_they_hold(ds, tmp_path, server, temp_dir, endpoint, kind):
+    data, expected = generated_points(PACKINGS.index(kind))
+    name, content = packed(kind, "points.csv", data)
+    response = await import_packed(ds, tmp_path, server, endpoint, name, content)
+    database = "target" if endpoint == "/-/import-csv-file" else "temporary"
+    assert response.json() == {"ok": True, "path": f"/{database}/points", "rows": len(expected) - 1, "format": "csv"}
+    assert await rows(ds, database, "select * from points") == [tuple(row) for row in expected[1:]]
+    assert work_folders(temp_dir) == []
+
+
+async def test_compressed_file_from_disk_is_read_in_parts_once_unpacked(ds, tmp_path, in_parts, helpers):
+    data, expected = generated_points(11, count=3000)
+    name, content = packed("xz", "points.csv", data)
+    response = await post(ds, "/-/open-csv-file", {"path": str(write(tmp_path / name, content))})
+    assert response.json()["rows"] == 3000
+    assert len(helpers) == 2
+    stored = await rows(ds, "temporary", "select id, zip, note from points")
+    assert stored == [(int(row[0]), row[3], row[4]) for row in expected[1:]]
+
+
+@pytest.mark.parametrize("endpoint", ["/-/open-csv-file", "/-/import-csv-file"])
+async def test_compressed_files_from_disk_that_cannot_be_read_are_refused_leaving_nothing(ds, tmp_path, server, temp_dir, bombs, endpoint):
+    cases = {
+        "bomb.csv.gz": (bombs["gz"], "Stopped unpacking {path}: it expands more than 200 times, which no real data file does, so it looks like a decompression bomb."),
+        "bomb.zip": (bombs["zip"], "Stopped unpacking {path}: it expands more than 200 times"),
+        "cut.csv.gz": (cut_in_half(gzip.compress), "Could not gunzip {path}: Compressed file ended before the end-of-stream marker was reached."),
+        "cut.csv.bz2": (cut_in_half(bz2.compress), "Could not bunzip2 {path}: Compressed file ended before the end-of-stream marker was reached."),
+        "cut.csv.xz": (cut_in_half(lzma.compress), "Could not unxz {path}: Compressed file ended before the end-of-stream marker was reached."),
+        "bad.csv.bz2": (b"BZh9" + b"\x00" * 100, "Could not bunzip2 {path}: Invalid data stream"),
+        "bad.csv.xz": (b"\xfd7zXZ\x00" + b"\x00" * 100, "Could not unxz {path}: Corrupt input data. The file may be cut short or damaged: copy or download it again."),
+        "two.zip": (two_file_zip(), "{path} is a zip file holding 2 CSV, TSV or JSON files; it must hold exactly one."),
+    }
+    await post(ds, "/-/new-empty-database-file", {"path": str(tmp_path / "target.db")})
+    for name, (content, error) in cases.items():
+        path = write(tmp_path / name, content)
+        body = {"path": str(path)}
+        if endpoint == "/-/import-csv-file":
+            body["database"] = "target"
+        response = await post(ds, endpoint, body)
+        assert_error(response, 400, error.format(path=path))
+        assert await tables(ds) == [] and await tables(ds, "target") == [] and work_folders(temp_dir) == []
+
+
+def cut_in_half(compress):
+    """A compressed CSV of 20,000 rows, cut short halfway, as an interrupted copy leaves it."""
+    rng = random.Random(3)
+    packed_bytes = compress("".join(f"{i},{rng.random()}\n" for i in range(20_000)).encode())
+    return packed_bytes[: len(packed_bytes) // 2]
+
+
+def two_file_zip():
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("a.csv", "a\n1\n")
+        archive.writestr("b.csv", "b\n2\n")
+    return buffer.getvalue()
 
 
 # ===== /-/import-csv-file: full disks, locks and databases that go away =====
