@@ -2596,6 +2596,14 @@ def test_files_too_big_for_memory_leave_temporary_as_it_was(tmp_path, memory_cgr
             r"\(File → New Empty Database…\) and use Import CSV on it instead\.",
             json.loads(body)["error"],
         ), body
+        # Staged, then measured: its rows were read before it was refused.
+        assert json.loads(server.call("/-/import-progress")[2])["imports"][0]["rows"] > 0
+        # A file that cannot fit whatever it holds is refused from its size, before a row is read.
+        huge = write_wide_csv(tmp_path / "huge.csv", 1000)
+        status, _, body = server.call("/-/open-csv-file", {"path": str(huge)}, timeout=600)
+        assert status == 400 and json.loads(body)["error"].startswith("huge.csv needs about "), body
+        assert json.loads(server.call("/-/import-progress")[2])["imports"][0]["rows"] == 0
+        huge.unlink()
         backup = write_backup(tmp_path / "backup.db", 300)
         status, _, body = server.call("/-/restore-temporary-from-file", {"path": str(backup)}, timeout=300)
         assert status == 400, body
