@@ -1857,10 +1857,13 @@ class _SampleReading:
 
         The table is the longest run of rows of one width, at least two
         fields, that ends the sample: a header and at least one row. Every
-        line above it must be one a table never starts with: a # comment of
-        another width, or a line of one or two fields, two or more fewer than
-        the table has, above a header that names a column of numbers. A
-        header one field short of its rows is a ragged file, not a title.
+        line above it must be one a table never starts with: a comment (#, !
+        or %) of another width; words with no delimiter, as a title or a note
+        is; or a line of one or two fields, two or more fewer than the table
+        has, above a header that names a column of numbers. A comment of the
+        table's width is above it too when the line after it is such a
+        header, and a header may still name a column "#". A header one field
+        short of its rows is a ragged file, not a title.
         Returns (header line, [lines above it]): (0, []) for a plain file.
         """
         if self.failed:
@@ -1871,23 +1874,37 @@ class _SampleReading:
         width, first = len(self.rows[kept[-1]]), len(kept) - 1
         while first > 0 and len(self.rows[kept[first - 1]]) == width:
             first -= 1
+        # Comments as wide as the table, above a header that names a column of numbers.
+        below = first
+        while below < len(kept) - 1 and self.rows[kept[below]][0].lstrip().startswith(COMMENT_MARKS):
+            below += 1
+        if below < len(kept) - 1 and _header_names_a_number_column([self.rows[i] for i in kept[below:]]):
+            first = below
         if width < 2 or first == len(kept) - 1:
             return None
         above = [self.rows[i] for i in kept[:first]]
         if any(len(self.spans[i]) > 1 for i in kept[:first]):
             return None
-        if not all(_is_comment(row, width) or len(row) <= min(2, width - 2) for row in above):
+        if not all(_is_note(row, width) or len(row) <= min(2, width - 2) for row in above):
             return None
         table = [self.rows[i] for i in kept[first:]]
-        if any(not _is_comment(row, width) for row in above) and not _header_names_a_number_column(table):
+        if any(not _is_note(row, width) for row in above) and not _header_names_a_number_column(table):
             return None
         header = self.spans[kept[first]].start
         return header, [self.lines[self.spans[i].start].rstrip("\r\n") for i in kept[:first]]
 
 
-def _is_comment(row, width):
-    """A # comment line above a table of width fields; a header may name a column #."""
-    return row[0].startswith("#") and len(row) != width
+# What comment lines start with: # in most files, ! and % in some tools' exports.
+COMMENT_MARKS = ("#", "!", "%")
+
+
+def _is_note(row, width):
+    """A line above a table of width fields that no table starts with: a comment, or words
+    with no delimiter in them. A comment of the table's width was found above its header."""
+    if row[0].lstrip().startswith(COMMENT_MARKS):
+        return True
+    # Not a line of any delimiter read with another: each of its lines would be one field.
+    return len(row) == 1 and " " in row[0].strip() and not any(d in row[0] for d in DELIMITERS)
 
 
 def _header_names_a_number_column(table):

@@ -3435,6 +3435,73 @@ def test_csv_engine_skips_exactly_the_lines_above_generated_tables(tmp_path):
     assert_none_differ(problems, "files")
 
 
+PROSE = ["Sales report", "Prepared by the finance team", "All figures in US dollars", "Source: the national office"]
+
+
+def random_noted_csv(seed, index):
+    """A table under notes a person sees at once are not the table: comments that start with
+    #, ! or %, of any width, and lines of words with no delimiter, some blank between.
+    (text, params, the notes, header, rows)."""
+    rng = random.Random(f"{seed}:{index}")
+    params = {
+        "seed": seed, "index": index, "delimiter": rng.choice([",", "\t", ";", "|"]),
+        "width": rng.choice([2, 3, 4, 6]), "numbers": rng.choice([0, 1]),
+    }
+    width, delimiter = params["width"], params["delimiter"]
+    header, table = random_table(rng, width, rng.randint(2, 40), number_columns=params["numbers"])
+    notes = []
+    for _ in range(rng.randint(1, 6)):
+        kind = rng.choice(["comment", "prose"])
+        if kind == "comment":
+            # As wide as the table only where its header names a column of numbers.
+            fields = rng.choice([n for n in (1, 2, 3, 5, width) if n != width or params["numbers"]])
+            words = [rng.choice(["COLUMN a", "produced by X", "units: km", "Year", "exported"]) for _ in range(fields)]
+            notes.append(rng.choice("#!%") + rng.choice(["", " "]) + delimiter.join(words))
+        else:
+            notes.append(rng.choice(PROSE))
+        if rng.random() < 0.3:
+            notes.append("")
+    text = "\n".join(notes) + "\n" + written([header] + table, delimiter=delimiter, lineterminator="\n")
+    return text, params, [line for line in notes if line], header, table
+
+
+def test_csv_engine_skips_comments_and_notes_above_generated_tables(tmp_path):
+    problems = []
+    for index in range(MESSY_FILES):
+        text, params, notes, header, rows = random_noted_csv(MESSY_SEED, index)
+        where = f"seed {MESSY_SEED} file {index} {params}"
+        try:
+            answer, *got = import_text(tmp_path / "noted.csv", text)
+        except app_support.ReadError as e:
+            problems.append(f"{where}: {e}")
+            continue
+        if answer.get("skipped_lines") != notes:
+            problems.append(f"{where}: skipped {answer.get('skipped_lines')} (expected {notes})")
+            continue
+        table = list(csv.reader(io.StringIO(written([header] + rows, delimiter=params["delimiter"]), newline=""), delimiter=params["delimiter"]))
+        problems.append(first_difference(where, got, (table[0], *expected_table(table[0], table[1:]))))
+    assert_none_differ(problems, "files")
+
+
+def test_csv_engine_skips_the_comments_above_wikipedias_example(tmp_path):
+    """Wikipedia's CSV example, under comment lines and a blank line, one of them as wide as the table."""
+    text = (
+        "# Example from https://en.wikipedia.org/wiki/Comma-separated_values\n"
+        "# Columns: Year, Make, Model, Description, Price\n# Prices in US dollars\n# Fetched 2024\n\n"
+        "Year,Make,Model,Description,Price\n1997,Ford,E350,\"ac, abs, moon\",3000.00\n"
+        "1999,Chevy,\"Venture \"\"Extended Edition\"\"\",\"\",4900.00\n"
+        "1999,Chevy,\"Venture \"\"Extended Edition, Very Large\"\"\",,5000.00\n"
+        "1996,Jeep,Grand Cherokee,\"MUST SELL!\nair, moon roof, loaded\",4799.00\n"
+    )
+    answer, names, declared, stored = import_text(tmp_path / "cars.csv", text)
+    assert answer["skipped_lines"] == text.split("\n\n")[0].split("\n")
+    assert names == ["Year", "Make", "Model", "Description", "Price"]
+    expected = list(csv.reader(io.StringIO(text.split("\n\n", 1)[1], newline="")))[1:]
+    assert [tuple(str(v) if v is not None else "" for v in row) for row in stored] == [
+        tuple(row[:4]) + (str(float(row[4])),) for row in expected
+    ]
+
+
 NOT_TITLES = [
     ("header one field short of its rows", "id,name\n1,a,2\n3,b,4\n5,c,6\n"),
     ("header one field longer than its rows", "id,name,n,extra\n1,a,2\n3,b,4\n5,c,6\n"),
@@ -3444,6 +3511,9 @@ NOT_TITLES = [
     ("a header of two fields over text", "name,city\nAda,London\nBob\nCy,Paris,France\n"),
     ("a header that names a column #", "#,name,n\n1,a,2\n3,b\n"),
     ("a title over a table of text only", "People\nname,city,country\nAda,London,UK\nBob,Paris,FR\n"),
+    ("a header whose first name starts with #", "# of items,name,n\n3,a,5\n4,b,6\n"),
+    ("a header that names columns # and !", "#,!,n\n1,a,2\n3,b,4\n"),
+    ("a one-column file under a word", "name\nCleo\nPancakes\n"),
 ]
 
 
