@@ -110,6 +110,7 @@ import urllib.request
 import uuid
 import weakref
 import zipfile
+import zlib
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -2703,12 +2704,21 @@ def plan_xlsx(path, source):
                     )
                 with archive.open("xl/sharedStrings.xml") as part:
                     strings = _shared_strings(part)
-    except zipfile.BadZipFile as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise ReadError(f"{source} is a damaged Excel workbook ({e}).")
+    except _DamagedPart:
+        raise _damaged_part(source, "xl/sharedStrings.xml")
     sheets = _worksheets(workbook, relationships, names)
     properties = _child(workbook, "workbookPr")
     date1904 = properties is not None and properties.get("date1904", "0") in ("1", "true")
     return XLSXPlan(source, sheets, date1904, _date_styles(styles), strings)
+
+
+def _damaged_part(source, member):
+    return ReadError(
+        f"{source} is a damaged Excel workbook: {member} is cut short or is not a workbook's "
+        "XML, so none of its sheets were imported."
+    )
 
 
 def _shared_strings(part):
@@ -2779,11 +2789,16 @@ def _date_styles(styles):
     return kinds
 
 
+# [h], [mm] or [ss]: time elapsed; other brackets hold colours, conditions, locales.
+_ELAPSED = re.compile(r"\[(?:h+|m+|s+)\]", re.IGNORECASE)
+
+
 def _format_kind(code):
     """What a custom number format shows: "date", "datetime", "time", "elapsed", or None for a number."""
-    shown = _FORMAT_NOISE.sub("", code.split(";")[0]).lower()
-    if "[h" in code.lower() or "[m" in code.lower() or "[s" in code.lower():
+    first = code.split(";")[0]
+    if _ELAPSED.search(first):
         return "elapsed"
+    shown = _FORMAT_NOISE.sub("", first).lower()
     has_date = "y" in shown or "d" in shown
     has_time = "h" in shown or "s" in shown
     if "m" in shown and not has_date and not has_time:
@@ -2822,6 +2837,10 @@ def _excel_time(serial):
     return f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+class _DamagedPart(Exception):
+    """A part of a workbook that is cut short, or has no container of its items."""
+
+
 def _xml_runs(part, container, name):
     """The XML of the elements called name in the container element of a large part, a run at a time.
 
@@ -2838,6 +2857,10 @@ def _xml_runs(part, container, name):
         if first:
             break
         if not chunk:
+            # No items: an empty container, <sheetData/> or <sheetData></sheetData>, or damage.
+            empty = re.search(rb"<([\w.-]+:)?" + container.encode() + rb"(\s[^>]*)?(/>|>\s*</\1?" + container.encode() + rb">)", buffer)
+            if not empty:
+                raise _DamagedPart()
             return
     prefix = first.group(1) or b""
     yield prefix
@@ -2854,7 +2877,8 @@ def _xml_runs(part, container, name):
             cut += len(item_end)
         else:
             cut = buffer.find(container_end)
-            cut = len(buffer) if cut == -1 else cut
+            if cut == -1:
+                raise _DamagedPart()  # cut short: the rows would be only some of them
         yield buffer[:cut]
         buffer = buffer[cut:]
         if not chunk:
@@ -2873,6 +2897,7 @@ class _SheetXML:
 
     def __init__(self, prefix):
         p = re.escape(prefix)
+        cdata = rb"<!\[CDATA\[.*?\]\]>"
         self.row = re.compile(rb"<" + p + rb"row\b([^>]*?)(?:/>|>(.*?)</" + p + rb"row>)", re.S)
         # A cell, its r, s and t in the order programs write them, any other
         # attributes, and its content.
@@ -2880,8 +2905,8 @@ class _SheetXML:
             rb"<" + p + rb"c\b(?:\s+r=\"([A-Z]*)[0-9]*\")?(?:\s+s=\"([0-9]*)\")?(?:\s+t=\"(\w*)\")?"
             rb"([^>]*?)(?:/>|>(.*?)</" + p + rb"c>)", re.S,
         )
-        self.value = re.compile(rb"<" + p + rb"v(?:\s[^>]*)?>([^<]*)</", re.S)
-        self.text = re.compile(rb"<" + p + rb"t(?:\s[^>]*)?>([^<]*)</" + p + rb"t>", re.S)
+        self.value = re.compile(rb"<" + p + rb"v(?:\s[^>]*)?>((?:[^<]|" + cdata + rb")*)</", re.S)
+        self.text = re.compile(rb"<" + p + rb"t(?:\s[^>]*)?>((?:[^<]|" + cdata + rb")*)</" + p + rb"t>", re.S)
         self.phonetic = re.compile(rb"<" + p + rb"rPh\b.*?</" + p + rb"rPh>", re.S)
 
         self.shared = re.compile(rb"<" + p + rb"si\b[^>]*?(?:/>|>(.*?)</" + p + rb"si>)", re.S)
@@ -2896,16 +2921,30 @@ class _SheetXML:
 
 _XML_ATTRIBUTE = re.compile(rb"""\s([\w.:-]+)\s*=\s*(?:"([^"]*)"|'([^']*)')""")
 _XML_ESCAPE = re.compile(r"_x([0-9A-Fa-f]{4})_")
+_CDATA = re.compile(rb"<!\[CDATA\[(.*?)\]\]>", re.S)
 
 
 def _xml_text(raw):
-    """XML text as a string: entities replaced, and OOXML's _xHHHH_ escapes of control characters."""
-    text = raw.decode("utf-8", "replace")
-    if "&" in text:
-        text = html.unescape(text)
+    """XML text as a string, as an XML parser gives it: line ends as LF, entities replaced,
+    CDATA as it is; then OOXML's _xHHHH_ escapes of control characters replaced."""
+    if b"\r" in raw:  # a literal CR LF or CR; &#13; stays a CR
+        raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+    if b"<![CDATA[" in raw:
+        pieces = _CDATA.split(raw)  # text, CDATA, text, ...
+        text = "".join(
+            piece.decode("utf-8", "replace") if odd else _unescaped(piece)
+            for odd, piece in zip(itertools.cycle((False, True)), pieces)
+        )
+    else:
+        text = _unescaped(raw)
     if "_x" in text:
         text = _XML_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text)
     return text
+
+
+def _unescaped(raw):
+    text = raw.decode("utf-8", "replace")
+    return html.unescape(text) if "&" in text else text
 
 
 def _attributes(xml):
@@ -2972,11 +3011,11 @@ class XLSXReader:
 
     def __init__(self, path, plan, number):
         self.plan = plan
-        self.name, member = plan.sheets[number]
+        self.name, self.member = plan.sheets[number]
         self.header = []
         self.file = _CountedFile(path)
         self.archive = zipfile.ZipFile(self.file)
-        self.part = self.archive.open(member)
+        self.part = self.archive.open(self.member)
         self.start = self.file.count
         self.date_styles = {style.encode(): kind for style, kind in plan.date_styles.items()}
 
@@ -3011,6 +3050,14 @@ class XLSXReader:
 
     def _rows(self):
         """Each row of the sheet, from the first, as its values; rows the sheet leaves out are []."""
+        try:
+            yield from self._rows_of_part()
+        except (zipfile.BadZipFile, zlib.error, EOFError) as e:
+            raise ReadError(f"{self.plan.source} is a damaged Excel workbook ({e}).")
+        except _DamagedPart:
+            raise _damaged_part(self.plan.source, self.member)
+
+    def _rows_of_part(self):
         runs = _xml_runs(self.part, "sheetData", "row")
         prefix = next(runs, None)
         if prefix is None:
@@ -3030,22 +3077,31 @@ class XLSXReader:
         and shared strings, are read right here: this loop runs for every cell of a sheet."""
         cells, strings, dates = [], self.plan.strings, self.date_styles
         value_start, skip = xml.value_start, len(xml.value_start)
+        column = -1
         for letters, style, kind, others, inner in xml.cell.findall(content):
             if others and (b"r=" in others or b"s=" in others or b"t=" in others):
                 # Attributes in another order than r, s, t: rare, so read slowly.
                 attributes = _attributes(others)
                 letters = letters or attributes.get(b"r", b"").rstrip(b"0123456789")
                 style, kind = style or attributes.get(b"s", b""), kind or attributes.get(b"t", b"")
+            if letters:
+                column = _COLUMNS.get(letters)
+                if column is None:
+                    column = _column_number(letters)
+            else:
+                column += 1  # a cell without a reference follows the cell before it
             if not inner:
                 continue  # a cell with a style and no value
             if kind == b"inlineStr":
                 value = xml.string(inner)
             else:
-                if inner.startswith(value_start):
+                if inner.startswith(value_start) and not inner.startswith(b"<![CDATA[", skip):
                     text = inner[skip : inner.index(b"<", skip)]
-                else:  # a formula first, or the value's tag has attributes
+                else:  # a formula first, the value's tag has attributes, or CDATA
                     found = xml.value.search(inner)
                     text = found.group(1) if found else b""
+                    if b"<![CDATA[" in text and kind != b"str":
+                        text = _CDATA.sub(rb"\1", text)
                 if kind == b"s" and text:
                     try:
                         value = strings[int(text)]
@@ -3057,9 +3113,6 @@ class XLSXReader:
                     value = self._value(kind, style, text)
                     if value is None:
                         continue
-            column = _COLUMNS.get(letters) if letters else len(cells)
-            if column is None:
-                column = _column_number(letters)
             if column == len(cells):
                 cells.append(value)
             elif column > len(cells):
@@ -3114,7 +3167,8 @@ def clean_headers(names, width):
     names = list(names) + [""] * (width - len(names))
     result, seen = [], set()
     for position, name in enumerate(names, 1):
-        base = unicodedata.normalize("NFC", name or "").strip() or f"column_{position}"
+        # SQLite cannot take a NUL in SQL text, which names go into.
+        base = unicodedata.normalize("NFC", (name or "").replace("\x00", "")).strip() or f"column_{position}"
         candidate, suffix = base, 2
         while candidate.lower() in seen:
             candidate = f"{base}_{suffix}"

@@ -2000,9 +2000,12 @@ def reference_sheet_rows(sheet_xml, strings, date_styles=None, date1904=False):
         number = int(row.get("r") or expected)
         rows.extend([] for _ in range(expected, number))
         expected = number + 1
-        cells = []
+        cells, column = [], -1
         for cell in row:
             kind, style = cell.get("t", "n"), cell.get("s")
+            # A cell without a reference follows the cell before it, empty or not.
+            reference = cell.get("r")
+            column = app_support._column_number(reference.rstrip("0123456789").encode()) if reference else column + 1
             if kind == "inlineStr":
                 item = next((child for child in cell if local(child) == "is"), None)
                 value = "" if item is None else "".join(
@@ -2025,8 +2028,6 @@ def reference_sheet_rows(sheet_xml, strings, date_styles=None, date1904=False):
                 else:
                     number = float(text)
                     value = int(number) if number.is_integer() and abs(number) < 2**63 else number
-            reference = cell.get("r")
-            column = app_support._column_number(reference.rstrip("0123456789").encode()) if reference else len(cells)
             cells.extend([None] * (column + 1 - len(cells)))
             cells[column] = value
         while cells and cells[-1] is None:
@@ -2075,6 +2076,7 @@ def random_sheet_xml(rng, strings):
             elif kind == "str":
                 attributes["t"] = "str"
                 text = html.escape(rng.choice(XLSX_WORDS + ["line_x000D_break", "a &amp; b"]), quote=False)
+                text = rng.choice([text, text, "two\r\nlines", "old\rMac", "kept&#13;CR", "nul_x0000_here"])
                 inner = f"<{prefix}f>A1&amp;B1</{prefix}f><{prefix}v>{text}</{prefix}v>"
             elif kind == "d":
                 attributes["t"] = "d"
@@ -2082,6 +2084,8 @@ def random_sheet_xml(rng, strings):
             elif kind == "inlineStr":
                 attributes["t"] = "inlineStr"
                 words = [html.escape(rng.choice(XLSX_WORDS), quote=False) for _ in range(rng.randint(1, 3))]
+                # Text as programs other than Excel write it: CR LF kept, CDATA, entities.
+                words = [rng.choice([w, w, w, "a\r\nb", "c\rd", "<![CDATA[x < y & z]]>", "<![CDATA[a]]>&amp;b", "e&#xD;f", "_x0000_"]) for w in words]
                 if len(words) == 1 and rng.random() < 0.5:
                     inner = f"<{prefix}is><{prefix}t>{words[0]}</{prefix}t></{prefix}is>"
                 else:
@@ -2181,9 +2185,13 @@ EXCEL_DATES = [
     (45352.5, 169, 45352.5, 45352.5),  # "days" 0.0: quoted text is not a date
     (45352.5, 2, 45352.5, 45352.5),  # 0.00
     (-1, 14, -1, -1),  # no date: Excel shows none either
+    (1, 170, 1, 1),  # [Magenta]0.00: a colour, not minutes
+    (2.5, 171, 2.5, 2.5),  # [Red][<=100]0.0;[Blue]0.0
+    (0.5, 172, "12:00:00", "12:00:00"),  # [mm]:ss, elapsed
 ]
 EXCEL_CUSTOM_FORMATS = [
     (165, "yyyy\\-mm\\-dd"), (166, "d/m/yy h:mm"), (167, "mmm\\-yy"), (168, "[$-409]h:mm AM/PM"), (169, '"days" 0.0'),
+    (170, "[Magenta]0.00"), (171, "[Red][<=100]0.0;[Blue]0.0"), (172, "[mm]:ss"),
 ]
 
 
@@ -2282,6 +2290,33 @@ def bad_string_workbook(path):
     return make_xlsx(path, [("Good", good), ("Bad", bad)], ["only one"])
 
 
+def damaged_sheet_workbook(path, damage):
+    """A workbook of two good sheets' worth of rows whose second sheet is damaged: cut short, or not XML."""
+    rows = "".join(f'<row r="{n}"><c r="A{n}"><v>{n}</v></c></row>' for n in range(1, 2000))
+    make_xlsx(path, [("Good", rows), ("Damaged", rows)])
+    with zipfile.ZipFile(path) as archive:
+        parts = {name: archive.read(name) for name in archive.namelist()}
+    sheet = parts["xl/worksheets/sheet2.xml"]
+    parts["xl/worksheets/sheet2.xml"] = sheet[: len(sheet) // 2] if damage == "cut" else b"\x00\x01 not XML"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in parts.items():
+            archive.writestr(name, content)
+    return path
+
+
+def bad_crc_workbook(path):
+    """A workbook whose second sheet's packed bytes were changed after it was written."""
+    rows = "".join(f'<row r="{n}"><c r="A{n}"><v>{n}</v></c></row>' for n in range(1, 2000))
+    make_xlsx(path, [("Good", rows), ("Damaged", rows)])
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("xl/worksheets/sheet2.xml")
+    data = bytearray(path.read_bytes())
+    middle = info.header_offset + 30 + len(info.filename) + info.compress_size // 2
+    data[middle] ^= 0xFF
+    path.write_bytes(bytes(data))
+    return path
+
+
 XLSX_REFUSED = [
     ("Excel 97-2003", lambda p: ole2_file(p / "old.xls"), "old.xls is an Excel 97-2003 workbook (.xls) or an encrypted workbook, which cannot be read here. Open it in Excel or LibreOffice, save it as an Excel workbook (.xlsx)"),
     ("encrypted, named .xlsx", lambda p: ole2_file(p / "secret.xlsx"), "secret.xlsx is an Excel 97-2003 workbook (.xls) or an encrypted workbook"),
@@ -2290,7 +2325,22 @@ XLSX_REFUSED = [
     ("zip bomb", lambda p: zip_bomb_workbook(p / "bomb.xlsx"), "expands more than 200 times"),
     ("a missing shared string, in the second sheet", lambda p: bad_string_workbook(p / "bad.xlsx"), "bad.xlsx is a damaged Excel workbook: sheet Bad names shared string 7, which it does not have."),
     ("not a workbook's parts", lambda p: make_xlsx(p / "broken.xlsx", [("One", "")], extra={"xl/workbook.xml": "<workbook"}), "broken.xlsx is a damaged Excel workbook: xl/workbook.xml is not valid XML"),
+    # All the sheets or none: a damaged second sheet leaves the first unimported too.
+    ("a sheet cut short", lambda p: damaged_sheet_workbook(p / "cut.xlsx", "cut"), "cut.xlsx is a damaged Excel workbook: xl/worksheets/sheet2.xml is cut short or is not a workbook's XML, so none of its sheets were imported."),
+    ("a sheet that is not XML", lambda p: damaged_sheet_workbook(p / "junk.xlsx", "junk"), "junk.xlsx is a damaged Excel workbook: xl/worksheets/sheet2.xml is cut short or is not a workbook's XML"),
+    ("a sheet whose packed bytes changed", lambda p: bad_crc_workbook(p / "crc.xlsx"), "crc.xlsx is a damaged Excel workbook ("),
 ]
+
+
+async def test_open_csv_file_xlsx_nul_characters_in_names_and_strings(ds, tmp_path):
+    sheet = (
+        '<row r="1"><c r="A1" t="inlineStr"><is><t>na_x0000_me</t></is></c><c r="B1" t="inlineStr"><is><t>n</t></is></c></row>'
+        '<row r="2"><c r="A2" t="inlineStr"><is><t>x_x0000_y</t></is></c><c r="B2"><v>1</v></c></row>'
+    )
+    path = make_xlsx(tmp_path / "nul.xlsx", [("Data", sheet)])
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert response.status_code == 200, response.text
+    assert await rows(ds, "temporary", 'select name, n from nul') == [("x\x00y", 1)]
 
 
 @pytest.mark.parametrize("name,setup,error", XLSX_REFUSED, ids=[r[0] for r in XLSX_REFUSED])
