@@ -1623,6 +1623,12 @@ _EAST_ASIAN = (
 EAST_ASIAN_SHARE = 0.9
 TOUCHING_LATIN_SHARE = 0.2
 _NON_ASCII_RUN = re.compile(r"[^\x00-\x7f]+")
+# Japanese prose is mostly kana, which Western text read as cp932 never gives
+# (hiragana would be "‚" before a letter in cp1252). With this share of
+# full-width kana, the text is Japanese whatever else it holds: rarer kanji,
+# half-width katakana, or Latin words beside Japanese ones (iPhoneを).
+KANA_SHARE = 0.3
+_FULL_WIDTH_KANA = re.compile(r"[\u3041-\u3096\u30a1-\u30fa\u30fc]")
 
 
 def _everyday(c, standard, ranges):
@@ -1654,6 +1660,8 @@ def _east_asian_code_page(head):
         wide = "".join(run.group() for run in runs)
         if len(wide) < 2:
             continue
+        if encoding == "cp932" and len(_FULL_WIDTH_KANA.findall(wide)) >= KANA_SHARE * len(wide):
+            return encoding
         share = sum(_everyday(c, standard, ranges) for c in wide) / len(wide)
         touching = sum(
             text[run.start() - 1 : run.start()].isalpha() or text[run.end() : run.end() + 1].isalpha()

@@ -1388,6 +1388,32 @@ async def test_csv_encodings(ds, tmp_path, name, content, expected):
     assert expected in flat
 
 
+JAPANESE_PROSE = ["鬱蒼とした森の奥に佇む祠", "蝋燭の灯りが揺らめいている", "新型のiPhoneを購入しました", "明日は雨が降るでしょう",
+                  "吾輩は猫である", "どこで生れたかとんと見当がつかぬ", "Windows10へ更新します", "ｶﾀｶﾅの品名", "第２四半期の売上"]
+WESTERN_CAPITALS = ["ÀÉÎÕÜ", "ÉTÉ À PARIS", "ÜBER GRÖßE", "SEÑOR ÑANDÚ", "ÇA VA", "ÅRHUS ØST", "Ærø", "façade Noël"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_csv_japanese_prose_in_cp932_is_read_as_written_and_western_text_never_is(tmp_path, seed):
+    rng = random.Random(seed)
+    for words, encoding in [(JAPANESE_PROSE, "cp932"), (WESTERN_CAPITALS, "cp1252")]:
+        rows = [["id", "note", "memo"]] + [[str(i), rng.choice(words), " ".join(rng.sample(words, 2))] for i in range(rng.randint(1, 40))]
+        text = written(rows, lineterminator="\r\n")  # as Excel saves it
+        _, names, _, stored = import_text_in(tmp_path / f"{encoding}.csv", text, encoding)
+        assert [names] + [[str(v) for v in row] for row in stored] == rows, encoding
+
+
+def import_text_in(path, text, encoding):
+    """import_text, with the text written in encoding."""
+    path.write_bytes(text.encode(encoding))
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    try:
+        (result,) = app_support.import_file(conn, str(path), "t", detect_types=False)
+        return (result.answer, *stored_table(conn, result.table))
+    finally:
+        conn.close()
+
+
 async def test_csv_bom_is_stripped_from_first_column(ds, tmp_path):
     _, types, _ = await import_bytes(ds, tmp_path, b"\xef\xbb\xbfid,name\n1,a\n")
     assert list(types) == ["id", "name"]

@@ -24,6 +24,9 @@ WORDS = {
  "Chinese (simplified)": "中国 北京 上海 数据 销售 合计 产品 名称 地址 电话 号码 公司 我们 这个 是的 发展 经济".split(),
  "Chinese (traditional)": "臺灣 台北 資料 銷售 合計 產品 名稱 地址 電話 號碼 公司 我們 這個 發展 經濟 學校".split(),
  "Korean": "한국 서울 부산 데이터 판매 합계 제품 이름 주소 전화 번호 회사 우리 안녕하세요 감사합니다".split(),
+ # Prose: mostly kana, some rarer (level 2) kanji, Latin words beside Japanese ones.
+ "Japanese prose": ["鬱蒼とした森の奥に佇む祠", "蝋燭の灯りが揺らめいている", "新型のiPhoneを購入しました",
+                    "明日は雨が降るでしょう", "吾輩は猫である", "どこで生れたかとんと見当がつかぬ", "Windows10へ更新します"],
 }
 ENCODINGS = {
  "French": ["cp1252", "latin-1", "utf-8"], "German": ["cp1252", "latin-1", "utf-8"],
@@ -31,6 +34,7 @@ ENCODINGS = {
  "Polish": ["cp1250", "utf-8"], "Czech": ["cp1250", "utf-8"],
  "Japanese": ["cp932", "utf-8"], "Chinese (simplified)": ["gb18030", "utf-8"],
  "Chinese (traditional)": ["cp950", "utf-8"], "Korean": ["cp949", "utf-8"],
+ "Japanese prose": ["cp932", "utf-8"],
 }
 def csv_text(rng, lang, rows):
     w = WORDS[lang]
