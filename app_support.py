@@ -2684,42 +2684,91 @@ def _is_workbook(path):
     """Whether the zip file at path is an Excel workbook: .xlsx, .xlsm, or .xlsb."""
     try:
         with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-    except zipfile.BadZipFile:
+            parts = _Parts(archive)
+            if parts.find("xl/workbook.xml") or parts.find("xl/workbook.bin"):
+                return True
+            workbook = parts.target("", "/officeDocument")
+    except (zipfile.BadZipFile, ReadError):
         return False
-    return "xl/workbook.xml" in names or "xl/workbook.bin" in names
+    # A Word or PowerPoint file has an office document too, in word/ or ppt/.
+    return bool(workbook) and workbook.lower().startswith("xl/")
 
 
 def plan_xlsx(path, source):
     """Read a workbook's own parts: its sheets, date system, date styles and shared strings."""
+    strings_part = "xl/sharedStrings.xml"
     try:
         with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-            if "xl/workbook.bin" in names:
+            parts = _Parts(archive)
+            workbook_part = (
+                parts.target("", "/officeDocument") or parts.find("xl/workbook.xml")
+                or parts.find("xl/workbook.bin") or "xl/workbook.xml"
+            )
+            if workbook_part.lower().endswith(".bin"):
                 raise _save_as_advice(source, "an Excel binary workbook (.xlsb)")
             for member in archive.infolist():
                 _check_unpacked_size(source, member)
-            workbook = _xml_part(archive, "xl/workbook.xml", source)
-            relationships = _xml_part(archive, "xl/_rels/workbook.xml.rels", source)
-            styles = _xml_part(archive, "xl/styles.xml", source) if "xl/styles.xml" in names else None
+            workbook = _xml_part(archive, workbook_part, source)
+            related = parts.relationships(workbook_part, source)
+            sheets = _worksheets(workbook, related)
+            styles_part = parts.target(workbook_part, "/styles", related) or parts.find("xl/styles.xml")
+            styles = _xml_part(archive, styles_part, source) if styles_part else None
+            strings_part = parts.target(workbook_part, "/sharedStrings", related) or parts.find(strings_part)
             strings = []
-            if "xl/sharedStrings.xml" in names:
-                if archive.getinfo("xl/sharedStrings.xml").file_size > MAX_SHARED_STRINGS_BYTES:
+            if strings_part:
+                if archive.getinfo(strings_part).file_size > MAX_SHARED_STRINGS_BYTES:
                     raise ReadError(
                         f"{source} holds more text in its shared strings than can be read here "
                         f"({_amount(MAX_SHARED_STRINGS_BYTES)} of XML). Save each sheet "
                         "as CSV and import those instead."
                     )
-                with archive.open("xl/sharedStrings.xml") as part:
+                with archive.open(strings_part) as part:
                     strings = _shared_strings(part)
     except (zipfile.BadZipFile, zlib.error, EOFError) as e:
         raise ReadError(f"{source} is a damaged Excel workbook ({e}).")
     except _DamagedPart:
-        raise _damaged_part(source, "xl/sharedStrings.xml")
-    sheets = _worksheets(workbook, relationships, names)
+        raise _damaged_part(source, strings_part)
     properties = _child(workbook, "workbookPr")
     date1904 = properties is not None and properties.get("date1904", "0") in ("1", "true")
     return XLSXPlan(source, sheets, date1904, _date_styles(styles), strings)
+
+
+class _Parts:
+    """The parts of a workbook's zip, found as Excel finds them: through their relationships,
+    whatever their names, and by names in any case."""
+
+    def __init__(self, archive):
+        self.archive = archive
+        self.names = {name.lower(): name for name in archive.namelist()}
+
+    def find(self, name):
+        """The zip member called name, in any case; None when there is none."""
+        return self.names.get(name.lower())
+
+    def relationships(self, part, source=None):
+        """(type, id, zip member) of each relationship of part ("" for the package), targets resolved."""
+        folder, file = posixpath.split(part)
+        rels = self.find(posixpath.join(folder, "_rels", file + ".rels"))
+        if rels is None:
+            return []
+        found = []
+        for relationship in _xml_part(self.archive, rels, source or rels):
+            target = relationship.get("Target", "")
+            if relationship.get("TargetMode") == "External" or not target:
+                continue
+            # An absolute target starts at the package's root; a relative one beside the part.
+            name = target[1:] if target.startswith("/") else posixpath.join(folder, target)
+            member = self.find(posixpath.normpath(name))
+            if member:
+                found.append((relationship.get("Type", ""), relationship.get("Id"), member))
+        return found
+
+    def target(self, part, kind, related=None):
+        """The first part that part relates to by a relationship whose type ends with kind."""
+        for relation, _, member in related if related is not None else self.relationships(part):
+            if relation.endswith(kind):
+                return member
+        return None
 
 
 def _damaged_part(source, member):
@@ -2764,18 +2813,13 @@ def _xml_part(archive, name, source):
         raise ReadError(f"{source} is a damaged Excel workbook: {name} is not valid XML ({e}).")
 
 
-def _worksheets(workbook, relationships, names):
+def _worksheets(workbook, related):
     """[name, zip member] of each worksheet, in the workbook's order; chart sheets are left out."""
-    targets = {}
-    for relationship in relationships:
-        if relationship.get("Type", "").endswith(_XLSX_WORKSHEET):
-            target = relationship.get("Target", "")
-            target = target[1:] if target.startswith("/") else "xl/" + target
-            targets[relationship.get("Id")] = posixpath.normpath(target)
+    targets = {id_: member for kind, id_, member in related if kind.endswith(_XLSX_WORKSHEET)}
     sheets = []
     for sheet in _children(workbook, "sheets"):
         relation = next((v for k, v in sheet.attrib.items() if _local(k) == "id"), None)
-        if targets.get(relation) in names:
+        if relation in targets:
             sheets.append([sheet.get("name", f"Sheet{len(sheets) + 1}"), targets[relation]])
     return sheets
 

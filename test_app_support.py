@@ -2358,6 +2358,45 @@ XLSX_REFUSED = [
 ]
 
 
+def renamed_workbook(path, naming):
+    """A workbook whose parts are named, and related, as other producers do:
+    "absolute": the workbook at xl/book.xml by _rels/.rels, absolute targets, SharedStrings.xml by relationship;
+    "cased": relationship targets in another case than the zip's names."""
+    sheet = '<row r="1"><c r="A1" t="s"><v>0</v></c><c r="B1" t="s"><v>1</v></c></row><row r="2"><c r="A2" t="s"><v>2</v></c><c r="B2"><v>5</v></c></row>'
+    make_xlsx(path, [("Pets", sheet)], ["name", "age", "Cleo"])
+    with zipfile.ZipFile(path) as archive:
+        parts = {name: archive.read(name) for name in archive.namelist()}
+    relationship = '<Relationship Id="{}" Type="{}/{}" Target="{}"/>'.format
+    if naming == "absolute":
+        parts["xl/book.xml"] = parts.pop("xl/workbook.xml")
+        parts["xl/worksheets/data.xml"] = parts.pop("xl/worksheets/sheet1.xml")
+        parts["xl/SharedStrings.xml"] = parts.pop("xl/sharedStrings.xml")
+        parts["xl/Styles.xml"] = parts.pop("xl/styles.xml")
+        del parts["xl/_rels/workbook.xml.rels"]
+        targets = [("rId1", "worksheet", "/xl/worksheets/data.xml"), ("rId2", "sharedStrings", "/xl/SharedStrings.xml"), ("rId3", "styles", "Styles.xml")]
+        rels_name, package_target = "xl/_rels/book.xml.rels", "/xl/book.xml"
+    else:
+        targets = [("rId1", "worksheet", "Worksheets/Sheet1.XML"), ("rId2", "sharedStrings", "SHAREDSTRINGS.xml")]
+        parts["xl/sharedStrings.xml"] = parts.pop("xl/sharedStrings.xml")
+        rels_name, package_target = "xl/_rels/workbook.xml.rels", "xl/workbook.xml"
+    rels = '<?xml version="1.0"?><Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships">{}</Relationships>'.format
+    parts[rels_name] = rels("".join(relationship(i, XLSX_RELATIONSHIPS, kind, target) for i, kind, target in targets))
+    parts["_rels/.rels"] = rels(relationship("rId1", XLSX_RELATIONSHIPS, "officeDocument", package_target))
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in parts.items():
+            archive.writestr(name, content)
+    return path
+
+
+@pytest.mark.parametrize("naming", ["absolute", "cased"])
+async def test_open_csv_file_xlsx_parts_found_through_their_relationships(ds, tmp_path, naming):
+    path = renamed_workbook(tmp_path / "pets.xlsx", naming)
+    response = await post(ds, "/-/open-csv-file", {"path": str(path)})
+    assert response.json() == {"ok": True, "path": "/temporary/pets", "rows": 1, "format": "xlsx",
+                               "tables": [{"table": "pets", "path": "/temporary/pets", "rows": 1}]}, response.text
+    assert await rows(ds, "temporary", "select name, age from pets") == [("Cleo", 5)]
+
+
 async def test_open_csv_file_xlsx_nul_characters_in_names_and_strings(ds, tmp_path):
     sheet = (
         '<row r="1"><c r="A1" t="inlineStr"><is><t>na_x0000_me</t></is></c><c r="B1" t="inlineStr"><is><t>n</t></is></c></row>'
