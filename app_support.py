@@ -1395,18 +1395,19 @@ _XML_DOCUMENT = re.compile(r"<\?xml\s")
 _JSON_START = re.compile(r'\[\s*[\[{"0-9tfn\]-]|\{\s*["}]')
 
 
-def plan_file(path, charset=None, source=None):
+def plan_file(path, charset=None, source=None, unpacked_limit_mb=URL_SIZE_LIMIT_MB):
     """Decide from the file's start, not its name, how to read it; return the plan of its reader.
 
     charset is a declared text encoding, such as a download's Content-Type
-    gives. source names the file in messages: its path, or the URL it came from.
+    gives. source names the file in messages: its path, or the URL it came
+    from. unpacked_limit_mb bounds each part of a workbook, unpacked.
     """
     source = _shorten(source or path)
     head = _file_head(path, source)
     if head.startswith(_OLE2_MAGIC):
         raise _save_as_advice(source, "an Excel 97-2003 workbook (.xls) or an encrypted workbook")
     if head.startswith(_ZIP_MAGIC) and _is_workbook(path):
-        return plan_xlsx(path, source)
+        return plan_xlsx(path, source, unpacked_limit_mb)
     encoding = sniff_encoding(head, charset)
     if b"\x00" in head and not _is_wide(encoding):
         raise ReadError(f"This looks like a binary file, not CSV, TSV or JSON text: {source}")
@@ -2694,7 +2695,7 @@ def _is_workbook(path):
     return bool(workbook) and workbook.lower().startswith("xl/")
 
 
-def plan_xlsx(path, source):
+def plan_xlsx(path, source, unpacked_limit_mb=URL_SIZE_LIMIT_MB):
     """Read a workbook's own parts: its sheets, date system, date styles and shared strings."""
     strings_part = "xl/sharedStrings.xml"
     try:
@@ -2707,7 +2708,7 @@ def plan_xlsx(path, source):
             if workbook_part.lower().endswith(".bin"):
                 raise _save_as_advice(source, "an Excel binary workbook (.xlsb)")
             for member in archive.infolist():
-                _check_unpacked_size(source, member)
+                _check_unpacked_size(source, member, unpacked_limit_mb)
             workbook = _xml_part(archive, workbook_part, source)
             related = parts.relationships(workbook_part, source)
             sheets = _worksheets(workbook, related)
@@ -3004,12 +3005,13 @@ def _attributes(xml):
     return {name.rpartition(b":")[2]: double or single for name, double, single in _XML_ATTRIBUTE.findall(xml)}
 
 
-def _check_unpacked_size(source, member):
-    """Refuse a part that would unpack too large, or too much larger than it is packed: a zip bomb."""
-    if member.file_size > URL_SIZE_LIMIT_MB * 1024 * 1024:
+def _check_unpacked_size(source, member, limit_mb):
+    """Refuse a part that would unpack past limit_mb, or too much larger than it is packed: a zip bomb."""
+    if member.file_size > limit_mb * 1024 * 1024:
         raise ReadError(
-            f"{source} holds a part that unpacks to more than {URL_SIZE_LIMIT_MB} MB "
-            f"({member.filename}), more than can be read here."
+            f"{source} holds a part that unpacks to more than {limit_mb:g} MB "
+            f"({member.filename}), more than can be read here. The app_support setting "
+            "url_size_limit_mb changes this limit."
         )
     if _looks_like_a_bomb(member.file_size, member.compress_size):
         raise ReadError(
@@ -3357,18 +3359,19 @@ class Staged:
 
 def stage_file(
     path, staging_path, *, detect_types=True, on_progress=None, db_encoding="UTF-8", charset=None,
-    source=None,
+    source=None, unpacked_limit_mb=URL_SIZE_LIMIT_MB,
 ):
     """Read the file at path once into a new database at staging_path; return a Staged for each table.
 
     A file gives one table; a workbook one for each worksheet that is not
     empty. on_progress(rows, bytes_read) is called after every batch.
     db_encoding is the target database's text encoding (UTF-8, UTF-16le or
-    UTF-16be): SQLite only attaches databases that share it. charset and source are as for plan_file. A
-    large file is read in parts, into staging_path and databases beside it.
+    UTF-16be): SQLite only attaches databases that share it. charset, source
+    and unpacked_limit_mb are as for plan_file. A large file is read in parts,
+    into staging_path and databases beside it.
     """
     try:
-        plan = plan_file(path, charset, source)
+        plan = plan_file(path, charset, source, unpacked_limit_mb)
         processes = _process_count(os.path.getsize(path), plan)
         if processes > 1:
             try:
@@ -4169,7 +4172,8 @@ async def _import_into(datasette, db, path, wanted_table, detect_types, on_progr
         with _sqlite_failures("stage the import in", tempfile.gettempdir()):
             staged = await asyncio.to_thread(
                 stage_file, path, staging_path, detect_types=detect_types,
-                on_progress=on_progress, db_encoding=db_encoding, **file,
+                on_progress=on_progress, db_encoding=db_encoding,
+                unpacked_limit_mb=_unpacked_limit_mb(datasette), **file,
             )
         async with _temporary_held(datasette, db.name):
             db = _attached_now(datasette, db)
@@ -4187,6 +4191,14 @@ async def _import_into(datasette, db, path, wanted_table, detect_types, on_progr
 # refused before it is staged; the staged tables are measured after.
 MIN_TABLE_BYTES_PER_CSV_BYTE = 0.4
 MIN_TABLE_BYTES_PER_JSON_BYTE = 0.2
+
+
+def _unpacked_limit_mb(datasette):
+    """The url_size_limit_mb setting, which bounds a workbook's parts too; its default when it is no number."""
+    try:
+        return _download_limits(datasette).size_limit_mb
+    except APIError:  # a download says so; a file from disk need not fail for it
+        return URL_SIZE_LIMIT_MB
 
 
 def _check_room_before_staging(path, source):

@@ -2388,6 +2388,21 @@ def renamed_workbook(path, naming):
     return path
 
 
+async def test_open_csv_file_xlsx_parts_are_bounded_by_the_size_setting(tmp_path):
+    sheet = "".join(f'<row r="{n}"><c r="A{n}"><v>{n}</v></c><c r="B{n}" t="inlineStr"><is><t>row {n}</t></is></c></row>' for n in range(1, 20_000))
+    path = make_xlsx(tmp_path / "big.xlsx", [("Big", sheet)])
+    size = zipfile.ZipFile(path).getinfo("xl/worksheets/sheet1.xml").file_size
+    assert 1024 * 1024 < size < 8 * 1024 * 1024  # over the limit below, and no bomb
+    limited = await with_settings(url_size_limit_mb=1)
+    assert_error(await post(limited, "/-/open-csv-file", {"path": str(path)}), 400, (
+        f"{path} holds a part that unpacks to more than 1 MB (xl/worksheets/sheet1.xml), more than can be "
+        "read here. The app_support setting url_size_limit_mb changes this limit."
+    ))
+    assert await tables(limited) == []
+    roomy = await with_settings(url_size_limit_mb=3)
+    assert (await post(roomy, "/-/open-csv-file", {"path": str(path)})).json()["rows"] == 19_998
+
+
 @pytest.mark.parametrize("naming", ["absolute", "cased"])
 async def test_open_csv_file_xlsx_parts_found_through_their_relationships(ds, tmp_path, naming):
     path = renamed_workbook(tmp_path / "pets.xlsx", naming)
