@@ -3461,6 +3461,26 @@ def test_sqlite_is_trusted_with_short_decimals_only_when_it_reads_them_exactly()
         )
 
 
+def test_exact_decimal_sql_is_pythons_float_on_decimals_of_every_length():
+    """The quotient SQL the engine uses where SQLite's own reading may round twice, checked
+    value by value against float() on decimals of 1 to 16 characters, half of them nearest to
+    halfway between two doubles, the hardest to round, and on the known hard cases."""
+    rng = random.Random(DECIMAL_SEED)
+    texts = list(app_support._HARD_DECIMALS) + ["5", "-3", "0", "0.0", ".5", "5.", "-0.5", "000123.4500"]
+    while len(texts) < 100_000:
+        places = rng.randint(1, 14)
+        x = rng.uniform(0, 1) * 10 ** rng.randint(0, 15 - places)
+        if rng.random() < 0.5:
+            x = (decimal.Decimal(x) + decimal.Decimal(math.nextafter(x, math.inf))) / 2
+        texts.append(rng.choice(["", "-"]) + format(decimal.Decimal(x).quantize(decimal.Decimal(1).scaleb(-places)), "f"))
+    conn = app_support._open_staging(":memory:", "UTF-8")
+    conn.execute("create table t (c text)")
+    conn.executemany("insert into t values (?)", [(t,) for t in texts])
+    got = [row[0] for row in conn.execute(f"select {app_support._exact_decimal_sql('c')} from t")]
+    wrong = [(t, g) for t, g in zip(texts, got) if g != float(t) or type(g) is not float]
+    assert not wrong, f"{len(wrong)} of {len(texts)} differ: {wrong[:10]}"
+
+
 @pytest.mark.parametrize("parts", [1, 3])
 def test_csv_reals_are_pythons_float_of_their_text(tmp_path, monkeypatch, parts):
     texts = random_decimals()
@@ -4950,6 +4970,29 @@ def test_kept_temporary_takes_a_file_bigger_than_memory_and_stays_kept_when_it_c
         conn = sqlite3.connect(f"file:{kept}?mode=ro", uri=True)
         assert conn.execute("select count(*), sum(id) from big").fetchone() == (320 * 4000, sum(range(320 * 4000)))
         conn.close()
+    finally:
+        server.stop()
+
+
+def server_rss(server):
+    """The resident memory of a server this test started, in bytes, from /proc."""
+    with open(f"/proc/{server.process.pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads a server's memory from /proc")
+def test_kept_temporary_gives_the_memory_of_the_copy_back(tmp_path):
+    """Switching on, and on, off and on again, the server keeps none of the 300 MB it held in memory."""
+    server = AppServer(tmp_path / "app")
+    server.start()
+    try:
+        backup = write_backup(tmp_path / "backup.db", 300)
+        assert server.call("/-/restore-temporary-from-file", {"path": str(backup)}, timeout=300)[0] == 200
+        held = server_rss(server)
+        for keep in (True, False, True):
+            status, _, body = server.call("/-/keep-temporary", {"keep": keep}, timeout=300)
+            assert status == 200 and json.loads(body)["keep"] is keep, body
+        assert server_rss(server) < held - 200 * 2**20, (held, server_rss(server))
     finally:
         server.stop()
 
