@@ -4,6 +4,7 @@ Run by hand, never in CI, with the interpreter whose Datasette you want to
 measure:
 
     python benchmarks/csv_import.py [--rows 1000000] [--runs 3]
+    python benchmarks/csv_import.py --kept [--rows 1000000] [--runs 3]
     python benchmarks/csv_import.py --rss-sweep     # peak RSS at 100k, 1M, 5M rows
     python benchmarks/csv_import.py --json [--rows 1000000] [--runs 3]
     python benchmarks/csv_import.py --json --rss-sweep
@@ -20,12 +21,17 @@ mean of the shell times just before and after it:
   - `sqlite3 file.db ".import --csv data.csv t"`, which types every column
     TEXT: the baseline;
   - POST /-/import-csv-file into a file database, types detected;
-  - POST /-/open-csv-file into `temporary`, types detected.
+  - POST /-/open-csv-file into `temporary`, types detected;
+  - with --kept, the same into `temporary` kept in a file (the app_support
+    setting temporary_file, a new file in the scratch folder every run),
+    compared also with the in-memory import of its round.
 After each plugin import it checks the declared types and the row count
 against what the file was built to contain, so a fast figure cannot come
 from a wrong import; a run that fails the check is reported as such and
 the script exits non-zero. The plugin reads a file this large in parts, one
 process per CPU; the helper processes' peak RSS is reported beside its own.
+Each plugin run gets the scratch folder as its HOME, so that a temporary
+kept in the real home folder (~/.datasette-app/temporary.db) is never opened.
 
 With --json, the same rows are also written as NDJSON and as one JSON array
 (one object per line), with JSON's own types: numbers as numbers, codes with
@@ -48,6 +54,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -142,7 +149,7 @@ def time_plugin(csv_path, folder, target):
     """Run one import in a fresh process so peak RSS is the import's own."""
     out = subprocess.run(
         [sys.executable, __file__, "--child", target, str(csv_path), folder],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env={**os.environ, "HOME": folder},
     )
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
@@ -179,6 +186,12 @@ def child(target, csv_path, folder):
             sqlite3.connect(db_path).execute("vacuum")
             ds = Datasette([str(db_path)])
             endpoint, body = "/-/import-csv-file", {"path": csv_path, "database": "plugin"}
+        elif target == "kept":
+            kept = Path(folder) / "kept"
+            shutil.rmtree(kept, ignore_errors=True)
+            settings = {"temporary_file": str(kept / "temporary.db")}
+            ds = Datasette(memory=True, metadata={"plugins": {"app_support": settings}})
+            endpoint, body = "/-/open-csv-file", {"path": csv_path}
         else:
             ds = Datasette(memory=True)
             endpoint, body = "/-/open-csv-file", {"path": csv_path}
@@ -201,6 +214,7 @@ def child(target, csv_path, folder):
             "rows": count,
             "types": {row[1]: row[2] for row in info},
             "rss_before_mb": before_mb,
+            "in_memory": db.is_memory,
         }
 
     result = asyncio.run(run())
@@ -210,10 +224,12 @@ def child(target, csv_path, folder):
     print(json.dumps(result))
 
 
-def check(result, rows):
+def check(result, rows, target=None):
     """What is wrong with an import, or None."""
     if "error" in result:
         return "failed: " + result["error"]
+    if target in ("temporary", "kept") and result["in_memory"] != (target == "temporary"):
+        return "WRONG TEMPORARY: " + ("in memory" if result["in_memory"] else "kept in a file")
     intended = {name: kind for name, kind, _ in COLUMNS}
     wrong = [f"{c} {result['types'].get(c)} (intended {k})" for c, k in intended.items() if result["types"].get(c) != k]
     if wrong or result["rows"] != rows:
@@ -230,15 +246,18 @@ def describe(csv_path, rows):
         print(f"  {name:<8} {kind:<8} {what}")
 
 
-def benchmark(rows, runs):
+def benchmark(rows, runs, kept=False):
     """Rounds of shell, file database, shell, `temporary`, one after another, and a last shell.
 
     These machines are shared, and their speed drifts within seconds, so
     each plugin time is compared with the mean of the shell times just
-    before and just after it.
+    before and just after it. With kept, each round goes on with `temporary`
+    kept in a file and another shell run.
     """
     problems = []
     targets = [("file", "/-/import-csv-file, file db"), ("temporary", "/-/open-csv-file, temporary")]
+    if kept:
+        targets.append(("kept", "/-/open-csv-file, kept temporary"))
     with tempfile.TemporaryDirectory() as folder:
         csv_path = Path(folder) / "data.csv"
         write_csv(csv_path, rows)
@@ -253,7 +272,7 @@ def benchmark(rows, runs):
         print(f"sqlite3 .import --csv (all TEXT):    {statistics.median(shell_times):7.2f} s "
               f"(median of {len(shell_times)}: " + ", ".join(f"{t:.2f}" for t in shell_times) + ")")
         for target, label in targets:
-            wrong = [w for w in (check(r, rows) for r in results[target]) if w]
+            wrong = [w for w in (check(r, rows, target) for r in results[target]) if w]
             good = [r for r in results[target] if "error" not in r]
             line = f"{label + ':':<37}"
             if good:
@@ -268,6 +287,18 @@ def benchmark(rows, runs):
                 )
             print(line + (f"  [{wrong[0]}]" if wrong else "  [types and rows as intended]"))
             problems += wrong
+        if kept:
+            ratios = [
+                k["seconds"] / m["seconds"]
+                for k, m in zip(results["kept"], results["temporary"]) if "error" not in k and "error" not in m
+            ]
+            if ratios:
+                print(
+                    f"kept temporary against in memory, each round: {min(ratios):.2f}-{max(ratios):.2f}x, "
+                    f"median {statistics.median(ratios):.2f}x (runs in memory "
+                    + ", ".join(f"{r['seconds']:.2f}" for r in results["temporary"] if "error" not in r)
+                    + "; kept " + ", ".join(f"{r['seconds']:.2f}" for r in results["kept"] if "error" not in r) + ")"
+                )
     return problems
 
 
@@ -356,6 +387,7 @@ def main():
     )
     parser.add_argument("--json", action="store_true", help="the same rows as NDJSON and a JSON array")
     parser.add_argument("--xlsx", action="store_true", help="the same rows as an Excel workbook")
+    parser.add_argument("--kept", action="store_true", help="also into `temporary` kept in a file")
     parser.add_argument(
         "--max-processes", type=int,
         help="read in parts by at most this many processes; 1 reads every file in one piece",
@@ -369,12 +401,14 @@ def main():
         child(*args.child)
         return
     kinds = ("ndjson", "json") * args.json + ("xlsx",) * args.xlsx
+    if args.kept and (kinds or args.rss_sweep):
+        parser.error("--kept goes with the CSV benchmark alone, not --json, --xlsx or --rss-sweep")
     if args.rss_sweep:
         problems = rss_sweep([int(size) for size in args.sizes.split(",")], kinds)
     elif kinds:
         problems = other_formats_benchmark(args.rows, args.runs, kinds)
     else:
-        problems = benchmark(args.rows, args.runs)
+        problems = benchmark(args.rows, args.runs, args.kept)
     if problems:
         sys.exit("Some imports were wrong, so their figures do not count.")
 
