@@ -3682,31 +3682,8 @@ class _StagedRows:
         if kind == _REAL and not _sqlite_reads_decimals_exactly(self.conn) and (
             n - 1 in self.long_decimals or not _sqlite_reads_short_decimals_exactly(self.conn)
         ):
-            return _exact_decimal_sql(f"c{n}")
+            return f"CASE WHEN c{n} <> '' THEN app_support_real(c{n}) END"
         return f"CASE WHEN c{n} <> '' THEN c{n} END"
-
-
-# Decimals of at most this many characters have at most 15 digits, which a
-# double holds exactly, as it holds every power of ten up to 10^22.
-EXACT_QUOTIENT_CHARACTERS = 16
-_POWERS_OF_TEN = " ".join(f"WHEN {p} THEN 1{'0' * p}.0" for p in range(EXACT_QUOTIENT_CHARACTERS))
-
-
-def _exact_decimal_sql(column):
-    """SQL that reads the decimal text in column as Python's float() does: the nearest double.
-
-    Up to 15 digits, the digits, read as an integer, are divided by the power
-    of ten of the places: two numbers a double holds exactly, so the one
-    division SQLite does in double arithmetic rounds once, to the nearest.
-    Longer ones, rare, go through float() itself.
-    """
-    return (
-        f"CASE WHEN {column} = '' THEN NULL "
-        f"WHEN length({column}) > {EXACT_QUOTIENT_CHARACTERS} THEN app_support_real({column}) "
-        f"WHEN instr({column}, '.') THEN CAST(replace({column}, '.', '') AS INTEGER) / "
-        f"(CASE length({column}) - instr({column}, '.') {_POWERS_OF_TEN} END) "
-        f"ELSE CAST({column} AS REAL) END"
-    )
 
 
 # ===== Copying into the target =====

@@ -3461,26 +3461,6 @@ def test_sqlite_is_trusted_with_short_decimals_only_when_it_reads_them_exactly()
         )
 
 
-def test_exact_decimal_sql_is_pythons_float_on_decimals_of_every_length():
-    """The quotient SQL the engine uses where SQLite's own reading may round twice, checked
-    value by value against float() on decimals of 1 to 16 characters, half of them nearest to
-    halfway between two doubles, the hardest to round, and on the known hard cases."""
-    rng = random.Random(DECIMAL_SEED)
-    texts = list(app_support._HARD_DECIMALS) + ["5", "-3", "0", "0.0", ".5", "5.", "-0.5", "000123.4500"]
-    while len(texts) < 100_000:
-        places = rng.randint(1, 14)
-        x = rng.uniform(0, 1) * 10 ** rng.randint(0, 15 - places)
-        if rng.random() < 0.5:
-            x = (decimal.Decimal(x) + decimal.Decimal(math.nextafter(x, math.inf))) / 2
-        texts.append(rng.choice(["", "-"]) + format(decimal.Decimal(x).quantize(decimal.Decimal(1).scaleb(-places)), "f"))
-    conn = app_support._open_staging(":memory:", "UTF-8")
-    conn.execute("create table t (c text)")
-    conn.executemany("insert into t values (?)", [(t,) for t in texts])
-    got = [row[0] for row in conn.execute(f"select {app_support._exact_decimal_sql('c')} from t")]
-    wrong = [(t, g) for t, g in zip(texts, got) if g != float(t) or type(g) is not float]
-    assert not wrong, f"{len(wrong)} of {len(texts)} differ: {wrong[:10]}"
-
-
 @pytest.mark.parametrize("parts", [1, 3])
 def test_csv_reals_are_pythons_float_of_their_text(tmp_path, monkeypatch, parts):
     texts = random_decimals()
