@@ -5973,16 +5973,20 @@ PAGE_SCRIPT = _page_script("import progress, Cancel, Import CSV and keeping temp
     }
   }
 
-  function cancelImport(id, button) {
-    button.disabled = true;
-    button.textContent = "Cancelling…";
-    fetch(config.cancelUrl, {
+  function post(url, body) {
+    return fetch(url, {
       method: "POST",
       credentials: "same-origin",
       // Datasette 0.65 checks this header against its ds_csrftoken cookie.
       headers: { "x-csrftoken": config.csrftoken },
-      body: JSON.stringify({ id: id }),
-    })
+      body: JSON.stringify(body),
+    });
+  }
+
+  function cancelImport(id, button) {
+    button.disabled = true;
+    button.textContent = "Cancelling…";
+    post(config.cancelUrl, { id: id })
       .then(function (response) {
         if (!response.ok) {
           // Refused, or too late: the next poll shows what really happened.
@@ -6028,13 +6032,7 @@ PAGE_SCRIPT = _page_script("import progress, Cancel, Import CSV and keeping temp
     var label = button.textContent;
     button.disabled = true;
     button.textContent = keep ? "Turning on…" : "Turning off…";
-    fetch(config.keepUrl, {
-      method: "POST",
-      credentials: "same-origin",
-      // Datasette 0.65 checks this header against its ds_csrftoken cookie.
-      headers: { "x-csrftoken": config.csrftoken },
-      body: JSON.stringify({ keep: keep }),
-    })
+    post(config.keepUrl, { keep: keep })
       .then(function (response) {
         return response.json();
       })
