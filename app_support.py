@@ -575,6 +575,15 @@ class _ReadsKeptPerObject(Database):
         self.close()  # a file's connections
 
 
+async def _close_database(db):
+    """Close a Database that was never attached: 1.0's close(), or 0.65's connections one by one."""
+    if isinstance(db, _ReadsKeptPerObject):
+        await db.close_connections()
+    else:
+        await asyncio.to_thread(db.close)
+    await asyncio.to_thread(_return_freed_memory)
+
+
 async def _swap_temporary(datasette, new):
     """Make new the database named temporary, at the same URL, and close the one it replaces."""
     old = datasette.get_database(TEMPORARY)
@@ -1337,6 +1346,7 @@ async def _stop_keeping(datasette, keeper):
             await _write_outside_transaction(new, load)
     except BaseException:
         await _write_outside_transaction(old, lambda conn: conn.execute("pragma query_only = 0"))
+        await _close_database(new)
         raise
     await _swap_temporary(datasette, new)
     await asyncio.to_thread(_remove_kept_file, path)
