@@ -1189,6 +1189,9 @@ def _check_kept_file(path):
         with _sqlite_failures("open", path):
             _check_writable(path)
     _check_sqlite_file(path)
+    # SQLite opens a file it cannot write read-only, without a word.
+    if not (os.access(path, os.W_OK) and os.access(os.path.dirname(path), os.W_OK)):
+        raise _sqlite_failure(OSError(errno.EROFS, "read-only"), "open", path)
     with _sqlite_failures("open", path):
         _check_writable(path)
         # Every page is checked, as writing into a damaged file spreads the

@@ -4858,6 +4858,25 @@ async def test_keep_temporary_damaged_file_at_start_is_left_untouched_and_tempor
     assert kept.is_dir() or os.listdir(kept.parent) == ["temporary.db"]
 
 
+@pytest.mark.parametrize("disk", ["full", "read-only"])
+async def test_keep_temporary_file_on_a_full_or_read_only_disk_at_start(small_disk, disk):
+    folder = small_disk("kept", "2m")
+    kept = make_db(folder / "kept.db")
+    if disk == "full":
+        with contextlib.suppress(OSError), open(folder / "filler", "wb") as f:
+            while True:
+                f.write(b"\0" * 65536)
+    else:
+        read_only(folder)
+    before = snapshot(folder)
+    ds = await with_settings(temporary_file=str(kept))
+    state = (await ds.client.get("/-/keep-temporary", headers=AUTH)).json()
+    assert state["keep"] is False and ds.get_database("temporary").is_memory
+    assert (f"The disk is full: {kept} could not take any more tables." if disk == "full"
+            else f"Could not open {kept}: it is read-only") in state["error"], state["error"]
+    assert snapshot(folder) == before
+
+
 async def test_keep_temporary_file_locked_by_another_program_at_start(home):
     kept = kept_file(home)
     kept.parent.mkdir()
