@@ -575,51 +575,6 @@ class _ReadsKeptPerObject(Database):
         self.close()  # a file's connections
 
 
-async def _close_database(db):
-    """Close a Database that was never attached: 1.0's close(), or 0.65's connections one by one."""
-    if isinstance(db, _ReadsKeptPerObject):
-        await db.close_connections()
-    else:
-        await asyncio.to_thread(db.close)
-    await asyncio.to_thread(_return_freed_memory)
-
-
-async def _swap_temporary(datasette, new):
-    """Make new the database named temporary, at the same URL, and close the one it replaces."""
-    old = datasette.get_database(TEMPORARY)
-    order = list(datasette.databases)
-    datasette.remove_database(TEMPORARY)  # Datasette 1.0 closes old here
-    datasette.add_database(new, name=TEMPORARY)
-    # Where it was, not last, so that the home page keeps its order. A new
-    # dict, not a changed one, as add_database and remove_database do.
-    databases = dict(datasette.databases)
-    datasette.databases = {**{name: databases.pop(name) for name in order if name in databases}, **databases}
-    if isinstance(old, _ReadsKeptPerObject):
-        await old.close_connections()
-    await asyncio.to_thread(_return_freed_memory)
-    await _refresh_catalog(datasette)
-
-
-def _return_freed_memory():
-    """Hand the memory of a closed in-memory database back to the operating system.
-
-    SQLite frees it, but the C allocator keeps freed pages for reuse, and on
-    Datasette 0.65, whose write threads never end, in arenas of threads that
-    never allocate again: a gigabyte kept, switch after switch. glibc's
-    malloc_trim and macOS's malloc_zone_pressure_relief give it back; a
-    system with neither keeps it.
-    """
-    try:
-        c_library = ctypes.CDLL(None)
-    except OSError:
-        return
-    for name, arguments in (("malloc_trim", (0,)), ("malloc_zone_pressure_relief", (None, 0))):
-        function = getattr(c_library, name, None)
-        if function is not None:
-            function(*arguments)
-            return
-
-
 def _welcome_in_page_script():
     """Whether the page script must place the welcome section on the home page.
 
@@ -1354,6 +1309,51 @@ async def _stop_keeping(datasette, keeper):
     await _swap_temporary(datasette, new)
     await asyncio.to_thread(_remove_kept_file, path)
     _unlock_folder(keeper)
+
+
+async def _close_database(db):
+    """Close a Database that was never attached: 1.0's close(), or 0.65's connections one by one."""
+    if isinstance(db, _ReadsKeptPerObject):
+        await db.close_connections()
+    else:
+        await asyncio.to_thread(db.close)
+    await asyncio.to_thread(_return_freed_memory)
+
+
+async def _swap_temporary(datasette, new):
+    """Make new the database named temporary, at the same URL, and close the one it replaces."""
+    old = datasette.get_database(TEMPORARY)
+    order = list(datasette.databases)
+    datasette.remove_database(TEMPORARY)  # Datasette 1.0 closes old here
+    datasette.add_database(new, name=TEMPORARY)
+    # Where it was, not last, so that the home page keeps its order. A new
+    # dict, not a changed one, as add_database and remove_database do.
+    databases = dict(datasette.databases)
+    datasette.databases = {**{name: databases.pop(name) for name in order if name in databases}, **databases}
+    if isinstance(old, _ReadsKeptPerObject):
+        await old.close_connections()
+    await asyncio.to_thread(_return_freed_memory)
+    await _refresh_catalog(datasette)
+
+
+def _return_freed_memory():
+    """Hand the memory of a closed in-memory database back to the operating system.
+
+    SQLite frees it, but the C allocator keeps freed pages for reuse, and on
+    Datasette 0.65, whose write threads never end, in arenas of threads that
+    never allocate again: a gigabyte kept, switch after switch. glibc's
+    malloc_trim and macOS's malloc_zone_pressure_relief give it back; a
+    system with neither keeps it.
+    """
+    try:
+        c_library = ctypes.CDLL(None)
+    except OSError:
+        return
+    for name, arguments in (("malloc_trim", (0,)), ("malloc_zone_pressure_relief", (None, 0))):
+        function = getattr(c_library, name, None)
+        if function is not None:
+            function(*arguments)
+            return
 
 
 def _sync(path):

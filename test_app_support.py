@@ -4817,29 +4817,21 @@ async def test_keep_temporary_setting_that_is_not_a_full_path_leaves_temporary_i
     assert_error(await keep(ds, True), 400, error)
 
 
-def damaged_files(tmp_path):
-    """Files that are no usable kept temporary, each made at path: (what it is, make(path))."""
-    return {
-        "not a database": lambda path: write(path, "name,age\nCleo,5\n"),
-        "cut short": cut_short,
-        "damaged pages": corrupt_middle_page,
-        "a folder": lambda path: path.mkdir(),
-    }
-
-
-START_REFUSALS = {
-    "not a database": "Not a SQLite database: {path}.",
-    "cut short": "Not a valid SQLite database: {path} is cut short (it holds",
-    "damaged pages": "The file is damaged: ",
-    "a folder": "That is a folder, not a file: {path}.",
+# Files that are no usable kept temporary: how each is made at a path, and what the start says of it.
+DAMAGED_KEPT_FILES = {
+    "not a database": (lambda path: write(path, "name,age\nCleo,5\n"), "Not a SQLite database: {path}."),
+    "cut short": (cut_short, "Not a valid SQLite database: {path} is cut short (it holds"),
+    "damaged pages": (corrupt_middle_page, "The file is damaged: "),
+    "a folder": (lambda path: path.mkdir(), "That is a folder, not a file: {path}."),
 }
 
 
-@pytest.mark.parametrize("damage", list(START_REFUSALS))
-async def test_keep_temporary_damaged_file_at_start_is_left_untouched_and_temporary_starts_in_memory(home, damage, tmp_path):
+@pytest.mark.parametrize("damage", list(DAMAGED_KEPT_FILES))
+async def test_keep_temporary_damaged_file_at_start_is_left_untouched_and_temporary_starts_in_memory(home, damage):
     kept = kept_file(home)
     kept.parent.mkdir()
-    damaged_files(tmp_path)[damage](kept)
+    make, refusal = DAMAGED_KEPT_FILES[damage]
+    make(kept)
     before = snapshot(kept.parent)
     ds = Datasette(memory=True)
     await ds.invoke_startup()
@@ -4847,7 +4839,7 @@ async def test_keep_temporary_damaged_file_at_start_is_left_untouched_and_tempor
     assert (state["ok"], state["keep"], state["file"]) == (True, False, None)
     assert state["error"].startswith(
         "Temporary is in memory this time, because the kept file ~/.datasette-app/temporary.db could not be used. "
-        + START_REFUSALS[damage].format(path=kept)
+        + refusal.format(path=kept)
     ), state["error"]
     assert state["error"].endswith("The file was left as it is: move it away or delete it, then turn keeping on again.")
     assert ds.get_database("temporary").is_memory
