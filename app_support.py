@@ -30,6 +30,7 @@ Contents. Each section opens with a banner, `# ===== Name =====`, so that
     Memory for temporary          refusing what temporary cannot hold
     Keeping temporary             in a file the user can switch on
     The import engine             the path every import takes:
+    Reading options                 what the user says of how to read a file
     Readers                         plan_file, the seam of the formats
     Readers: text encodings
     Readers: CSV
@@ -41,6 +42,7 @@ Contents. Each section opens with a banner, `# ===== Name =====`, so that
     Reading large files in parts    the only one that cuts files, starts processes
     Running an import             the engine for the handlers
     Downloads
+    Previews                      what an import would do, from the file's start
     Import progress
     Pages for the desktop user
     The plugin directory and the welcome section
@@ -75,6 +77,7 @@ import collections
 import contextlib
 import csv
 import ctypes
+import dataclasses
 import decimal
 import errno
 import gzip
@@ -98,6 +101,7 @@ import socket
 import sqlite3
 import ssl
 import stat
+import string
 import subprocess
 import sys
 import tempfile
@@ -126,11 +130,12 @@ try:  # POSIX: a lock on the kept temporary's folder
 except ImportError:  # Windows
     fcntl = None
 
-try:  # Datasette 1.0: events, and permissions as SQL
+try:  # Datasette 1.0: events, and permissions as SQL, on resources
     from datasette import events as datasette_events
     from datasette.permissions import PermissionSQL
-except ImportError:  # Datasette 0.65 has neither
-    datasette_events = PermissionSQL = None
+    from datasette.resources import TableResource
+except ImportError:  # Datasette 0.65 has none of them
+    datasette_events = PermissionSQL = TableResource = None
 
 
 # ===== Constants =====
@@ -383,10 +388,10 @@ def _keys_taken(required, optional):
     return f"It takes {_listed(required)}, and optionally {_listed(optional)}."
 
 
-def _listed(names):
-    """Names in words: "a", "a and b", "a, b and c"."""
+def _listed(names, conjunction="and"):
+    """Names in words: "a", "a and b", "a, b and c"; or "a, b or c"."""
     names = list(names)
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + f" {conjunction} " + names[-1]
 
 
 def _is_unicode_text(value):
@@ -398,7 +403,9 @@ def _is_unicode_text(value):
     return True
 
 
-_TYPE_NAMES = {str: "string", bool: "boolean (true or false)", int: "whole number"}
+_TYPE_NAMES = {
+    str: "string", bool: "boolean (true or false)", int: "whole number", dict: "JSON object",
+}
 CROSS_SITE_REFUSAL = (
     "Refused: this is a cross-site request, from a page on another origin (its "
     "Sec-Fetch-Site or Origin header says so), which Datasette's CSRF protection does "
@@ -513,6 +520,18 @@ async def _track_event(datasette, event_class, **fields):
         return
     event = getattr(datasette_events, event_class)(actor=ROOT_ACTOR, **fields)
     await datasette.track_event(event)
+
+
+async def _root_may(datasette, action, database, table):
+    """Whether Datasette lets the desktop user do action ("insert-row", "drop-table") to a table.
+
+    1.0 asks its permission rules, which the configuration can set per
+    table; 0.65 has no such rules, only plugins' permission_allowed hooks,
+    and allows what none of them refuses.
+    """
+    if TableResource is not None:
+        return await datasette.allowed(action=action, resource=TableResource(database, table), actor=ROOT_ACTOR)
+    return await datasette.permission_allowed(ROOT_ACTOR, action, resource=(database, table), default=True)
 
 
 def _file_database(datasette, path):
@@ -705,13 +724,7 @@ def _free_table_name(conn, wanted):
 
     Names are NFC, as typed on a keyboard: macOS reports file names in NFD.
     """
-    wanted = unicodedata.normalize("NFC", wanted)
-    # Datasette 0.65 puts table names in [brackets] when it reads a schema, so
-    # one "]" would break every page; the same name is used on 1.0 too.
-    # SQLite cannot take a NUL in SQL text, and a URL's "%00" decodes to one.
-    wanted = wanted.replace("]", "_").replace("\x00", "_").strip() or "data"
-    if wanted.lower().startswith("sqlite_"):
-        wanted = "_" + wanted  # SQLite reserves sqlite_* names
+    wanted = _table_name(wanted)
     taken = {
         row[0].lower()
         for row in conn.execute("select name from sqlite_master where name is not null")
@@ -721,6 +734,18 @@ def _free_table_name(conn, wanted):
         name = f"{wanted}_{suffix}"
         suffix += 1
     return name
+
+
+def _table_name(wanted):
+    """wanted as a name a new table can have."""
+    wanted = unicodedata.normalize("NFC", wanted)
+    # Datasette 0.65 puts table names in [brackets] when it reads a schema, so
+    # one "]" would break every page; the same name is used on 1.0 too.
+    # SQLite cannot take a NUL in SQL text, and a URL's "%00" decodes to one.
+    wanted = wanted.replace("]", "_").replace("\x00", "_").strip() or "data"
+    if wanted.lower().startswith("sqlite_"):
+        wanted = "_" + wanted  # SQLite reserves sqlite_* names
+    return wanted
 
 
 def _connect_readonly(path):
@@ -1398,6 +1423,99 @@ MAX_COLUMNS = 2000
 READ_BUFFER_BYTES = 256 * 1024
 
 
+# ===== Reading options =====
+#
+# What the user says of how to read a file, at the import endpoints and the
+# preview: each option overrides one of the engine's own choices, and None
+# leaves that choice to the engine. Checked once, here, into ReadOptions;
+# the plans, the staging and copy_in each take the part they use.
+
+
+# The keys of a request body that are reading options, and their JSON types.
+READING_OPTIONS = {
+    "encoding": str, "delimiter": str, "quoting": str, "header": bool, "skip_lines": int,
+    "types": dict, "sheet": str, "json_path": str, "if_exists": str,
+}
+QUOTINGS = ("standard", "none")
+IF_EXISTS = ("rename", "replace", "append")
+IF_EXISTS_VERBS = {"replace": "replace", "append": "append to"}  # "… the table to replace"
+COLUMN_TYPES = ("TEXT", "INTEGER", "REAL")
+# The options that only a CSV or TSV file takes: given one, the file is read as one.
+CSV_OPTIONS = ("delimiter", "quoting", "header", "skip_lines")
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    encoding: str = None  # a Python codec name
+    delimiter: str = None
+    quoting: str = None  # "standard" or "none"
+    header: bool = None
+    skip_lines: int = None  # lines above the header, counted from the file's first line
+    types: dict = None  # column name: TEXT, INTEGER or REAL
+    sheet: str = None
+    json_path: str = None  # keys joined with dots, as the import's answer gives them
+    if_exists: str = "rename"
+    # For if_exists "append", set by the import: {"name": the table, "columns":
+    # {_column_key(column): the type it stores values as, None for as they come}}.
+    table_columns: dict = None
+
+    def given(self, names):
+        """The first of these options that was given, or None."""
+        return next((name for name in names if getattr(self, name) is not None), None)
+
+
+NO_OPTIONS = ReadOptions()
+
+
+def _reading_options(values):
+    """The reading options among a checked request body's values, each value checked."""
+    options = {key: values.get(key) for key in READING_OPTIONS if values.get(key) is not None}
+    if "encoding" in options:
+        try:  # as named: not _codec's reading of a declared charset, which widens latin-1 and ascii
+            codec = codecs.lookup(options["encoding"].strip()).name
+        except (LookupError, ValueError):
+            codec = None
+        if codec == "utf-8":
+            codec = "utf-8-sig"  # which reads a byte order mark too
+        if codec is None or not codecs.lookup(codec)._is_text_encoding:
+            raise APIError(
+                f"encoding must be a text encoding Python knows, such as utf-8, cp1252, "
+                f"shift_jis or utf-16, not {_shorten(options['encoding'])!r}."
+            )
+        options["encoding"] = codec
+    delimiter = options.get("delimiter")
+    if delimiter is not None and (len(delimiter) != 1 or delimiter in '\r\n"\x00'):
+        raise APIError(
+            "delimiter must be one character, such as \",\", \";\", \"|\" or \"\\t\" for a tab, "
+            f"and not a quote or a line break: {_shorten(delimiter)!r} is not."
+        )
+    for key, allowed in (("quoting", QUOTINGS), ("if_exists", IF_EXISTS)):
+        if key in options and options[key] not in allowed:
+            raise APIError(
+                f"{key} must be {_listed(map(json.dumps, allowed), 'or')}, not {_shorten(options[key])!r}."
+            )
+    if options.get("skip_lines", 0) < 0:
+        raise APIError(f"skip_lines must be a whole number, 0 or more, not {options['skip_lines']}.")
+    for key in ("sheet", "json_path"):
+        if options.get(key) == "":
+            raise APIError(f"{key} must not be empty: leave it out to let the import choose.")
+    if "types" in options:
+        options["types"] = _column_types_option(options["types"])
+    return ReadOptions(**options)
+
+
+def _column_types_option(types):
+    checked = {}
+    for name, kind in types.items():
+        if not isinstance(kind, str) or kind.upper() not in COLUMN_TYPES:
+            raise APIError(
+                f"types must give each column one of {_listed(COLUMN_TYPES, 'or')}: "
+                f"{_shorten(name)!r} has {_shorten(json.dumps(kind))}."
+            )
+        checked[name] = kind.upper()
+    return checked
+
+
 # ===== Readers =====
 #
 # plan_file looks at a file's content, never its name, and returns a plan:
@@ -1441,20 +1559,24 @@ _XML_DOCUMENT = re.compile(r"<\?xml\s")
 _JSON_START = re.compile(r'\[\s*[\[{"0-9tfn\]-]|\{\s*["}]')
 
 
-def plan_file(path, charset=None, source=None, unpacked_limit_mb=URL_SIZE_LIMIT_MB):
+def plan_file(path, charset=None, source=None, unpacked_limit_mb=URL_SIZE_LIMIT_MB, options=NO_OPTIONS):
     """Decide from the file's start, not its name, how to read it; return the plan of its reader.
 
     charset is a declared text encoding, such as a download's Content-Type
     gives. source names the file in messages: its path, or the URL it came
     from. unpacked_limit_mb bounds each part of a workbook, unpacked.
+    options are the user's ReadOptions: an encoding is used as given, and an
+    option only CSV takes reads the file as CSV, whatever its start.
     """
     source = _shorten(source or path)
     head = _file_head(path, source)
     if head.startswith(_OLE2_MAGIC):
         raise _save_as_advice(source, "an Excel 97-2003 workbook (.xls) or an encrypted workbook")
     if head.startswith(_ZIP_MAGIC) and _is_workbook(path):
-        return plan_xlsx(path, source, unpacked_limit_mb)
-    encoding = sniff_encoding(head, charset)
+        _refuse_options(options, ("encoding",) + CSV_OPTIONS + ("json_path",), source, "an Excel workbook")
+        return plan_xlsx(path, source, unpacked_limit_mb, options.sheet)
+    _refuse_options(options, ("sheet",), source, "not an Excel workbook")
+    encoding = options.encoding or sniff_encoding(head, charset)
     if b"\x00" in head and not _is_wide(encoding):
         raise ReadError(f"This looks like a binary file, not CSV, TSV or JSON text: {source}")
     text = head.decode(encoding, "replace").lstrip("\ufeff \t\r\n")
@@ -1462,14 +1584,25 @@ def plan_file(path, charset=None, source=None, unpacked_limit_mb=URL_SIZE_LIMIT_
         raise ReadError(f"{source} is a web page (HTML), not CSV, TSV or JSON data.")
     if _XML_DOCUMENT.match(text + " "):
         raise ReadError(f"{source} is an XML document, not CSV, TSV or JSON data.")
-    if _JSON_START.match(text):
+    as_csv = options.given(CSV_OPTIONS)
+    if as_csv and options.json_path is not None:
+        raise ReadError(f"json_path and {as_csv} cannot go together: {as_csv} reads {source} as CSV.")
+    if _JSON_START.match(text) and not as_csv:
         try:
-            return plan_json(path, encoding, source)
+            return plan_json(path, encoding, source, options.json_path)
         except _NotJSON:
             pass  # only its start looked like JSON: CSV lines such as [248.128.0.120]
-    elif _JSON_SCALAR_START.match(text):
+    elif _JSON_SCALAR_START.match(text) and not as_csv:
         _refuse_json_scalar(path, encoding, source)
-    return plan_csv(path, encoding, source)
+    _refuse_options(options, ("json_path",), source, "read as CSV, not JSON")
+    return plan_csv(path, encoding, source, options)
+
+
+def _refuse_options(options, names, source, what):
+    """Refuse the first of these options given for a file they do not apply to: source is what."""
+    name = options.given(names)
+    if name is not None:
+        raise ReadError(f"{source} is {what}, so the option {name} does not apply to it. Leave it out.")
 
 
 # A file this small that is one JSON value is JSON, not a CSV of one cell.
@@ -1754,6 +1887,10 @@ class CSVPlan:
     # lines come before the header, counted from the first line not blank.
     skipped_lines: list = field(default_factory=list)
     header_line: int = 0
+    # The user's reading options: lines to skip from the file's first line,
+    # instead of header_line; and whether the first row is a header.
+    skip_lines: int = None
+    header: bool = True
 
     @property
     def format(self):
@@ -1847,36 +1984,43 @@ def detect_delimiter(sample, complete=True):
     return best
 
 
-def _text_sample(path, encoding):
-    """Up to SNIFF_CHARACTERS of text from the first non-blank line on; and whether that is all."""
+def _text_sample(path, encoding, skip_lines=None):
+    """Up to SNIFF_CHARACTERS of text from the first non-blank line on, or from the first
+    after skip_lines lines; whether that is all; and the skipped lines that are not blank."""
     with open(path, encoding=encoding, errors=_decode_errors(encoding), newline="") as f:
+        skipped = [line.rstrip("\r\n") for line in itertools.islice(f, skip_lines or 0)]
         text = ""
         while not text.strip():  # blank lines before the header, however many
             text = f.read(SNIFF_CHARACTERS)
             if not text:
-                return "", True
+                return "", True, skipped
         first = len(text) - len(text.lstrip())
         text = text[max(text.rfind("\n", 0, first), text.rfind("\r", 0, first)) + 1 :]
         more = f.read(SNIFF_CHARACTERS)
-        return text + more, not more
+        return text + more, not more, [line for line in skipped if line.strip()]
 
 
-def plan_csv(path, encoding, source):
+def plan_csv(path, encoding, source, options=NO_OPTIONS):
     """Decide how to read a CSV file in a known encoding: its delimiter, and, for a
-    messy file, its quoting and the lines above its header."""
+    messy file, its quoting and the lines above its header. The user's options
+    decide what they name, and the rest is decided around them."""
     try:
-        sample, complete = _text_sample(path, encoding)
+        sample, complete, skipped = _text_sample(path, encoding, options.skip_lines)
     except UnicodeDecodeError:
         raise ReadError(f"{source} is not valid {encoding} text.")
     if not sample.strip():
+        if options.skip_lines:
+            raise ReadError(f"{source} has no rows below the {options.skip_lines:,} lines skip_lines skips.")
         raise ReadError(f"File is empty: {source}")
-    plan = CSVPlan(encoding, detect_delimiter(sample, complete), source)
+    plan = CSVPlan(
+        encoding, options.delimiter or detect_delimiter(sample, complete), source,
+        quotechar=None if options.quoting == "none" else '"', skipped_lines=skipped,
+        skip_lines=options.skip_lines, header=options.header is not False,
+    )
     table = _SampleReading(sample, complete, plan.dialect).table()
     if table is not None and not table[1]:
         return plan  # rows of one width from the header on: most files
-    return _messy_plan(plan, sample, complete) or plan
-
-
+    return _messy_plan(plan, sample, complete, options) or plan
 class _SampleReading:
     """The sample's rows as the csv module reads them with dialect (its reader options).
 
@@ -1973,7 +2117,7 @@ def _header_names_a_number_column(table):
     return False
 
 
-def _messy_plan(plan, sample, complete):
+def _messy_plan(plan, sample, complete, options=NO_OPTIONS):
     """A plan for a file whose rows have one width only once lines above the header are
     skipped, or quotes are read another way; None when no reading gives them one.
 
@@ -1982,23 +2126,27 @@ def _messy_plan(plan, sample, complete):
     close before text that is not a delimiter;
     ' quotes or \\" escapes are read only where the rows are consistent with
     them and with neither the usual quotes nor none.
+    The delimiter, the quoting and the lines skipped that options give stay.
     """
     found = None
-    for delimiter in [plan.delimiter] + [d for d in DELIMITERS if d != plan.delimiter]:
-        usual = _SampleReading(sample, complete, {"delimiter": delimiter})
-        readings = [(0, {}, usual)]
-        if usual.table() is None:
+    delimiters = [plan.delimiter] + [d for d in DELIMITERS if d != plan.delimiter and not options.delimiter]
+    for delimiter in delimiters:
+        usual_fields = {"quotechar": None} if options.quoting == "none" else {}
+        usual = _SampleReading(sample, complete, CSVPlan(delimiter=delimiter, **usual_fields).dialect)
+        readings = [(0, usual_fields, usual)]
+        if usual.table() is None and options.quoting is None:
             readings += _other_quotes(sample, complete, delimiter, usual)
         for rank, fields, reading in readings:
             table = reading.table()
-            if table is None or not (rank or table[1]):
+            if table is None or not (rank or table[1]) or (options.skip_lines is not None and table[1]):
                 continue
             size = (-rank, len(reading.rows), len(reading.rows[-1]))
             if found is None or size > found[0]:
                 header_line, skipped = table
                 found = size, CSVPlan(
-                    plan.encoding, delimiter, plan.source, **fields, skipped_lines=skipped,
-                    header_line=header_line,
+                    plan.encoding, delimiter, plan.source, **fields,
+                    skipped_lines=plan.skipped_lines + skipped, header_line=header_line,
+                    skip_lines=plan.skip_lines, header=plan.header,
                 )
     return found and found[1]
 
@@ -2074,11 +2222,19 @@ class CSVReader:
     def batches(self, size=BATCH_ROWS):
         if self.start == 0:
             self._skip_lines_above_header()
-            self.header = self._first_row()
+            if self.plan.header:
+                self.header = self._first_row()
         yield from self._batches(size)
 
     def _skip_lines_above_header(self):
-        """Read past the blank lines at the start and the plan's lines above the header."""
+        """Read past the blank lines at the start and the plan's lines above the header,
+        or past the lines the user said to skip."""
+        if self.plan.skip_lines is not None:
+            for line in itertools.islice(self.file, self.plan.skip_lines):
+                self.lines_skipped += 1
+            if self.lines_skipped < self.plan.skip_lines and not self.last:
+                raise _RangeEndsMidRow()
+            return
         if not self.plan.header_line:
             return
         line = "\n"
@@ -2225,8 +2381,12 @@ class JSONPlan:
         return found.end() if found else None
 
 
-def plan_json(path, encoding, source):
-    """Decide the shape of a JSON file: from its first item for an array, else by walking it."""
+def plan_json(path, encoding, source, json_path=None):
+    """Decide the shape of a JSON file: from its first item for an array, else by walking it.
+
+    json_path, the user's option, chooses among the arrays of objects an
+    object holds, by the keys that lead to it joined with dots.
+    """
     with contextlib.closing(_JSONText(path, JSONPlan(encoding, "array", source))) as text:
         try:
             if text.peek() == "[":
@@ -2237,11 +2397,13 @@ def plan_json(path, encoding, source):
                     if kind is None:
                         raise ReadError(f"{source} holds an empty JSON array: there is nothing to import.")
                     raise _not_a_table(source, f"an array of {kind}s")
+                _refuse_json_path(json_path, source, "an array of objects")
                 return JSONPlan(encoding, "array", source)
             found, top = [], {}
             _survey_object(text, [], found, top)
             after = text.peek()
             if after == "{":  # a second object: one per line
+                _refuse_json_path(json_path, source, "one object per line (NDJSON)")
                 return JSONPlan(encoding, "ndjson", source)
             if after:
                 raise text.error("Extra data")
@@ -2249,7 +2411,16 @@ def plan_json(path, encoding, source):
             raise ReadError(f"{source} holds JSON nested too deeply to read.")
     if not found:
         raise _not_a_table(source, "an object with no array of objects in it")
-    json_path, _ = max(found, key=lambda path_and_count: path_and_count[1])  # the first largest
+    if json_path is not None:
+        paths = {".".join(keys): keys for keys, _ in found}
+        if json_path not in paths:
+            raise ReadError(
+                f"{source} has no array of objects at the json_path {_shorten(json_path)!r}. "
+                f"It has them at {_listed(map(repr, paths))}."
+            )
+        json_path = paths[json_path]
+    else:
+        json_path, _ = max(found, key=lambda path_and_count: path_and_count[1])  # the first largest
     if top.get("type") == "FeatureCollection" and json_path == ["features"]:
         return JSONPlan(encoding, "geojson", source, json_path)
     return JSONPlan(encoding, "nested", source, json_path)
@@ -2257,6 +2428,11 @@ def plan_json(path, encoding, source):
 
 # How many items of an array of values are read to tell it from CSV lines.
 JSON_VALUES_CHECKED = 1000
+
+
+def _refuse_json_path(json_path, source, what):
+    if json_path is not None:
+        raise ReadError(f"{source} is {what} at its top level, so it has no json_path to choose. Leave it out.")
 
 
 def _array_of_values(text):
@@ -2715,6 +2891,7 @@ class XLSXPlan:
     date1904: bool = False
     date_styles: dict = None  # cell style index: "date", "datetime", "time" or "elapsed"
     strings: list = field(default=None, repr=False)
+    all_sheets: list = None  # every worksheet, when sheets holds only the one the user chose
     format = "xlsx"
     kind = "XLSX"
     splittable = False
@@ -2741,8 +2918,11 @@ def _is_workbook(path):
     return bool(workbook) and workbook.lower().startswith("xl/")
 
 
-def plan_xlsx(path, source, unpacked_limit_mb=URL_SIZE_LIMIT_MB):
-    """Read a workbook's own parts: its sheets, date system, date styles and shared strings."""
+def plan_xlsx(path, source, unpacked_limit_mb=URL_SIZE_LIMIT_MB, sheet=None):
+    """Read a workbook's own parts: its sheets, date system, date styles and shared strings.
+
+    sheet, the user's option, keeps only the worksheet of that name.
+    """
     strings_part = "xl/sharedStrings.xml"
     try:
         with zipfile.ZipFile(path) as archive:
@@ -2757,7 +2937,9 @@ def plan_xlsx(path, source, unpacked_limit_mb=URL_SIZE_LIMIT_MB):
                 _check_unpacked_size(source, member, unpacked_limit_mb)
             workbook = _xml_part(archive, workbook_part, source)
             related = parts.relationships(workbook_part, source)
-            sheets = _worksheets(workbook, related)
+            sheets = all_sheets = _worksheets(workbook, related)
+            if sheet is not None:
+                sheets = _the_sheet(sheets, sheet, source)
             styles_part = parts.target(workbook_part, "/styles", related) or parts.find("xl/styles.xml")
             styles = _xml_part(archive, styles_part, source) if styles_part else None
             strings_part = parts.target(workbook_part, "/sharedStrings", related) or parts.find(strings_part)
@@ -2777,7 +2959,20 @@ def plan_xlsx(path, source, unpacked_limit_mb=URL_SIZE_LIMIT_MB):
         raise _damaged_part(source, strings_part)
     properties = _child(workbook, "workbookPr")
     date1904 = properties is not None and properties.get("date1904", "0") in ("1", "true")
-    return XLSXPlan(source, sheets, date1904, _date_styles(styles), strings)
+    return XLSXPlan(source, sheets, date1904, _date_styles(styles), strings, all_sheets)
+
+
+def _the_sheet(sheets, name, source):
+    """[[name, zip member]] of the worksheet called name."""
+    chosen = [pair for pair in sheets if pair[0] == name]
+    if not sheets:
+        raise ReadError(f"{source} has no worksheets, so it has no sheet named {_shorten(name)!r}.")
+    if not chosen:
+        raise ReadError(
+            f"{source} has no worksheet named {_shorten(name)!r}. "
+            f"Its worksheets are {_listed(repr(pair[0]) for pair in sheets)}."
+        )
+    return chosen
 
 
 class _Parts:
@@ -3365,6 +3560,64 @@ def typed_column_type(batch, i, column):
     return max(map(_TYPED_KINDS.get, kinds), key=_RANK.get, default=None)
 
 
+def chosen_types(columns, types, options, source):
+    """The columns' types with the user's choices (options.types) and, when appending,
+    the table's own in place; and, for each column whose values must be checked to
+    fit its new type, why it has that type.
+
+    A column's type that was learned from every value needs no check.
+    """
+    types, checks = list(types), {}
+    where = {_column_key(name): i for i, name in enumerate(columns)}
+    for name, kind in (options.types or {}).items():
+        i = where.get(_column_key(name))
+        if i is None:
+            raise ReadError(
+                f"types names a column that {source} does not have: {_shorten(name)!r}. "
+                f"Its columns are {_listed(map(repr, columns))}."
+            )
+        if kind != types[i]:
+            types[i], checks[i] = kind, "as types asks"
+    if options.table_columns is not None:
+        table = options.table_columns
+        for i, name in enumerate(columns):
+            if _column_key(name) not in table["columns"]:
+                raise ReadError(
+                    f"{source} has a column {name!r} that the table {table['name']} does not have, "
+                    "so its rows cannot be appended. Add the column to the table, or import the "
+                    "file as a new table."
+                )
+            kind = table["columns"][_column_key(name)]
+            if kind is not None and kind != types[i]:
+                types[i], checks[i] = kind, f"as the table {table['name']} stores it"
+    return types, checks
+
+
+def _column_key(name):
+    """A column name as SQLite compares them: without regard to the case of ASCII letters."""
+    return unicodedata.normalize("NFC", name).translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = str.maketrans(string.ascii_uppercase, string.ascii_lowercase)
+
+
+def _exact_types(types, long_integers):
+    """The column types learned batch by batch, TEXT where none were learned, and TEXT where a
+    column became REAL after integers too long to be exact as REALs, as column_type would
+    have made it had it seen them all at once."""
+    return [
+        _TEXT if kind is None or (kind == _REAL and i in long_integers) else kind
+        for i, kind in enumerate(types)
+    ]
+
+
+def _has_long_integers(values):
+    """Whether a batch of integer texts holds one with more significant digits than a double holds."""
+    if max(map(len, filter(None, values)), default=0) <= MAX_REAL_DIGITS:
+        return False  # nearly always, at C speed
+    return any(len(value.lstrip("-")) > MAX_REAL_DIGITS for value in values if value)
+
+
 def _wider(a, b):
     return a if _RANK[a] >= _RANK[b] else b
 
@@ -3401,11 +3654,12 @@ class Staged:
     rows: int
     answer: dict  # what the import's answer says of the file: its format
     sheet: str = None  # the worksheet of a workbook the table comes from
+    checks: dict = None  # column index: why its type was chosen, for values not seen to fit it
 
 
 def stage_file(
     path, staging_path, *, detect_types=True, on_progress=None, db_encoding="UTF-8", charset=None,
-    source=None, unpacked_limit_mb=URL_SIZE_LIMIT_MB,
+    source=None, unpacked_limit_mb=URL_SIZE_LIMIT_MB, options=NO_OPTIONS,
 ):
     """Read the file at path once into a new database at staging_path; return a Staged for each table.
 
@@ -3414,25 +3668,30 @@ def stage_file(
     db_encoding is the target database's text encoding (UTF-8, UTF-16le or
     UTF-16be): SQLite only attaches databases that share it. charset, source
     and unpacked_limit_mb are as for plan_file. A large file is read in parts,
-    into staging_path and databases beside it.
+    into staging_path and databases beside it. options are the user's ReadOptions.
     """
     try:
-        plan = plan_file(path, charset, source, unpacked_limit_mb)
+        plan = plan_file(path, charset, source, unpacked_limit_mb, options)
         processes = _process_count(os.path.getsize(path), plan)
+        staged = None
         if processes > 1:
             try:
-                return [_stage_in_parts(
-                    path, plan, processes, staging_path, detect_types, on_progress, db_encoding
+                staged = [_stage_in_parts(
+                    path, plan, processes, staging_path, detect_types, on_progress, db_encoding, options
                 )]
             except _SplitFailed:
                 # Rare: a quote inside an unquoted cell misled a split, or a helper could not run.
                 _remove_part_databases(staging_path, processes)
-        return _stage_whole(path, plan, staging_path, detect_types, on_progress, db_encoding)
+        if staged is None:
+            staged = _stage_whole(path, plan, staging_path, detect_types, on_progress, db_encoding, options)
+        for one in staged:
+            _check_chosen_types(one, plan.source)
+        return staged
     except OSError as e:  # the staging database reports its own failures as sqlite3 errors
         raise ReadError(f"Could not read {_shorten(path)}: {e.strerror or e}.") from e
 
 
-def _stage_whole(path, plan, staging_path, detect_types, on_progress, db_encoding):
+def _stage_whole(path, plan, staging_path, detect_types, on_progress, db_encoding, options=NO_OPTIONS):
     """Stage each table of the file, one after another, in one process."""
     staged, rows_before, bytes_before = [], 0, 0
 
@@ -3451,10 +3710,10 @@ def _stage_whole(path, plan, staging_path, detect_types, on_progress, db_encodin
                 if sheet is not None and not reader.header:
                     continue  # an empty worksheet
                 columns = clean_headers(reader.header, rows.width)
-                types = [kind or _TEXT for kind in rows.types]
-                table = rows.convert(columns, types)
+                types, checks = chosen_types(columns, rows.final_types(), options, plan.source)
+                table = rows.convert(columns, types, checked=checks)
                 staged.append(Staged(
-                    [(staging_path, table)], columns, types, rows.rows, plan.answer(), sheet
+                    [(staging_path, table)], columns, types, rows.rows, plan.answer(), sheet, checks
                 ))
         conn.execute("COMMIT")
     if not staged:
@@ -3475,6 +3734,7 @@ def _open_staging(path, db_encoding):
     # SQLite writes a REAL as text to 15 digits; Python's repr keeps every one.
     conn.create_function("app_support_real_text", 1, float.__repr__, deterministic=True)
     conn.create_function("app_support_real", 1, float, deterministic=True)
+    conn.create_function("app_support_real_or_text", 1, _real_or_text, deterministic=True)
     return conn
 
 
@@ -3622,6 +3882,9 @@ class _StagedRows:
         self.rows = 0
         # Columns with a decimal SQLite might read wrongly (see _converted).
         self.long_decimals = set()
+        # Columns with an integer too long to be exact as a REAL, should a
+        # later batch make the column REAL (see _exact_types).
+        self.long_integers = set()
 
     @property
     def width(self):
@@ -3631,8 +3894,12 @@ class _StagedRows:
     def _unknown(self):
         return None if self.detect_types else _TEXT
 
-    def read(self, reader, on_progress=None):
-        """Stage every batch the reader gives; on_progress(rows, bytes_read) after each."""
+    def read(self, reader, on_progress=None, enough=None):
+        """Stage every batch the reader gives; on_progress(rows, bytes_read) after each.
+
+        Stops early once enough(rows, bytes_read) is true. Returns whether
+        every row was read.
+        """
         for batch in reader.batches():
             width = _pad(batch, self.width)
             if width > self.width or len(reader.header) > self.width:
@@ -3646,6 +3913,8 @@ class _StagedRows:
                         kind = column_type(column)
                         if kind == _REAL and i not in self.long_decimals and _has_long_decimals(column):
                             self.long_decimals.add(i)
+                        elif kind == _INTEGER and i not in self.long_integers and _has_long_integers(column):
+                            self.long_integers.add(i)
                     else:
                         continue
                     self.types[i] = _wider(self.types[i], kind)
@@ -3653,26 +3922,39 @@ class _StagedRows:
             self.rows += len(batch)
             if on_progress:
                 on_progress(self.rows, reader.bytes_read)
+            if enough and enough(self.rows, reader.bytes_read):
+                self.widen(len(reader.header))
+                return False
         self.widen(len(reader.header))  # a header wider than every row, or no rows
+        return True
 
     def widen(self, width):
         self.table.widen(width)
         self.types += [self._unknown] * (width - len(self.types))
 
-    def convert(self, columns, types, sources=None):
+    def final_types(self):
+        """The column types of every row read: TEXT where none were learned."""
+        return _exact_types(self.types, self.long_integers)
+
+    def convert(self, columns, types, sources=None, checked=()):
         """Copy the rows into a table of these columns and types; return the table that holds them.
 
         sources[j] is the staged column that holds column j (1 for c1), or None
         for a column these rows never had; by default column j is c{j + 1}.
         Empty text cells become NULL in number columns. A file of text cells
-        that all stay TEXT needs no copy.
+        that all stay TEXT needs no copy. The columns whose indexes are in
+        checked have a type chosen for them: a value that does not fit it is
+        left as it is, for _check_chosen_types to find.
         """
         if sources is None:
             self.widen(len(columns))
             sources = range(1, len(columns) + 1)
             if not self.typed_cells and all(kind == _TEXT for kind in types):
                 return self.name
-        values = ", ".join(self._converted(n, kind) for n, kind in zip(sources, types))
+        values = ", ".join(
+            self._chosen(n, kind) if j in checked else self._converted(n, kind)
+            for j, (n, kind) in enumerate(zip(sources, types))
+        )
         typed = f"{self.name}_typed"
         self.conn.execute(_create_table_sql(typed, columns, types))
         self.conn.execute(f"INSERT INTO {typed} SELECT {values} FROM {self.name}")
@@ -3698,6 +3980,72 @@ class _StagedRows:
             return f"CASE WHEN c{n} <> '' THEN app_support_real(c{n}) END"
         return f"CASE WHEN c{n} <> '' THEN c{n} END"
 
+    def _chosen(self, n, kind):
+        """The SQL for staged column n as a value of a type chosen for it, kind.
+
+        SQLite's own conversion where the column's type makes it, as it would
+        store a value written to such a column, with Python's exact float()
+        for REALs; a value it cannot convert stays as it is.
+        """
+        if n is None or kind == _TEXT:
+            return self._converted(n, kind)
+        if self.typed_cells:
+            if kind == _REAL:
+                return f"CASE WHEN typeof(c{n}) = 'text' THEN app_support_real_or_text(c{n}) ELSE c{n} END"
+            return f"c{n}"
+        if kind == _REAL:
+            return f"CASE WHEN c{n} <> '' THEN app_support_real_or_text(c{n}) END"
+        return f"CASE WHEN c{n} <> '' THEN c{n} END"
+
+
+def _real_or_text(text):
+    """text as the nearest double when it is a decimal number, as SQLite would read it; else text."""
+    if _DECIMAL_NUMBER.fullmatch(text):
+        return float(text)
+    return text
+
+
+# What SQLite reads as a number, spaces around it included: no nan, inf or 1_000.
+_DECIMAL_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*", re.ASCII)
+_STORED_AS = {_INTEGER: "integer", _REAL: "real"}
+_TYPE_WORDS = {_INTEGER: "a whole number", _REAL: "a number"}
+
+
+def _check_chosen_types(staged, source):
+    """Refuse the import when a value does not fit a type chosen for its column, naming the first."""
+    if not any(staged.types[i] in _STORED_AS for i in staged.checks or {}):
+        return
+    with contextlib.closing(sqlite3.connect(staged.tables[0][0])) as conn, _attached(conn, [staged]) as sources:
+        _refuse_misfits(conn, sources[0], staged.columns, staged.types, staged.checks, source)
+
+
+def _refuse_misfits(conn, tables, columns, types, checks, source):
+    """Refuse a value in the converted tables, the parts of a file in order, that does not fit
+    a type chosen for its column; checks gives why each was chosen.
+
+    Rows are numbered from 1, the first row below the header, across the parts.
+    """
+    checks = {i: why for i, why in checks.items() if types[i] in _STORED_AS}
+    rows_before = 0
+    for table in tables if checks else ():
+        for i, why in checks.items():
+            column, kind = _quote(columns[i]), types[i]
+            found = conn.execute(
+                f"SELECT rowid, {column} FROM {table} WHERE typeof({column}) NOT IN (?, 'null') "
+                "ORDER BY rowid LIMIT 1", [_STORED_AS[kind]],
+            ).fetchone()
+            if found:
+                row = rows_before + conn.execute(
+                    f"SELECT count(*) FROM {table} WHERE rowid <= ?", [found[0]]
+                ).fetchone()[0]
+                raise ReadError(
+                    f"The column {columns[i]!r} of {source} must be {kind} ({why}), but "
+                    f"row {row:,} holds {_shorten(found[1], 80)!r}, which is not "
+                    f"{_TYPE_WORDS[kind]}. Nothing was imported. Choose another type for the "
+                    "column, or correct the file, and try again."
+                )
+        rows_before += conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+
 
 # ===== Copying into the target =====
 #
@@ -3718,22 +4066,30 @@ class ImportResult:
     types: list
     answer: dict = field(default_factory=dict)  # more for the import's answer: its format
     sheet: str = None  # the worksheet of a workbook the table comes from
+    created: bool = True  # False when the rows were appended to a table that was there
+    # The columns of the table the rows go into, when they are not the file's:
+    # the table's own names for them, when appending.
+    into_columns: list = None
 
     @property
     def schema(self):
         return _create_table_sql(self.table, self.columns, self.types)
 
 
-def copy_in(conn, staged, wanted_table, shared_cache=False):
-    """Copy each staged table into conn's main database as a new table under a free name,
-    all in one transaction; return their ImportResults.
+def copy_in(conn, staged, wanted_table, shared_cache=False, if_exists="rename"):
+    """Copy each staged table into conn's main database, all in one transaction; return
+    their ImportResults.
 
     One table is named after wanted_table; a workbook's are named
-    wanted_table_sheet. In the shared-cache `temporary` database an
-    uncommitted CREATE TABLE fails every reader at once, so there the tables
-    are created on their own, in autocommit, and dropped again should filling
-    them fail. Readers' locks fail a writer at once there too, so each step
-    waits them out.
+    wanted_table_sheet. if_exists says what happens when that name is taken:
+    "rename" makes a new table under a free name close to it, "replace"
+    drops the table there and makes a new one, "append" adds the rows to it.
+    In the shared-cache `temporary` database an uncommitted CREATE TABLE
+    fails every reader at once, so there new tables are created on their
+    own, in autocommit, and dropped again should filling them fail; a
+    replacing table takes the old one's name in a short transaction of its
+    own. Readers' locks fail a writer at once there too, so each step waits
+    them out.
     """
     wanted = [
         wanted_table if len(staged) == 1 or table.sheet is None else f"{wanted_table}_{table.sheet}"
@@ -3742,31 +4098,99 @@ def copy_in(conn, staged, wanted_table, shared_cache=False):
     with _attached(conn, staged) as sources:
         if not shared_cache:
             with _transaction(conn):
-                results = [_new_table(conn, table, name) for table, name in zip(staged, wanted)]
+                results = [_new_table(conn, table, name, if_exists) for table, name in zip(staged, wanted)]
                 for result, table_sources in zip(results, sources):
-                    _copy_rows(conn, table_sources, result.table)
+                    _copy_rows(conn, table_sources, result)
             return results
         # Only Datasette's write thread writes to `temporary`: the names stay free.
-        results = []
+        results, replaced = [], []
         try:
             for table, name in zip(staged, wanted):
-                results.append(_retry_while_locked(_new_table, conn, table, name))
+                old = _existing_table(conn, name, if_exists) if if_exists == "replace" else None
+                results.append(_retry_while_locked(
+                    _new_table, conn, table, name, "rename" if old else if_exists
+                ))
+                replaced.append(old)
             _retry_while_locked(_fill, conn, sources, results)
+            if any(replaced):
+                _retry_while_locked(_take_names, conn, results, replaced)
         except BaseException:
             for result in results:
-                _retry_while_locked(conn.execute, f"DROP TABLE main.{_quote(result.table)}")
+                if result.created:
+                    _retry_while_locked(conn.execute, f"DROP TABLE IF EXISTS main.{_quote(result.table)}")
             raise
         return results
 
 
-def _new_table(conn, staged, wanted_table):
-    """Create the new table under a name close to wanted_table that is free now; return what it will hold."""
-    table = _free_table_name(conn, wanted_table)
+def _new_table(conn, staged, wanted_table, if_exists="rename"):
+    """The table the staged rows go into, created unless they are appended; return what it will hold.
+
+    Under a name close to wanted_table that is free now, or the name itself
+    when the table there is replaced or appended to.
+    """
     result = ImportResult(
-        table, staged.rows, staged.columns, staged.types, staged.answer, staged.sheet
+        wanted_table, staged.rows, staged.columns, staged.types, staged.answer, staged.sheet
     )
+    old = _existing_table(conn, wanted_table, if_exists) if if_exists != "rename" else None
+    if old and if_exists == "append":
+        result.table, result.created = old, False
+        result.into_columns = _append_columns(conn, old, staged.columns)
+        return result
+    if old:
+        conn.execute(f"DROP TABLE main.{_quote(old)}")
+    result.table = old or _free_table_name(conn, wanted_table)
     conn.execute(result.schema)
     return result
+
+
+def _existing_table(conn, wanted_table, if_exists):
+    """The name of the table called wanted_table, in any case, or None; refuses a view or an index there."""
+    found = conn.execute(
+        "SELECT type, name FROM main.sqlite_master WHERE name = ? COLLATE NOCASE",
+        [_table_name(wanted_table)],
+    ).fetchone()
+    if found is None:
+        return None
+    kind, name = found
+    if kind != "table":
+        doing = "replaced" if if_exists == "replace" else "appended to"
+        raise APIError(
+            f"{name} is a {kind} in that database, not a table, so it cannot be {doing}. "
+            "Choose another table_name."
+        )
+    return name
+
+
+def _append_columns(conn, table, columns):
+    """The table's names for the file's columns, matched by name; refuses a column it lacks."""
+    names = {_column_key(row[1]): row[1] for row in conn.execute(f"PRAGMA main.table_info({_quote(table)})")}
+    for column in columns:
+        if _column_key(column) not in names:
+            raise APIError(
+                f"The table {table} has no column {column!r}, which the file has, so its rows "
+                "cannot be appended. Add the column to the table, or import the file as a new table."
+            )
+    return [names[_column_key(column)] for column in columns]
+
+
+def _take_names(conn, results, replaced):
+    """Give each new table the name of the table it replaces, which is dropped, in one transaction.
+
+    The legacy ALTER TABLE leaves views and triggers that name the old table
+    as they are, instead of refusing to rename while they name a table that
+    is gone; they name the new one once it has the name.
+    """
+    conn.execute("PRAGMA legacy_alter_table = ON")
+    try:
+        with _transaction(conn):
+            for result, old in zip(results, replaced):
+                if old:
+                    conn.execute(f"DROP TABLE main.{_quote(old)}")
+                    conn.execute(f"ALTER TABLE main.{_quote(result.table)} RENAME TO {_quote(old)}")
+    finally:
+        conn.execute("PRAGMA legacy_alter_table = OFF")
+    for result, old in zip(results, replaced):
+        result.table = old or result.table
 
 
 @contextlib.contextmanager
@@ -3785,17 +4209,20 @@ def _attached(conn, staged):
             conn.execute(f"DETACH DATABASE {alias}")
 
 
-def _copy_rows(conn, sources, table):
+def _copy_rows(conn, sources, result):
     # SELECT * from a table of the same column types: SQLite copies the
     # records as they are, much faster than value by value.
+    into = ""
+    if result.into_columns is not None:
+        into = " (" + ", ".join(map(_quote, result.into_columns)) + ")"
     for source in sources:
-        conn.execute(f"INSERT INTO main.{_quote(table)} SELECT * FROM {source}")
+        conn.execute(f"INSERT INTO main.{_quote(result.table)}{into} SELECT * FROM {source}")
 
 
 def _fill(conn, sources, results):
     with _transaction(conn):
         for table_sources, result in zip(sources, results):
-            _copy_rows(conn, table_sources, result.table)
+            _copy_rows(conn, table_sources, result)
 
 
 @contextlib.contextmanager
@@ -3873,7 +4300,8 @@ PART_PROGRESS_SECONDS = 0.2
 _Part = collections.namedtuple("_Part", "number start end")  # end is None for the last part
 # What staging a part learned. types are None where it saw no values; keys
 # are None when columns are known by position, as in CSV.
-_PartSummary = collections.namedtuple("_PartSummary", "rows width types header keys")
+# long_integers are the columns where it saw integers too long to be exact as REALs.
+_PartSummary = collections.namedtuple("_PartSummary", "rows width types header keys long_integers")
 _PLANS = {plan.__name__: plan for plan in (CSVPlan, JSONPlan)}
 
 
@@ -3950,12 +4378,14 @@ def _read_part(conn, path, plan, part, detect_types, report):
         with contextlib.closing(plan.open(path, part.start, part.end)) as reader:
             rows = _StagedRows(conn, "staged", reader.typed_cells, detect_types)
             rows.read(reader, report)
-            return rows, _PartSummary(rows.rows, rows.width, rows.types, reader.header, reader.keys)
+            return rows, _PartSummary(
+                rows.rows, rows.width, rows.types, reader.header, reader.keys, sorted(rows.long_integers)
+            )
     except _RangeEndsMidRow as e:  # a split point was misplaced
         raise _SplitFailed() from e
 
 
-def _stage_in_parts(path, plan, processes, staging_path, detect_types, on_progress, db_encoding):
+def _stage_in_parts(path, plan, processes, staging_path, detect_types, on_progress, db_encoding, options=NO_OPTIONS):
     """Read the file's first part here and each other part in a helper process.
 
     The parts' outcomes are taken in file order, so the first error is the
@@ -3990,16 +4420,17 @@ def _stage_in_parts(path, plan, processes, staging_path, detect_types, on_progre
             rows, summary = _read_part(conn, path, plan, parts[0], detect_types, reading)
             summaries = [summary] + [helper.staged(reading) for helper in helpers]
             columns, types, sources = _whole_file(summaries)
+            types, checks = chosen_types(columns, types, options, plan.source)
             for helper, helper_sources in zip(helpers, sources[1:]):
-                helper.convert(columns, types, helper_sources)
-            tables = [rows.convert(columns, types, sources[0])]
+                helper.convert(columns, types, helper_sources, list(checks))
+            tables = [rows.convert(columns, types, sources[0], checks)]
             conn.execute("COMMIT")
             tables += [helper.converted(reading) for helper in helpers]
     finally:
         for helper in helpers:
             helper.stop()
     located = [(_part_database(staging_path, n), table) for n, table in enumerate(tables)]
-    return Staged(located, columns, types, sum(s.rows for s in summaries), plan.answer())
+    return Staged(located, columns, types, sum(s.rows for s in summaries), plan.answer(), checks=checks)
 
 
 def _whole_file(summaries):
@@ -4016,8 +4447,9 @@ def _whole_file(summaries):
         for summary in summaries:
             for i, kind in enumerate(summary.types):
                 types[i] = _wider(types[i], kind)
+        long_integers = set().union(*(summary.long_integers for summary in summaries))
         columns = clean_headers(summaries[0].header, width)
-        return columns, [kind or _TEXT for kind in types], [None] * len(summaries)
+        return columns, _exact_types(types, long_integers), [None] * len(summaries)
     where, names = {}, []
     for summary in summaries:
         for key, name in zip(summary.keys, summary.header):
@@ -4080,8 +4512,8 @@ class _Helper:
         """The _PartSummary of its part, once staged; tick is called while waiting."""
         return _PartSummary(*self._answer("staged", tick))
 
-    def convert(self, columns, types, sources):
-        self._send({"columns": columns, "types": types, "sources": sources})
+    def convert(self, columns, types, sources, checked):
+        self._send({"columns": columns, "types": types, "sources": sources, "checked": checked})
 
     def converted(self, tick):
         """The table that holds its part, converted."""
@@ -4165,7 +4597,7 @@ def _helper_main():
             send({"staged": summary})
             whole = json.loads(sys.stdin.readline() or "null")
             if whole:
-                table = rows.convert(whole["columns"], whole["types"], whole["sources"])
+                table = rows.convert(whole["columns"], whole["types"], whole["sources"], whole["checked"])
                 conn.execute("COMMIT")
                 send({"converted": table})
     except _SplitFailed:
@@ -4198,12 +4630,11 @@ def import_file(conn, path, wanted_table, detect_types=True):
         return copy_in(conn, staged, wanted_table)
 
 
-async def _import_into(datasette, db, path, wanted_table, detect_types, on_progress, **file):
+async def _import_into(datasette, db, path, wanted_table, detect_types, on_progress, options=NO_OPTIONS, **file):
     """Import the file at path into db: staged in a worker thread, copied in by db's write thread.
 
-    Returns an ImportResult for each new table.
-
-    file holds stage_file's charset and source.
+    Returns an ImportResult for each table made or appended to. options are
+    the user's ReadOptions. file holds stage_file's charset and source.
     """
     target = db.path or f"the database {db.name}"
     with _sqlite_failures("import into", target):
@@ -4211,6 +4642,8 @@ async def _import_into(datasette, db, path, wanted_table, detect_types, on_progr
             db_encoding = (await db.execute("PRAGMA encoding")).first()[0]
         else:
             db_encoding = await asyncio.to_thread(_check_writable, db.path)
+        if options.if_exists != "rename":
+            options = await _check_table_to_write(datasette, db, wanted_table, options)
     if db.is_memory:  # a file that cannot fit is refused now, not after minutes of staging
         await asyncio.to_thread(_check_room_before_staging, path, file.get("source") or path)
     async with _work_folder_off_loop() as folder:
@@ -4219,7 +4652,13 @@ async def _import_into(datasette, db, path, wanted_table, detect_types, on_progr
             staged = await asyncio.to_thread(
                 stage_file, path, staging_path, detect_types=detect_types,
                 on_progress=on_progress, db_encoding=db_encoding,
-                unpacked_limit_mb=_unpacked_limit_mb(datasette), **file,
+                unpacked_limit_mb=_unpacked_limit_mb(datasette), options=options, **file,
+            )
+        if options.if_exists != "rename" and len(staged) > 1:
+            raise APIError(
+                f"{_shorten(file.get('source') or path)} has {len(staged)} worksheets with data. To "
+                f"{IF_EXISTS_VERBS[options.if_exists]} a table, choose "
+                "one of them with sheet."
             )
         async with _temporary_held(datasette, db.name):
             db = _attached_now(datasette, db)
@@ -4227,8 +4666,41 @@ async def _import_into(datasette, db, path, wanted_table, detect_types, on_progr
                 await asyncio.to_thread(_check_room_for_import, staged, file.get("source") or path)
             with _sqlite_failures("import into", db.path or target):
                 return await _write_outside_transaction(
-                    db, lambda conn: copy_in(conn, staged, wanted_table, db.is_memory)
+                    db, lambda conn: copy_in(conn, staged, wanted_table, db.is_memory, options.if_exists)
                 )
+
+
+async def _check_table_to_write(datasette, db, wanted_table, options):
+    """Refuse to replace or append to what is not a table, or a table Datasette does not let
+    the desktop user write to; return the options, with the table's columns when appending."""
+    table = await db.execute_fn(lambda conn: _existing_table(conn, wanted_table, options.if_exists))
+    if table is None:
+        return options  # a table the import makes
+    for action in ("drop-table", "insert-row") if options.if_exists == "replace" else ("insert-row",):
+        if not await _root_may(datasette, action, db.name, table):
+            raise APIError(
+                f"Datasette's permissions do not let the desktop user "
+                f"{IF_EXISTS_VERBS[options.if_exists]} the table {table} in {db.name} ({action}), "
+                "so nothing was imported."
+            )
+    if options.if_exists == "replace":
+        return options
+    info = await db.execute(f"PRAGMA table_info({_quote(table)})")
+    columns = {_column_key(row[1]): _affinity(row[2]) for row in info}
+    return dataclasses.replace(options, table_columns={"name": table, "columns": columns})
+
+
+def _affinity(declared):
+    """The type a column declared so stores text that looks like a number as: INTEGER, REAL, TEXT,
+    or None when it keeps values as they come (BLOB, NUMERIC, no type), by SQLite's rules."""
+    declared = (declared or "").upper()
+    if "INT" in declared:
+        return _INTEGER
+    if any(word in declared for word in ("CHAR", "CLOB", "TEXT")):
+        return _TEXT
+    if any(word in declared for word in ("REAL", "FLOA", "DOUB")):
+        return _REAL
+    return None
 
 
 # The least memory a table takes per byte of the file it comes from, for the
@@ -4285,7 +4757,9 @@ def _attached_now(datasette, db):
     return now
 
 
-async def _import_local_file(datasette, raw_path, database, detect_types):
+async def _import_local_file(datasette, raw_path, database, values):
+    """Import the file at raw_path into the database, as the request's values say."""
+    options = _import_options(values)
     path = _existing_file(raw_path)
     db = _writable_database(datasette, database)
     log = _import_log(datasette)
@@ -4296,13 +4770,52 @@ async def _import_local_file(datasette, raw_path, database, detect_types):
             unpacked = await asyncio.to_thread(
                 _unpack, path, path.lower(), path, LOCAL_FILE_LIMITS, folder, progress
             )
-            name = Path(path).stem
             if unpacked != path:
                 progress.bytes_total = await asyncio.to_thread(os.path.getsize, unpacked)
-                name = _table_name_from_url(urllib.parse.quote(os.path.basename(path)))
             results = await _import_into(
-                datasette, db, unpacked, name, detect_types is not False, progress.update,
-                source=path,
+                datasette, db, unpacked, values.get("table_name") or _local_table_name(path, unpacked != path),
+                values.get("detect_types") is not False, progress.update, options, source=path,
+            )
+        log.done(progress, results)
+    return await _announce_import(datasette, db, results)
+
+
+def _local_table_name(path, unpacked):
+    """The name a table from the file at path is given: the file's, without its suffix, or without
+    its suffixes when it was unpacked (data.csv.gz)."""
+    if unpacked:
+        return _table_name_from_url(urllib.parse.quote(os.path.basename(path)))
+    return Path(path).stem
+
+
+def _import_options(values):
+    """The ReadOptions of an import request's checked values, with its table_name checked beside them."""
+    options = _reading_options(values)
+    name = values.get("table_name")
+    if name is not None and "\x00" in name:
+        raise APIError("table_name must not contain a NUL character.")
+    if options.if_exists != "rename" and not (name or "").strip():
+        raise APIError(
+            f'if_exists "{options.if_exists}" needs table_name: the name of the table to '
+            f"{IF_EXISTS_VERBS[options.if_exists]}."
+        )
+    return options
+
+
+async def _import_url(datasette, url, database, values):
+    """Download the file at url and import it into the database, as the request's values say."""
+    options = _import_options(values)
+    url = _check_url(url)
+    db = _writable_database(datasette, database)
+    limits = _download_limits(datasette)
+    log = _import_log(datasette)
+    with log.track(url, db.name) as progress:
+        async with _kept_download(datasette, url, limits, progress) as (path, final_url, charset):
+            wanted = values.get("table_name") or _table_name_from_url(final_url)
+            # bytes_* describe the download; the import only adds rows.
+            results = await _import_into(
+                datasette, db, path, wanted, values.get("detect_types") is not False,
+                lambda rows, _: progress.update(rows=rows), options, charset=charset, source=final_url,
             )
         log.done(progress, results)
     return await _announce_import(datasette, db, results)
@@ -4325,10 +4838,11 @@ async def _announce_import(datasette, db, results):
 
 
 async def _report_import(datasette, db, result):
-    """Announce a committed import as a new table and its inserted rows."""
-    await _track_event(
-        datasette, "CreateTableEvent", database=db.name, table=result.table, schema=result.schema
-    )
+    """Announce a committed import as a new table, unless it appended, and its inserted rows."""
+    if result.created:
+        await _track_event(
+            datasette, "CreateTableEvent", database=db.name, table=result.table, schema=result.schema
+        )
     if result.rows:
         await _track_event(
             datasette, "InsertRowsEvent", database=db.name, table=result.table,
@@ -4501,15 +5015,16 @@ class _CountingReader(io.RawIOBase):
         return len(chunk)
 
 
-def _copy_limited(source, out, url, limits, folder, packed_size=None, progress=None):
+def _copy_limited(source, out, url, limits, folder, packed_size=None, progress=None, max_bytes=None):
     """Copy source to out chunk by chunk, checking the limits before each write.
 
     packed_size: a function giving the compressed bytes read so far, when
     source decompresses. progress, when given, hears of each chunk, and stops
-    the copy once the user cancels.
+    the copy once the user cancels. With max_bytes, the copy stops once it
+    has copied that much.
     """
     size = 0
-    while True:
+    while max_bytes is None or size < max_bytes:
         chunk = source.read1(DOWNLOAD_CHUNK_BYTES)
         if not chunk:
             return size
@@ -4521,6 +5036,7 @@ def _copy_limited(source, out, url, limits, folder, packed_size=None, progress=N
             out.write(chunk)
         except OSError as e:
             raise _sqlite_failure(e, f"save the download from {_shorten(url)} in", folder)
+    return size
 
 
 def download_file(url, folder, limits=None, progress=None):
@@ -4649,11 +5165,12 @@ _PACKINGS = [
 ]
 
 
-def _unpack(path, name, source, limits, folder, progress=None):
+def _unpack(path, name, source, limits, folder, progress=None, max_bytes=None):
     """Unpack a .gz, .bz2 or .xz file, or the single data file of a .zip, into folder; else return path.
 
     name is the file's name or URL path, lowercased; source names it in
-    messages. An Excel workbook is a zip too, and stays as it is.
+    messages. An Excel workbook is a zip too, and stays as it is. With
+    max_bytes, only about that much of the file's start is unpacked.
     """
     with open(path, "rb") as f:
         magic = f.read(6)
@@ -4665,7 +5182,7 @@ def _unpack(path, name, source, limits, folder, progress=None):
         if magic.startswith(start):
             try:
                 with open(path, "rb") as raw, opener(raw) as src, open(unpacked, "wb") as out:
-                    _copy_limited(src, out, source, limits, folder, raw.tell, progress)
+                    _copy_limited(src, out, source, limits, folder, raw.tell, progress, max_bytes)
             except (OSError, EOFError, lzma.LZMAError) as e:
                 raise APIError(
                     f"Could not {verb} {shown}: {str(e).rstrip('.')}. The file may be cut short "
@@ -4689,11 +5206,204 @@ def _unpack(path, name, source, limits, folder, progress=None):
                 member = members[0]
                 limits.check_size(source, member.file_size, member.compress_size, folder)
                 with archive.open(member) as src, open(unpacked, "wb") as out:
-                    _copy_limited(src, out, source, limits, folder, progress=progress)
+                    _copy_limited(src, out, source, limits, folder, progress=progress, max_bytes=max_bytes)
         except zipfile.BadZipFile as e:
             raise APIError(f"Could not open the zip file from {shown}: {e}")
         return unpacked
     return path
+
+
+# How long a download is kept for another import or preview of the same URL,
+# and how many are kept at most.
+KEEP_DOWNLOAD_SECONDS = 300
+KEPT_DOWNLOADS = 4
+_Download = collections.namedtuple("_Download", "folder path final_url charset kept_at")
+
+
+class _KeptDownloads:
+    """Recent downloads by URL, each in a work folder of its own: a preview's download is
+    imported without being fetched again."""
+
+    def __init__(self):
+        self.items = collections.OrderedDict()
+
+    def take(self, url):
+        """The kept download of url, no longer kept, or None; and those too old to keep."""
+        old = self._expired()
+        return self.items.pop(url, None), old
+
+    def keep(self, url, download):
+        """Keep the download of url, as of now; return the downloads that no longer fit."""
+        self.items[url] = download._replace(kept_at=time.monotonic())
+        old = self._expired()
+        while len(self.items) > KEPT_DOWNLOADS:
+            old.append(self.items.popitem(last=False)[1])
+        return old
+
+    def _expired(self):
+        now = time.monotonic()
+        expired = [url for url, d in self.items.items() if now - d.kept_at > KEEP_DOWNLOAD_SECONDS]
+        return [self.items.pop(url) for url in expired]
+
+
+@contextlib.asynccontextmanager
+async def _kept_download(datasette, url, limits, progress=None, keep=False):
+    """The file at url, as (path, final_url, charset): downloaded, unless a preview's recent
+    download of it is kept. With keep, as for a preview, it is kept afterwards for
+    KEEP_DOWNLOAD_SECONDS; else it is removed."""
+    kept = _shared_by_copies(datasette, "kept_downloads", _KeptDownloads)
+    download, old = kept.take(url)
+    try:
+        if download is None:
+            folder = await asyncio.to_thread(_work_folder)
+            try:
+                found = await asyncio.to_thread(download_file, url, folder.name, limits, progress)
+            except BaseException:
+                await asyncio.to_thread(folder.cleanup)
+                raise
+            download = _Download(folder, *found, None)
+        elif progress:
+            progress.bytes_total = progress.bytes_read = await asyncio.to_thread(os.path.getsize, download.path)
+        yield download.path, download.final_url, download.charset
+    finally:
+        if download is not None:
+            old += kept.keep(url, download) if keep else [download]
+        for one in old:
+            await asyncio.to_thread(one.folder.cleanup)
+
+
+# ===== Previews =====
+#
+# What an import would do, from the file's start: its reading, columns, types
+# and first rows, staged and converted as the import stages and converts
+# them, in a database in memory. Nothing is written to any other database.
+
+
+PREVIEW_ROWS = 20
+# How much of a file a preview reads to learn its columns' types, whichever
+# comes first; and how much of a compressed file it unpacks.
+PREVIEW_READ_ROWS = 20_000
+PREVIEW_READ_BYTES = 2 * 1024 * 1024
+PREVIEW_UNPACK_BYTES = 4 * 1024 * 1024
+# How many values of a TEXT column are looked at to say why it is TEXT.
+PREVIEW_REASON_VALUES = 2000
+# The preview's answer, in this order, after "ok".
+PREVIEW_ANSWER_ORDER = (
+    "format", "encoding", "delimiter", "quoting", "header", "skipped_lines", "sheets", "json_path",
+    "table_name", "columns", "rows", "rows_read", "rows_estimate", "complete",
+)
+
+
+def _preview_local_file(path, folder, options, unpacked_limit_mb):
+    """preview_file for a file on disk, of which a compressed one is unpacked only in part;
+    and whether it was unpacked."""
+    unpacked = _unpack(path, path.lower(), path, LOCAL_FILE_LIMITS, folder, max_bytes=PREVIEW_UNPACK_BYTES)
+    size = os.path.getsize(unpacked)
+    cut = unpacked != path and size >= PREVIEW_UNPACK_BYTES
+    answer = preview_file(unpacked, options, source=path, unpacked_limit_mb=unpacked_limit_mb, cut=cut)
+    return answer, unpacked != path
+
+
+def preview_file(path, options=NO_OPTIONS, charset=None, source=None, unpacked_limit_mb=URL_SIZE_LIMIT_MB, cut=False):
+    """What importing the file at path with these ReadOptions would do, read from its start.
+
+    cut is True when path holds only the start of the file, so that its size
+    says nothing of the rows there are. charset, source and
+    unpacked_limit_mb are as for plan_file.
+    """
+    plan = plan_file(path, charset, source, unpacked_limit_mb, options)
+    answer = {key: None for key in PREVIEW_ANSWER_ORDER}
+    answer.update(plan.answer(), skipped_lines=[])
+    if isinstance(plan, CSVPlan):
+        answer.update(
+            encoding=_shown_encoding(plan.encoding), delimiter=plan.delimiter, header=plan.header,
+            quoting="none" if plan.quotechar is None else "standard", skipped_lines=plan.skipped_lines,
+        )
+    elif isinstance(plan, JSONPlan):
+        answer["encoding"] = _shown_encoding(plan.encoding)
+    else:
+        answer["sheets"] = _sheet_sizes(path, plan.all_sheets)
+
+    def enough(rows, bytes_read):
+        return rows >= PREVIEW_READ_ROWS or bytes_read >= PREVIEW_READ_BYTES
+
+    with contextlib.closing(_open_staging(":memory:", "UTF-8")) as conn:
+        for number, (sheet, reader) in enumerate(plan.readers(path)):
+            with contextlib.closing(reader):
+                rows = _StagedRows(conn, f"staged_{number}", reader.typed_cells, True)
+                complete = rows.read(reader, enough=enough) and not cut
+                bytes_read = reader.bytes_read
+            if sheet is None or reader.header:
+                break  # a worksheet with data, or the one table of a file
+        else:
+            raise ReadError(f"{plan.source} is a workbook with no data in any of its sheets.")
+        columns = clean_headers(reader.header, rows.width)
+        types, checks = chosen_types(columns, rows.final_types(), options, plan.source)
+        table = rows.convert(columns, types, checked=checks)
+        _refuse_misfits(conn, [table], columns, types, checks, plan.source)
+        answer["rows"] = [list(row) for row in conn.execute(f"SELECT * FROM {table} LIMIT {PREVIEW_ROWS}")]
+        answer["columns"] = [
+            {"name": name, "type": kind, "why": checks.get(i) or _why_text(rows, i, kind)}
+            for i, (name, kind) in enumerate(zip(columns, types))
+        ]
+    answer.update(rows_read=rows.rows, complete=complete)
+    if sheet is not None:
+        answer["sheet"] = sheet
+        answer["rows_estimate"] = rows.rows if complete else next(
+            (s["rows_estimate"] for s in answer["sheets"] if s["name"] == sheet), None
+        )
+    elif complete:
+        answer["rows_estimate"] = rows.rows
+    elif not cut and bytes_read:
+        answer["rows_estimate"] = round(rows.rows * os.path.getsize(path) / bytes_read)
+    return answer
+
+
+def _shown_encoding(encoding):
+    """An encoding as the user names it: utf-8, not the utf-8-sig that also reads a byte order mark."""
+    return "utf-8" if encoding == "utf-8-sig" else encoding
+
+
+def _why_text(rows, i, kind):
+    """Why a column of text cells is TEXT when its values look like numbers: the first value
+    with leading zeros, or else the first that is not a number among others that are; or None."""
+    if kind != _TEXT or rows.typed_cells:
+        return None
+    values = [
+        value for (value,) in rows.conn.execute(
+            f"SELECT c{i + 1} FROM {rows.name} WHERE c{i + 1} <> '' LIMIT {PREVIEW_REASON_VALUES}"
+        )
+    ]
+    for value in values:
+        digits = value.lstrip("-")
+        if digits[:1] == "0" and digits[1:2].isdigit() and digits.replace(".", "", 1).isdigit():
+            return f"leading zeros ({_shorten(value, 40)})"
+    kinds = [column_type([value]) for value in values]
+    if _TEXT not in kinds or not any(k in (_INTEGER, _REAL) for k in kinds):
+        return None  # no numbers, or the value that is no number comes later
+    value = values[kinds.index(_TEXT)]
+    if value.lstrip("-").replace(".", "", 1).isdigit():
+        return f"more digits than a number holds ({_shorten(value, 40)})"
+    return f"text among the numbers ({_shorten(value, 40)})"
+
+
+_DIMENSION = re.compile(rb"<(?:\w+:)?dimension\s+ref=\"[A-Za-z]*(\d+)(?::[A-Za-z]*(\d+))?\"")
+
+
+def _sheet_sizes(path, sheets):
+    """[{"name", "rows_estimate"}] of each worksheet: the rows below the first that its
+    dimension says it spans, or None when it says nothing."""
+    sizes = []
+    with zipfile.ZipFile(path) as archive:
+        for name, member in sheets:
+            with archive.open(member) as part:
+                found = _DIMENSION.search(part.read(BINARY_SNIFF_BYTES))
+            estimate = None
+            if found:
+                first, last = int(found.group(1)), int(found.group(2) or found.group(1))
+                estimate = max(0, last - first)
+            sizes.append({"name": name, "rows_estimate": estimate})
+    return sizes
 
 
 # ===== Import progress =====
@@ -4799,6 +5509,15 @@ class ImportLog:
         if item.state != "running":
             raise APIError(f"Import {import_id} has already finished ({item.state}): {item.source}")
         item.cancelled = True
+        return item
+
+    def finished(self, import_id):
+        """The import of that id, once it has finished."""
+        item = next((i for i in self.items if i.id == import_id), None)
+        if item is None:
+            raise APIError(f"No import has the id {import_id}: it may be too old to be kept.")
+        if item.state == "running":
+            raise APIError(f"Import {import_id} is still running: wait for it to finish, or cancel it.")
         return item
 
     def _finish(self, item, state, error=None):
@@ -5354,45 +6073,63 @@ async def new_empty_database_file(datasette, data):
     return {"ok": True, "path": datasette.urls.database(db.name)}
 
 
+# What every import endpoint takes beside its own keys.
+IMPORT_KEYS = {"table_name": str, "detect_types": bool, **READING_OPTIONS}
+
+
 async def open_csv_file(datasette, data):
-    values = _checked_body(data, required={"path": str}, optional={"detect_types": bool})
-    return await _import_local_file(datasette, values["path"], TEMPORARY, values["detect_types"])
+    values = _checked_body(data, required={"path": str}, optional=IMPORT_KEYS)
+    return await _import_local_file(datasette, values["path"], TEMPORARY, values)
 
 
 async def import_csv_file(datasette, data):
-    values = _checked_body(
-        data, required={"path": str, "database": str}, optional={"detect_types": bool}
-    )
-    return await _import_local_file(
-        datasette, values["path"], values["database"], values["detect_types"]
-    )
+    values = _checked_body(data, required={"path": str, "database": str}, optional=IMPORT_KEYS)
+    return await _import_local_file(datasette, values["path"], values["database"], values)
 
 
 async def open_csv_from_url(datasette, data):
     values = _checked_body(
-        data,
-        required={"url": str},
-        optional={"table_name": str, "database": str, "detect_types": bool},
+        data, required={"url": str}, optional={"table_name": str, "database": str, **IMPORT_KEYS}
     )
-    url = _check_url(values["url"])
-    if "\x00" in (values["table_name"] or ""):
-        raise APIError("table_name must not contain a NUL character.")
-    db = _writable_database(datasette, values["database"] or TEMPORARY)
-    limits = _download_limits(datasette)
-    log = _import_log(datasette)
-    with log.track(values["url"], db.name) as progress:
+    return await _import_url(datasette, values["url"], values["database"] or TEMPORARY, values)
+
+
+async def preview_import(datasette, data):
+    values = _checked_body(
+        data, required={}, optional={"path": str, "url": str, "table_name": str, **READING_OPTIONS}
+    )
+    if (values["path"] is None) == (values["url"] is None):
+        raise APIError("Send either path, the full path of a file, or url, the address of one.")
+    options = _import_options({**values, "if_exists": None})
+    if values["path"] is not None:
+        path = _existing_file(values["path"])
         async with _work_folder_off_loop() as folder:
-            path, final_url, charset = await asyncio.to_thread(
-                download_file, url, folder, limits, progress
+            answer, unpacked = await asyncio.to_thread(
+                _preview_local_file, path, folder, options, _unpacked_limit_mb(datasette)
             )
-            wanted = values["table_name"] or _table_name_from_url(final_url)
-            # bytes_* describe the download; the import only adds rows.
-            results = await _import_into(
-                datasette, db, path, wanted, values["detect_types"] is not False,
-                lambda rows, _: progress.update(rows=rows), charset=charset, source=final_url,
+        wanted = _local_table_name(path, unpacked)
+    else:
+        url = _check_url(values["url"])
+        limits = _download_limits(datasette)
+        async with _kept_download(datasette, url, limits, keep=True) as (path, final_url, charset):
+            answer = await asyncio.to_thread(
+                preview_file, path, options, charset, final_url, _unpacked_limit_mb(datasette)
             )
-        log.done(progress, results)
-    return await _announce_import(datasette, db, results)
+        wanted = _table_name_from_url(final_url)
+    answer["table_name"] = _table_name(values["table_name"] or wanted)
+    return {"ok": True, **{key: answer.pop(key) for key in PREVIEW_ANSWER_ORDER}, **answer}
+
+
+async def import_again(datasette, data):
+    values = _checked_body(
+        data, required={"id": int}, optional={k: v for k, v in READING_OPTIONS.items() if k != "if_exists"}
+    )
+    item = _import_log(datasette).finished(values["id"])
+    # Into the table it made, in place; or, after a failure, into a new one.
+    again = {**values, "table_name": item.table, "if_exists": "replace" if item.table else None}
+    if re.match(r"https?://", item.source, re.IGNORECASE):
+        return await _import_url(datasette, item.source, item.database, again)
+    return await _import_local_file(datasette, item.source, item.database, again)
 
 
 DUMP_ACTION = "save the temporary database to"
@@ -5629,6 +6366,8 @@ ROUTES = [
     Route("/-/open-csv-file", "POST", APP, open_csv_file),
     Route("/-/import-csv-file", "POST", APP, import_csv_file),
     Route("/-/open-csv-from-url", "POST", APP, open_csv_from_url),
+    Route("/-/preview-import", "POST", APP_OR_USER, preview_import),
+    Route("/-/import-again", "POST", APP_OR_USER, import_again),
     Route("/-/dump-temporary-to-file", "POST", APP, dump_temporary_to_file),
     Route("/-/restore-temporary-from-file", "POST", APP, restore_temporary_from_file),
     Route("/-/keep-temporary", "GET", APP_OR_USER, keep_temporary_state),
@@ -5745,6 +6484,8 @@ def extra_body_script(template, database, table, view_name, request, datasette):
     config = {
         "progressUrl": datasette.urls.path("/-/import-progress"),
         "cancelUrl": datasette.urls.path("/-/cancel-import"),
+        "previewUrl": datasette.urls.path("/-/preview-import"),
+        "importAgainUrl": datasette.urls.path("/-/import-again"),
         "csrftoken": _csrftoken(request),
         "importDatabase": _import_target(datasette, database, template, view_name),
         "keepUrl": datasette.urls.path("/-/keep-temporary"),
@@ -5835,9 +6576,25 @@ PAGE_SCRIPT = _page_script("import progress, Cancel, Import CSV and keeping temp
   var panel = null;
   var timer = null;
   var running = false;
-  // Imports this page saw running: only these are shown once they end.
+  // Imports this page saw running: only these are shown once they end; and,
+  // when the page opens, one that has just failed, or has just filled the
+  // table the page shows, as the app opens a table at once.
+  var RECENT_MS = 60000;
   var watched = {};
   var dismissed = {};
+  var firstRender = true;
+  try {
+    dismissed = JSON.parse(sessionStorage.getItem("appSupportDismissed") || "{}");
+  } catch (e) {
+    dismissed = {};
+  }
+
+  function justFinished(item) {
+    if (!item.finished || Date.now() - Date.parse(item.finished) > RECENT_MS) {
+      return false;
+    }
+    return item.state === "failed" || (item.state === "done" && item.path === location.pathname);
+  }
 
   function fileName(source) {
     if (/^https?:/i.test(source)) {
@@ -5924,10 +6681,23 @@ PAGE_SCRIPT = _page_script("import progress, Cancel, Import CSV and keeping temp
       open.href = item.path;
       actions.append(open);
     }
+    if (item.state === "done" || item.state === "failed") {
+      var change = element("button", "app-support-button app-support-change", "Change how it was read…");
+      change.type = "button";
+      change.addEventListener("click", function () {
+        openReadingDialog(item);
+      });
+      actions.append(change);
+    }
     var close = element("button", "app-support-button", "Dismiss");
     close.type = "button";
     close.addEventListener("click", function () {
-      dismissed[item.id] = true;
+      dismissed[item.id + "@" + item.started] = true;  // ids start again with the server
+      try {
+        sessionStorage.setItem("appSupportDismissed", JSON.stringify(dismissed));
+      } catch (e) {
+        // Storage may be off; the line then comes back on the next page.
+      }
       var box = actions.parentNode;
       box.remove();
       panel.hidden = !panel.firstChild;
@@ -5943,7 +6713,10 @@ PAGE_SCRIPT = _page_script("import progress, Cancel, Import CSV and keeping temp
         running = true;
         watched[item.id] = true;
       }
-      if (!watched[item.id] || dismissed[item.id]) {
+      if (firstRender && justFinished(item)) {
+        watched[item.id] = true;
+      }
+      if (!watched[item.id] || dismissed[item.id + "@" + item.started]) {
         return;
       }
       shown[item.id] = true;
@@ -5960,6 +6733,7 @@ PAGE_SCRIPT = _page_script("import progress, Cancel, Import CSV and keeping temp
       }
     });
     panel.hidden = !panel.firstChild;
+    firstRender = false;
   }
 
   function poll() {
@@ -6061,6 +6835,244 @@ PAGE_SCRIPT = _page_script("import progress, Cancel, Import CSV and keeping temp
         button.disabled = false;
         button.textContent = label;
       });
+  }
+
+  // The dialog that shows how a finished import read its file, and reads it again.
+  var ENCODINGS = ["utf-8", "cp1252", "iso8859-15", "mac-roman", "utf-16", "cp932", "euc_jp",
+    "gb18030", "cp950", "cp949", "cp1251", "cp1250"];
+  var DELIMITERS = [[",", "Comma (,)"], [";", "Semicolon (;)"], ["\t", "Tab"], ["|", "Pipe (|)"]];
+  var TYPES = ["TEXT", "INTEGER", "REAL"];
+
+  function labelled(text, control) {
+    var label = element("label", "app-support-field", text + " ");
+    label.append(control);
+    return label;
+  }
+
+  function select(choices, value) {
+    var box = element("select");
+    choices.forEach(function (choice) {
+      var pair = Array.isArray(choice) ? choice : [choice, choice];
+      var option = element("option", "", pair[1]);
+      option.value = pair[0];
+      box.append(option);
+    });
+    if (value !== null && value !== undefined) {
+      if (!choices.some(function (c) { return (Array.isArray(c) ? c[0] : c) === value; })) {
+        var extra = element("option", "", value);
+        extra.value = value;
+        box.append(extra);
+      }
+      box.value = value;
+    }
+    return box;
+  }
+
+  function openReadingDialog(item) {
+    var old = document.querySelector(".app-support-dialog");
+    if (old) {
+      old.remove();
+    }
+    var source = /^https?:/i.test(item.source) ? { url: item.source } : { path: item.source };
+    var chosen = {};  // only what the user changed; the rest is the import's own choice
+    var types = {};
+    var answer = null;
+    var busy = false;
+    var dialog = element("dialog", "app-support-dialog");
+    dialog.setAttribute("aria-labelledby", "app-support-dialog-title");
+    var title = element("h2", "", "Change how " + fileName(item.source) + " is read");
+    title.id = "app-support-dialog-title";
+    var fields = element("div", "app-support-fields");
+    var error = element("p", "app-support-error");
+    error.setAttribute("role", "alert");
+    error.hidden = true;
+    var summary = element("p", "app-support-summary");
+    summary.setAttribute("aria-live", "polite");
+    var table = element("table", "app-support-preview");
+    var wrap = element("div", "app-support-preview-wrap");
+    wrap.append(table);
+    var again = element("button", "app-support-button app-support-import-again", "Import again");
+    again.type = "button";
+    var close = element("button", "app-support-button", "Close");
+    close.type = "button";
+    var buttons = element("div", "app-support-dialog-buttons");
+    buttons.append(again, close);
+    dialog.append(title, fields, error, summary, wrap, buttons);
+    document.body.append(dialog);
+
+    function options() {
+      var body = Object.assign({}, chosen);
+      if (Object.keys(types).length) {
+        body.types = Object.assign({}, types);
+      }
+      return body;
+    }
+
+    function showError(message) {
+      error.textContent = message;
+      error.hidden = !message;
+    }
+
+    function change(key, value) {
+      chosen[key] = value;
+      types = {};  // the columns may change with the reading
+      refresh();
+    }
+
+    function drawFields() {
+      fields.textContent = "";
+      var csv = answer.format === "csv" || answer.format === "tsv";
+      if (answer.format !== "xlsx") {
+        var encoding = select(ENCODINGS, chosen.encoding || answer.encoding);
+        encoding.addEventListener("change", function () { change("encoding", encoding.value); });
+        fields.append(labelled("Encoding", encoding));
+      }
+      if (csv) {
+        var delimiter = select(DELIMITERS, chosen.delimiter || answer.delimiter);
+        delimiter.addEventListener("change", function () { change("delimiter", delimiter.value); });
+        var header = element("input");
+        header.type = "checkbox";
+        header.checked = answer.header !== false;
+        header.addEventListener("change", function () { change("header", header.checked); });
+        var headerLabel = element("label", "app-support-field");
+        headerLabel.append(header, " First row is a header");
+        var skip = element("input");
+        skip.type = "number";
+        skip.min = "0";
+        skip.step = "1";
+        skip.value = chosen.skip_lines === undefined ? "" : chosen.skip_lines;
+        skip.placeholder = "as found (" + answer.skipped_lines.length + ")";
+        skip.addEventListener("change", function () {
+          if (skip.value === "") {
+            delete chosen.skip_lines;
+            types = {};
+            refresh();
+          } else if (/^[0-9]+$/.test(skip.value)) {
+            change("skip_lines", parseInt(skip.value, 10));
+          }
+        });
+        fields.append(labelled("Delimiter", delimiter), headerLabel, labelled("Lines to skip", skip));
+      }
+      if (answer.sheets) {
+        var sheet = select(answer.sheets.map(function (s) { return s.name; }), chosen.sheet || answer.sheet);
+        sheet.addEventListener("change", function () { change("sheet", sheet.value); });
+        fields.append(labelled("Sheet", sheet));
+      }
+    }
+
+    function drawTable() {
+      table.textContent = "";
+      var head = element("tr");
+      answer.columns.forEach(function (column) {
+        var th = element("th");
+        th.scope = "col";
+        var kind = select(TYPES, column.type);
+        kind.addEventListener("change", function () {
+          types[column.name] = kind.value;
+          refresh();
+        });
+        var label = element("label", "app-support-column", column.name + " ");
+        label.append(kind);
+        if (column.why) {
+          label.title = "Why " + column.type + ": " + column.why;
+        }
+        th.append(label);
+        head.append(th);
+      });
+      var thead = element("thead");
+      thead.append(head);
+      var tbody = element("tbody");
+      answer.rows.forEach(function (row) {
+        var tr = element("tr");
+        row.forEach(function (value) {
+          var td = element("td", value === null ? "app-support-null" : "", value === null ? "" : String(value));
+          tr.append(td);
+        });
+        tbody.append(tr);
+      });
+      table.append(thead, tbody);
+      var total = answer.complete ? formatNumber(answer.rows_read) + " rows"
+        : "about " + formatNumber(answer.rows_estimate || answer.rows_read) + " rows";
+      summary.textContent = "The first " + formatNumber(answer.rows.length) + " of " + total + ", as " +
+        answer.format.toUpperCase() + (answer.encoding ? " in " + answer.encoding : "") + "." +
+        (answer.complete ? "" : " The types are read from the first " + formatNumber(answer.rows_read) +
+          " rows; the import checks every row.");
+    }
+
+    function refresh() {
+      var focused = document.activeElement;
+      var where = focused && dialog.contains(focused) ? focused.closest("label") : null;
+      var text = where ? where.textContent : null;
+      showError("");
+      summary.textContent = "Reading…";
+      post(config.previewUrl, Object.assign({}, source, options()))
+        .then(function (response) { return response.json(); })
+        .then(function (data) {
+          if (!data.ok) {
+            throw new Error(data.error);
+          }
+          answer = data;
+          drawFields();
+          drawTable();
+          again.disabled = false;
+          // Keep the keyboard where it was: the control of the same label.
+          var same = Array.from(dialog.querySelectorAll("label")).find(function (l) {
+            return l.textContent === text;
+          });
+          var control = same && same.querySelector("select, input");
+          if (control) {
+            control.focus();
+          }
+        })
+        .catch(function (e) {
+          showError(e.message || "The server did not answer. Try again.");
+          summary.textContent = "";
+          again.disabled = !answer;
+        });
+    }
+
+    function importAgain() {
+      busy = true;
+      again.disabled = true;
+      again.textContent = "Importing…";
+      showError("");
+      // Not modal while it imports: the panel's Cancel stays within reach.
+      dialog.close();
+      dialog.show();
+      var request = post(config.importAgainUrl, Object.assign({ id: item.id }, options()));
+      setTimeout(poll, 100);
+      request
+        .then(function (response) { return response.json(); })
+        .then(function (data) {
+          if (!data.ok) {
+            throw new Error(data.error);
+          }
+          location.href = data.path;
+        })
+        .catch(function (e) {
+          busy = false;
+          again.disabled = false;
+          again.textContent = "Import again";
+          dialog.close();
+          dialog.showModal();
+          showError(e.message || "The server did not answer. Try again.");
+          poll();
+        });
+    }
+
+    again.addEventListener("click", importAgain);
+    close.addEventListener("click", function () {
+      dialog.close();
+    });
+    dialog.addEventListener("close", function () {
+      if (!busy) {
+        dialog.remove();
+      }
+    });
+    again.disabled = true;
+    dialog.showModal();
+    close.focus();
+    refresh();
   }
 
   function addPanel() {
@@ -6222,7 +7234,7 @@ DIRECTORY_SCRIPT = _page_script("the plugin directory and the welcome section, f
     addWelcome(app);
   });
 """)
-PAGE_STYLE = """/* app_support: the import panel, the Import CSV button, the plugin directory and the welcome section. */
+PAGE_STYLE = """/* app_support: the import panel and its dialog, Import CSV, the plugin directory and the welcome section. */
 .app-support-panel {
   position: fixed;
   right: 1rem;
@@ -6235,6 +7247,70 @@ PAGE_STYLE = """/* app_support: the import panel, the Import CSV button, the plu
 }
 .app-support-panel[hidden] {
   display: none;
+}
+.app-support-dialog {
+  width: min(60rem, calc(100vw - 3rem));
+  max-height: calc(100vh - 4rem);
+  border: 1px solid #999;
+  border-radius: 6px;
+  padding: 1rem 1.25rem;
+  font-size: 0.9rem;
+  color: #111;
+  background: #fff;
+}
+.app-support-dialog::backdrop {
+  background: rgba(0, 0, 0, 0.3);
+}
+.app-support-dialog h2 {
+  margin: 0 0 0.75rem;
+  font-size: 1.2rem;
+}
+.app-support-fields {
+  display: flex;
+  flex-wrap: wrap;
+  gap: 0.5rem 1.25rem;
+  align-items: center;
+  margin-bottom: 0.75rem;
+}
+.app-support-fields input[type="number"] {
+  width: 9rem;
+}
+.app-support-preview-wrap {
+  overflow: auto;
+  max-height: 50vh;
+  border: 1px solid #ddd;
+}
+.app-support-preview {
+  border-collapse: collapse;
+  font-size: 0.85rem;
+}
+.app-support-preview th,
+.app-support-preview td {
+  border: 1px solid #ddd;
+  padding: 0.2rem 0.4rem;
+  text-align: left;
+  white-space: nowrap;
+  max-width: 16rem;
+  overflow: hidden;
+  text-overflow: ellipsis;
+}
+.app-support-preview th {
+  background: #f4f4f4;
+  position: sticky;
+  top: 0;
+}
+.app-support-column select {
+  display: block;
+  margin-top: 0.2rem;
+}
+.app-support-null {
+  background: #fafafa;
+}
+.app-support-dialog-buttons {
+  display: flex;
+  gap: 0.5rem;
+  justify-content: flex-end;
+  margin-top: 0.75rem;
 }
 .app-support-import {
   background: #fff;
