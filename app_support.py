@@ -5435,6 +5435,7 @@ class ImportProgress:
     finished: str = None
     error: str = None
     skipped_lines: int = 0  # lines above the header that the import skipped
+    sheet_tables: dict = None  # for a workbook: each worksheet's table
 
     cancelled: bool = False
 
@@ -5497,6 +5498,8 @@ class ImportLog:
         For a workbook, the first sheet's table is the one the import opens.
         """
         item.table = results[0].table
+        if results[0].sheet is not None:
+            item.sheet_tables = {result.sheet: result.table for result in results}
         item.skipped_lines = len(results[0].answer.get("skipped_lines", ()))
         item._record(rows=sum(result.rows for result in results), bytes_read=item.bytes_total)
         self._finish(item, "done")
@@ -6126,7 +6129,12 @@ async def import_again(datasette, data):
     )
     item = _import_log(datasette).finished(values["id"])
     # Into the table it made, in place; or, after a failure, into a new one.
-    again = {**values, "table_name": item.table, "if_exists": "replace" if item.table else None}
+    table = item.table
+    if item.sheet_tables is not None:  # a workbook: the table of the sheet read again
+        sheet = values["sheet"] or next(iter(item.sheet_tables))
+        # A sheet this import did not make a table of gets the name a whole-workbook import gives it.
+        table = item.sheet_tables.get(sheet) or f"{Path(item.source).stem}_{sheet}"
+    again = {**values, "table_name": table, "if_exists": "replace" if table else None}
     if re.match(r"https?://", item.source, re.IGNORECASE):
         return await _import_url(datasette, item.source, item.database, again)
     return await _import_local_file(datasette, item.source, item.database, again)
@@ -6708,14 +6716,17 @@ PAGE_SCRIPT = _page_script("import progress, Cancel, Import CSV and keeping temp
   function render(imports) {
     running = false;
     var shown = {};
+    var newest = {};  // imports come newest first: an older one of the same table or file is old news
     imports.forEach(function (item) {
       if (item.state === "running") {
         running = true;
         watched[item.id] = true;
       }
-      if (firstRender && justFinished(item)) {
+      var key = item.path || item.source;
+      if (firstRender && !newest[key] && justFinished(item)) {
         watched[item.id] = true;
       }
+      newest[key] = true;
       if (!watched[item.id] || dismissed[item.id + "@" + item.started]) {
         return;
       }
@@ -6878,6 +6889,7 @@ PAGE_SCRIPT = _page_script("import progress, Cancel, Import CSV and keeping temp
     var types = {};
     var answer = null;
     var busy = false;
+    var previews = 0;  // the number of the latest preview asked for
     var dialog = element("dialog", "app-support-dialog");
     dialog.setAttribute("aria-labelledby", "app-support-dialog-title");
     var title = element("h2", "", "Change how " + fileName(item.source) + " is read");
@@ -6904,6 +6916,9 @@ PAGE_SCRIPT = _page_script("import progress, Cancel, Import CSV and keeping temp
       var body = Object.assign({}, chosen);
       if (Object.keys(types).length) {
         body.types = Object.assign({}, types);
+      }
+      if (answer && answer.sheet && !body.sheet) {
+        body.sheet = answer.sheet;  // a workbook: the sheet the preview shows
       }
       return body;
     }
@@ -7005,9 +7020,13 @@ PAGE_SCRIPT = _page_script("import progress, Cancel, Import CSV and keeping temp
       var text = where ? where.textContent : null;
       showError("");
       summary.textContent = "Reading…";
+      var asked = ++previews;
       post(config.previewUrl, Object.assign({}, source, options()))
         .then(function (response) { return response.json(); })
         .then(function (data) {
+          if (asked !== previews) {
+            return;  // a later choice's preview is on its way
+          }
           if (!data.ok) {
             throw new Error(data.error);
           }
@@ -7025,9 +7044,12 @@ PAGE_SCRIPT = _page_script("import progress, Cancel, Import CSV and keeping temp
           }
         })
         .catch(function (e) {
+          if (asked !== previews) {
+            return;
+          }
           showError(e.message || "The server did not answer. Try again.");
           summary.textContent = "";
-          again.disabled = !answer;
+          again.disabled = true;  // until a reading the import would take is shown
         });
     }
 
@@ -7065,7 +7087,8 @@ PAGE_SCRIPT = _page_script("import progress, Cancel, Import CSV and keeping temp
       dialog.close();
     });
     dialog.addEventListener("close", function () {
-      if (!busy) {
+      // close() queues this event: after a refused import the dialog is open again by then.
+      if (!busy && !dialog.open) {
         dialog.remove();
       }
     });

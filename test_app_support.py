@@ -7181,3 +7181,423 @@ def test_browser_keep_temporary_says_why_a_kept_file_was_not_used(tmp_path):
         browser.close()
         server.stop()
     assert kept.read_text() == "name,age\nCleo,5\n"
+
+
+# ===== The browser: the dialog that changes how an import read its file =====
+#
+# The desktop user imports a file, sees it read wrong, and fixes it from the
+# import panel's line: "Change how it was read…" opens a dialog that previews
+# the file as each choice reads it, and "Import again" replaces the table.
+
+
+DIALOG = ".app-support-dialog"
+# The text a control's label gives it, without the text of the control itself
+# (a select's options, inside the label with it).
+LABEL_TEXT = "(l => [...l.childNodes].filter(n => n.nodeType === 3).map(n => n.textContent).join('').trim())"
+DIALOG_COLUMNS = (
+    f"[...document.querySelectorAll('{DIALOG} table.app-support-preview thead label.app-support-column')]"
+    f".map(l => [{LABEL_TEXT}(l), l.querySelector('select').value])"
+)
+DIALOG_ROWS = (
+    f"[...document.querySelectorAll('{DIALOG} table.app-support-preview tbody tr')]"
+    ".map(tr => [...tr.children].map(td => td.textContent))"
+)
+DIALOG_ERROR = f"(e => e.hidden ? null : e.textContent)(document.querySelector('{DIALOG} .app-support-error'))"
+SUMMARY = f"document.querySelector('{DIALOG} .app-support-summary').textContent"
+# The import panel's lines, [import id, status] each, once the panel shows any.
+PANEL_LINES = (
+    f"(lines => lines.length ? lines : null)([...document.querySelectorAll('{PANEL} .app-support-import')]"
+    ".map(b => [b.dataset.id, b.querySelector('.app-support-status').textContent]))"
+)
+
+
+def dialog_control(label):
+    """An expression for the dialog's control whose label reads label: a field, or a column's type."""
+    return (
+        f"[...document.querySelectorAll('{DIALOG} select, {DIALOG} input')]"
+        f".find(c => [...c.labels].some(l => {LABEL_TEXT}(l) === {json.dumps(label)}))"
+    )
+
+
+def wait_for_preview(browser):
+    """Wait until the dialog has read the file again: its preview drawn, or its error shown."""
+    browser.wait_for(f"{SUMMARY} !== 'Reading…' && ({SUMMARY} !== '' || {DIALOG_ERROR} !== null)")
+
+
+def choose(browser, label, value, wait=True):
+    """Set the labelled control to value as the user would (a checkbox takes true or false), and wait for the preview."""
+    prop = "checked" if isinstance(value, bool) else "value"
+    browser.evaluate(
+        f"(c => {{ c.focus(); c.{prop} = {json.dumps(value)}; c.dispatchEvent(new Event('change', {{bubbles: true}})); }})"
+        f"({dialog_control(label)})"
+    )
+    if wait:
+        wait_for_preview(browser)
+
+
+def open_dialog(browser, source):
+    """On a page that shows the panel's line for the import of source, open its dialog and wait for the preview."""
+    line = (
+        f"[...document.querySelectorAll('{PANEL} .app-support-import')]"
+        f".find(b => b.querySelector('.app-support-source').textContent === {json.dumps(source)})"
+    )
+    browser.wait_for(f"!!{line}?.querySelector('.app-support-change')")
+    browser.evaluate(f"{line}.querySelector('.app-support-change').id = 'change-under-test'")
+    browser.click("#change-under-test")
+    browser.wait_for(f"!!document.querySelector('{DIALOG}')?.open")
+    wait_for_preview(browser)
+
+
+def import_again_and_land(browser):
+    """Click Import again and wait for the page the import answers with; its path."""
+    browser.evaluate("window.beforeImportAgain = true")  # gone once the page is replaced
+    after = len(browser.events)
+    browser.click(f"{DIALOG} .app-support-import-again")
+    deadline = time.monotonic() + 30
+    while not any(e["method"] == "Page.loadEventFired" for e in list(browser.events)[after:]):
+        # A refusal leaves the page where it is: fail at once, with what the dialog shows.
+        refusal = browser.evaluate(
+            f"window.beforeImportAgain ? (document.querySelector('{DIALOG}') ? {DIALOG_ERROR} : 'the dialog is gone') : null"
+        )
+        assert refusal is None and time.monotonic() < deadline, f"Import again did not open the table: {refusal}"
+        time.sleep(0.05)
+    browser.wait_for("document.readyState === 'complete'")
+    return browser.evaluate("location.pathname")
+
+
+def press(browser, key, code, modifiers=0):
+    """A real key press: key down, then up."""
+    for kind in ("keyDown", "keyUp"):
+        browser.command(
+            "Input.dispatchKeyEvent", type=kind, key=key, code=key, windowsVirtualKeyCode=code, modifiers=modifiers
+        )
+
+
+def accessible_names(browser, selector):
+    """(role, name) of each element the selector finds, from Chromium's accessibility tree."""
+    found = browser.command(
+        "Runtime.evaluate", expression=f"[...document.querySelectorAll({json.dumps(selector)})]"
+    )["result"]["objectId"]
+    names = []
+    for item in browser.command("Runtime.getProperties", objectId=found, ownProperties=True)["result"]:
+        if item["name"].isdigit():
+            node = browser.command("Accessibility.getPartialAXTree", objectId=item["value"]["objectId"], fetchRelatives=False)["nodes"][0]
+            names.append((node["role"]["value"], node.get("name", {}).get("value", "")))
+    return names
+
+
+def query(app_server, sql):
+    """The rows of a read-only query of temporary, as the app's token sees them."""
+    status, headers, body = app_server.call(
+        "/temporary.json?" + urllib.parse.urlencode({"sql": sql, "_shape": "array"})
+    )
+    if status == 302:  # Datasette 1.0 answers queries at /temporary/-/query.json
+        status, _, body = app_server.call(headers["Location"])
+    assert status == 200, body
+    return json.loads(body)
+
+
+def table_columns(app_server, table):
+    return [(r["name"], r["type"]) for r in query(app_server, f"select name, type from pragma_table_info('{table}')")]
+
+
+def temporary_tables(app_server):
+    return [r["name"] for r in query(app_server, "select name from sqlite_master where type = 'table' order by name")]
+
+
+def bad_requests(base, *paths):
+    """What browser.errors() holds when the page's only errors are the browser's own notes of these 400s."""
+    return [(base + path, "Failed to load resource: the server responded with a status of 400 (Bad Request)") for path in paths]
+
+
+def error_entries(browser):
+    return [(e["entry"]["url"], e["entry"]["text"]) if "entry" in e else e for e in browser.errors()]
+
+
+# A European CSV: semicolons between values, commas in the numbers. Every
+# line has as many commas as semicolons, and the engine prefers the comma.
+EUROPEAN = "Name;Weight, kg;Height, m\nCleo;4,2;0,35\nPancakes;12,5;0,6\n"
+
+
+@needs_chromium
+def test_browser_dialog_reads_a_semicolon_file_again_into_the_same_table(desktop, tmp_path):
+    app_server, browser = desktop
+    base = app_server.url()
+    path = write(tmp_path / "dogs.csv", EUROPEAN)
+    status, _, body = app_server.call("/-/open-csv-file", {"path": str(path)})
+    assert status == 200 and json.loads(body)["path"] == "/temporary/dogs", body
+    assert table_columns(app_server, "dogs") == [("Name;Weight", "TEXT"), ("kg;Height", "TEXT"), ("m", "INTEGER")]
+    # The app opens the table at once; the page shows the import's line.
+    browser.sign_in(base, "/temporary/dogs")
+    open_dialog(browser, "dogs.csv")
+    assert browser.evaluate(f"document.querySelector('{DIALOG} h2').textContent") == "Change how dogs.csv is read"
+    assert browser.evaluate(f"{dialog_control('Delimiter')}.value") == ","
+    assert browser.evaluate(DIALOG_COLUMNS) == [["Name;Weight", "TEXT"], ["kg;Height", "TEXT"], ["m", "INTEGER"]]
+    choose(browser, "Delimiter", ";")
+    assert browser.evaluate(DIALOG_ERROR) is None
+    assert browser.evaluate(DIALOG_COLUMNS) == [["Name", "TEXT"], ["Weight, kg", "TEXT"], ["Height, m", "TEXT"]]
+    assert browser.evaluate(DIALOG_ROWS) == [["Cleo", "4,2", "0,35"], ["Pancakes", "12,5", "0,6"]]
+    assert browser.evaluate(SUMMARY) == "The first 2 of 2 rows, as CSV in utf-8."
+    # The redrawn select keeps the keyboard, and says what was chosen.
+    assert browser.evaluate(f"document.activeElement === {dialog_control('Delimiter')}") is True
+    assert browser.evaluate(f"{dialog_control('Delimiter')}.selectedOptions[0].textContent") == "Semicolon (;)"
+    browser.screenshot(os.environ.get("APP_SUPPORT_SCREENSHOT_DIALOG") or tmp_path / "dialog.png")
+    assert import_again_and_land(browser) == "/temporary/dogs"
+    assert temporary_tables(app_server) == ["dogs"]  # replaced, not dogs_2
+    assert table_columns(app_server, "dogs") == [("Name", "TEXT"), ("Weight, kg", "TEXT"), ("Height, m", "TEXT")]
+    assert query(app_server, "select * from dogs") == [
+        {"Name": "Cleo", "Weight, kg": "4,2", "Height, m": "0,35"},
+        {"Name": "Pancakes", "Weight, kg": "12,5", "Height, m": "0,6"},
+    ]
+    assert browser.evaluate("document.querySelectorAll('table.rows-and-columns th.col-Name').length") == 1
+    assert browser.evaluate(f"document.querySelectorAll('{DIALOG}').length") == 0
+    # The page it lands on shows one line for the table: the import that made it as it is now.
+    assert browser.wait_for(PANEL_LINES) == [[str(imports(app_server)[0]["id"]), "Imported 2 rows into dogs."]]
+    assert browser.errors() == []
+
+
+@needs_chromium
+def test_browser_dialog_forces_a_zip_code_column_to_text(desktop, tmp_path):
+    app_server, browser = desktop
+    base = app_server.url()
+    path = write(tmp_path / "shelters.csv", "name,zip\nNorth,12345\nSouth,94110\n")
+    assert app_server.call("/-/open-csv-file", {"path": str(path)})[0] == 200
+    assert query(app_server, "select zip, typeof(zip) as kind from shelters") == [
+        {"zip": 12345, "kind": "integer"}, {"zip": 94110, "kind": "integer"},
+    ]
+    browser.sign_in(base, "/temporary/shelters")
+    open_dialog(browser, "shelters.csv")
+    assert browser.evaluate(DIALOG_COLUMNS) == [["name", "TEXT"], ["zip", "INTEGER"]]
+    assert browser.evaluate(f"[...{dialog_control('zip')}.options].map(o => o.value)") == ["TEXT", "INTEGER", "REAL"]
+    choose(browser, "zip", "TEXT")
+    assert browser.evaluate(DIALOG_ERROR) is None
+    assert browser.evaluate(DIALOG_COLUMNS) == [["name", "TEXT"], ["zip", "TEXT"]]
+    assert browser.evaluate(DIALOG_ROWS) == [["North", "12345"], ["South", "94110"]]
+    assert browser.evaluate(f"document.activeElement === {dialog_control('zip')}") is True
+    assert import_again_and_land(browser) == "/temporary/shelters"
+    assert temporary_tables(app_server) == ["shelters"]
+    assert table_columns(app_server, "shelters") == [("name", "TEXT"), ("zip", "TEXT")]
+    assert query(app_server, "select zip, typeof(zip) as kind from shelters") == [
+        {"zip": "12345", "kind": "text"}, {"zip": "94110", "kind": "text"},
+    ]
+    assert browser.errors() == []
+
+
+@needs_chromium
+def test_browser_dialog_turns_the_header_off(desktop, tmp_path):
+    app_server, browser = desktop
+    base = app_server.url()
+    path = write(tmp_path / "ages.csv", "Cleo,5\nPancakes,4\nBuster,7\n")
+    assert app_server.call("/-/open-csv-file", {"path": str(path)})[0] == 200
+    assert table_columns(app_server, "ages") == [("Cleo", "TEXT"), ("5", "INTEGER")]
+    browser.sign_in(base, "/temporary/ages")
+    open_dialog(browser, "ages.csv")
+    header = dialog_control("First row is a header")
+    assert browser.evaluate(f"[{header}.type, {header}.checked]") == ["checkbox", True]
+    assert browser.evaluate(DIALOG_ROWS) == [["Pancakes", "4"], ["Buster", "7"]]
+    choose(browser, "First row is a header", False)
+    assert browser.evaluate(DIALOG_ERROR) is None
+    assert browser.evaluate(f"{dialog_control('First row is a header')}.checked") is False
+    assert browser.evaluate(DIALOG_COLUMNS) == [["column_1", "TEXT"], ["column_2", "INTEGER"]]
+    assert browser.evaluate(DIALOG_ROWS) == [["Cleo", "5"], ["Pancakes", "4"], ["Buster", "7"]]
+    assert browser.evaluate(SUMMARY) == "The first 3 of 3 rows, as CSV in utf-8."
+    assert import_again_and_land(browser) == "/temporary/ages"
+    assert temporary_tables(app_server) == ["ages"]
+    assert table_columns(app_server, "ages") == [("column_1", "TEXT"), ("column_2", "INTEGER")]
+    assert query(app_server, "select * from ages") == [
+        {"column_1": "Cleo", "column_2": 5}, {"column_1": "Pancakes", "column_2": 4}, {"column_1": "Buster", "column_2": 7},
+    ]
+    assert browser.errors() == []
+
+
+@needs_chromium
+def test_browser_dialog_refuses_a_bad_type_and_leaves_the_table_as_it_was(desktop, tmp_path):
+    app_server, browser = desktop
+    base = app_server.url()
+    path = write(tmp_path / "dogs.csv", "id,name\n1,Cleo\n2,Pancakes\n")
+    assert app_server.call("/-/open-csv-file", {"path": str(path)})[0] == 200
+    before = (table_columns(app_server, "dogs"), query(app_server, "select * from dogs"))
+    browser.sign_in(base, "/temporary/dogs")
+    open_dialog(browser, "dogs.csv")
+    choose(browser, "name", "INTEGER")
+    refusal = (
+        f"The column 'name' of {path} must be INTEGER (as types asks), but row 1 holds 'Cleo', "
+        "which is not a whole number. Nothing was imported. Choose another type for the column, "
+        "or correct the file, and try again."
+    )
+    assert browser.evaluate(DIALOG_ERROR) == refusal
+    assert browser.evaluate(f"document.querySelector('{DIALOG} .app-support-error').getAttribute('role')") == "alert"
+    # The refused choice stays on screen, to be changed back.
+    assert browser.evaluate(f"{dialog_control('name')}.value") == "INTEGER"
+    # Import again, if it can be pressed, is refused with the same sentence, and the dialog stays open.
+    if not browser.evaluate(f"document.querySelector('{DIALOG} .app-support-import-again').disabled"):
+        loads_before = sum(1 for e in list(browser.events) if e["method"] == "Page.loadEventFired")
+        browser.click(f"{DIALOG} .app-support-import-again")
+        browser.wait_for(
+            f"(b => !b || (!b.disabled && b.textContent === 'Import again'))(document.querySelector('{DIALOG} .app-support-import-again'))"
+        )
+        browser.evaluate("new Promise((resolve) => setTimeout(resolve, 200))")  # a close event on its way, if any
+        assert browser.evaluate(f"(d => d ? [d.open, d.matches(':modal')] : 'gone')(document.querySelector('{DIALOG}'))") == [True, True]
+        assert browser.evaluate(DIALOG_ERROR) == refusal
+        assert sum(1 for e in list(browser.events) if e["method"] == "Page.loadEventFired") == loads_before
+        refused = ["/-/preview-import", "/-/import-again"]
+    else:
+        refused = ["/-/preview-import"]
+    assert browser.evaluate("location.pathname") == "/temporary/dogs"
+    assert (table_columns(app_server, "dogs"), query(app_server, "select * from dogs")) == before
+    assert temporary_tables(app_server) == ["dogs"]
+    # A type that fits clears the sentence.
+    choose(browser, "name", "TEXT")
+    assert browser.evaluate(DIALOG_ERROR) is None
+    assert browser.evaluate(DIALOG_COLUMNS) == [["id", "INTEGER"], ["name", "TEXT"]]
+    assert error_entries(browser) == bad_requests(base, *refused)
+
+
+@needs_chromium
+def test_browser_dialog_imports_a_failed_import_again_into_a_new_table(desktop, tmp_path):
+    app_server, browser = desktop
+    base = app_server.url()
+    path = write(tmp_path / "dogs.csv", "id,name\n1,Cleo\n2,Pancakes\n")
+    status, _, body = app_server.call("/-/open-csv-file", {"path": str(path), "types": {"name": "INTEGER"}})
+    assert status == 400, body
+    assert temporary_tables(app_server) == []
+    browser.sign_in(base, "/temporary")
+    line = f"{PANEL} .app-support-failed .app-support-status"
+    assert browser.wait_for(f"document.querySelector('{line}')?.textContent") == json.loads(body)["error"]
+    open_dialog(browser, "dogs.csv")
+    # The dialog starts from the file as the engine reads it, not from the failed choice.
+    assert browser.evaluate(DIALOG_COLUMNS) == [["id", "INTEGER"], ["name", "TEXT"]]
+    assert import_again_and_land(browser) == "/temporary/dogs"
+    assert temporary_tables(app_server) == ["dogs"]
+    assert query(app_server, "select * from dogs") == [{"id": 1, "name": "Cleo"}, {"id": 2, "name": "Pancakes"}]
+    assert browser.errors() == []
+
+
+def kennel_workbook(path):
+    """A workbook of two sheets: Dogs (id, name) and Cats (name)."""
+    dogs = (
+        '<row r="1"><c r="A1" t="s"><v>0</v></c><c r="B1" t="s"><v>1</v></c></row>'
+        '<row r="2"><c r="A2"><v>1</v></c><c r="B2" t="s"><v>2</v></c></row>'
+        '<row r="3"><c r="A3"><v>2</v></c><c r="B3" t="s"><v>3</v></c></row>'
+    )
+    cats = '<row r="1"><c r="A1" t="s"><v>1</v></c></row><row r="2"><c r="A2" t="s"><v>4</v></c></row>'
+    return make_xlsx(path, [("Dogs", dogs), ("Cats", cats)], ["id", "name", "Cleo", "Pancakes", "Milo"])
+
+
+@needs_chromium
+def test_browser_dialog_reads_a_workbook_sheet_again_into_its_own_table(desktop, tmp_path):
+    app_server, browser = desktop
+    base = app_server.url()
+    path = kennel_workbook(tmp_path / "kennel.xlsx")
+    status, _, body = app_server.call("/-/open-csv-file", {"path": str(path)})
+    assert status == 200 and json.loads(body)["path"] == "/temporary/kennel_Dogs", body
+    cats = query(app_server, "select * from kennel_Cats")
+    browser.sign_in(base, "/temporary/kennel_Dogs")
+    open_dialog(browser, "kennel.xlsx")
+    fields = f"[...document.querySelectorAll('{DIALOG} .app-support-fields label')].map({LABEL_TEXT})"
+    assert browser.evaluate(fields) == ["Sheet"]  # no encoding, delimiter or header for a workbook
+    sheet = dialog_control("Sheet")
+    assert browser.evaluate(f"[[...{sheet}.options].map(o => o.value), {sheet}.value]") == [["Dogs", "Cats"], "Dogs"]
+    assert browser.evaluate(DIALOG_COLUMNS) == [["id", "INTEGER"], ["name", "TEXT"]]
+    # The sheet the table came from, read with another type: that table is replaced.
+    choose(browser, "id", "TEXT")
+    assert browser.evaluate(DIALOG_ERROR) is None
+    assert import_again_and_land(browser) == "/temporary/kennel_Dogs"
+    assert temporary_tables(app_server) == ["kennel_Cats", "kennel_Dogs"]
+    assert query(app_server, "select id, typeof(id) as kind, name from kennel_Dogs") == [
+        {"id": "1", "kind": "text", "name": "Cleo"}, {"id": "2", "kind": "text", "name": "Pancakes"},
+    ]
+    assert query(app_server, "select * from kennel_Cats") == cats
+    # Another sheet previews as itself, and lands in its own table, never in the first sheet's.
+    open_dialog(browser, "kennel.xlsx")
+    choose(browser, "Sheet", "Cats")
+    assert browser.evaluate(DIALOG_COLUMNS) == [["name", "TEXT"]]
+    assert browser.evaluate(DIALOG_ROWS) == [["Milo"]]
+    assert import_again_and_land(browser) == "/temporary/kennel_Cats"
+    assert query(app_server, "select name from kennel_Dogs") == [{"name": "Cleo"}, {"name": "Pancakes"}]
+    assert query(app_server, "select * from kennel_Cats") == [{"name": "Milo"}]
+    assert temporary_tables(app_server) == ["kennel_Cats", "kennel_Dogs"]
+    assert browser.errors() == []
+
+
+@needs_chromium
+def test_browser_dialog_shows_the_last_choice_when_previews_answer_out_of_order(desktop, tmp_path):
+    """A keyboard user arrowing through a select asks for a preview at each step; the slowest may answer last."""
+    app_server, browser = desktop
+    base = app_server.url()
+    path = write(tmp_path / "dogs.csv", EUROPEAN)
+    assert app_server.call("/-/open-csv-file", {"path": str(path)})[0] == 200
+    browser.sign_in(base, "/temporary/dogs")
+    open_dialog(browser, "dogs.csv")
+    browser.command("Fetch.enable", patterns=[{"urlPattern": "*/-/preview-import", "requestStage": "Response"}])
+    after = len(browser.events)
+    choose(browser, "Delimiter", ";", wait=False)
+    first = browser.event("Fetch.requestPaused", after)
+    after = len(browser.events)
+    choose(browser, "First row is a header", False, wait=False)
+    second = browser.event("Fetch.requestPaused", after)
+    assert json.loads(second["request"]["postData"]) == {"path": str(path), "delimiter": ";", "header": False}
+    browser.command("Fetch.continueRequest", requestId=second["requestId"])
+    browser.wait_for(f"JSON.stringify({DIALOG_COLUMNS}) === JSON.stringify([['column_1', 'TEXT'], ['column_2', 'TEXT'], ['column_3', 'TEXT']])")
+    after = len(browser.events)
+    browser.command("Fetch.continueRequest", requestId=first["requestId"])
+    deadline = time.monotonic() + 15
+    while not any(
+        e["method"] == "Network.loadingFinished" and e["params"]["requestId"] == first["networkId"]
+        for e in list(browser.events)[after:]
+    ):
+        assert time.monotonic() < deadline, "the held preview never finished"
+        time.sleep(0.05)
+    browser.evaluate("new Promise((resolve) => setTimeout(resolve, 200))")  # the page reads the answer
+    browser.command("Fetch.disable")
+    assert browser.evaluate(f"{dialog_control('First row is a header')}.checked") is False
+    assert browser.evaluate(DIALOG_COLUMNS) == [["column_1", "TEXT"], ["column_2", "TEXT"], ["column_3", "TEXT"]]
+    assert browser.evaluate(DIALOG_ROWS)[0] == ["Name", "Weight, kg", "Height, m"]
+    assert browser.errors() == []
+
+
+@needs_chromium
+def test_browser_dialog_keyboard_focus_labels_and_escape(desktop, tmp_path):
+    app_server, browser = desktop
+    base = app_server.url()
+    path = write(tmp_path / "dogs.csv", "id,name\n1,Cleo\n2,Pancakes\n")
+    assert app_server.call("/-/open-csv-file", {"path": str(path)})[0] == 200
+    browser.sign_in(base, "/temporary/dogs")
+    open_dialog(browser, "dogs.csv")
+    dialog = f"document.querySelector('{DIALOG}')"
+    assert browser.evaluate(f"{dialog}.contains(document.activeElement)") is True
+    assert browser.evaluate(f"document.getElementById({dialog}.getAttribute('aria-labelledby')).textContent") == (
+        "Change how dogs.csv is read"
+    )
+    # Every control is named by a label: the fields, then each column's type.
+    names = browser.evaluate(
+        f"[...{dialog}.querySelectorAll('select, input, textarea')].map(c =>"
+        f" c.labels.length ? {LABEL_TEXT}(c.labels[0]) : c.getAttribute('aria-label'))"
+    )
+    assert names == ["Encoding", "Delimiter", "First row is a header", "Lines to skip", "id", "name"]
+    # And so a screen reader names each one, as Chromium's accessibility tree says.
+    assert accessible_names(browser, f"{DIALOG} select, {DIALOG} input, {DIALOG} button") == [
+        ("combobox", "Encoding"), ("combobox", "Delimiter"), ("checkbox", "First row is a header"),
+        ("spinbutton", "Lines to skip"), ("combobox", "id"), ("combobox", "name"),
+        ("button", "Import again"), ("button", "Close"),
+    ]
+    assert accessible_names(browser, DIALOG) == [("dialog", "Change how dogs.csv is read")]
+    # Focus starts on Close; Shift+Tab walks back through every control, in the order they read.
+    assert browser.evaluate("document.activeElement.textContent") == "Close"
+    reached = []
+    for _ in range(7):
+        press(browser, "Tab", 9, modifiers=8)  # Shift
+        reached.append(browser.evaluate(
+            f"(c => {dialog}.contains(c) ? (c.labels && c.labels.length ? {LABEL_TEXT}(c.labels[0]) : c.textContent) : null)"
+            "(document.activeElement)"
+        ))
+    assert reached == ["Import again", "name", "id", "Lines to skip", "First row is a header", "Delimiter", "Encoding"]
+    press(browser, "Escape", 27)
+    browser.wait_for(f"document.querySelectorAll('{DIALOG}').length === 0")
+    # Close does as Escape does, and the panel's button opens the dialog again.
+    open_dialog(browser, "dogs.csv")
+    browser.click(f"{DIALOG} .app-support-dialog-buttons button:last-child")
+    browser.wait_for(f"document.querySelectorAll('{DIALOG}').length === 0")
+    assert browser.requests("/-/import-again") == []
+    assert query(app_server, "select * from dogs") == [{"id": 1, "name": "Cleo"}, {"id": 2, "name": "Pancakes"}]
+    assert browser.errors() == []
