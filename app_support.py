@@ -5296,11 +5296,20 @@ PREVIEW_ANSWER_ORDER = (
 
 def _preview_local_file(path, folder, options, unpacked_limit_mb):
     """preview_file for a file on disk, of which a compressed one is unpacked only in part;
-    and whether it was unpacked."""
+    and whether it was unpacked.
+
+    The start of a JSON object that holds arrays is not enough to find them
+    all, so a refusal of a file unpacked in part is checked on all of it.
+    """
     unpacked = _unpack(path, path.lower(), path, LOCAL_FILE_LIMITS, folder, max_bytes=PREVIEW_UNPACK_BYTES)
-    size = os.path.getsize(unpacked)
-    cut = unpacked != path and size >= PREVIEW_UNPACK_BYTES
-    answer = preview_file(unpacked, options, source=path, unpacked_limit_mb=unpacked_limit_mb, cut=cut)
+    cut = unpacked != path and os.path.getsize(unpacked) >= PREVIEW_UNPACK_BYTES
+    try:
+        answer = preview_file(unpacked, options, source=path, unpacked_limit_mb=unpacked_limit_mb, cut=cut)
+    except ReadError:
+        if not cut:
+            raise
+        unpacked = _unpack(path, path.lower(), path, LOCAL_FILE_LIMITS, folder)
+        answer = preview_file(unpacked, options, source=path, unpacked_limit_mb=unpacked_limit_mb)
     return answer, unpacked != path
 
 

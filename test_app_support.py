@@ -4890,6 +4890,18 @@ async def test_preview_of_a_large_file_reads_only_its_start(ds, tmp_path):
     assert answer["rows"][0] == [0, "name 0", 0.0]
 
 
+async def test_preview_of_a_compressed_json_object_finds_its_arrays_past_the_start(ds, tmp_path, monkeypatch):
+    monkeypatch.setattr(app_support, "PREVIEW_UNPACK_BYTES", 64 * 1024)
+    rows = [{"id": i, "name": f"name {i}"} for i in range(20_000)]
+    packed = tmp_path / "nested.json.gz"
+    packed.write_bytes(gzip.compress(json.dumps({"meta": {"n": 1}, "data": {"rows": rows}}).encode()))
+    answer = (await post(ds, "/-/preview-import", {"path": str(packed)})).json()
+    assert (answer["json_path"], answer["rows"][:2]) == ("data.rows", [[0, "name 0"], [1, "name 1"]]), answer
+    # A file that is damaged past its start is still refused, as its import would be.
+    packed.write_bytes(gzip.compress(json.dumps({"data": {"rows": rows}}).encode()[:-200_000]))
+    await assert_refused(ds, tmp_path, "/-/preview-import", {"path": str(packed)}, 400, "is not valid JSON")
+
+
 async def test_preview_of_a_workbook_lists_its_sheets_and_shows_one(ds, tmp_path):
     book = write_xlsx(tmp_path / "book.xlsx", {
         "Empty": [], "Dogs": [["name", "age"], ["Cleo", 5], ["Rex", 3]], "Cats": [["name"], ["Milo"]],
