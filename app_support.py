@@ -61,9 +61,13 @@ Where is
     keeping temporary in a file: _start_keeping and _stop_keeping, with
         the lock of _temporary_held, in Keeping temporary; opening the kept
         file at start: _open_temporary, called by the startup hook;
-    the page scripts: PAGE_SCRIPT (the import panel, Import CSV and the
-        switch that keeps temporary) and DIRECTORY_SCRIPT, in Page assets,
-        added by the extra_js_urls and extra_body_script hooks.
+    the user's say in how a file is read: ReadOptions, in Reading options,
+        used by plan_file, chosen_types (Column names and types) and
+        copy_in's if_exists (Copying into the target); the preview in
+        Previews; the dialog, openReadingDialog in PAGE_SCRIPT;
+    the page scripts: PAGE_SCRIPT (the import panel and its dialog, Import
+        CSV and the switch that keeps temporary) and DIRECTORY_SCRIPT, in
+        Page assets, added by the extra_js_urls and extra_body_script hooks.
 
 Names without a leading underscore are the engine's entry points, the
 handlers and the hooks. The tests call them, and some private helpers too:
@@ -3206,7 +3210,8 @@ class _SheetXML:
 
     Cutting XML with patterns is a shortcut, for speed: a sheet of 1M rows
     of 9 cells, as LibreOffice writes it, took 46 s to import with
-    ElementTree, and takes about 20 s so. It relies on what every program that
+    ElementTree, and about 20 s so; runs of plain rows now take the faster
+    path of _SheetColumns, and the rest these patterns. It relies on what every program that
     writes .xlsx does (no comments or CDATA among the cells);
     test_app_support.py checks it against ElementTree on generated sheets.
     """

@@ -10,11 +10,14 @@ order of app_support.ROUTES, each with its happy paths first and its table of
 bad inputs after them: startup; authentication, methods and bodies for every
 endpoint; /-/auth-app-user; /-/open-database-file;
 /-/new-empty-database-file; /-/open-csv-file and /-/import-csv-file; the
-import engine itself; /-/open-csv-from-url; /-/dump-temporary-to-file and
+import engine itself; /-/open-csv-from-url; the reading options at those
+three endpoints, with replacing and appending; /-/preview-import;
+/-/import-again; /-/dump-temporary-to-file and
 /-/restore-temporary-from-file; GET /-/import-progress; POST
 /-/cancel-import; POST /-/refresh-plugin-directory, with the plugin
 directory and the welcome section; the pages. The import panel, the plugin
-directory and the welcome section in a real browser come last.
+directory, the welcome section and the reading dialog in a real browser
+come last.
 
 A helper that only one section uses is in that section, at its start or
 beside the tests that use it: the generated CSV and JSON files and their
