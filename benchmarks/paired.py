@@ -3,6 +3,7 @@
 Run by hand, never in CI:
 
     python benchmarks/paired.py OLD_CHECKOUT NEW_CHECKOUT [--rows 1000000] [--runs 7]
+    python benchmarks/paired.py --inexact [CHECKOUT] [--places 5] [--runs 7]
 
 For a refactor, or any change that should cost nothing: each round imports
 the same file once with each checkout's module, in a fresh process each, in
@@ -20,12 +21,16 @@ read in parts as usual, and is timed both by the clock and by the CPU time
 of its processes (this one and its helpers), which other work on a shared
 machine disturbs less; the script checks the row count and declared types
 of every import, so a fast figure cannot come from a wrong one.
+
+With --inexact, OLD is a copy of the checkout's module (this one's by
+default) told that SQLite reads every decimal exactly, so that it stores
+decimals with SQLite's own conversion alone, as on SQLite 3.43 and later:
+new/old is then what exact REALs cost on this machine's SQLite. --places
+sets the coordinates' decimal places (5,6,7 by default, a count per row).
 """
 
 import argparse
-import csv
 import json
-import random
 import resource
 import sqlite3
 import statistics
@@ -39,26 +44,20 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import csv_import  # noqa: E402  (the 9-column file)
 
-CITIES = ["Paris", "São Paulo", "Washington, D.C.", "Zürich", "Tokyo", "Cape Town, WC", "Reykjavík"]
-COORDINATE_TYPES = ["INTEGER", "TEXT", "TEXT", "INTEGER", "TEXT", "REAL", "REAL"]
+COORDINATE_TYPES = [kind for _, kind, _ in csv_import.COORDINATES]
+# Where the module remembers whether this SQLite reads decimals exactly.
+EXACT_CASTS = "_exact_real_casts = []"
 
 
-def write_coordinates(path, rows):
-    rng = random.Random(5)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "name", "city", "population", "surveyed", "latitude", "longitude"])
-        for i in range(rows):
-            places = rng.choice((5, 6, 7))
-            writer.writerow([
-                i,
-                f"Site {i}",
-                rng.choice(CITIES),
-                rng.randint(0, 9_000_000),
-                f"20{rng.randint(10, 25)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
-                f"{rng.uniform(-90, 90):.{places}f}",
-                f"{rng.uniform(-180, 180):.{places}f}",
-            ])
+def inexact_copy(checkout, folder):
+    """A copy of checkout's module that takes SQLite's conversion of decimals as exact."""
+    source = (Path(checkout) / "app_support.py").read_text(encoding="utf-8")
+    if source.count(EXACT_CASTS) != 1:
+        sys.exit(f"{checkout}/app_support.py does not say {EXACT_CASTS!r} once, so --inexact cannot patch it.")
+    copy = Path(folder) / "inexact"
+    copy.mkdir()
+    (copy / "app_support.py").write_text(source.replace(EXACT_CASTS, "_exact_real_casts = [True]"), encoding="utf-8")
+    return str(copy)
 
 
 def child(checkout, csv_path, folder):
@@ -103,15 +102,28 @@ def main():
     parser.add_argument("new", nargs="?")
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--inexact", action="store_true", help="OLD: the module with SQLite's decimals taken as exact")
+    parser.add_argument("--places", default="5,6,7", help="the coordinates' decimal places, comma-separated")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
         return
+    if args.inexact:
+        args.new = args.new or args.old or str(HERE.parent)
+    elif not (args.old and args.new):
+        parser.error("give OLD and NEW checkouts, or --inexact")
+    places = tuple(int(n) for n in args.places.split(","))
     with tempfile.TemporaryDirectory() as folder:
+        if args.inexact:
+            args.old = inexact_copy(args.new, folder)
         files = {
             "9 columns": (Path(folder) / "nine.csv", csv_import.write_csv, [k for _, k, _ in csv_import.COLUMNS]),
-            "coordinates": (Path(folder) / "coordinates.csv", write_coordinates, COORDINATE_TYPES),
+            f"coordinates, {args.places} places": (
+                Path(folder) / "coordinates.csv",
+                lambda path, rows: csv_import.write_coordinates(path, rows, places),
+                COORDINATE_TYPES,
+            ),
         }
         for name, (path, write, types) in files.items():
             write(path, args.rows)
