@@ -3700,43 +3700,48 @@ def column_type(values):
     SQLite would rewrite, integers too long for 64 bits and decimals with
     more significant digits than a double holds make it TEXT.
     """
+    return _column_type(values)[0]
+
+
+def _column_type(values):
+    """column_type(values), and for INTEGER or REAL the values as _most_digits reads them:
+    ASCII bytes, each value between newlines, every digit a 9 and no sign; otherwise None."""
     try:
         joined = "\n" + "\n".join(values) + "\n"
     except TypeError:  # None, past the end of a short row: rare, so not looked for first
         values = [v for v in values if v is not None]
         if not values:
-            return None
+            return None, None
         joined = "\n" + "\n".join(values) + "\n"
     if len(joined) == len(values) + 1:
-        return None
+        return None, None
     try:
         b = joined.encode("ascii")
     except UnicodeEncodeError:
-        return _TEXT
+        return _TEXT, None
     if b.translate(None, b"0123456789-.\n") or b.count(b"\n") != len(values) + 1:
-        return _TEXT
+        return _TEXT, None
     # A sign only at the start of a value, never alone.
     if b"-" in b and (b.count(b"-") != b.count(b"\n-") or b"\n-\n" in b):
-        return _TEXT
+        return _TEXT, None
     # No zero before another digit at the start of a value ("007"), and no "-0".
     if b"\n0" in b or b"\n-0" in b:
         ones = b.translate(_DIGITS_AS_ONES)
         if b"\n00" in ones or b"\n01" in ones or b"\n-00" in ones or b"\n-01" in ones or b"\n-0\n" in b:
-            return _TEXT
-    if _LONG_NUMBER in b.translate(_DIGITS_AS_NINES) and any(
-        "." not in v and len(v.lstrip("-")) > MAX_INTEGER_DIGITS for v in values
-    ):
-        return _TEXT
+            return _TEXT, None
+    nines = b.translate(_DIGITS_AS_NINES, b"-")
+    if _LONG_NUMBER in nines and any("." not in v and len(v.lstrip("-")) > MAX_INTEGER_DIGITS for v in values):
+        return _TEXT, None
     if b"." not in b:
-        return _INTEGER
+        return _INTEGER, nines
     # Without digits and signs, a value with two dots shows as "..".
     if b".." in b.translate(None, b"0123456789-") or b"\n.\n" in b or b"\n-.\n" in b:
-        return _TEXT
+        return _TEXT, None
     if _LONG_DECIMAL in b.translate(_DIGITS_AND_DOT_AS_NINES) and any(
         len(v.replace("-", "").replace(".", "").lstrip("0")) > MAX_REAL_DIGITS for v in values
     ):
-        return _TEXT
-    return _REAL
+        return _TEXT, None
+    return _REAL, nines
 
 
 _TYPED_KINDS = {bool: _INTEGER, int: _INTEGER, float: _REAL, str: _TEXT}
@@ -3818,11 +3823,25 @@ def _exact_types(types, long_integers):
     ]
 
 
-def _has_long_integers(values):
-    """Whether a batch of integer texts holds one with more significant digits than a double holds."""
-    if max(map(len, filter(None, values)), default=0) <= MAX_REAL_DIGITS:
-        return False  # nearly always, at C speed
-    return any(len(value.lstrip("-")) > MAX_REAL_DIGITS for value in values if value)
+def _most_digits(nines, kind, whole, places):
+    """The most digits before the point and after it in a batch of numbers, at least whole and places.
+
+    nines is the batch as _column_type gives it for kind, INTEGER or REAL:
+    two searches at C speed for a batch of decimals no longer than those
+    before it, one for integers.
+    """
+    if kind == _INTEGER:
+        while b"9" * (whole + 1) + b"\n" in nines:
+            whole += 1
+        return whole, places
+    # Before a newline: a longer fraction, or a whole number longer than places.
+    while b"9" * (places + 1) + b"\n" in nines and b"." + b"9" * (places + 1) in nines:
+        places += 1
+    # Backwards, the digits before a point are those before a newline.
+    backwards = nines[::-1]
+    while b"9" * (whole + 1) + b"\n" in backwards:
+        whole += 1
+    return whole, places
 
 
 def _wider(a, b):
@@ -3947,24 +3966,31 @@ def _open_staging(path, db_encoding):
 
 # Decimals that SQLite before 3.43 reads one unit off in the last binary
 # digit (it rounds twice, through an 80-bit long double): short ones as
-# files hold them, and 17-digit ones near halfway between two doubles.
+# files hold them, ones of 8 to 14 places, and 17-digit ones near halfway
+# between two doubles.
 _HARD_DECIMALS = (
     "0.337006", "-151.3907387", "-77.179786", "326.9414783", "92.679589", "875.985163",
     "243.671678", "-359.073836", "-77.8436515", "678.491422", "156.797072", "93.0281053",
-    "-34.330547048880522", "-9245.7578589056493", "-0.88301252330427632",
+    "99584.59907561", "1095.639537679", "-5603.2021500070", "37.35869853182", "-9.860085658699",
+    "61.8436967120976", "5.26613834698562", "-34.330547048880522", "-9245.7578589056493", "-0.88301252330427632",
     "-913130.87476658792", "0.00059621730125136973", "-53480301.821334932",
 )
 _exact_real_casts = []  # once known: whether this process's SQLite reads them all exactly
 _exact_short_casts = []  # the same for short decimals (see _sqlite_reads_short_decimals_exactly)
-# Decimals of at most SHORT_DECIMAL_PLACES places and SHORT_DECIMAL_CHARACTERS
-# characters: most decimals in files, and ones SQLite reads exactly even when
-# it rounds twice. It divides the digits, an integer held exactly, by a power
-# of ten; a quotient that is not halfway between two doubles is then at least
+_exact_quotients = []  # the same for _exact_quotient
+# Where SQLite may read a decimal wrongly, a column of decimals whose digits
+# before the point, at most, and places, at most, come to EXACT_DIGITS or
+# fewer is made exact without Python (see _exact_quotient); other columns
+# call Python's float() for every value, at several times the cost of SQLite's reading.
+EXACT_DIGITS = 15
+# Decimals of at most SHORT_DECIMAL_PLACES places and EXACT_DIGITS digits:
+# most decimals in files, and ones SQLite reads exactly even when it rounds
+# twice. It divides the digits, an integer held exactly, by a power of ten;
+# a quotient that is not halfway between two doubles is then at least
 # 2^-1/5^places of a double's last digit from halfway, more than the 2^-12 of
 # it that an 80-bit long double's first rounding can move it, for 4 places
 # (5^4 < 2^11). 15 digits fit a double exactly, where long double is double.
 SHORT_DECIMAL_PLACES = 4
-SHORT_DECIMAL_CHARACTERS = 15
 
 
 def _sqlite_reads_decimals_exactly(conn):
@@ -3980,32 +4006,54 @@ def _sqlite_reads_decimals_exactly(conn):
     return _exact_real_casts[0]
 
 
-_NUMBER_AS_NINES = bytes.maketrans(b"0123456789.-", b"999999999999")
-_LONG_FRACTION = b"." + b"9" * (SHORT_DECIMAL_PLACES + 1)
-_LONG_NUMBER_TEXT = b"9" * (SHORT_DECIMAL_CHARACTERS + 1)
+def _exact_quotient(column, places):
+    """SQL for the nearest double to the decimal text in column, as float() reads it, when its
+    places are at most places and its digits before the point and places come to EXACT_DIGITS.
 
-
-def _has_long_decimals(values):
-    """Whether a batch of number texts holds one that is not a short decimal (see SHORT_DECIMAL_PLACES).
-
-    Byte translations and searches, as in column_type: a regex cost four
-    times as much.
+    The decimal is its digits, an integer N below 10^15, divided by
+    10^places; both are doubles exactly, and one IEEE division rounds their
+    quotient once, to the nearest double, as float() does. SQLite's own
+    reading is at most a unit off in a double's last digit, so times
+    10^places it is within a third of N, and round() gives N.
     """
-    b = "\n".join(filter(None, values)).encode("ascii")
-    return _LONG_FRACTION in b.translate(_DIGITS_AS_NINES) or _LONG_NUMBER_TEXT in b.translate(_NUMBER_AS_NINES)
+    return f"round(CAST({column} AS REAL) * 1e{places}) / 1e{places}"
+
+
+def _hard_decimals(most_places=EXACT_DIGITS):
+    """Decimals of 1 to most_places places and at most EXACT_DIGITS digits, each the nearest
+    to halfway between two doubles: the hardest to read."""
+    texts = []
+    for i in range(480):
+        x = (i * 7919 % 100_003) / 100_003 * 10 ** (i % 11)
+        halfway = (decimal.Decimal(x) + decimal.Decimal(math.nextafter(x, math.inf))) / 2
+        places = 1 + i % most_places
+        text = format(halfway.quantize(decimal.Decimal(1).scaleb(-places)), "f")
+        if len(text) - 1 <= EXACT_DIGITS:
+            texts.append(text if i % 2 else "-" + text)
+    return texts
 
 
 def _short_hard_decimals():
     """Short decimals, of every length of fraction, each the nearest to halfway between two doubles."""
-    texts = []
-    for i in range(240):
-        x = (i * 7919 % 100_003) / 100_003 * 10 ** (i % 11)
-        halfway = (decimal.Decimal(x) + decimal.Decimal(math.nextafter(x, math.inf))) / 2
-        places = 1 + i % SHORT_DECIMAL_PLACES
-        text = format(halfway.quantize(decimal.Decimal(1).scaleb(-places)), "f")
-        if len(text) <= SHORT_DECIMAL_CHARACTERS:
-            texts.append(text)
-    return texts
+    return _hard_decimals(SHORT_DECIMAL_PLACES)
+
+
+def _sqlite_divides_exactly(conn):
+    """Whether _exact_quotient gives Python's float() of the hardest decimals on this SQLite.
+
+    Seen once per process, as for _sqlite_reads_decimals_exactly, with the
+    decimal's own places and with the most its digits before the point allow.
+    """
+    if not _exact_quotients:
+        cases = []  # (text, places)
+        for text in [*_HARD_DECIMALS, *_hard_decimals()]:
+            whole, _, fraction = text.lstrip("-").partition(".")
+            if len(whole) + len(fraction) <= EXACT_DIGITS:
+                cases += [(text, len(fraction)), (text, EXACT_DIGITS - len(whole))]
+        quotients = ", ".join(_exact_quotient("?", places) for _, places in cases)
+        got = conn.execute(f"SELECT {quotients}", [text for text, _ in cases]).fetchone()
+        _exact_quotients.append(list(got) == [float(text) for text, _ in cases])
+    return _exact_quotients[0]
 
 
 def _sqlite_reads_short_decimals_exactly(conn):
@@ -4087,15 +4135,21 @@ class _StagedRows:
         self.table = _StagingTable(conn, name, "" if typed_cells else _TEXT)
         self.types = [self._unknown]
         self.rows = 0
-        # Columns with a decimal SQLite might read wrongly (see _converted).
-        self.long_decimals = set()
-        # Columns with an integer too long to be exact as a REAL, should a
-        # later batch make the column REAL (see _exact_types).
-        self.long_integers = set()
+        # Column index: the most digits seen before the point and after it,
+        # in batches of numbers: for integers too long to be exact as REALs
+        # (see _exact_types) and, where SQLite may read a decimal wrongly,
+        # for how _converted makes it exact. Decimals only when it may.
+        self.digits = {}
+        self.decimal_digits = not _sqlite_reads_decimals_exactly(conn)
 
     @property
     def width(self):
         return self.table.width
+
+    @property
+    def long_integers(self):
+        """The columns that hold an integer too long to be exact as a REAL."""
+        return {i for i, (whole, _) in self.digits.items() if whole > MAX_REAL_DIGITS}
 
     @property
     def _unknown(self):
@@ -4117,11 +4171,9 @@ class _StagedRows:
                     if self.typed_cells:  # even when every column is TEXT: it makes them storable
                         kind = typed_column_type(batch, i, column)
                     elif self.types[i] != _TEXT:
-                        kind = column_type(column)
-                        if kind == _REAL and i not in self.long_decimals and _has_long_decimals(column):
-                            self.long_decimals.add(i)
-                        elif kind == _INTEGER and i not in self.long_integers and _has_long_integers(column):
-                            self.long_integers.add(i)
+                        kind, nines = _column_type(column)
+                        if kind == _INTEGER or (kind == _REAL and self.decimal_digits):
+                            self.digits[i] = _most_digits(nines, kind, *self.digits.get(i, (0, 0)))
                     else:
                         continue
                     self.types[i] = _wider(self.types[i], kind)
@@ -4179,12 +4231,15 @@ class _StagedRows:
             return f"c{n}"
         # CASE, not nullif(): a function's result is a copy of the value, and
         # copying every cell of a number column cost a third of the conversion.
-        # Python's float() where SQLite might read a decimal wrongly: a column
-        # of short decimals only, as most are, SQLite reads exactly.
-        if kind == _REAL and not _sqlite_reads_decimals_exactly(self.conn) and (
-            n - 1 in self.long_decimals or not _sqlite_reads_short_decimals_exactly(self.conn)
-        ):
-            return f"CASE WHEN c{n} <> '' THEN app_support_real(c{n}) END"
+        # Where SQLite might read a decimal wrongly: a column of short decimals
+        # only, as most are, it reads exactly; a column of coordinates
+        # _exact_quotient makes exact; others call Python's float().
+        if kind == _REAL and self.decimal_digits:
+            whole, places = self.digits.get(n - 1, (0, 0))
+            if whole + places > EXACT_DIGITS or not _sqlite_divides_exactly(self.conn):
+                return f"CASE WHEN c{n} <> '' THEN app_support_real(c{n}) END"
+            if places > SHORT_DECIMAL_PLACES or not _sqlite_reads_short_decimals_exactly(self.conn):
+                return f"CASE WHEN c{n} <> '' THEN {_exact_quotient(f'c{n}', places)} END"
         return f"CASE WHEN c{n} <> '' THEN c{n} END"
 
     def _chosen(self, n, kind):

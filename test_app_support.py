@@ -3440,17 +3440,17 @@ def test_sqlite_is_trusted_with_decimals_only_when_it_reads_them_exactly():
 
 
 def random_short_decimals(seed=DECIMAL_SEED, count=100_000):
-    """Decimals of 1 to 4 places and at most 15 characters, half of them the nearest such to halfway between two doubles."""
+    """Decimals of 1 to 4 places and at most 15 digits, half of them the nearest such to halfway between two doubles."""
     rng = random.Random(seed)
     texts = []
     while len(texts) < count:
         places = rng.randint(1, app_support.SHORT_DECIMAL_PLACES)
-        x = rng.uniform(0, 1) * 10 ** rng.randint(0, 14 - places)
+        x = rng.uniform(0, 1) * 10 ** rng.randint(0, app_support.EXACT_DIGITS - places)
         if rng.random() < 0.5:
             x = (decimal.Decimal(x) + decimal.Decimal(math.nextafter(x, math.inf))) / 2
-        text = rng.choice(["", "-"]) + format(decimal.Decimal(x).quantize(decimal.Decimal(1).scaleb(-places)), "f")
-        if len(text) <= app_support.SHORT_DECIMAL_CHARACTERS:
-            texts.append(text)
+        text = format(decimal.Decimal(x).quantize(decimal.Decimal(1).scaleb(-places)), "f")
+        if len(text) - 1 <= app_support.EXACT_DIGITS:
+            texts.append(rng.choice(["", "-"]) + text)
     return texts
 
 
@@ -3493,6 +3493,94 @@ def test_csv_reals_are_pythons_float_of_their_text(tmp_path, monkeypatch, parts)
     ]
     assert not wrong, f"{len(wrong)} of {len(texts)} decimals (seed {DECIMAL_SEED}) differ: {wrong[:10]}"
     assert [row[2] for row in stored] == [long[i % len(long)] for i in range(len(texts))]
+
+
+def random_coordinates(rng, count, places, whole):
+    """Decimals of places places (a count or a range), below 10^whole, a sixth of them negative."""
+    texts = []
+    for _ in range(count):
+        digits = places if isinstance(places, int) else rng.randint(*places)
+        text = f"{rng.uniform(0, 10 ** whole):.{digits}f}"
+        texts.append("-" + text if rng.random() < 1 / 6 else text)
+    return texts
+
+
+def test_most_digits_matches_a_plain_count_on_generated_batches():
+    rng = random.Random(DECIMAL_SEED)
+    wrong = []
+    for _ in range(3000):
+        size = rng.randint(1, 40)
+        if rng.random() < 0.3:
+            batch = [str(rng.randint(-(10 ** rng.randint(0, 18)), 10 ** rng.randint(0, 18))) for _ in range(size)]
+        else:
+            batch = [
+                str(rng.randint(0, 10 ** rng.randint(0, 6))) if rng.random() < 0.1
+                else rng.choice(["", "-"]) + str(rng.randint(0, 10 ** rng.randint(0, 8)))
+                + "." + str(rng.randint(0, 10 ** rng.randint(0, 9)))[: rng.randint(0, 9)]
+                for _ in range(size)
+            ]
+        batch = [value if rng.random() > 0.1 else "" for value in batch]
+        kind, nines = app_support._column_type(batch)
+        if kind not in ("INTEGER", "REAL"):
+            continue
+        numbers = [value.lstrip("-").partition(".") for value in batch if value]
+        expected = (max(len(w) for w, _, _ in numbers), max(len(f) for _, _, f in numbers))
+        known = (rng.randint(0, 3), rng.randint(0, 3))
+        for start in ((0, 0), known):
+            got = app_support._most_digits(nines, kind, *start)
+            if got != tuple(map(max, zip(expected, start))) if kind == "REAL" else got[0] != max(expected[0], start[0]):
+                wrong.append((batch, start, got, expected))
+    assert not wrong, f"{len(wrong)} batches (seed {DECIMAL_SEED}) differ: {wrong[:3]}"
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_csv_coordinates_are_exact_without_pythons_float_per_value(tmp_path, monkeypatch, parts):
+    # As where SQLite reads some decimals wrongly, as before 3.43.
+    monkeypatch.setattr(app_support, "_exact_real_casts", [False])
+    rng = random.Random(DECIMAL_SEED)
+    rows = 120_000
+    columns = {
+        "latitude": random_coordinates(rng, rows, (5, 7), 2),
+        "longitude": random_coordinates(rng, rows, 5, 3),
+        "elevation": random_coordinates(rng, rows, (1, 12), 3),  # 3 digits and 12 places: 15
+        # 9 digits before the point and 7 after, in different values: Python's float() it stays.
+        "wide": random_coordinates(rng, rows, (1, 7), 9),
+    }
+    columns["latitude"][7::1000] = [""] * len(columns["latitude"][7::1000])
+    columns["elevation"][11::997] = ["12"] * len(columns["elevation"][11::997])
+    # Those SQLite before 3.43 reads wrongly, with at most 3 digits before the point and 12 after.
+    hard = [t for t in app_support._HARD_DECIMALS if re.fullmatch(r"-?\d{1,3}\.\d{1,12}", t)]
+    assert len(hard) >= 14
+    columns["elevation"][::4001] = (hard * rows)[: len(columns["elevation"][::4001])]
+    path = tmp_path / "coordinates.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        writer.writerows(zip(*columns.values()))
+    if parts > 1:
+        read_in_parts(monkeypatch, parts)
+    calls = []
+    open_staging = app_support._open_staging
+
+    def counting_staging(*args):
+        conn = open_staging(*args)
+        conn.create_function("app_support_real", 1, lambda text: calls.append(1) or float(text))
+        return conn
+
+    monkeypatch.setattr(app_support, "_open_staging", counting_staging)
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    count, table = import_counting_parts(conn, path, tmp_path / "work")
+    names, declared, stored = stored_table(conn, table)
+    assert (count, declared) == (parts, ["REAL"] * 4)
+    wrong = [
+        (name, text, got)
+        for name, texts, got_column in zip(columns, columns.values(), zip(*stored))
+        for text, got in zip(texts, got_column)
+        if got != (float(text) if text else None)
+    ]
+    assert not wrong, f"{len(wrong)} decimals (seed {DECIMAL_SEED}) differ: {wrong[:10]}"
+    if parts == 1:  # the helper processes call their own
+        assert len(calls) == rows, "Python's float() was called for more than the wide column"
 
 
 def test_clean_headers_pure():
