@@ -5895,6 +5895,9 @@ async def test_cancel_import_stops_it_and_leaves_nothing(ds, tmp_path, database,
     assert final["state"] == "cancelled" and final["error"] == "Import cancelled: " + item["source"]
     assert final["rows"] < 1_000_000 and final["finished"] is not None
     assert await tables(ds, database) == []
+    # The home page cancel_with_cookie reads starts a fetch of the example CSVs in the background,
+    # with a work folder of its own until it ends: not the import's to leave behind.
+    await wait_for_fetch(ds, "examples")
     assert work_folders() == []
 
 
