@@ -3684,7 +3684,6 @@ _INTEGER, _REAL, _TEXT = "INTEGER", "REAL", "TEXT"
 _RANK = {None: 0, _INTEGER: 1, _REAL: 2, _TEXT: 3}
 _DIGITS_AS_NINES = bytes.maketrans(b"012345678", b"999999999")
 _DIGITS_AS_ONES = bytes.maketrans(b"23456789", b"11111111")
-_LONG_NUMBER = b"9" * (MAX_INTEGER_DIGITS + 1)
 _DIGITS_AND_DOT_AS_NINES = bytes.maketrans(b"012345678.", b"9999999999")
 # Values with more significant digits than a double holds have at least 18 digits.
 _LONG_DECIMAL = b"9" * (MAX_REAL_DIGITS + 1)
@@ -3703,45 +3702,55 @@ def column_type(values):
     return _column_type(values)[0]
 
 
-def _column_type(values):
-    """column_type(values), and for INTEGER or REAL the values as _most_digits reads them:
-    ASCII bytes, each value between newlines, every digit a 9 and no sign; otherwise None."""
+def _column_type(values, whole=0, places=0):
+    """column_type(values), and the most digits before the point and after it in them, at least
+    whole and places, the most counted in the batches before of the same column.
+
+    The digits are counted in batches of numbers only, by searches at C
+    speed (two for a batch no longer than those before it), and spare the
+    per-value checks for long numbers in nearly every batch.
+    """
     try:
         joined = "\n" + "\n".join(values) + "\n"
     except TypeError:  # None, past the end of a short row: rare, so not looked for first
         values = [v for v in values if v is not None]
         if not values:
-            return None, None
+            return None, whole, places
         joined = "\n" + "\n".join(values) + "\n"
     if len(joined) == len(values) + 1:
-        return None, None
+        return None, whole, places
     try:
         b = joined.encode("ascii")
     except UnicodeEncodeError:
-        return _TEXT, None
+        return _TEXT, whole, places
     if b.translate(None, b"0123456789-.\n") or b.count(b"\n") != len(values) + 1:
-        return _TEXT, None
+        return _TEXT, whole, places
     # A sign only at the start of a value, never alone.
     if b"-" in b and (b.count(b"-") != b.count(b"\n-") or b"\n-\n" in b):
-        return _TEXT, None
+        return _TEXT, whole, places
     # No zero before another digit at the start of a value ("007"), and no "-0".
     if b"\n0" in b or b"\n-0" in b:
         ones = b.translate(_DIGITS_AS_ONES)
         if b"\n00" in ones or b"\n01" in ones or b"\n-00" in ones or b"\n-01" in ones or b"\n-0\n" in b:
-            return _TEXT, None
+            return _TEXT, whole, places
+    # Every digit a 9, without signs: each value's digits before the point follow a newline.
     nines = b.translate(_DIGITS_AS_NINES, b"-")
-    if _LONG_NUMBER in nines and any("." not in v and len(v.lstrip("-")) > MAX_INTEGER_DIGITS for v in values):
-        return _TEXT, None
+    while b"\n" + b"9" * (whole + 1) in nines:
+        whole += 1
+    if whole > MAX_INTEGER_DIGITS and any("." not in v and len(v.lstrip("-")) > MAX_INTEGER_DIGITS for v in values):
+        return _TEXT, whole, places
     if b"." not in b:
-        return _INTEGER, nines
+        return _INTEGER, whole, places
     # Without digits and signs, a value with two dots shows as "..".
     if b".." in b.translate(None, b"0123456789-") or b"\n.\n" in b or b"\n-.\n" in b:
-        return _TEXT, None
-    if _LONG_DECIMAL in b.translate(_DIGITS_AND_DOT_AS_NINES) and any(
+        return _TEXT, whole, places
+    while b"." + b"9" * (places + 1) in nines:
+        places += 1
+    if whole + places > MAX_REAL_DIGITS and _LONG_DECIMAL in b.translate(_DIGITS_AND_DOT_AS_NINES) and any(
         len(v.replace("-", "").replace(".", "").lstrip("0")) > MAX_REAL_DIGITS for v in values
     ):
-        return _TEXT, None
-    return _REAL, nines
+        return _TEXT, whole, places
+    return _REAL, whole, places
 
 
 _TYPED_KINDS = {bool: _INTEGER, int: _INTEGER, float: _REAL, str: _TEXT}
@@ -3821,27 +3830,6 @@ def _exact_types(types, long_integers):
         _TEXT if kind is None or (kind == _REAL and i in long_integers) else kind
         for i, kind in enumerate(types)
     ]
-
-
-def _most_digits(nines, kind, whole, places):
-    """The most digits before the point and after it in a batch of numbers, at least whole and places.
-
-    nines is the batch as _column_type gives it for kind, INTEGER or REAL:
-    two searches at C speed for a batch of decimals no longer than those
-    before it, one for integers.
-    """
-    if kind == _INTEGER:
-        while b"9" * (whole + 1) + b"\n" in nines:
-            whole += 1
-        return whole, places
-    # Before a newline: a longer fraction, or a whole number longer than places.
-    while b"9" * (places + 1) + b"\n" in nines and b"." + b"9" * (places + 1) in nines:
-        places += 1
-    # Backwards, the digits before a point are those before a newline.
-    backwards = nines[::-1]
-    while b"9" * (whole + 1) + b"\n" in backwards:
-        whole += 1
-    return whole, places
 
 
 def _wider(a, b):
@@ -4138,7 +4126,7 @@ class _StagedRows:
         # Column index: the most digits seen before the point and after it,
         # in batches of numbers: for integers too long to be exact as REALs
         # (see _exact_types) and, where SQLite may read a decimal wrongly,
-        # for how _converted makes it exact. Decimals only when it may.
+        # for how _converted makes it exact.
         self.digits = {}
         self.decimal_digits = not _sqlite_reads_decimals_exactly(conn)
 
@@ -4171,9 +4159,9 @@ class _StagedRows:
                     if self.typed_cells:  # even when every column is TEXT: it makes them storable
                         kind = typed_column_type(batch, i, column)
                     elif self.types[i] != _TEXT:
-                        kind, nines = _column_type(column)
-                        if kind == _INTEGER or (kind == _REAL and self.decimal_digits):
-                            self.digits[i] = _most_digits(nines, kind, *self.digits.get(i, (0, 0)))
+                        kind, *digits = _column_type(column, *self.digits.get(i, (0, 0)))
+                        if kind in (_INTEGER, _REAL):
+                            self.digits[i] = digits
                     else:
                         continue
                     self.types[i] = _wider(self.types[i], kind)
