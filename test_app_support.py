@@ -30,6 +30,7 @@ import ast
 import asyncio
 import base64
 import bz2
+import collections
 import contextlib
 import csv
 import datetime
@@ -3493,6 +3494,30 @@ def test_csv_reals_are_pythons_float_of_their_text(tmp_path, monkeypatch, parts)
     ]
     assert not wrong, f"{len(wrong)} of {len(texts)} decimals (seed {DECIMAL_SEED}) differ: {wrong[:10]}"
     assert [row[2] for row in stored] == [long[i % len(long)] for i in range(len(texts))]
+
+
+def test_exact_quotient_is_pythons_float_of_every_decimal_it_takes():
+    # The decimals of the tests above, and the engine's own hardest, with their own places
+    # and with the most their digits before the point allow, as a column may give them.
+    texts = random_decimals() + random_short_decimals(count=20_000)
+    texts += list(app_support._HARD_DECIMALS) + app_support._hard_decimals()
+    by_places = collections.defaultdict(list)
+    for text in texts:
+        whole, _, fraction = text.lstrip("-").partition(".")
+        if len(whole) + len(fraction) <= app_support.EXACT_DIGITS:
+            by_places[len(fraction)].append(text)
+            by_places[app_support.EXACT_DIGITS - len(whole)].append(text)
+    conn = sqlite3.connect(":memory:")
+    conn.execute("create table decimals (value text)")
+    wrong, checked = [], 0
+    for places, group in sorted(by_places.items()):
+        conn.execute("delete from decimals")
+        conn.executemany("insert into decimals values (?)", [(text,) for text in group])
+        got = conn.execute(f"select {app_support._exact_quotient('value', places)} from decimals order by rowid")
+        wrong += [(text, places, value) for text, (value,) in zip(group, got) if value != float(text)]
+        checked += len(group)
+    assert checked > 40_000
+    assert not wrong, f"{len(wrong)} of {checked} (seed {DECIMAL_SEED}) differ: {wrong[:10]}"
 
 
 def random_coordinates(rng, count, places, whole):
