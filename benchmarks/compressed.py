@@ -138,22 +138,12 @@ def child_import(mode, path, folder):
         ds = Datasette([str(db_path)])
         await ds.invoke_startup()
         cpu = cpu_seconds()
-        start = time.perf_counter()
-        response = await ds.client.post(
-            "/-/import-csv-file", content=json.dumps({"path": path, "database": "plugin"}),
-            headers={"Authorization": f"Bearer {TOKEN}"},
-        )
-        elapsed, cpu = time.perf_counter() - start, cpu_seconds() - cpu
-        data = response.json()
-        if not data.get("ok"):
-            return {"error": f"{response.status_code} {data.get('error')}"}
-        database, table = data["path"].split("/")[1:3]
-        db = ds.get_database(database)
-        info = (await db.execute(f'pragma table_info("{table}")')).rows
-        count = (await db.execute(f'select count(*) from "{table}"')).rows[0][0]
+        result = await csv_import.timed_import(ds, "/-/import-csv-file", {"path": path, "database": "plugin"})
+        if "error" in result:
+            return result
         return {
-            "seconds": elapsed, "cpu": cpu, "rows": count, "types": {row[1]: row[2] for row in info},
-            **seen, "processes_used": seen["processes"] if seen["in_parts"] else 1,
+            **result, "cpu": cpu_seconds() - cpu, **seen,
+            "processes_used": seen["processes"] if seen["in_parts"] else 1,
         }
 
     result = asyncio.run(run())

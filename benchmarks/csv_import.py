@@ -233,31 +233,29 @@ def child(target, csv_path, folder):
             endpoint, body = "/-/open-csv-file", {"path": csv_path}
         await ds.invoke_startup()
         before_mb = _rss_mb("VmRSS")
-        start = time.perf_counter()
-        response = await ds.client.post(
-            endpoint, content=json.dumps(body), headers={"Authorization": f"Bearer {TOKEN}"}
-        )
-        elapsed = time.perf_counter() - start
-        data = response.json()
-        if not data.get("ok"):
-            return {"error": f"{response.status_code} {data.get('error')}"}
-        database, table = data["path"].split("/")[1:3]
-        db = ds.get_database(database)
-        info = (await db.execute(f'pragma table_info("{table}")')).rows
-        count = (await db.execute(f'select count(*) from "{table}"')).rows[0][0]
-        return {
-            "seconds": elapsed,
-            "rows": count,
-            "types": {row[1]: row[2] for row in info},
-            "rss_before_mb": before_mb,
-            "in_memory": db.is_memory,
-        }
+        return {**await timed_import(ds, endpoint, body), "rss_before_mb": before_mb}
 
     result = asyncio.run(run())
     result["peak_rss_mb"] = _rss_mb("VmHWM")
     # The largest helper process that read part of the file (kilobytes on Linux).
     result["helper_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(json.dumps(result))
+
+
+async def timed_import(ds, endpoint, body):
+    """POST an import as the app does; its seconds, and the rows and declared types of the
+    table it made and whether that is in memory, or its error."""
+    start = time.perf_counter()
+    response = await ds.client.post(endpoint, content=json.dumps(body), headers={"Authorization": f"Bearer {TOKEN}"})
+    elapsed = time.perf_counter() - start
+    data = response.json()
+    if not data.get("ok"):
+        return {"error": f"{response.status_code} {data.get('error')}"}
+    database, table = data["path"].split("/")[1:3]
+    db = ds.get_database(database)
+    info = (await db.execute(f'pragma table_info("{table}")')).rows
+    count = (await db.execute(f'select count(*) from "{table}"')).rows[0][0]
+    return {"seconds": elapsed, "rows": count, "types": {row[1]: row[2] for row in info}, "in_memory": db.is_memory}
 
 
 def check(result, rows, target=None, columns=COLUMNS):
