@@ -55,7 +55,8 @@ Where is
     the CSV dialect (delimiter, quotes, lines above the header): plan_csv
         and _messy_plan, in Readers: CSV;
     column types: column_type and typed_column_type, in Column names and
-        types; exact REALs: _StagedRows._converted, in Staging;
+        types; exact REALs: _StagedRows._converted and _exact_quotient, in
+        Staging, from the digits _column_type counts;
     the plugin directory: its list, table and HTML in The plugin directory
         and the welcome section, its buttons in DIRECTORY_SCRIPT;
     keeping temporary in a file: _start_keeping and _stop_keeping, with
@@ -3042,17 +3043,13 @@ def _shared_strings(part):
     )
     strings = []
     for run in runs:
-        if b"&" in run or b"_x" in run:
-            strings += [
-                xml.string(rich) if rich
-                else _xml_text(plain) if b"&" in plain or b"_x" in plain
-                else plain.decode("utf-8", "replace")
-                for plain, rich in items.findall(run)
-            ]
-        else:
-            strings += [
-                xml.string(rich) if rich else plain.decode("utf-8", "replace") for plain, rich in items.findall(run)
-            ]
+        escaped = b"&" in run or b"_x" in run  # entities or _xHHHH_, rare: looked for in the item only then
+        strings += [
+            xml.string(rich) if rich
+            else _xml_text(plain) if escaped and (b"&" in plain or b"_x" in plain)
+            else plain.decode("utf-8", "replace")
+            for plain, rich in items.findall(run)
+        ]
     return strings
 
 
@@ -4129,7 +4126,6 @@ class _StagedRows:
         # (see _exact_types) and, where SQLite may read a decimal wrongly,
         # for how _converted makes it exact.
         self.digits = {}
-        self.decimal_digits = not _sqlite_reads_decimals_exactly(conn)
 
     @property
     def width(self):
@@ -4223,7 +4219,7 @@ class _StagedRows:
         # Where SQLite might read a decimal wrongly: a column of short decimals
         # only, as most are, it reads exactly; a column of coordinates
         # _exact_quotient makes exact; others call Python's float().
-        if kind == _REAL and self.decimal_digits:
+        if kind == _REAL and not _sqlite_reads_decimals_exactly(self.conn):
             whole, places = self.digits.get(n - 1, (0, 0))
             if whole + places > EXACT_DIGITS or not _sqlite_divides_exactly(self.conn):
                 return f"CASE WHEN c{n} <> '' THEN app_support_real(c{n}) END"
