@@ -4727,10 +4727,20 @@ class _Helper:
     types, and answers with the table that holds its part converted to them.
     """
 
+    # The helper runs only the engine, which needs nothing of Datasette, and
+    # importing Datasette took half of its start: 0.1 s of the 0.2 s it
+    # starts in. So the names this module imports from Datasette, which only
+    # hooks and handlers use, are stand-ins there.
     CODE = (
-        "import sys\n"
+        "import sys, types\n"
         "if sys.path[:1] == ['']:\n"
         "    del sys.path[0]  # no modules from the working folder\n"
+        "for name in ('datasette', 'datasette.database', 'datasette.utils', 'datasette.utils.asgi'):\n"
+        "    sys.modules[name] = types.ModuleType(name)\n"
+        "sys.modules['datasette'].hookimpl = lambda function: function\n"
+        "sys.modules['datasette'].hookspecs = None\n"
+        "sys.modules['datasette.database'].Database = object\n"
+        "sys.modules['datasette.utils.asgi'].Response = None\n"
         "import importlib.util\n"
         "spec = importlib.util.spec_from_file_location('app_support_part', sys.argv[1])\n"
         "module = importlib.util.module_from_spec(spec)\n"
