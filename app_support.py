@@ -55,8 +55,9 @@ Where is
     the CSV dialect (delimiter, quotes, lines above the header): plan_csv
         and _messy_plan, in Readers: CSV;
     column types: column_type and typed_column_type, in Column names and
-        types; exact REALs: _StagedRows._converted and _exact_quotient, in
-        Staging, from the digits _column_type counts;
+        types; number columns staged in their types: _StagedRows, in
+        Staging; exact REALs: _number_sql and _exact_quotient, in Staging,
+        from the digits _column_type counts;
     the plugin directory: its list, table and HTML in The plugin directory
         and the welcome section, its buttons in DIRECTORY_SCRIPT;
     keeping temporary in a file: _start_keeping and _stop_keeping, with
@@ -1406,11 +1407,12 @@ def _remove_kept_file(path):
 #
 # Every import takes one path. A reader turns the file into a header and
 # batches of rows; for CSV each cell is the exact string the csv module gives.
-# The rows go, as they are, into a staging database of their own while the
-# column types are learned batch by batch. SQLite then converts them to those
-# types inside the staging database, and a last INSERT ... SELECT * copies
-# them into the target, which SQLite does record by record without decoding
-# one. Only that last copy touches the user's database, so its readers wait
+# The rows go into a staging database of their own while the column types are
+# learned batch by batch: number columns in their types where the first batch
+# says so, the rest as they are. SQLite then converts what needs it to the
+# final types inside the staging database, and a last INSERT ... SELECT *
+# copies them into the target, which SQLite does record by record without
+# decoding one. Only that last copy touches the user's database, so its readers wait
 # for a fraction of a second, never for the whole import.
 #
 # The sections below follow that path: readers, column names and types,
@@ -3847,8 +3849,10 @@ def _pad(batch, width):
 
 # ===== Staging =====
 #
-# A reader's rows go, as they are, into a staging database while their types
-# are learned; SQLite then converts them there, to those types.
+# A reader's rows go into a staging database while their types are learned:
+# number columns in their types, converted as they go in, while their values
+# keep to those types; SQLite then converts what needs it there, to the final
+# types.
 
 
 SQLITE_ENCODINGS = ("UTF-8", "UTF-16le", "UTF-16be")
@@ -3900,6 +3904,8 @@ def stage_file(
             _check_chosen_types(one, plan.source)
         return staged
     except OSError as e:  # the staging database reports its own failures as sqlite3 errors
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # writing the texts beside it (see _StagedRows)
+            raise
         raise ReadError(f"Could not read {_shorten(path)}: {e.strerror or e}.") from e
 
 
@@ -3916,7 +3922,7 @@ def _stage_whole(path, plan, staging_path, detect_types, on_progress, db_encodin
         conn.execute("BEGIN")
         for number, (sheet, reader) in enumerate(plan.readers(path)):
             with contextlib.closing(reader):
-                rows = _StagedRows(conn, f"staged_{number}", reader.typed_cells, detect_types)
+                rows = _StagedRows(conn, f"staged_{number}", reader.typed_cells, detect_types, _stages_typed(options))
                 rows.read(reader, progress)
                 rows_before, bytes_before = rows_before + rows.rows, bytes_before + reader.bytes_read
                 if sheet is not None and not reader.header:
@@ -3931,6 +3937,17 @@ def _stage_whole(path, plan, staging_path, detect_types, on_progress, db_encodin
     if not staged:
         raise ReadError(f"{plan.source} is a workbook with no data in any of its sheets.")
     return staged
+
+
+# Whether number columns are staged in their types (see _StagedRows): the
+# tests compare imports made with it on and off.
+STAGE_TYPED = True
+
+
+def _stages_typed(options):
+    """Whether a file read with these ReadOptions has its number columns staged in their types:
+    not when the user chooses types or appends, whose checks read the values as the file has them."""
+    return STAGE_TYPED and not options.types and options.table_columns is None
 
 
 def _open_staging(path, db_encoding):
@@ -4062,6 +4079,26 @@ def _max_variables(conn):
     return 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 
 
+def _number_sql(conn, value, kind, digits):
+    """The SQL for the text value, SQL itself, as a number of type kind, or NULL when empty.
+
+    digits are the most digits before the point and after it in the value's
+    column. A column of that type converts the text it is given.
+    """
+    # CASE, not nullif(): a function's result is a copy of the value, and
+    # copying every cell of a number column cost a third of the conversion.
+    # Where SQLite might read a decimal wrongly: a column of short decimals
+    # only, as most are, it reads exactly; a column of coordinates
+    # _exact_quotient makes exact; others call Python's float().
+    if kind == _REAL and not _sqlite_reads_decimals_exactly(conn):
+        whole, places = digits
+        if whole + places > EXACT_DIGITS or not _sqlite_divides_exactly(conn):
+            return f"CASE WHEN {value} <> '' THEN app_support_real({value}) END"
+        if places > SHORT_DECIMAL_PLACES or not _sqlite_reads_short_decimals_exactly(conn):
+            return f"CASE WHEN {value} <> '' THEN {_exact_quotient(value, places)} END"
+    return f"CASE WHEN {value} <> '' THEN {value} END"
+
+
 def _create_table_sql(table, columns, types):
     return "CREATE TABLE {} (\n{}\n)".format(
         _quote(table), ",\n".join(f"   {_quote(c)} {kind}" for c, kind in zip(columns, types))
@@ -4069,10 +4106,11 @@ def _create_table_sql(table, columns, types):
 
 
 class _StagingTable:
-    """A table of columns c1, c2 ... that takes batches of rows as they are.
+    """A table of columns c1, c2 ... that takes batches of rows.
 
     The columns are TEXT for text cells, and have no type for typed cells,
-    so that SQLite stores every value as it is given.
+    so that SQLite stores every value as it is given, unless declare() gives
+    them types and values() the SQL that converts each column's values.
     """
 
     def __init__(self, conn, name, column_type=_TEXT):
@@ -4080,6 +4118,7 @@ class _StagingTable:
         self.name = name
         self.column_type = column_type
         self.width = 0
+        self.sql = []  # each column's value as SQL, {} standing for its parameter
         conn.execute(f"CREATE TABLE {name} (c1 {column_type})")
         self.widen(1)
 
@@ -4093,10 +4132,27 @@ class _StagingTable:
         for n in range(max(self.width, 1) + 1, width + 1):
             self.conn.execute(f"ALTER TABLE {self.name} ADD COLUMN c{n} {self.column_type}")
         self.width = width
-        row = "(" + ", ".join("?" * width) + ")"
+        self.values(self.sql + ["{}"] * (width - len(self.sql)))
+
+    def declare(self, types):
+        """Make the table, while it is empty, one of columns of these declared types."""
+        self.conn.execute(f"DROP TABLE {self.name}")
+        self.conn.execute(_create_table_sql(self.name, [f"c{n}" for n in range(1, len(types) + 1)], types))
+
+    def values(self, sql):
+        """Insert each column's values as its SQL in sql says, with {} for the value given."""
+        if sql == self.sql and hasattr(self, "many"):
+            return
+        self.sql, width = sql, len(sql)
         self.per_statement = max(1, min(ROWS_PER_INSERT, _max_variables(self.conn) // width))
-        self.one = f"INSERT INTO {self.name} VALUES {row}"
-        self.many = f"INSERT INTO {self.name} VALUES " + ", ".join([row] * self.per_statement)
+
+        def row(number):
+            return "(" + ", ".join(
+                value.format(f"?{number * width + i}") for i, value in enumerate(sql, 1)
+            ) + ")"
+
+        self.one = f"INSERT INTO {self.name} VALUES {row(0)}"
+        self.many = f"INSERT INTO {self.name} VALUES " + ", ".join(map(row, range(self.per_statement)))
 
     def insert(self, batch):
         whole = len(batch) - len(batch) % self.per_statement
@@ -4109,11 +4165,31 @@ class _StagingTable:
             self.conn.executemany(self.one, batch[whole:])
 
 
-class _StagedRows:
-    """A reader's rows in a staging table, as the reader gives them, and the
-    column types learned from them batch by batch."""
+@dataclass
+class _Stored:
+    """How a column staged in a type of its own holds its values: the first rows as values of
+    kind, and any after them kept as they came."""
 
-    def __init__(self, conn, name, typed_cells, detect_types):
+    kind: str
+    rows: int = 0
+    kept: bool = False
+
+
+class _StagedRows:
+    """A reader's rows in a staging table, and the column types learned from
+    them batch by batch.
+
+    With typed (see _stages_typed), a column whose first batch holds only
+    numbers is staged as such, in a column of that type, so that a file whose
+    types hold to its end needs no conversion after: the staging table is the
+    table copied in. The values of such a column are converted as they are
+    inserted until a batch has a value its type cannot hold, or a short row;
+    from then on they are kept as they come, as BLOBs, which no column type
+    converts. convert() makes every value what the final types say.
+    Otherwise the rows are staged as the reader gives them.
+    """
+
+    def __init__(self, conn, name, typed_cells, detect_types, typed=False):
         self.conn = conn
         self.name = name
         self.typed_cells = typed_cells
@@ -4121,6 +4197,12 @@ class _StagedRows:
         self.table = _StagingTable(conn, name, "" if typed_cells else _TEXT)
         self.types = [self._unknown]
         self.rows = 0
+        self.typed = typed and detect_types and not typed_cells
+        self.stored = {}  # column index: a _Stored, for the columns staged in a type
+        # Column index: the file holding, a line each, the text of every value
+        # staged as a REAL: a column of decimals that turns to text has its
+        # values back from there.
+        self.texts = {}
         # Column index: the most digits seen before the point and after it,
         # in batches of numbers: for integers too long to be exact as REALs
         # (see _exact_types) and, where SQLite may read a decimal wrongly,
@@ -4146,31 +4228,82 @@ class _StagedRows:
         Stops early once enough(rows, bytes_read) is true. Returns whether
         every row was read.
         """
-        for batch in reader.batches():
-            width = _pad(batch, self.width)
-            if width > self.width or len(reader.header) > self.width:
-                self.widen(max(width, len(reader.header)))
-                _pad(batch, self.width)
-            if self.typed_cells or self.detect_types:
-                for i, column in enumerate(zip(*batch)):
-                    if self.typed_cells:  # even when every column is TEXT: it makes them storable
-                        kind = typed_column_type(batch, i, column)
-                    elif self.types[i] != _TEXT:
-                        kind, *digits = _column_type(column, *self.digits.get(i, (0, 0)))
-                        if kind in (_INTEGER, _REAL):
-                            self.digits[i] = digits
-                    else:
-                        continue
-                    self.types[i] = _wider(self.types[i], kind)
-            self.table.insert(batch)
-            self.rows += len(batch)
-            if on_progress:
-                on_progress(self.rows, reader.bytes_read)
-            if enough and enough(self.rows, reader.bytes_read):
-                self.widen(len(reader.header))
-                return False
+        try:
+            for batch in reader.batches():
+                shortest = min(map(len, batch))
+                width = _pad(batch, self.width)
+                if width > self.width or len(reader.header) > self.width:
+                    self.widen(max(width, len(reader.header)))
+                    _pad(batch, self.width)
+                kinds = {}  # column index: the type of this batch's values, and the values
+                if self.typed_cells or self.detect_types:
+                    for i, column in enumerate(zip(*batch)):
+                        if self.typed_cells:  # even when every column is TEXT: it makes them storable
+                            kind = typed_column_type(batch, i, column)
+                        elif self.types[i] != _TEXT:
+                            kind, *digits = _column_type(column, *self.digits.get(i, (0, 0)))
+                            if kind in (_INTEGER, _REAL):
+                                self.digits[i] = digits
+                            kinds[i] = kind, column
+                        else:
+                            continue
+                        self.types[i] = _wider(self.types[i], kind)
+                if self.typed:
+                    self._stage_typed(kinds, shortest < self.width)
+                self.table.insert(batch)
+                self.rows += len(batch)
+                if on_progress:
+                    on_progress(self.rows, reader.bytes_read)
+                if enough and enough(self.rows, reader.bytes_read):
+                    self.widen(len(reader.header))
+                    return False
+        finally:
+            for texts in self.texts.values():
+                texts.close()
         self.widen(len(reader.header))  # a header wider than every row, or no rows
         return True
+
+    def _stage_typed(self, kinds, short):
+        """Say how the batch's values are staged: a number column's in its type, while they fit it.
+
+        short is whether a row of the batch was padded with NULLs.
+        """
+        if not self.rows:  # the first batch decides which columns are typed
+            for i, (kind, column) in kinds.items():
+                if kind in (_INTEGER, _REAL) and not (short and None in column):
+                    self.stored[i] = _Stored(kind)
+                    if kind == _REAL:
+                        self.texts[i] = open(self._texts_path(i), "w", encoding="ascii", newline="")
+            if self.stored:
+                self.table.declare([self._staged_type(i) for i in range(self.width)])
+        sql = ["{}"] * self.width
+        for i, stored in self.stored.items():
+            kind, column = kinds.get(i, (_TEXT, ()))
+            if not stored.kept and (_RANK[kind] > _RANK[stored.kind] or (short and None in column)):
+                stored.kept = True
+                if i in self.texts:
+                    self.texts.pop(i).close()  # the texts so far stay, for convert()
+            if stored.kept:
+                sql[i] = "CAST({} AS BLOB)"
+                continue
+            sql[i] = _number_sql(self.conn, "{0}", stored.kind, self.digits.get(i, (0, 0)))
+            stored.rows += len(column)
+            if i in self.texts:
+                self.texts[i].write("\n".join(column) + "\n")
+        self.table.values(sql)
+
+    def _staged_type(self, i):
+        """The type column i is staged in: TEXT unless its values are converted as they are staged."""
+        return self.stored[i].kind if i in self.stored else _TEXT
+
+    def _staged_as(self, i, kind):
+        """Whether every value of column i is staged as a value of type kind."""
+        return not self.typed_cells and self._staged_type(i) == kind and not (i in self.stored and self.stored[i].kept)
+
+    def _texts_path(self, i):
+        """The file of the texts of column i's values staged as REALs, beside the staging database."""
+        database = self.conn.execute("PRAGMA database_list").fetchone()[2]
+        return f"{database}-{self.name}-c{i + 1}.txt"
 
     def widen(self, width):
         self.table.widen(width)
@@ -4185,24 +4318,55 @@ class _StagedRows:
 
         sources[j] is the staged column that holds column j (1 for c1), or None
         for a column these rows never had; by default column j is c{j + 1}.
-        Empty text cells become NULL in number columns. A file of text cells
-        that all stay TEXT needs no copy. The columns whose indexes are in
+        Empty text cells become NULL in number columns. Rows staged in these
+        types already, text cells that all stay TEXT among them, need no
+        copy. The columns whose indexes are in
         checked have a type chosen for them: a value that does not fit it is
         left as it is, for _check_chosen_types to find.
         """
         if sources is None:
             self.widen(len(columns))
             sources = range(1, len(columns) + 1)
-            if not self.typed_cells and all(kind == _TEXT for kind in types):
-                return self.name
+            if all(self._staged_as(i, kind) for i, kind in enumerate(types)):
+                return self.name  # staged in these types already
         values = ", ".join(
             self._chosen(n, kind) if j in checked else self._converted(n, kind)
             for j, (n, kind) in enumerate(zip(sources, types))
         )
+        joins = "".join(
+            f" LEFT JOIN temp.{self._load_texts(i)} AS texts_{i + 1} ON texts_{i + 1}.rowid = {self.name}.rowid"
+            for i, kind in enumerate(types) if i in self.stored and self.stored[i].kind == _REAL and kind == _TEXT
+        )
         typed = f"{self.name}_typed"
         self.conn.execute(_create_table_sql(typed, columns, types))
-        self.conn.execute(f"INSERT INTO {typed} SELECT {values} FROM {self.name}")
+        self.conn.execute(f"INSERT INTO {typed} SELECT {values} FROM {self.name}{joins}")
         return typed
+
+    def _load_texts(self, i):
+        """A temporary table of the texts of column i's values staged as REALs, by rowid; its name."""
+        table = f"{self.name}_texts_{i + 1}"
+        self.conn.execute(f"CREATE TEMP TABLE {table} (text TEXT)")
+        with open(self._texts_path(i), encoding="ascii", newline="") as texts:
+            self.conn.executemany(f"INSERT INTO temp.{table} (text) VALUES (?)", ((line[:-1],) for line in texts))
+        return table
+
+    def _from_stored(self, n, kind):
+        """The SQL for column n, staged in a type of its own (see _stage_typed), as a value of type kind."""
+        stored, rows, kept = dataclasses.astuple(self.stored[n - 1])
+        column = f"c{n}"
+        if stored == kind:
+            as_staged = column
+        elif kind == _REAL:  # integers
+            as_staged = f"CAST({column} AS REAL)"
+        elif stored == _INTEGER:  # as text: a NULL there was an empty cell, since a short row stops it
+            as_staged = f"coalesce(CAST({column} AS TEXT), '')"
+        else:
+            as_staged = f"texts_{n}.text"
+        if not kept:
+            return as_staged
+        text = f"CAST({column} AS TEXT)"
+        later = text if kind == _TEXT else _number_sql(self.conn, text, kind, self.digits.get(n - 1, (0, 0)))
+        return f"CASE WHEN {self.name}.rowid <= {rows} THEN {as_staged} ELSE {later} END"
 
     def _converted(self, n, kind):
         """The SQL for staged column n as a value of type kind."""
@@ -4212,20 +4376,11 @@ class _StagedRows:
             if kind != _TEXT:
                 return f"c{n}"
             return f"CASE WHEN typeof(c{n}) = 'real' THEN app_support_real_text(c{n}) ELSE c{n} END"
+        if n - 1 in self.stored:
+            return self._from_stored(n, kind)
         if kind == _TEXT:
             return f"c{n}"
-        # CASE, not nullif(): a function's result is a copy of the value, and
-        # copying every cell of a number column cost a third of the conversion.
-        # Where SQLite might read a decimal wrongly: a column of short decimals
-        # only, as most are, it reads exactly; a column of coordinates
-        # _exact_quotient makes exact; others call Python's float().
-        if kind == _REAL and not _sqlite_reads_decimals_exactly(self.conn):
-            whole, places = self.digits.get(n - 1, (0, 0))
-            if whole + places > EXACT_DIGITS or not _sqlite_divides_exactly(self.conn):
-                return f"CASE WHEN c{n} <> '' THEN app_support_real(c{n}) END"
-            if places > SHORT_DECIMAL_PLACES or not _sqlite_reads_short_decimals_exactly(self.conn):
-                return f"CASE WHEN c{n} <> '' THEN {_exact_quotient(f'c{n}', places)} END"
-        return f"CASE WHEN c{n} <> '' THEN c{n} END"
+        return _number_sql(self.conn, f"c{n}", kind, self.digits.get(n - 1, (0, 0)))
 
     def _chosen(self, n, kind):
         """The SQL for staged column n as a value of a type chosen for it, kind.
@@ -4616,14 +4771,14 @@ def _split_points(path, processes, plan):
     return points
 
 
-def _read_part(conn, path, plan, part, detect_types, report):
+def _read_part(conn, path, plan, part, detect_types, report, typed=False):
     """Stage one part of the file in conn; return its _StagedRows and _PartSummary.
 
     Of a CSV file, only the first part has a header; the others give [].
     """
     try:
         with contextlib.closing(plan.open(path, part.start, part.end)) as reader:
-            rows = _StagedRows(conn, "staged", reader.typed_cells, detect_types)
+            rows = _StagedRows(conn, "staged", reader.typed_cells, detect_types, typed)
             rows.read(reader, report)
             return rows, _PartSummary(
                 rows.rows, rows.width, rows.types, reader.header, reader.keys, sorted(rows.long_integers)
@@ -4646,7 +4801,7 @@ def _stage_in_parts(path, plan, processes, staging_path, detect_types, on_progre
     parts = [_Part(n, start, end) for n, (start, end) in enumerate(zip(starts, starts[1:] + [None]))]
     job = {
         "path": path, "plan": [type(plan).__name__, asdict(plan)], "db_encoding": db_encoding,
-        "detect_types": detect_types,
+        "detect_types": detect_types, "typed": _stages_typed(options),
     }
     helpers = []
     try:
@@ -4664,7 +4819,7 @@ def _stage_in_parts(path, plan, processes, staging_path, detect_types, on_progre
 
         with contextlib.closing(_open_staging(staging_path, db_encoding)) as conn:
             conn.execute("BEGIN")
-            rows, summary = _read_part(conn, path, plan, parts[0], detect_types, reading)
+            rows, summary = _read_part(conn, path, plan, parts[0], detect_types, reading, job["typed"])
             summaries = [summary] + [helper.staged(reading) for helper in helpers]
             columns, types, sources = _whole_file(summaries)
             types, checks = chosen_types(columns, types, options, plan.source)
@@ -4850,7 +5005,7 @@ def _helper_main():
     try:
         with contextlib.closing(_open_staging(job["staging_path"], job["db_encoding"])) as conn:
             conn.execute("BEGIN")
-            rows, summary = _read_part(conn, job["path"], plan, part, job["detect_types"], report)
+            rows, summary = _read_part(conn, job["path"], plan, part, job["detect_types"], report, job["typed"])
             send({"staged": summary})
             whole = json.loads(sys.stdin.readline() or "null")
             if whole:

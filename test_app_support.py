@@ -3560,6 +3560,84 @@ def test_column_digits_match_a_plain_count_on_generated_batches():
     assert not wrong, f"{len(wrong)} batches (seed {DECIMAL_SEED}) differ: {wrong[:3]}"
 
 
+TYPE_TURNS_SEED = 4_12_2026
+
+
+def turning_value(rng, kind):
+    """A cell of a kind a number column starts with, or may turn to."""
+    return {
+        "integer": lambda: str(rng.randint(-10**6, 10**6)),
+        "decimal": lambda: f"{rng.uniform(-1000, 1000):.{rng.randint(1, 3)}f}",
+        "coordinate": lambda: f"{rng.uniform(-180, 180):.{rng.randint(5, 7)}f}",
+        "long decimal": lambda: f"{rng.uniform(1e8, 1e9):.7f}",  # 16 or 17 digits: float() reads it
+        "blank": lambda: "",
+        "text": lambda: rng.choice(["N/A", "-", "1,5", "x"]),
+        "leading zero": lambda: f"0{rng.randint(0, 999)}",
+        "long integer": lambda: str(rng.randint(10**18, 10**19 - 1)),
+    }[kind]()
+
+
+def random_turning_csv(rng, rows):
+    """The lines of a file of number columns, each of which may turn to another kind of value
+    somewhere, some with blank cells, and short rows in some files."""
+    starts = ["integer", "decimal", "coordinate", "long decimal", "blank"]
+    turns = [None, *starts, "text", "leading zero", "long integer"]
+    columns = [
+        (rng.choice(starts), rng.choice(turns), rng.randrange(rows), rng.choice([0, 0.1]))
+        for _ in range(rng.randint(2, 5))
+    ]
+    short_rows = rng.choice([0, 0.002])
+    lines = [[f"c{i}" for i in range(len(columns))]]
+    for number in range(rows):
+        cells = [
+            "" if rng.random() < blanks else
+            turning_value(rng, turn if turn and number >= at and (number == at or rng.random() < 0.2) else start)
+            for start, turn, at, blanks in columns
+        ]
+        if len(cells) > 1 and rng.random() < short_rows:
+            cells = cells[: rng.randrange(1, len(cells))]
+        lines.append(cells)
+    return lines
+
+
+def import_staged_tables(path, folder):
+    """Import path through the engine into a new database; return its table as stored_table gives it,
+    each value with its type's name, and the staged tables copied in."""
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    folder.mkdir()
+    staged = app_support.stage_file(str(path), str(folder / "staging.db"))
+    (result,) = app_support.copy_in(conn, staged, "t")
+    _, declared, stored = stored_table(conn, result.table)
+    return (declared, [[(type(value).__name__, value) for value in row] for row in stored]), staged[0].tables
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_number_columns_staged_in_their_types_import_as_when_staged_as_text(tmp_path, monkeypatch, parts):
+    """Number columns staged in their types (see _StagedRows) give every value and type that the
+    rows staged as the file has them, then converted, give, however and wherever a column turns."""
+    if parts > 1:
+        read_in_parts(monkeypatch, parts)
+    rng, problems, converted = random.Random(TYPE_TURNS_SEED + parts), [], []
+    for index in range(60 if parts == 1 else 12):
+        path = tmp_path / f"turns{index}.csv"
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows(random_turning_csv(rng, rng.randint(600, 2600)))
+        monkeypatch.setattr(app_support, "STAGE_TYPED", True)
+        typed, tables = import_staged_tables(path, tmp_path / f"typed{index}")
+        monkeypatch.setattr(app_support, "STAGE_TYPED", False)
+        as_text, _ = import_staged_tables(path, tmp_path / f"text{index}")
+        assert len(tables) == parts
+        converted.append(any(table.endswith("_typed") for _, table in tables))
+        rows = [(n, a, b) for n, (a, b) in enumerate(zip(typed[1], as_text[1]), 1) if a != b]
+        problems.append(
+            f"file {index}: declared {typed[0]} and {as_text[0]}; first rows that differ {rows[:2]}"
+            if typed != as_text else None
+        )
+    assert_none_differ(problems, "files")
+    # Both kinds of file: ones whose types held, copied in as staged, and ones converted after.
+    assert 0 < sum(converted) < len(converted), converted
+
+
 @pytest.mark.parametrize("parts", [1, 3])
 def test_csv_coordinates_are_exact_without_pythons_float_per_value(tmp_path, monkeypatch, parts):
     # As where SQLite reads some decimals wrongly, as before 3.43.
