@@ -3837,14 +3837,14 @@ def _wider(a, b):
 
 
 def _pad(batch, width):
-    """Pad short rows with None (NULL); return the widest row's length."""
+    """Pad short rows with None (NULL); return the lengths of the widest row and the shortest, as they were."""
     lengths = set(map(len, batch))
     if lengths == {width}:
-        return width
+        return width, width
     for row in batch:
         if len(row) < width:
             row.extend([None] * (width - len(row)))
-    return max(lengths)
+    return max(lengths), min(lengths)
 
 
 # ===== Staging =====
@@ -4079,24 +4079,26 @@ def _max_variables(conn):
     return 32766 if sqlite3.sqlite_version_info >= (3, 32) else 999
 
 
-def _number_sql(conn, value, kind, digits):
+def _number_sql(conn, value, kind, digits, blanks=True):
     """The SQL for the text value, SQL itself, as a number of type kind, or NULL when empty.
 
     digits are the most digits before the point and after it in the value's
-    column. A column of that type converts the text it is given.
+    column. A column of that type converts the text it is given. blanks is
+    False when the value is never empty.
     """
-    # CASE, not nullif(): a function's result is a copy of the value, and
-    # copying every cell of a number column cost a third of the conversion.
     # Where SQLite might read a decimal wrongly: a column of short decimals
     # only, as most are, it reads exactly; a column of coordinates
     # _exact_quotient makes exact; others call Python's float().
+    number = value
     if kind == _REAL and not _sqlite_reads_decimals_exactly(conn):
         whole, places = digits
         if whole + places > EXACT_DIGITS or not _sqlite_divides_exactly(conn):
-            return f"CASE WHEN {value} <> '' THEN app_support_real({value}) END"
-        if places > SHORT_DECIMAL_PLACES or not _sqlite_reads_short_decimals_exactly(conn):
-            return f"CASE WHEN {value} <> '' THEN {_exact_quotient(value, places)} END"
-    return f"CASE WHEN {value} <> '' THEN {value} END"
+            number = f"app_support_real({value})"
+        elif places > SHORT_DECIMAL_PLACES or not _sqlite_reads_short_decimals_exactly(conn):
+            number = _exact_quotient(value, places)
+    # CASE, not nullif(): a function's result is a copy of the value, and
+    # copying every cell of a number column cost a third of the conversion.
+    return f"CASE WHEN {value} <> '' THEN {number} END" if blanks else number
 
 
 def _create_table_sql(table, columns, types):
@@ -4119,6 +4121,7 @@ class _StagingTable:
         self.column_type = column_type
         self.width = 0
         self.sql = []  # each column's value as SQL, {} standing for its parameter
+        self.statements = {}  # tuple(sql): rows per statement, and the INSERTs of one row and of that many
         conn.execute(f"CREATE TABLE {name} (c1 {column_type})")
         self.widen(1)
 
@@ -4141,18 +4144,22 @@ class _StagingTable:
 
     def values(self, sql):
         """Insert each column's values as its SQL in sql says, with {} for the value given."""
-        if sql == self.sql and hasattr(self, "many"):
+        if sql == self.sql:
             return
         self.sql, width = sql, len(sql)
-        self.per_statement = max(1, min(ROWS_PER_INSERT, _max_variables(self.conn) // width))
+        if tuple(sql) not in self.statements:
+            per_statement = max(1, min(ROWS_PER_INSERT, _max_variables(self.conn) // width))
 
-        def row(number):
-            return "(" + ", ".join(
-                value.format(f"?{number * width + i}") for i, value in enumerate(sql, 1)
-            ) + ")"
+            def row(number):
+                return "(" + ", ".join(
+                    value.format(f"?{number * width + i}") for i, value in enumerate(sql, 1)
+                ) + ")"
 
-        self.one = f"INSERT INTO {self.name} VALUES {row(0)}"
-        self.many = f"INSERT INTO {self.name} VALUES " + ", ".join(map(row, range(self.per_statement)))
+            self.statements[tuple(sql)] = per_statement, (
+                f"INSERT INTO {self.name} VALUES {row(0)}",
+                f"INSERT INTO {self.name} VALUES " + ", ".join(map(row, range(per_statement))),
+            )
+        self.per_statement, (self.one, self.many) = self.statements[tuple(sql)]
 
     def insert(self, batch):
         whole = len(batch) - len(batch) % self.per_statement
@@ -4230,8 +4237,7 @@ class _StagedRows:
         """
         try:
             for batch in reader.batches():
-                shortest = min(map(len, batch))
-                width = _pad(batch, self.width)
+                width, shortest = _pad(batch, self.width)
                 if width > self.width or len(reader.header) > self.width:
                     self.widen(max(width, len(reader.header)))
                     _pad(batch, self.width)
@@ -4286,7 +4292,7 @@ class _StagedRows:
             if stored.kept:
                 sql[i] = "CAST({} AS BLOB)"
                 continue
-            sql[i] = _number_sql(self.conn, "{0}", stored.kind, self.digits.get(i, (0, 0)))
+            sql[i] = _number_sql(self.conn, "{0}", stored.kind, self.digits.get(i, (0, 0)), "" in column)
             stored.rows += len(column)
             if i in self.texts:
                 self.texts[i].write("\n".join(column) + "\n")
