@@ -3726,23 +3726,24 @@ def _column_type(values, whole=0, places=0):
     if b.translate(None, b"0123456789-.\n") or b.count(b"\n") != len(values) + 1:
         return _TEXT, whole, places
     # A sign only at the start of a value, never alone.
-    if b"-" in b and (b.count(b"-") != b.count(b"\n-") or b"\n-\n" in b):
+    signed = b"-" in b
+    if signed and (b.count(b"-") != b.count(b"\n-") or b"\n-\n" in b):
         return _TEXT, whole, places
-    # No zero before another digit at the start of a value ("007"), and no "-0".
-    if b"\n0" in b or b"\n-0" in b:
-        ones = b.translate(_DIGITS_AS_ONES)
-        if b"\n00" in ones or b"\n01" in ones or b"\n-00" in ones or b"\n-01" in ones or b"\n-0\n" in b:
-            return _TEXT, whole, places
+    # No zero before another digit at the start of a value ("007", "-007"), and no "-0":
+    # seen without signs, with every other digit a 1.
+    ones = b.translate(_DIGITS_AS_ONES, b"-")
+    if b"\n0" in ones and (b"\n00" in ones or b"\n01" in ones or (signed and b"\n-0\n" in b)):
+        return _TEXT, whole, places
     # Every digit a 9, without signs: each value's digits before the point follow a newline.
-    nines = b.translate(_DIGITS_AS_NINES, b"-")
+    nines = ones.translate(_DIGITS_AS_NINES)
     while b"\n" + b"9" * (whole + 1) in nines:
         whole += 1
     if whole > MAX_INTEGER_DIGITS and any("." not in v and len(v.lstrip("-")) > MAX_INTEGER_DIGITS for v in values):
         return _TEXT, whole, places
     if b"." not in b:
         return _INTEGER, whole, places
-    # Without digits and signs, a value with two dots shows as "..".
-    if b".." in b.translate(None, b"0123456789-") or b"\n.\n" in b or b"\n-.\n" in b:
+    # Without digits and signs, a value with two dots shows as ".."; without signs, "." and "-." as ".".
+    if b".." in b.translate(None, b"0123456789-") or b"\n.\n" in nines:
         return _TEXT, whole, places
     while b"." + b"9" * (places + 1) in nines:
         places += 1
