@@ -4214,7 +4214,7 @@ class _StagedRows:
         # Column index: the most digits seen before the point and after it,
         # in batches of numbers: for integers too long to be exact as REALs
         # (see _exact_types) and, where SQLite may read a decimal wrongly,
-        # for how _converted makes it exact.
+        # for how _number_sql makes it exact.
         self.digits = {}
 
     @property
@@ -4305,10 +4305,12 @@ class _StagedRows:
 
     def _staged_as(self, i, kind):
         """Whether every value of column i is staged as a value of type kind."""
-        return not self.typed_cells and self._staged_type(i) == kind and not (i in self.stored and self.stored[i].kept)
+        kept = i in self.stored and self.stored[i].kept
+        return not self.typed_cells and self._staged_type(i) == kind and not kept
 
     def _texts_path(self, i):
-        """The file of the texts of column i's values staged as REALs, beside the staging database."""
+        """The file of the texts of column i's values staged as REALs, beside the staging database,
+        which is a file: staging in memory (a preview) is never typed."""
         database = self.conn.execute("PRAGMA database_list").fetchone()[2]
         return f"{database}-{self.name}-c{i + 1}.txt"
 
@@ -4327,9 +4329,9 @@ class _StagedRows:
         for a column these rows never had; by default column j is c{j + 1}.
         Empty text cells become NULL in number columns. Rows staged in these
         types already, text cells that all stay TEXT among them, need no
-        copy. The columns whose indexes are in
-        checked have a type chosen for them: a value that does not fit it is
-        left as it is, for _check_chosen_types to find.
+        copy. The columns whose indexes are in checked have a type chosen for
+        them: a value that does not fit it is left as it is, for
+        _check_chosen_types to find.
         """
         if sources is None:
             self.widen(len(columns))
@@ -4359,21 +4361,20 @@ class _StagedRows:
 
     def _from_stored(self, n, kind):
         """The SQL for column n, staged in a type of its own (see _stage_typed), as a value of type kind."""
-        stored, rows, kept = dataclasses.astuple(self.stored[n - 1])
-        column = f"c{n}"
-        if stored == kind:
+        stored, column = self.stored[n - 1], f"c{n}"
+        if stored.kind == kind:
             as_staged = column
         elif kind == _REAL:  # integers
             as_staged = f"CAST({column} AS REAL)"
-        elif stored == _INTEGER:  # as text: a NULL there was an empty cell, since a short row stops it
+        elif stored.kind == _INTEGER:  # as text: a NULL there was an empty cell, since a short row stops it
             as_staged = f"coalesce(CAST({column} AS TEXT), '')"
         else:
             as_staged = f"texts_{n}.text"
-        if not kept:
+        if not stored.kept:
             return as_staged
         text = f"CAST({column} AS TEXT)"
         later = text if kind == _TEXT else _number_sql(self.conn, text, kind, self.digits.get(n - 1, (0, 0)))
-        return f"CASE WHEN {self.name}.rowid <= {rows} THEN {as_staged} ELSE {later} END"
+        return f"CASE WHEN {self.name}.rowid <= {stored.rows} THEN {as_staged} ELSE {later} END"
 
     def _converted(self, n, kind):
         """The SQL for staged column n as a value of type kind."""
