@@ -3571,7 +3571,7 @@ def turning_value(rng, kind):
         "coordinate": lambda: f"{rng.uniform(-180, 180):.{rng.randint(5, 7)}f}",
         "long decimal": lambda: f"{rng.uniform(1e8, 1e9):.7f}",  # 16 or 17 digits: float() reads it
         "blank": lambda: "",
-        "text": lambda: rng.choice(["N/A", "-", "1,5", "x"]),
+        "text": lambda: rng.choice(["N/A", "-", "1,5", "x", "zürich", "東京"]),
         "leading zero": lambda: f"0{rng.randint(0, 999)}",
         "long integer": lambda: str(rng.randint(10**18, 10**19 - 1)),
     }[kind]()
@@ -3600,12 +3600,13 @@ def random_turning_csv(rng, rows):
     return lines
 
 
-def import_staged_tables(path, folder):
-    """Import path through the engine into a new database; return its table as stored_table gives it,
-    each value with its type's name, and the staged tables copied in."""
+def import_staged_tables(path, folder, db_encoding="UTF-8"):
+    """Import path through the engine into a new database of that text encoding; return its table as
+    stored_table gives it, each value with its type's name, and the staged tables copied in."""
     conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute(f"PRAGMA encoding = '{db_encoding}'")
     folder.mkdir()
-    staged = app_support.stage_file(str(path), str(folder / "staging.db"))
+    staged = app_support.stage_file(str(path), str(folder / "staging.db"), db_encoding=db_encoding)
     (result,) = app_support.copy_in(conn, staged, "t")
     _, declared, stored = stored_table(conn, result.table)
     return (declared, [[(type(value).__name__, value) for value in row] for row in stored]), staged[0].tables
@@ -3620,12 +3621,13 @@ def test_number_columns_staged_in_their_types_import_as_when_staged_as_text(tmp_
     rng, problems, converted = random.Random(TYPE_TURNS_SEED + parts), [], []
     for index in range(60 if parts == 1 else 12):
         path = tmp_path / f"turns{index}.csv"
-        with open(path, "w", newline="") as f:
+        with open(path, "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows(random_turning_csv(rng, rng.randint(600, 2600)))
+        encoding = rng.choice(app_support.SQLITE_ENCODINGS)  # kept values go back to text in each
         monkeypatch.setattr(app_support, "STAGE_TYPED", True)
-        typed, tables = import_staged_tables(path, tmp_path / f"typed{index}")
+        typed, tables = import_staged_tables(path, tmp_path / f"typed{index}", encoding)
         monkeypatch.setattr(app_support, "STAGE_TYPED", False)
-        as_text, _ = import_staged_tables(path, tmp_path / f"text{index}")
+        as_text, _ = import_staged_tables(path, tmp_path / f"text{index}", encoding)
         assert len(tables) == parts
         converted.append(any(table.endswith("_typed") for _, table in tables))
         rows = [(n, a, b) for n, (a, b) in enumerate(zip(typed[1], as_text[1]), 1) if a != b]
