@@ -3905,8 +3905,6 @@ def stage_file(
             _check_chosen_types(one, plan.source)
         return staged
     except OSError as e:  # the staging database reports its own failures as sqlite3 errors
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):  # writing the texts beside it (see _StagedRows)
-            raise
         raise ReadError(f"Could not read {_shorten(path)}: {e.strerror or e}.") from e
 
 
@@ -4207,10 +4205,10 @@ class _StagedRows:
         self.rows = 0
         self.typed = typed and detect_types and not typed_cells
         self.stored = {}  # column index: a _Stored, for the columns staged in a type
-        # Column index: the file holding, a line each, the text of every value
-        # staged as a REAL: a column of decimals that turns to text has its
-        # values back from there.
-        self.texts = {}
+        # The columns staged as REALs whose texts are still kept, a row per
+        # batch, in a table beside the staged one (see _texts_table): a column
+        # of decimals that turns to text has its values back from there.
+        self.texts = set()
         # Column index: the most digits seen before the point and after it,
         # in batches of numbers: for integers too long to be exact as REALs
         # (see _exact_types) and, where SQLite may read a decimal wrongly,
@@ -4236,37 +4234,33 @@ class _StagedRows:
         Stops early once enough(rows, bytes_read) is true. Returns whether
         every row was read.
         """
-        try:
-            for batch in reader.batches():
-                width, shortest = _pad(batch, self.width)
-                if width > self.width or len(reader.header) > self.width:
-                    self.widen(max(width, len(reader.header)))
-                    _pad(batch, self.width)
-                kinds = {}  # column index: the type of this batch's values, and the values
-                if self.typed_cells or self.detect_types:
-                    for i, column in enumerate(zip(*batch)):
-                        if self.typed_cells:  # even when every column is TEXT: it makes them storable
-                            kind = typed_column_type(batch, i, column)
-                        elif self.types[i] != _TEXT:
-                            kind, *digits = _column_type(column, *self.digits.get(i, (0, 0)))
-                            if kind in (_INTEGER, _REAL):
-                                self.digits[i] = digits
-                            kinds[i] = kind, column
-                        else:
-                            continue
-                        self.types[i] = _wider(self.types[i], kind)
-                if self.typed:
-                    self._stage_typed(kinds, shortest < self.width)
-                self.table.insert(batch)
-                self.rows += len(batch)
-                if on_progress:
-                    on_progress(self.rows, reader.bytes_read)
-                if enough and enough(self.rows, reader.bytes_read):
-                    self.widen(len(reader.header))
-                    return False
-        finally:
-            for texts in self.texts.values():
-                texts.close()
+        for batch in reader.batches():
+            width, shortest = _pad(batch, self.width)
+            if width > self.width or len(reader.header) > self.width:
+                self.widen(max(width, len(reader.header)))
+                _pad(batch, self.width)
+            kinds = {}  # column index: the type of this batch's values, and the values
+            if self.typed_cells or self.detect_types:
+                for i, column in enumerate(zip(*batch)):
+                    if self.typed_cells:  # even when every column is TEXT: it makes them storable
+                        kind = typed_column_type(batch, i, column)
+                    elif self.types[i] != _TEXT:
+                        kind, *digits = _column_type(column, *self.digits.get(i, (0, 0)))
+                        if kind in (_INTEGER, _REAL):
+                            self.digits[i] = digits
+                        kinds[i] = kind, column
+                    else:
+                        continue
+                    self.types[i] = _wider(self.types[i], kind)
+            if self.typed:
+                self._stage_typed(kinds, shortest < self.width)
+            self.table.insert(batch)
+            self.rows += len(batch)
+            if on_progress:
+                on_progress(self.rows, reader.bytes_read)
+            if enough and enough(self.rows, reader.bytes_read):
+                self.widen(len(reader.header))
+                return False
         self.widen(len(reader.header))  # a header wider than every row, or no rows
         return True
 
@@ -4280,7 +4274,8 @@ class _StagedRows:
                 if kind in (_INTEGER, _REAL) and not (short and None in column):
                     self.stored[i] = _Stored(kind)
                     if kind == _REAL:
-                        self.texts[i] = open(self._texts_path(i), "w", encoding="ascii", newline="")
+                        self.conn.execute(f"CREATE TABLE {self._texts_table(i)} (texts TEXT)")
+                        self.texts.add(i)
             if self.stored:
                 self.table.declare([self._staged_type(i) for i in range(self.width)])
         sql = ["{}"] * self.width
@@ -4288,15 +4283,14 @@ class _StagedRows:
             kind, column = kinds.get(i, (_TEXT, ()))
             if not stored.kept and (_RANK[kind] > _RANK[stored.kind] or (short and None in column)):
                 stored.kept = True
-                if i in self.texts:
-                    self.texts.pop(i).close()  # the texts so far stay, for convert()
+                self.texts.discard(i)  # the texts so far stay, for convert()
             if stored.kept:
                 sql[i] = "CAST({} AS BLOB)"
                 continue
             sql[i] = _number_sql(self.conn, "{0}", stored.kind, self.digits.get(i, (0, 0)), "" in column)
             stored.rows += len(column)
             if i in self.texts:
-                self.texts[i].write("\n".join(column) + "\n")
+                self.conn.execute(f"INSERT INTO {self._texts_table(i)} VALUES (?)", ["\n".join(column)])
         self.table.values(sql)
 
     def _staged_type(self, i):
@@ -4308,11 +4302,10 @@ class _StagedRows:
         kept = i in self.stored and self.stored[i].kept
         return not self.typed_cells and self._staged_type(i) == kind and not kept
 
-    def _texts_path(self, i):
-        """The file of the texts of column i's values staged as REALs, beside the staging database,
-        which is a file: staging in memory (a preview) is never typed."""
-        database = self.conn.execute("PRAGMA database_list").fetchone()[2]
-        return f"{database}-{self.name}-c{i + 1}.txt"
+    def _texts_table(self, i):
+        """The table of the texts of column i's values staged as REALs: a row for each batch,
+        its values joined by newlines, which no number holds."""
+        return f"{self.name}_texts_{i + 1}"
 
     def widen(self, width):
         self.table.widen(width)
@@ -4352,11 +4345,15 @@ class _StagedRows:
         return typed
 
     def _load_texts(self, i):
-        """A temporary table of the texts of column i's values staged as REALs, by rowid; its name."""
-        table = f"{self.name}_texts_{i + 1}"
+        """A temporary table of the texts of column i's values staged as REALs, a row each, so by
+        the staged rows' rowids; its name."""
+        table = f"{self.name}_values_{i + 1}"
         self.conn.execute(f"CREATE TEMP TABLE {table} (text TEXT)")
-        with open(self._texts_path(i), encoding="ascii", newline="") as texts:
-            self.conn.executemany(f"INSERT INTO temp.{table} (text) VALUES (?)", ((line[:-1],) for line in texts))
+        batches = self.conn.execute(f"SELECT texts FROM {self._texts_table(i)} ORDER BY rowid")
+        self.conn.executemany(
+            f"INSERT INTO temp.{table} (text) VALUES (?)",
+            ([text] for (texts,) in batches.fetchall() for text in texts.split("\n")),
+        )
         return table
 
     def _from_stored(self, n, kind):
