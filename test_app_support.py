@@ -4036,6 +4036,21 @@ def test_csv_in_parts_merges_late_types_and_wider_rows(tmp_path, in_parts):
     assert len(stored) == 3000 and [row[0] for row in stored] == list(range(2989)) + [2989] + list(range(2990, 3000))
 
 
+@pytest.mark.parametrize("processes", [2, 3, 4])
+def test_the_first_part_is_longer_by_the_head_start_helpers_need(tmp_path, monkeypatch, processes):
+    # This process reads the first part at once; each helper starts later.
+    monkeypatch.setattr(app_support, "HEAD_START_BYTES", 50_000)
+    path = tmp_path / "rows.csv"
+    path.write_text("id,name\n" + "".join(f"{i},name {i}\n" for i in range(200_000)))
+    size = path.stat().st_size
+    starts = [0, *app_support._split_points(str(path), processes, app_support.plan_file(str(path))), size]
+    lengths = [end - start for start, end in zip(starts, starts[1:])]
+    share = (size - 50_000) / processes
+    # Each start moves past its aim to the next line, of at most 18 bytes.
+    assert abs(lengths[0] - 50_000 - share) < 18
+    assert all(abs(length - share) < 2 * 18 for length in lengths[1:])
+
+
 def test_csv_in_parts_reads_the_file_whole_when_a_stray_quote_misleads_the_split(tmp_path, monkeypatch):
     read_in_parts(monkeypatch, parts=2)
     # 12" is a quote inside an unquoted cell: counting quotes, the line breaks
