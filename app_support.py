@@ -4727,9 +4727,9 @@ SPLIT_SEARCH_BYTES = 1024 * 1024
 # How much longer the first part is than the others, since this process
 # reads it from the start: a helper starts to read about 0.14 s later (the
 # time Python takes to start and load this module), and this process reads
-# 3 to 4 MB of CSV in that time. Without it, this process waited 0.10-0.16 s
-# for the helper at the end of each 1.65 s import of the benchmark's
-# coordinates; with it, 0-0.03 s.
+# 3 to 4 MB of CSV in that time. Without it, this process waited 0.10-0.28 s
+# for the helper at the end of imports of the benchmark's files, of about
+# 1.6-1.9 s; with it, 0-0.03 s in five of six.
 HEAD_START_BYTES = 3 * 1024 * 1024
 # How often helper processes report progress, and the import checks for Cancel.
 PART_PROGRESS_SECONDS = 0.2
