@@ -31,8 +31,10 @@ against what the file was built to contain, so a fast figure cannot come
 from a wrong import; a run that fails the check is reported as such and
 the script exits non-zero. The plugin reads a file this large in parts, one
 process per CPU; the helper processes' peak RSS is reported beside its own.
-Each plugin run gets the scratch folder as its HOME, so that a temporary
-kept in the real home folder (~/.datasette-app/temporary.db) is never opened.
+Each plugin run gets the environment the app starts its server with (the
+token and the secret, nothing of this shell's), with the scratch folder as
+its HOME, so that a temporary kept in the real home folder
+(~/.datasette-app/temporary.db) is never opened.
 
 With --json, the same rows are also written as NDJSON and as one JSON array
 (one object per line), with JSON's own types: numbers as numbers, codes with
@@ -181,11 +183,22 @@ def time_shell(csv_path, folder):
     return time.perf_counter() - start
 
 
+def app_environment(folder):
+    """The environment Datasette Desktop starts its server with: the token, the secret and no
+    more, with HOME the scratch folder, so that a kept `temporary` in the real home is never
+    opened. Nothing of this shell's reaches it: PYTHONDONTWRITEBYTECODE, which some machines
+    set, would make every helper process compile the module from source (0.04 s of its start)."""
+    environment = {"DATASETTE_API_TOKEN": TOKEN, "DATASETTE_SECRET": "benchmark-secret", "HOME": folder}
+    if os.environ.get("BENCHMARK_MAX_PROCESSES"):
+        environment["BENCHMARK_MAX_PROCESSES"] = os.environ["BENCHMARK_MAX_PROCESSES"]
+    return environment
+
+
 def time_plugin(csv_path, folder, target):
     """Run one import in a fresh process so peak RSS is the import's own."""
     out = subprocess.run(
         [sys.executable, __file__, "--child", target, str(csv_path), folder],
-        capture_output=True, text=True, env={**os.environ, "HOME": folder},
+        capture_output=True, text=True, env=app_environment(folder),
     )
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1]}
