@@ -4721,12 +4721,12 @@ MAX_PROCESSES = 4
 # How far past its aim a part boundary may move to reach a line break.
 SPLIT_SEARCH_BYTES = 1024 * 1024
 # How much longer the first part is than the others, since this process
-# reads it from the start: a helper starts to read about 0.14 s later (the
-# time Python takes to start and load this module), and this process reads
-# 3 to 4 MB of CSV in that time. Without it, this process waited 0.10-0.28 s
-# for the helper at the end of imports of the benchmark's files, of about
-# 1.6-1.9 s; with it, 0-0.03 s in five of six.
-HEAD_START_BYTES = 3 * 1024 * 1024
+# reads it from the start: a helper starts to read about 0.1 s later (the
+# time Python takes to start and load this module from its bytecode cache;
+# 0.04 s more where there is none). At 2 MB, parts of the benchmark's files
+# ended within 0-0.03 s of each other (medians of 10 imports); at 3 MB, the
+# helper's part of the 9 columns ended 0.075 s before this process's.
+HEAD_START_BYTES = 2 * 1024 * 1024
 # How often helper processes report progress, and the import checks for Cancel.
 PART_PROGRESS_SECONDS = 0.2
 _Part = collections.namedtuple("_Part", "number start end")  # end is None for the last part
