@@ -39,8 +39,9 @@ csv_import.COLUMNS, the same declared types as the plain CSV's import, and
 the number of processes that read the file (more than one for parts on a
 machine with more than one CPU, one for one), so a fast figure cannot come
 from a wrong import or the wrong path. A failed check is reported and the
-script exits non-zero. Each child gets the scratch folder as its HOME, so a
-temporary kept in the real home folder is never opened.
+script exits non-zero. Each child gets the environment the app starts its
+server with (csv_import.app_environment), with the scratch folder as its
+HOME, so a temporary kept in the real home folder is never opened.
 """
 
 import argparse
@@ -170,7 +171,7 @@ def child_unpack(path, folder):
 def run_child(what, mode, path, folder):
     out = subprocess.run(
         [sys.executable, __file__, "--child", what, mode, str(path), folder],
-        capture_output=True, text=True, env={**os.environ, "HOME": folder},
+        capture_output=True, text=True, env=csv_import.app_environment(folder),
     )
     if out.returncode:
         return {"error": (out.stderr.strip().splitlines() or ["no output"])[-1]}

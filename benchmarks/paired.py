@@ -16,11 +16,13 @@ so that a machine that changes speed between rounds moves both. Two files:
     ISO date, and latitude and longitude with 5 to 7 decimal places, the
     decimals people have most.
 
-Each import goes through the engine's import_file into a new file database,
-read in parts as usual, and is timed both by the clock and by the CPU time
-of its processes (this one and its helpers), which other work on a shared
-machine disturbs less; the script checks the row count and declared types
-of every import, so a fast figure cannot come from a wrong one.
+Each import runs in the environment the app starts its server with
+(csv_import.app_environment), goes through the engine's import_file into a
+new file database, read in parts as usual, and is timed both by the clock
+and by the CPU time of its processes (this one and its helpers), which
+other work on a shared machine disturbs less; the script checks the row
+count and declared types of every import, so a fast figure cannot come from
+a wrong one.
 
 With --inexact, OLD is a copy of the checkout's module (this one's by
 default) told that SQLite reads every decimal exactly, so that it stores
@@ -91,7 +93,7 @@ def cpu_seconds():
 def run_once(checkout, csv_path, folder):
     out = subprocess.run(
         [sys.executable, __file__, "--child", checkout, str(csv_path), folder],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=csv_import.app_environment(folder),
     )
     return json.loads(out.stdout)
 
