@@ -3641,8 +3641,11 @@ def test_number_columns_staged_in_their_types_import_as_when_staged_as_text(tmp_
 
 
 @pytest.mark.parametrize("parts", [1, 3])
-def test_csv_coordinates_are_exact_without_pythons_float_per_value(tmp_path, monkeypatch, parts):
-    # As where SQLite reads some decimals wrongly, as before 3.43.
+def test_csv_coordinates_are_exact_with_no_sql_call_of_pythons_float_per_value(tmp_path, monkeypatch, parts):
+    # As where SQLite reads some decimals wrongly, as before 3.43. A batch of
+    # decimals with no empty cell is bound as Python's float() of each; one
+    # with an empty cell is read by SQLite and corrected in SQL, or, for too
+    # many digits, read by float() called from SQL for each value.
     monkeypatch.setattr(app_support, "_exact_real_casts", [False])
     rng = random.Random(DECIMAL_SEED)
     rows = 120_000
@@ -3653,7 +3656,9 @@ def test_csv_coordinates_are_exact_without_pythons_float_per_value(tmp_path, mon
         # 9 digits before the point and 7 after, in different values: Python's float() it stays.
         "wide": random_coordinates(rng, rows, (1, 7), 9),
     }
+    # An empty cell in every other batch of latitudes and of the wide column.
     columns["latitude"][7::1000] = [""] * len(columns["latitude"][7::1000])
+    columns["wide"][3::1000] = [""] * len(columns["wide"][3::1000])
     columns["elevation"][11::997] = ["12"] * len(columns["elevation"][11::997])
     # Those SQLite before 3.43 reads wrongly, with at most 3 digits before the point and 12 after.
     hard = [t for t in app_support._HARD_DECIMALS if re.fullmatch(r"-?\d{1,3}\.\d{1,12}", t)]
@@ -3671,7 +3676,7 @@ def test_csv_coordinates_are_exact_without_pythons_float_per_value(tmp_path, mon
 
     def counting_staging(*args):
         conn = open_staging(*args)
-        conn.create_function("app_support_real", 1, lambda text: calls.append(1) or float(text))
+        conn.create_function("app_support_real", 1, lambda text: calls.append(text) or float(text))
         return conn
 
     monkeypatch.setattr(app_support, "_open_staging", counting_staging)
@@ -3687,7 +3692,10 @@ def test_csv_coordinates_are_exact_without_pythons_float_per_value(tmp_path, mon
     ]
     assert not wrong, f"{len(wrong)} decimals (seed {DECIMAL_SEED}) differ: {wrong[:10]}"
     if parts == 1:  # the helper processes call their own
-        assert len(calls) == rows, "Python's float() was called for more than the wide column"
+        size = app_support.BATCH_ROWS
+        batches = [columns["wide"][start : start + size] for start in range(0, rows, size)]
+        expected = [text for batch in batches if "" in batch for text in batch if text]
+        assert calls == expected, "float() was called from SQL for other values than the wide column's batches with an empty cell"
 
 
 def test_clean_headers_pure():
