@@ -56,8 +56,9 @@ Where is
         and _messy_plan, in Readers: CSV;
     column types: column_type and typed_column_type, in Column names and
         types; number columns staged in their types: _StagedRows, in
-        Staging; exact REALs: _number_sql and _exact_quotient, in Staging,
-        from the digits _column_type counts;
+        Staging; exact REALs: doubles from float() in _StagedRows._stage_typed,
+        or _number_sql and _exact_quotient for a batch with an empty cell, in
+        Staging, from the digits _column_type counts;
     the plugin directory: its list, table and HTML in The plugin directory
         and the welcome section, its buttons in DIRECTORY_SCRIPT;
     keeping temporary in a file: _start_keeping and _stop_keeping, with
@@ -4183,17 +4184,15 @@ class _StagingTable:
     def insert(self, batch, floats=()):
         """Insert the rows, each of width cells; the cells of the columns whose indexes are in floats
         as Python's float() of their text."""
-        whole = len(batch) - len(batch) % self.per_statement
+        flat = list(itertools.chain.from_iterable(batch))
+        for i in floats:
+            flat[i :: self.width] = map(float, flat[i :: self.width])
+        step = self.width * self.per_statement
+        whole = len(flat) - len(flat) % step
         if whole:
-            flat = list(itertools.chain.from_iterable(batch[:whole]))
-            for i in floats:
-                flat[i :: self.width] = map(float, flat[i :: self.width])
-            step = self.width * self.per_statement
-            statements = [flat[i : i + step] for i in range(0, len(flat), step)]
-            self.conn.executemany(self.many, statements)
-        if whole < len(batch):
-            rest = [[float(cell) if i in floats else cell for i, cell in enumerate(row)] for row in batch[whole:]]
-            self.conn.executemany(self.one, rest)
+            self.conn.executemany(self.many, [flat[i : i + step] for i in range(0, whole, step)])
+        if whole < len(flat):
+            self.conn.executemany(self.one, [flat[i : i + self.width] for i in range(whole, len(flat), self.width)])
 
 
 @dataclass

@@ -3695,7 +3695,9 @@ def test_csv_coordinates_are_exact_with_no_sql_call_of_pythons_float_per_value(t
         size = app_support.BATCH_ROWS
         batches = [columns["wide"][start : start + size] for start in range(0, rows, size)]
         expected = [text for batch in batches if "" in batch for text in batch if text]
-        assert calls == expected, "float() was called from SQL for other values than the wide column's batches with an empty cell"
+        assert calls == expected, (
+            "float() was called from SQL for other values than the wide column's batches with an empty cell"
+        )
 
 
 def test_clean_headers_pure():
